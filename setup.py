@@ -1,0 +1,51 @@
+"""vlm_jax: pretraining vision-language models in JAX/Flax at TPU-pod scale."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.12",
+    "seqio>=0.0.19",
+    "tensorflow-datasets",
+    "ml-collections>=1.0",
+    "einops",
+    # sentencepiece 0.2.3 needs protobuf>=7, which Apache Beam cannot use (DESIGN.md).
+    "sentencepiece==0.2.1",
+    "array-record",
+    "pillow",
+    "numpy",
+    "pyarrow",
+    "tensorboardX",
+    "scikit-image",
+    "safetensors",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest",
+        "pytest-xdist",
+        "torch==2.13.0",
+        "transformers",
+    ],
+    "tpu": ["jax[tpu]"],
+    "notebooks": ["jupyter", "nbclient", "nbformat", "matplotlib"],
+}
+
+setuptools.setup(
+    name="vlm_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["vlm_jax", "vlm_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "vlm-train=vlm_jax.cli.train:main",
+            "vlm-info=vlm_jax.cli.info:main",
+            "vlm-data=vlm_jax.cli.data:main",
+        ]
+    },
+)
