@@ -2,7 +2,14 @@
 
 A family config (`configs/<family>.py`) calls `base_config()` and fills `model` and `data`.
 """
+import ast
+import difflib
+import importlib.util
+import os
+
 import ml_collections
+
+from vlm_jax.data import defaults as data_defaults
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,8 +64,97 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # none | full | dots
 
-  c.data = ml_collections.ConfigDict()
-  c.data.mixture = ""
-  c.data.seed = 0
-  c.data.num_workers = 0
+  c.data = data_defaults.default_data_config()
   return c
+
+
+# ----------------------------------------------------------------------------------------
+# Loading `path/to/config.py:arg` and `--config.a.b=value` overrides.
+# ----------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+  """A config file or override the user must fix; the message names the field."""
+
+
+def _flat_keys(cfg, prefix=""):
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    yield path
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat_keys(value, path + ".")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist (from --config={spec}).")
+  module_spec = importlib.util.spec_from_file_location(
+      f"vlm_jax_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config(arg).")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string such as --config.model.dtype=bfloat16
+
+
+def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+  """Sets `cfg.<dotted> = text` (parsed), failing with the nearest valid keys."""
+  parts = dotted.split(".")
+  node = cfg
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      valid = sorted(_flat_keys(cfg))
+      near = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.5)
+      hint = f" Did you mean: {', '.join(near)}?" if near else ""
+      raise ConfigError(f"unknown config key {dotted!r}.{hint}")
+    if i < len(parts) - 1:
+      node = node[part]
+  key, old = parts[-1], node[parts[-1]]
+  value = _parse_value(text)
+  if isinstance(old, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if old is not None and not isinstance(value, type(old)):
+    raise ConfigError(
+        f"config key {dotted!r} expects {type(old).__name__} (now {old!r}); "
+        f"got {text!r} ({type(value).__name__}).")
+  try:
+    node[key] = value
+  except TypeError as e:
+    raise ConfigError(f"config key {dotted!r}: {e}") from None
+
+
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """`spec` is `path.py:arg`; `overrides` are ('a.b', 'value') pairs, applied in order."""
+  cfg = load_config_file(spec)
+  for dotted, text in overrides:
+    apply_override(cfg, dotted, text)
+  return cfg
+
+
+def parse_config_args(argv):
+  """Splits `--config X` and `--config.a.b=v` out of argv; returns (spec, overrides, rest)."""
+  spec, overrides, rest = None, [], []
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    if arg == "--config" or arg.startswith("--config="):
+      spec = arg.split("=", 1)[1] if "=" in arg else args.pop(0)
+    elif arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if not args:
+          raise ConfigError(f"{arg} needs a value.")
+        value = args.pop(0)
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+  return spec, overrides, rest

@@ -1,0 +1,106 @@
+"""Metric writers (TensorBoard, metrics.jsonl), the progress line, and MFU.
+
+Only process 0 writes. MFU = model FLOPs per second / peak. On CPU the peak is the f32
+2048x2048 matmul throughput measured in this process (DESIGN.md); on accelerators it is the
+device's published dense bf16 peak.
+"""
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets.
+_ACCELERATOR_PEAKS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+  """Median FLOP/s of a warm, jitted n x n f32 matmul on the default device."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / statistics.median(times)
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+  """(peak FLOP/s of one device, how it was obtained)."""
+  kind = jax.devices()[0].device_kind
+  for name, peak in _ACCELERATOR_PEAKS.items():
+    if kind.startswith(name):
+      return peak, f"{name} bf16 spec"
+  if jax.default_backend() == "cpu":
+    # All simulated CPU devices share the same cores: the peak is that of the whole host.
+    return measure_cpu_matmul_peak() / jax.local_device_count(), "measured f32 matmul"
+  return float("nan"), f"unknown device {kind!r}"
+
+
+class MetricWriter:
+  """Writes scalars to metrics.jsonl and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    from tensorboardX import SummaryWriter  # imported here: heavy, and process 0 only
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """Throughput, ETA and MFU between logging steps; the timer excludes the first compile."""
+
+  def __init__(self, total_steps: int, batch_size: int, flops_per_step: float, peak_total: float):
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self.flops_per_step, self.peak_total = flops_per_step, peak_total
+    self._last_step, self._last_time = None, None
+
+  def update(self, step: int) -> dict:
+    """Marks `step` as done now; returns throughput since the previous mark."""
+    now = time.perf_counter()
+    stats = {}
+    if self._last_step is not None and step > self._last_step:
+      steps_per_s = (step - self._last_step) / (now - self._last_time)
+      stats = {"steps_per_s": steps_per_s, "examples_per_s": steps_per_s * self.batch_size,
+               "mfu": steps_per_s * self.flops_per_step / self.peak_total}
+    self._last_step, self._last_time = step, now
+    return stats
+
+  def line(self, step: int, metrics: dict) -> str:
+    parts = [f"step {step}/{self.total_steps}", f"loss {metrics['loss']:.4f}"]
+    if "steps_per_s" in metrics:
+      eta = (self.total_steps - step) / metrics["steps_per_s"]
+      parts += [f"{metrics['steps_per_s']:.2f} steps/s", f"{metrics['examples_per_s']:.1f} ex/s",
+                f"ETA {_duration(eta)}", f"MFU {100 * metrics['mfu']:.1f}%"]
+    return " | ".join(parts)
