@@ -18,7 +18,6 @@ import numpy as np
 from vlm_jax import config as config_lib
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
-from vlm_jax.data import pipeline
 from vlm_jax.models import registry
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import optimizer as optimizer_lib
@@ -47,7 +46,7 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
   rules = sharding.rules_from_config(config)
   model = registry.build(config.model)
   tx = optimizer_lib.make_optimizer(config)
-  batch_spec = pipeline.batch_spec(config.data, config.batch_size)
+  batch_spec = registry.batch_spec(config, config.batch_size)
   batch = random_batch(batch_spec, config.model.vocab_size, np.random.default_rng(0))
   import flax.linen as nn
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -70,7 +69,7 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
       state, metrics = compiled(state, batch, rng)
       metrics["loss"].block_until_ready()
       times.append(time.perf_counter() - start)
-  analytic = flops_lib.flops_per_example(config)
+  analytic = flops_lib.flops_per_example(config.model, config.data)
   step_flops = analytic["train"] * config.batch_size
   median = statistics.median(times)
   return {

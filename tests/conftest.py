@@ -6,3 +6,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# Tests compile the same tiny programs many times (and in subprocesses): share the cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/vlm_jax_test_jax_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

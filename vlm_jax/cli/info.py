@@ -19,12 +19,11 @@ def describe(config, num_devices: int) -> dict:
 
   from vlm_jax import flops as flops_lib
   from vlm_jax import sharding
-  from vlm_jax.data import pipeline
   from vlm_jax.models import registry
   from vlm_jax.train import state as state_lib
 
   model = registry.build(config.model)
-  spec = pipeline.batch_spec(config.data, config.batch_size)
+  spec = registry.batch_spec(config, config.batch_size)
   rules = sharding.rules_from_config(config)
 
   def init(rng):
@@ -56,7 +55,7 @@ def describe(config, num_devices: int) -> dict:
   return {
       "model": config.model.name,
       "params": {**counts, "by_module": by_module},
-      "flops_per_example": flops_lib.flops_per_example(config),
+      "flops_per_example": {k: v for k, v in flops_lib.flops_per_example(config.model, config.data).items() if k != "parts"},
       "mesh": dict(zip(sharding.MESH_AXES, mesh_shape)),
       "shardings": shardings,
   }

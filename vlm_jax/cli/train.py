@@ -35,7 +35,7 @@ def main(argv=None):
   except loop.NonFiniteError as e:
     print(f"vlm-train: error: {e}", file=sys.stderr)
     sys.exit(EXIT_NONFINITE)
-  if args.num_samples and jax.process_index() == 0:
+  if args.num_samples and jax.process_index() == 0 and hasattr(trainer.model, "encode"):
     from vlm_jax import samples
     samples.show_generations(trainer, state, args.num_samples)
 

@@ -1,0 +1,99 @@
+r"""SimVLM: encoder-decoder PrefixLM over [image ; text prefix] (arXiv 2108.10904).
+
+    vlm-train --config configs/simvlm.py:tiny --workdir /tmp/simvlm_tiny
+    vlm-train --config configs/simvlm.py:tiny,scan=False,remat=full --workdir /tmp/t
+    vlm-info  --config configs/simvlm.py:base
+
+`arg` = size name, then optional comma-separated `key=value` options:
+`scan` (bool, scan the layer stacks), `remat` (none|full|dots), `dtype` (float32|bfloat16).
+
+Sizes (width / heads / MLP / encoder layers / decoder layers / conv stem width, blocks /
+image px / vocab):
+
+    tiny   128 /  4 /  512 /  2 /  2 / 16, (1,1,1) /  64 / data vocab (1024)
+    bench 1024 / 16 / 4096 /  4 /  4 / 16, (1,1,1) /  64 / data vocab (1024)
+    base   768 / 12 / 3072 / 12 / 12 / 64, (3,4,6) / 224 / 32000
+    large 1024 / 16 / 4096 / 24 / 24 / 64, (3,4,6) / 224 / 32000
+    huge  1280 / 16 / 5120 / 32 / 32 / 64, (3,4,6) / 224 / 32000
+
+Base/Large/Huge widths, heads and MLP sizes are ViT-B/L/H's, as the paper states. Depths: we
+use the ViT depths (12/24/32) for both the encoder and the decoder; we could not confirm the
+paper's exact decoder depths from a primary source here (see docs/models.md). The conv stem
+is the first three stages of ResNet-50 (root 7x7/2 + pool, blocks 3/4/6, widths
+256/512/1024), i.e. the ViT-hybrid R50 stem, stride 16 -> 14x14 tokens at 224 px.
+"""
+import ml_collections
+
+from vlm_jax import config as config_lib
+
+# name: (width, heads, mlp, enc_layers, dec_layers, stem_width, stem_blocks, image, vocab)
+SIZES = {
+    "tiny": (128, 4, 512, 2, 2, 16, (1, 1, 1), 64, None),
+    "bench": (1024, 16, 4096, 4, 4, 16, (1, 1, 1), 64, None),
+    "base": (768, 12, 3072, 12, 12, 64, (3, 4, 6), 224, 32000),
+    "large": (1024, 16, 4096, 24, 24, 64, (3, 4, 6), 224, 32000),
+    "huge": (1280, 16, 5120, 32, 32, 64, (3, 4, 6), 224, 32000),
+}
+DATA_VOCAB_SIZE = 1024  # our shipped SentencePiece model (data/tokenizer); tiny and bench
+# Per size: (batch_size, steps, lr, warmup, prefix_length, suffix_length).
+TRAINING = {
+    "tiny": (32, 1000, 1e-3, 100, 16, 24),
+    "bench": (16, 100, 3e-4, 10, 32, 32),
+    "base": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
+    "large": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
+    "huge": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
+}
+OPTIONS = {"scan": ("model.scan_layers", bool), "remat": ("model.remat_policy", str),
+           "dtype": ("model.dtype", str)}
+
+
+def _parse_options(text: str) -> dict:
+  options = {}
+  for item in filter(None, text.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq or key not in OPTIONS:
+      raise ValueError(f"config option {item!r}: expected key=value with key in "
+                       f"{sorted(OPTIONS)}.")
+    field, kind = OPTIONS[key]
+    options[field] = (value.lower() in ("1", "true", "yes")) if kind is bool else value
+  return options
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  size, _, rest = arg.partition(",")
+  if size not in SIZES:
+    raise ValueError(f"simvlm size {size!r}: expected one of {sorted(SIZES)}.")
+  width, heads, mlp, enc, dec, stem_width, stem_blocks, image, vocab = SIZES[size]
+  batch, steps, lr, warmup, prefix_len, suffix_len = TRAINING[size]
+
+  c = config_lib.base_config()
+  c.batch_size = batch
+  c.num_train_steps = steps
+  c.optimizer.learning_rate = lr
+  c.optimizer.warmup_steps = warmup
+  c.frozen = ()  # SimVLM trains everything from scratch
+
+  m = c.model
+  m.name = "simvlm"
+  m.vocab_size = vocab or DATA_VOCAB_SIZE
+  m.width = width
+  m.num_heads = heads
+  m.mlp_dim = mlp
+  m.encoder_layers = enc
+  m.decoder_layers = dec
+  m.mlp_activation = "gelu"
+  m.stem_width = stem_width
+  m.stem_blocks = stem_blocks
+  m.max_text_length = max(prefix_len, suffix_len)
+  m.tie_embeddings = True
+  m.dropout_rate = 0.0  # paper: 0.1 when fine-tuning
+  m.drop_path_rate = 0.0  # paper: 0.1 on conv stage + encoder when fine-tuning
+
+  c.data.image_size = image
+  c.data.prefix_length = prefix_len  # Lp
+  c.data.suffix_length = suffix_len  # Ls
+
+  for dotted, value in _parse_options(rest).items():
+    group, field = dotted.split(".")
+    c[group][field] = value
+  return c

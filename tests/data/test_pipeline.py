@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+
+from vlm_jax.data import catalog, pipeline
+from vlm_jax.data.vocab import Vocab
+
+BATCH = 8
+
+
+def _batches(cfg, n, **kw):
+  it = pipeline.make_train_iterator(cfg, global_batch_size=kw.pop("batch", BATCH),
+                                    seed=kw.pop("seed", 0), process_index=0, process_count=1,
+                                    **kw)
+  out = [next(it) for _ in range(n)]
+  return it, out
+
+
+def _equal(a, b):
+  return len(a) == len(b) and all(
+      x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def test_batch_layout(data_config):
+  _, (batch,) = _batches(data_config, 1)
+  lp, ls, s = data_config.prefix_length, data_config.suffix_length, data_config.image_size
+  assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
+      "images": ((BATCH, 1, s, s, 3), "float32"), "image_mask": ((BATCH, 1), "float32"),
+      "prefix_tokens": ((BATCH, lp), "int32"), "prefix_mask": ((BATCH, lp), "float32"),
+      "tokens": ((BATCH, ls), "int32"), "targets": ((BATCH, ls), "int32"),
+      "loss_mask": ((BATCH, ls), "float32"), "loss_weight": ((BATCH,), "float32")}
+  assert batch["images"].min() >= -1 and batch["images"].max() <= 1
+
+
+def test_same_seed_same_stream(data_config):
+  _, a = _batches(data_config, 3)
+  _, b = _batches(data_config, 3)
+  _, c = _batches(data_config, 3, seed=1)
+  assert _equal(a, b) and not _equal(a, c)
+
+
+def test_processes_get_disjoint_examples_covering_the_dataset(data_config):
+  spec = catalog.TASKS["synthetic_pairs"]
+  keys = []
+  for index in range(2):
+    ds = pipeline.task_dataset(spec, data_config, "train", seed=3, process_index=index,
+                               process_count=2)
+    size = len(range(index, len(catalog.make_source(spec, data_config.data_dir, "train")), 2))
+    keys.append([ds[i][1]["key"] for i in range(size)])
+    assert len(set(keys[-1])) == size  # one epoch visits each record once
+  source = catalog.make_source(spec, data_config.data_dir, "train")
+  assert not set(keys[0]) & set(keys[1])
+  assert set(keys[0]) | set(keys[1]) == {source[i]["key"] for i in range(len(source))}
+
+
+def test_process_batches_differ(data_config):
+  its = [pipeline.make_train_iterator(data_config, global_batch_size=16, seed=0,
+                                      process_index=i, process_count=2) for i in range(2)]
+  a, b = next(its[0]), next(its[1])
+  assert a["tokens"].shape[0] == 8 and not np.array_equal(a["images"], b["images"])
+  with pytest.raises(ValueError, match="divisible"):
+    pipeline.make_train_iterator(data_config, global_batch_size=15, seed=0, process_index=0,
+                                 process_count=2)
+
+
+def test_state_restore_continues_stream(data_config):
+  it, _ = _batches(data_config, 3)
+  state = it.get_state()
+  want = [next(it) for _ in range(3)]
+  fresh, _ = _batches(data_config, 1)
+  fresh.set_state(state)
+  assert _equal(want, [next(fresh) for _ in range(3)])
+
+
+def test_state_restore_with_workers(data_config):
+  data_config.num_workers = 2
+  it, _ = _batches(data_config, 2)
+  state = it.get_state()
+  want = [next(it) for _ in range(3)]
+  fresh, _ = _batches(data_config, 1)
+  fresh.set_state(state)
+  got = [next(fresh) for _ in range(3)]
+  it.close()
+  fresh.close()
+  assert _equal(want, got)
+
+
+def test_orbax_checkpoint(data_config, tmp_path):
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  it, _ = _batches(data_config, 2)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
+    mgr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mgr.wait_until_finished()
+    want = [next(it) for _ in range(2)]
+    fresh, _ = _batches(data_config, 1)
+    mgr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  assert _equal(want, [next(fresh) for _ in range(2)])
+
+
+def test_realised_mixture_rates(data_config):
+  records = pipeline.mixed_records(data_config, seed=0)
+  names = [records[i][0].name for i in range(10_000)]
+  for name, rate in catalog.MIXTURES["pretrain_simvlm"].rates:
+    assert abs(names.count(name) / 10_000 - rate) < 0.02
+
+
+def test_mixture_rates_in_batches(data_config):
+  it, batches = _batches(data_config, 25, batch=40)
+  image_fraction = np.mean([b["image_mask"].mean() for b in batches])
+  assert abs(image_fraction - 0.8) < 0.02
+  assert pipeline.skipped_record_counts(it) == {"examples": 1000, "skipped_records": 0}
+
+
+def test_eval_batches_are_captioning(data_config):
+  vocab = Vocab()
+  batches = pipeline.make_eval_batches(data_config, batch_size=4, num_batches=2)
+  assert len(batches) == 2
+  for batch, captions in batches:
+    assert batch["images"].shape == (4, 1, 32, 32, 3) and len(captions) == 4
+    assert not batch["prefix_mask"].any()
+    assert [vocab.decode(t) for t in batch["targets"]] == captions
+  again = pipeline.make_eval_batches(data_config, batch_size=4, num_batches=2)
+  assert _equal([b for b, _ in batches], [b for b, _ in again])
+
+
+def test_unknown_mixture_names_choices(data_config):
+  data_config.mixture = "pretrain_simvlmm"
+  with pytest.raises(KeyError, match="pretrain_simvlm"):
+    _batches(data_config, 1)
+
+
+def test_single_task_as_mixture(data_config):
+  data_config.mixture = "synthetic_text"
+  _, (batch,) = _batches(data_config, 1)
+  assert not batch["image_mask"].any() and batch["prefix_mask"][:, 0].all()
+
+
+def test_converter_hook(data_config):
+  data_config.converter = "no_such_converter"
+  with pytest.raises(ValueError, match="simvlm_prefix_lm"):
+    _batches(data_config, 1)
+  pipeline.register_converter("text_only_simvlm", "vlm_jax.data.pipeline:ExampleProcessor",
+                              kinds=("text",))
+  data_config.converter = "text_only_simvlm"
+  with pytest.raises(ValueError, match="synthetic_pairs"):
+    _batches(data_config, 1)
+  del pipeline.CONVERTERS["text_only_simvlm"]

@@ -1,0 +1,448 @@
+"""MiniGPT-v2 data: template, task identifiers, conversation encoding, synthetic stage mixtures.
+
+Template (LLaMA-2 chat, one image in the first turn; loss only on the answers):
+
+    <s>[INST] <Img><ImageHere></Img> [task] instruction [/INST] answer</s>[INST] instruction2
+    [/INST] answer2</s>
+
+`<ImageHere>` becomes `image_tokens` placeholder slots that the model overwrites with the
+projected visual tokens (`image_positions` gives the first slot). Task identifiers:
+
+    [vqa]        visual question answering          short answer
+    [caption]    image captioning                   caption
+    [grounding]  grounded image captioning          caption with <p>phrase</p>{box}
+    [refer]      referring expression comprehension phrase -> {box}
+    [identify]   referring expression generation    {box} -> phrase
+    [detection]  phrase parsing and grounding       names -> <p>name</p>{box}<delim>{box}
+
+Boxes: `vlm_jax.data.boxes` ({<x1><y1><x2><y2>}, int(coord / size * 100), 0..100).
+
+Synthetic data. The paper's stage-1/2 data code was never released; we derive every task
+from the shipped synthetic image-text pairs (`synthetic_pairs`): a scene caption is parsed
+back into its groups (count, colour, shape, position) with the grammar of `scenes.py`, and
+each group's box is the bounding box of the non-background pixels inside its region (the
+regions of two groups never overlap); a rendered-words image yields one object, the words,
+boxed the same way. Stages (catalog mixtures):
+
+    minigpt_v2_stage1  weakly labelled (raw captions, grounded captions; sampled 70%)
+                       + fine-grained tasks (30%)
+    minigpt_v2_stage2  fine-grained tasks only
+    minigpt_v2_stage3  fine-grained (60%) + instructions without identifier (20%)
+                       + multi-round conversations mixing tasks on one image (20%)
+
+Batch (one example; the pipeline stacks B of them), `sequence_length` T, `image_tokens` L:
+
+    images          [1, H, W, 3] f32  pixels in [-1, 1]
+    image_mask      [1] f32           1 (every example has its image)
+    tokens          [T] i32           BOS, template and answers, placeholders, then PAD
+    targets         [T] i32           tokens shifted left by one (next-token targets)
+    loss_mask       [T] f32           1 where the target is an answer token or its EOS
+    token_mask      [T] f32           1 for real input tokens (placeholders included)
+    image_positions [1] i32           index in `tokens` of the first of the L image slots
+    loss_weight     [] f32            the task's loss weight
+
+Training: `config.data.converter = 'minigpt_v2'` makes `vlm_jax.data.pipeline` run
+`ExampleProcessor` (index, (task spec, raw record)) -> example | health.Skipped, after
+importing this module, which adds the tasks and mixtures to the catalog. The batch's shapes:
+`vlm_jax.models.minigpt_v2.batch_spec`. `register_seqio()` adds the seqio view.
+"""
+import dataclasses
+import re
+
+import numpy as np
+
+from vlm_jax.data import boxes, catalog, health, preprocessors, scenes, synthetic
+from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
+
+TASK_IDENTIFIERS = ("[vqa]", "[caption]", "[grounding]", "[refer]", "[detection]",
+                    "[identify]")
+IMAGE_PLACEHOLDER = "<ImageHere>"
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+  instruction: str  # without the task identifier
+  answer: str
+  task: str = ""  # a TASK_IDENTIFIERS entry, or "" for free-form instructions
+
+  def __post_init__(self):
+    if self.task and self.task not in TASK_IDENTIFIERS:
+      raise ValueError(f"task identifier {self.task!r}: expected one of {TASK_IDENTIFIERS} "
+                       "or ''.")
+
+
+def _instruction_text(turn: Turn) -> str:
+  return f"{turn.task} {turn.instruction}" if turn.task else turn.instruction
+
+
+def render_prompt(turns) -> str:
+  """The conversation as text, with `<ImageHere>` (documentation, seqio view, debugging)."""
+  out = []
+  for i, turn in enumerate(turns):
+    image = f"<Img>{IMAGE_PLACEHOLDER}</Img> " if i == 0 else ""
+    out.append(f"[INST] {image}{_instruction_text(turn)} [/INST] {turn.answer}")
+  return " ".join(out)
+
+
+def split_task(instruction: str) -> tuple[str, str]:
+  """'[vqa] what ...' -> ('[vqa]', 'what ...'); no identifier -> ('', instruction).
+  A bracketed word that is not a known identifier raises (likely a typo)."""
+  match = re.match(r"\s*(\[[^\]\s]+\])\s*(.*)", instruction, re.S)
+  if not match:
+    return "", instruction.strip()
+  if match.group(1) not in TASK_IDENTIFIERS:
+    raise ValueError(f"unknown task identifier {match.group(1)!r} in {instruction!r}; "
+                     f"expected one of {TASK_IDENTIFIERS}")
+  return match.group(1), match.group(2).strip()
+
+
+# ----------------------------------------------------------------------------------------
+# Conversation -> fixed-shape arrays
+# ----------------------------------------------------------------------------------------
+def placeholder_id(vocab: Vocab) -> int:
+  try:
+    return vocab.token_id("<image>")
+  except KeyError:
+    return UNK_ID  # any id works: the model overwrites these embeddings
+
+
+def encode_conversation(vocab: Vocab, turns, *, image_tokens: int, sequence_length: int,
+                        loss_weight: float = 1.0, open_last: bool = False) -> dict:
+  """Token arrays of the batch layout (module docstring) for one conversation.
+
+  Turns that do not fit in `sequence_length` are dropped from the end; if not even the first
+  answer's first token fits, raises `preprocessors.BadRecord`. open_last: the last turn's
+  answer is left out, so `tokens`/`token_mask` hold a prompt ending in '[/INST]' for
+  generation (`models.minigpt_v2.greedy_generate`); then any turn that does not fit raises.
+  """
+  if not turns:
+    raise ValueError("a conversation needs at least one turn")
+  ids = [BOS_ID] + vocab.encode("[INST] <Img>")
+  image_position = len(ids)
+  ids += [placeholder_id(vocab)] * image_tokens
+  is_answer = [False] * len(ids)
+  for i, turn in enumerate(turns):
+    prompt = (("</Img> " if i == 0 else "[INST] ") + _instruction_text(turn) + " [/INST]")
+    prompt_ids = vocab.encode(prompt)
+    last_open = open_last and i == len(turns) - 1
+    answer_ids = [PAD_ID] if last_open else vocab.encode(turn.answer) + [EOS_ID]
+    if len(ids) + len(prompt_ids) + len(answer_ids) > sequence_length + 1:
+      if i == 0 or open_last:  # a generation prompt must keep its last question
+        raise preprocessors.BadRecord(
+            f"turn {i} needs {len(ids) + len(prompt_ids) + len(answer_ids) - 1} tokens, "
+            f"more than sequence_length={sequence_length}")
+      break
+    ids += prompt_ids + answer_ids
+    is_answer += [False] * len(prompt_ids) + [not last_open] * len(answer_ids)
+  n = len(ids) - 1  # inputs ids[:-1] predict ids[1:]
+  tokens = np.full((sequence_length,), PAD_ID, np.int32)
+  targets = np.full((sequence_length,), PAD_ID, np.int32)
+  tokens[:n], targets[:n] = ids[:-1], ids[1:]
+  loss_mask = np.zeros((sequence_length,), np.float32)
+  loss_mask[:n] = is_answer[1:]
+  token_mask = np.zeros((sequence_length,), np.float32)
+  token_mask[:n] = 1.0
+  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+          "token_mask": token_mask, "image_positions": np.asarray([image_position], np.int32),
+          "loss_weight": np.float32(loss_weight)}
+
+
+# ----------------------------------------------------------------------------------------
+# Synthetic scenes -> objects with boxes
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+  phrase: str  # "two red circles" / the rendered words
+  box: tuple[int, int, int, int]  # 0..100 ints
+  count: int = 0  # 0 for rendered words
+  colour: str = ""
+  shape: str = ""
+  position: str = ""
+
+
+_GROUP = re.compile(
+    r"(?P<count>a|two|three) (?P<colour>{}) (?P<shape>{})s? (?P<position>{})".format(
+        "|".join(scenes.COLOURS), "|".join(scenes.SHAPES),
+        "|".join(re.escape(p) for p in scenes.PHRASES.values())))
+_COUNTS = {w: n for n, w in scenes.COUNT_WORDS.items()}
+_POSITIONS = {p: k for k, p in scenes.PHRASES.items()}
+
+
+def parse_scene_caption(caption: str):
+  """`scenes.describe` output -> [(count, colour, shape, position)], or None if the
+  caption is not a scene description (e.g. rendered words)."""
+  groups = []
+  for part in caption.split(" and "):
+    match = _GROUP.fullmatch(part.strip())
+    if not match:
+      return None
+    groups.append((_COUNTS[match["count"]], match["colour"], match["shape"],
+                   _POSITIONS[match["position"]]))
+  return groups
+
+
+def _foreground(pixels: np.ndarray, threshold: int = 60) -> np.ndarray:
+  background = np.median(pixels.reshape(-1, 3), axis=0)
+  return np.abs(pixels.astype(np.int32) - background).max(axis=-1) > threshold
+
+
+def _bbox(mask, x0=0, y0=0):
+  ys, xs = np.nonzero(mask)
+  if not len(xs):
+    return None
+  return (x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1)
+
+
+def scene_objects(pixels: np.ndarray, caption: str) -> list[SceneObject]:
+  """Objects of a synthetic image (uint8 [H, W, 3]) and its caption; raises BadRecord when
+  no object can be located."""
+  height, width = pixels.shape[:2]
+  fg = _foreground(pixels)
+  groups = parse_scene_caption(caption)
+  if groups is None:  # rendered words: the caption is the text
+    box = _bbox(fg)
+    if box is None:
+      raise preprocessors.BadRecord("no text pixels found")
+    return [SceneObject(caption, boxes.normalise_box(box, width, height))]
+  objects = []
+  for count, colour, shape, position in groups:
+    rx0, ry0, rx1, ry1 = scenes.REGIONS[position]
+    x0, y0 = int(rx0 * width), int(ry0 * height)
+    x1, y1 = int(np.ceil(rx1 * width)), int(np.ceil(ry1 * height))
+    box = _bbox(fg[y0:y1, x0:x1], x0, y0)
+    if box is None:
+      raise preprocessors.BadRecord(f"no pixels of {colour} {shape} {position}")
+    phrase = f"{scenes.COUNT_WORDS[count]} {colour} {shape}{'s' if count > 1 else ''}"
+    objects.append(SceneObject(phrase, boxes.normalise_box(box, width, height), count,
+                               colour, shape, position))
+  if len({o.phrase for o in objects}) < len(objects):  # identical groups: say where
+    objects = [dataclasses.replace(o, phrase=f"{o.phrase} {scenes.PHRASES[o.position]}")
+               for o in objects]
+  return objects
+
+
+# ----------------------------------------------------------------------------------------
+# Task turns
+# ----------------------------------------------------------------------------------------
+def _choice(rng, options):
+  return options[int(rng.integers(len(options)))]
+
+
+def _plural(shape, count):
+  return shape + ("s" if count > 1 else "")
+
+
+def caption_turn(objects, caption, rng) -> Turn:
+  return Turn(_choice(rng, ("Briefly describe this image.", "Describe the image briefly.",
+                            "What is in this picture?")), caption, "[caption]")
+
+
+def vqa_turn(objects, caption, rng) -> Turn:
+  obj = _choice(rng, objects)
+  if not obj.shape:
+    return Turn("What is written in the image?", obj.phrase, "[vqa]")
+  things, be = _plural(obj.shape, obj.count), ("are" if obj.count > 1 else "is")
+  kind = int(rng.integers(4))
+  if kind == 0:
+    return Turn(f"What colour {be} the {things}?", obj.colour, "[vqa]")
+  if kind == 1:
+    return Turn(f"How many {obj.colour} {_plural(obj.shape, 2)} are there?",
+                NUMBER_WORDS[obj.count], "[vqa]")
+  if kind == 2:
+    return Turn(f"What shape is {scenes.PHRASES[obj.position]}?", obj.shape, "[vqa]")
+  return Turn(f"Where {be} the {obj.colour} {things}?", scenes.PHRASES[obj.position], "[vqa]")
+
+
+def grounded_caption(objects) -> str:
+  parts = []
+  for o in objects:
+    where = f" {scenes.PHRASES[o.position]}" if o.position and o.position not in o.phrase else ""
+    parts.append(boxes.grounded_text(o.phrase, [o.box]) + where)
+  return " and ".join(parts)
+
+
+def grounding_turn(objects, caption, rng) -> Turn:
+  return Turn(_choice(rng, ("Describe this image in detail.", "Give a grounded caption.")),
+              grounded_caption(objects), "[grounding]")
+
+
+def refer_turn(objects, caption, rng) -> Turn:
+  obj = _choice(rng, objects)
+  return Turn(f"Where is {obj.phrase}?", boxes.box_text(obj.box), "[refer]")
+
+
+def identify_turn(objects, caption, rng) -> Turn:
+  obj = _choice(rng, objects)
+  return Turn(f"What is in {boxes.box_text(obj.box)}?", obj.phrase, "[identify]")
+
+
+def detection_turn(objects, caption, rng) -> Turn:
+  names = {}
+  for o in objects:
+    names.setdefault(_plural(o.shape, 2) if o.shape else "words", []).append(o.box)
+  return Turn(", ".join(names), " ".join(boxes.grounded_text(n, b) for n, b in names.items()),
+              "[detection]")
+
+
+def instruction_turn(objects, caption, rng) -> Turn:
+  question = _choice(rng, ("Describe what you see.", "Tell me about this picture.",
+                           "What does this image show?"))
+  return Turn(question, f"The image shows {caption}.")
+
+
+FINE_TURNS = (caption_turn, vqa_turn, grounding_turn, refer_turn, identify_turn,
+              detection_turn)
+
+
+def weak_caption_turn(objects, caption, rng) -> Turn:
+  """Weakly labelled captioning: the raw alt-text as the target (LAION / CC style)."""
+  return Turn("Briefly describe this image.", caption, "[caption]")
+
+
+def multi_turn(objects, caption, rng) -> list[Turn]:
+  count = int(rng.integers(2, 4))
+  return [_choice(rng, FINE_TURNS)(objects, caption, rng) for _ in range(count)]
+
+
+def _single(fn):
+  return lambda objects, caption, rng: [fn(objects, caption, rng)]
+
+
+# catalog task name -> conversation builder (objects, caption, rng) -> [Turn]
+TASKS = {
+    "minigpt_v2_weak_caption": _single(weak_caption_turn),
+    "minigpt_v2_weak_grounding": _single(grounding_turn),
+    "minigpt_v2_caption": _single(caption_turn),
+    "minigpt_v2_vqa": _single(vqa_turn),
+    "minigpt_v2_grounding": _single(grounding_turn),
+    "minigpt_v2_refer": _single(refer_turn),
+    "minigpt_v2_identify": _single(identify_turn),
+    "minigpt_v2_detection": _single(detection_turn),
+    "minigpt_v2_instruction": _single(instruction_turn),
+    "minigpt_v2_multi_turn": multi_turn,
+}
+_FINE = {"minigpt_v2_caption": 0.15, "minigpt_v2_vqa": 0.3, "minigpt_v2_grounding": 0.15,
+         "minigpt_v2_refer": 0.15, "minigpt_v2_identify": 0.1, "minigpt_v2_detection": 0.15}
+MIXTURES = {
+    "minigpt_v2_stage1": {"minigpt_v2_weak_caption": 0.5, "minigpt_v2_weak_grounding": 0.2,
+                          **{k: 0.3 * v for k, v in _FINE.items()}},
+    "minigpt_v2_stage2": dict(_FINE),
+    "minigpt_v2_stage3": {**{k: 0.6 * v for k, v in _FINE.items()},
+                          "minigpt_v2_instruction": 0.2, "minigpt_v2_multi_turn": 0.2},
+}
+STAGE_MIXTURES = {1: "minigpt_v2_stage1", 2: "minigpt_v2_stage2", 3: "minigpt_v2_stage3"}
+
+
+def register_catalog():
+  """Adds the tasks (all reading the synthetic pairs) and stage mixtures to the catalog."""
+  for name in TASKS:
+    if name not in catalog.TASKS:
+      catalog.add_task(catalog.TaskSpec(name, "pairs", "webdataset",
+                                        f"{synthetic.SUBDIR}/pairs/{{split}}/*.tar",
+                                        synthetic=True))
+  for name, rates in MIXTURES.items():
+    if name not in catalog.MIXTURES:
+      catalog.add_mixture(catalog.MixtureSpec(name, tuple(rates.items())))
+
+
+register_catalog()
+
+
+# ----------------------------------------------------------------------------------------
+# Raw record -> example (the grain pipeline's processor protocol)
+# ----------------------------------------------------------------------------------------
+def convert(raw: dict, task: str, *, vocab: Vocab, image_size: int, image_tokens: int,
+            sequence_length: int, rng: np.random.Generator, loss_weight: float = 1.0,
+            resize_mode: str = "stretch") -> dict:
+  """One raw image-text record (`image` bytes, `text`/`meta` caption) -> example dict."""
+  if task not in TASKS:
+    raise ValueError(f"MiniGPT-v2 task {task!r}: expected one of {sorted(TASKS)}")
+  decoded = preprocessors.decode_image(raw["image"])
+  caption = preprocessors.caption_of(raw)
+  objects = scene_objects(np.asarray(decoded, np.uint8), caption)
+  turns = TASKS[task](objects, caption, rng)
+  example = encode_conversation(vocab, turns, image_tokens=image_tokens,
+                                sequence_length=sequence_length, loss_weight=loss_weight)
+  # Boxes are relative to the decoded image; 'stretch' keeps them exact for any aspect.
+  image = preprocessors.normalise(preprocessors.resize(decoded, image_size, resize_mode))
+  example["images"] = image[None].astype(np.float32)
+  example["image_mask"] = np.ones((1,), np.float32)
+  return example
+
+
+class ExampleProcessor:
+  """(index, (task spec, raw record)) -> MiniGPT-v2 example or `health.Skipped` (picklable)."""
+
+  def __init__(self, data_config, seed):
+    self.vocab = Vocab(data_config.vocab_path)
+    self.image_size = data_config.image_size
+    self.image_tokens = data_config.image_tokens
+    self.sequence_length = data_config.sequence_length
+    self.resize_mode = data_config.resize_mode
+    self.seed = seed
+
+  def __call__(self, index, record):
+    spec, raw = record
+    rng = np.random.default_rng([self.seed, index])
+    try:
+      if raw.get("problem"):
+        raise preprocessors.BadRecord(raw["problem"])
+      example = convert(raw, spec.name, vocab=self.vocab, image_size=self.image_size,
+                        image_tokens=self.image_tokens, sequence_length=self.sequence_length,
+                        rng=rng, loss_weight=spec.loss_weight, resize_mode=self.resize_mode)
+    except preprocessors.BadRecord as e:
+      return health.Skipped(raw.get("source", spec.name), raw.get("key", "?"), str(e))
+    example["_source"] = raw.get("source", spec.name)
+    return example
+
+
+# ----------------------------------------------------------------------------------------
+# seqio: the declarative view of the same tasks (imports TensorFlow; call explicitly)
+# ----------------------------------------------------------------------------------------
+def register_seqio():
+  """Registers each task as a seqio.Task yielding {image, inputs (prompt with
+  <ImageHere>), targets (answers joined)} and each stage as a seqio.Mixture."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+
+  def records(task, split):
+    source = catalog.make_source(catalog.TASKS[task], synthetic.default_data_dir(), split)
+    for index in range(len(source)):
+      raw = source[index]
+      try:
+        decoded = preprocessors.decode_image(raw["image"])
+        caption = preprocessors.caption_of(raw)
+        objects = scene_objects(np.asarray(decoded, np.uint8), caption)
+      except preprocessors.BadRecord:
+        continue
+      turns = TASKS[task](objects, caption, np.random.default_rng([index]))
+      prompt = render_prompt([dataclasses.replace(t, answer="") for t in turns])
+      yield {"image": np.asarray(decoded, np.uint8), "inputs": prompt.strip(),
+             "targets": " </s> ".join(t.answer for t in turns)}
+
+  def dataset_fn(task):
+    def fn(split, shuffle_files=False, seed=None):
+      del shuffle_files, seed
+      signature = {"image": tf.TensorSpec([None, None, 3], tf.uint8),
+                   "inputs": tf.TensorSpec([], tf.string),
+                   "targets": tf.TensorSpec([], tf.string)}
+      return tf.data.Dataset.from_generator(lambda: records(task, split),
+                                            output_signature=signature)
+    return fn
+
+  vocabulary = seqio.SentencePieceVocabulary(vocab_lib.resolve_path())
+  features = {"inputs": seqio.Feature(vocabulary, add_eos=False),
+              "targets": seqio.Feature(vocabulary, add_eos=True)}
+  for task in TASKS:  # replaces a generic caption registration of the same catalog name
+    if task in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.remove(task)
+    seqio.TaskRegistry.add(
+        task, source=seqio.FunctionDataSource(dataset_fn(task), splits=("train", "validation")),
+        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        output_features=features)
+  for name, rates in MIXTURES.items():
+    if name in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.remove(name)
+    seqio.MixtureRegistry.add(name, list(rates.items()))

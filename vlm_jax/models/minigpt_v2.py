@@ -1,0 +1,210 @@
+"""MiniGPT-v2 (arXiv 2310.09478): frozen EVA ViT -> 4-token concat -> linear -> LLaMA-2 + LoRA.
+
+    images [B, N, H, W, 3] -> ViT (frozen, class token dropped, final LayerNorm = ln_vision)
+        -> [B*N, P, Dv], P = (H / patch)^2 patches in raster order (stop-gradient)
+    concat every `group_size` (4) consecutive tokens: [B*N, P/4, 4*Dv] (1x4 strips in
+        raster order, not 2x2 blocks: a plain reshape, as the reference's `view`)
+    projection: ONE Linear(4*Dv -> D)                         [B, N, P/4, D]
+    tokens -> LM token embeddings; image n's P/4 visual tokens overwrite the embeddings at
+        tokens[b, image_positions[b, n] : + P/4] (the `<ImageHere>` slots), where
+        image_mask[b, n] > 0
+    LM: `vlm_jax.nn.decoder_lm.DecoderLM` (LLaMA-2) with LoRA on `lora_targets`
+    -> logits [B, T, V] aligned with `targets`
+
+Batch (fixed shapes; written by `vlm_jax.data.minigpt_v2`):
+
+    images          [B, N, H, W, 3] f32  pixels in [-1, 1] (N = 1 in our data)
+    image_mask      [B, N] f32           0: image absent, its slots keep the text embedding
+    tokens          [B, T] i32           BOS, template, answers; placeholder slots; PAD
+    targets         [B, T] i32           next-token targets (used by the loss)
+    loss_mask       [B, T] f32           1 on answer tokens and their EOS (used by the loss)
+    token_mask      [B, T] f32           1 for real inputs (placeholders included); padding
+                                         is masked as keys, so it never changes outputs at
+                                         real positions
+    image_positions [B, N] i32           index of image n's first slot in `tokens`
+    loss_weight     [B] f32              per-example weight (used by the loss)
+
+Trainable in every stage (paper): the projection and the LoRA params; config.frozen freezes
+`vision/.*` and `lm/(?!.*/lora_[ab]$).*`. `lm` params load from a LLaMA-2 checkpoint with
+`decoder_lm.params_from_hf_llama`; `merge_lora` folds LoRA into them for export.
+
+Generation: `greedy_generate(model, params, batch, max_new_tokens)` answers prompts (batch
+`tokens`/`token_mask` hold prompts only, e.g. `data.minigpt_v2.encode_conversation(...,
+open_last=True)`) with the LM's KV cache: prompts are right-aligned so every row continues
+at the same cache index, their left padding is masked as keys and rotary positions count
+real tokens only.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.nn import decoder_lm, vit
+
+
+def group_consecutive_tokens(x: jax.Array, group_size: int) -> jax.Array:
+  """[..., P, C] -> [..., P / g, g * C]: token i of group j is input token g*j + i."""
+  *lead, length, channels = x.shape
+  if length % group_size:
+    raise ValueError(f"{length} visual tokens are not divisible by group_size={group_size}.")
+  return x.reshape(*lead, length // group_size, group_size * channels)
+
+
+def splice(embeddings: jax.Array, visual: jax.Array, positions: jax.Array,
+           present: jax.Array) -> jax.Array:
+  """Writes visual [B, N, L, D] into embeddings [B, T, D] at positions [B, N] where
+  present [B, N] is true."""
+  put = jax.vmap(lambda e, v, p: jax.lax.dynamic_update_slice(e, v, (p, 0)))
+  for n in range(visual.shape[1]):
+    written = put(embeddings, visual[:, n].astype(embeddings.dtype), positions[:, n])
+    embeddings = jnp.where(present[:, n, None, None], written, embeddings)
+  return embeddings
+
+
+class MiniGPTv2(nn.Module):
+  vocab_size: int
+  # LLaMA-2 language model
+  width: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  norm_epsilon: float = 1e-5
+  rotary_max_wavelength: float = 10_000.0
+  lora_targets: tuple[str, ...] = ("query", "value")
+  lora_rank: int = 64
+  lora_alpha: float = 16.0
+  lora_dropout_rate: float = 0.05
+  # EVA ViT (frozen)
+  vision_width: int = 1408
+  vision_layers: int = 39
+  vision_heads: int = 16
+  vision_mlp_dim: int = 6144
+  patch_size: int = 14
+  group_size: int = 4  # consecutive visual tokens concatenated per LM token
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def setup(self):
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    self.vision = vit.ViT(
+        patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
+        num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, mlp_activation="gelu",
+        class_token=True, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+        dtype=dtype, param_dtype=param_dtype)
+    self.projection = nn.Dense(
+        self.width, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 ("mlp", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+    self.lm = decoder_lm.DecoderLM(
+        vocab_size=self.vocab_size, width=self.width, num_layers=self.num_layers,
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
+        norm_epsilon=self.norm_epsilon, rotary_max_wavelength=self.rotary_max_wavelength,
+        lora_targets=tuple(self.lora_targets), lora_rank=self.lora_rank,
+        lora_alpha=self.lora_alpha, lora_dropout_rate=self.lora_dropout_rate,
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=dtype,
+        param_dtype=param_dtype)
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """images [B, N, H, W, C] -> visual LM tokens [B, N, P / group_size, D]."""
+    batch, num_images = images.shape[:2]
+    x = self.vision(images.reshape((-1,) + images.shape[2:]).astype(jnp.dtype(self.dtype)))
+    x = jax.lax.stop_gradient(x[:, 1:])  # frozen encoder; class token dropped
+    x = group_consecutive_tokens(x, self.group_size)
+    x = self.projection(x)
+    return x.reshape((batch, num_images) + x.shape[1:])
+
+  def embed_inputs(self, batch) -> tuple[jax.Array, jax.Array]:
+    """(input embeddings [B, T, D] with the visual tokens spliced in, token_mask [B, T])."""
+    x = self.lm.embed(batch["tokens"])
+    visual = self.encode_images(batch["images"])
+    x = splice(x, visual, batch["image_positions"], batch["image_mask"] > 0)
+    return x, batch["token_mask"]
+
+  def __call__(self, batch, deterministic: bool = True):
+    x, token_mask = self.embed_inputs(batch)
+    hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic)
+    return self.lm.logits(hidden)
+
+
+def frozen_patterns() -> tuple[str, ...]:
+  """config.frozen: the ViT and every LM param except LoRA's (fullmatch regexes)."""
+  return (r"vision/.*", r"lm/(?!.*/lora_[ab]$).*")
+
+
+def batch_spec(data_config, batch_size: int) -> dict:
+  """ShapeDtypeStructs of a batch (eval_shape, ahead-of-time compilation, dummy data).
+
+  `data_config.sequence_length` is T (visual slots included); one image per example.
+  """
+  f32, i32 = jnp.float32, jnp.int32
+  size, length = data_config.image_size, data_config.sequence_length
+  shapes = {
+      "images": ((batch_size, 1, size, size, 3), f32), "image_mask": ((batch_size, 1), f32),
+      "tokens": ((batch_size, length), i32), "targets": ((batch_size, length), i32),
+      "loss_mask": ((batch_size, length), f32), "token_mask": ((batch_size, length), f32),
+      "image_positions": ((batch_size, 1), i32), "loss_weight": ((batch_size,), f32),
+  }
+  return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Greedy generation with the LM's KV cache
+# ----------------------------------------------------------------------------------------
+def _lm_cached(module, x, positions, key_mask):
+  hidden = module.lm.trunk(x, attention_mask=key_mask[:, None, None, :], positions=positions,
+                           decode=True)
+  return module.lm.logits(hidden)
+
+
+def greedy_generate(model: MiniGPTv2, params, batch, max_new_tokens: int, *, eos_id: int = 1,
+                    pad_id: int = 0) -> jax.Array:
+  """Token ids [B, max_new_tokens]: the argmax continuation of each prompt, EOS included,
+  then `pad_id`. `batch` needs images, image_mask, tokens, token_mask (1 on the prompt, a
+  prefix of each row) and image_positions."""
+  keys = ("images", "image_mask", "tokens", "token_mask", "image_positions")
+  return _greedy(params, {k: batch[k] for k in keys}, model=model, max_new=max_new_tokens,
+                 eos_id=eos_id, pad_id=pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "eos_id", "pad_id"))
+def _greedy(params, batch, *, model, max_new, eos_id, pad_id):
+  x, valid = model.apply({"params": params}, batch, method="embed_inputs")
+  batch_size, length, _ = x.shape
+  valid = valid > 0
+  lengths = valid.sum(axis=1).astype(jnp.int32)
+  # Right-align: row b moves right by length - lengths[b] (its padding wraps to the front).
+  source = (jnp.arange(length)[None] - (length - lengths)[:, None]) % length
+  x = jnp.take_along_axis(x, source[..., None], axis=1)
+  valid = jnp.take_along_axis(valid, source, axis=1)
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  key_mask = jnp.concatenate([valid, jnp.ones((batch_size, max_new), bool)], axis=1)
+
+  def run(cache, inputs, positions):
+    variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+    logits, mutated = model.apply(variables, inputs, positions, key_mask, method=_lm_cached,
+                                  mutable=["cache"])
+    return logits, mutated["cache"]
+
+  full = jnp.zeros((batch_size, length + max_new) + x.shape[2:], x.dtype)
+  shapes = jax.eval_shape(lambda: run(None, full, jnp.zeros(full.shape[:2], jnp.int32))[1])
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  logits, cache = run(cache, x, positions)
+  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+  def step(carry, i):
+    cache, token, done = carry
+    embedded = model.apply({"params": params}, token[:, None],
+                           method=lambda m, t: m.lm.embed(t))
+    logits, cache = run(cache, embedded, (lengths + i)[:, None])
+    next_token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    next_token = jnp.where(done, pad_id, next_token)
+    return (cache, next_token, done | (next_token == eos_id)), next_token
+
+  init = (cache, first, first == eos_id)
+  _, rest = jax.lax.scan(step, init, jnp.arange(max_new - 1))
+  return jnp.concatenate([first[:, None], rest.T], axis=1)

@@ -1,0 +1,154 @@
+"""Multi-head self-/cross-attention with boolean masks, rotary, grouped-query and a KV cache.
+
+Shapes use dimension letters: B batch, T query length, S key length, D model width,
+N query heads, K key/value heads (N % K == 0), H head dim.
+
+Masks are boolean, broadcastable to [B, N, T, S]. A query row whose mask is all False outputs
+exactly zero (softmax over nothing is defined as no contribution), never NaN and never a
+uniform average over padding.
+
+Decoding (`decode=True`, self-attention only): the first call with a `cache` collection that
+is mutable and empty creates zero buffers shaped like that call's keys (call it with the
+maximum length); later calls append their T keys at `cache_index` and attend causally over
+the cache, so a step-by-step decode equals the full causal forward.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.nn import embeddings
+
+Dtype = Any
+
+
+def causal_mask(length: int) -> jax.Array:
+  """[1, 1, T, T] lower-triangular mask."""
+  return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+def padding_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> jax.Array:
+  """[B, 1, T, S] from per-token validity [B, T] and [B, S] (query_valid None: all valid)."""
+  mask = key_valid.astype(jnp.bool_)[:, None, None, :]
+  if query_valid is not None:
+    mask = mask & query_valid.astype(jnp.bool_)[:, None, :, None]
+  return mask
+
+
+class Projection(nn.Module):
+  """x [..., *in] -> [..., *features] with kernel [*in, *features] (nn.DenseGeneral's layout).
+
+  Unlike nn.DenseGeneral, the initialiser makes the kernel in its final rank, so its logical
+  axis names can be applied (under a mesh, DenseGeneral boxes a flattened 2-D kernel first,
+  which breaks rank-3 sharding constraints). Fan-in/out are those of the flattened matrix.
+  """
+  features: tuple[int, ...]
+  num_in_axes: int
+  kernel_axes: tuple[str | None, ...]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[x.ndim - self.num_in_axes:]
+    features = tuple(self.features)
+    flat = (math.prod(in_shape), math.prod(features))
+    init = lambda key, shape, dtype: self.kernel_init(key, flat, dtype).reshape(shape)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        tuple(in_shape) + features, self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    contract = tuple(range(x.ndim - self.num_in_axes, x.ndim))
+    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.num_in_axes))), ((), ())))
+    if self.use_bias:
+      bias_axes = self.kernel_axes[self.num_in_axes:]
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                        features, self.param_dtype)
+      y = y + bias.astype(y.dtype)
+    return y
+
+
+class MultiHeadAttention(nn.Module):
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int | None = None  # None: = num_heads; fewer: grouped-query attention
+  use_bias: bool = True
+  use_rotary: bool = False
+  rotary_max_wavelength: float = 10_000.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _proj(self, heads, name):
+    return Projection((heads, self.head_dim), 1, ("embed", "heads", "kv"), self.use_bias,
+                      self.dtype, self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, positions=None,
+               decode: bool = False):
+    """inputs_q [B, T, D]; inputs_kv [B, S, D] (None: self-attention); mask boolean.
+
+    positions [B, T]: rotary positions of self-attention tokens (default 0..T-1, or the cache
+    index onwards when decoding).
+    """
+    self_attention = inputs_kv is None
+    if decode and not self_attention:
+      raise ValueError("decode=True is for self-attention; cross-attention keys are static.")
+    inputs_kv = inputs_q if self_attention else inputs_kv
+    batch, q_len, features = inputs_q.shape
+    num_kv = self.num_kv_heads or self.num_heads
+    if self.num_heads % num_kv:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={num_kv}.")
+
+    q = self._proj(self.num_heads, "query")(inputs_q)  # BTNH
+    k = self._proj(num_kv, "key")(inputs_kv)  # BSKH
+    v = self._proj(num_kv, "value")(inputs_kv)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+
+    cache_ready = decode and self.has_variable("cache", "cached_key")
+    if self.use_rotary:
+      if not self_attention:
+        raise ValueError("use_rotary is for self-attention.")
+      if positions is None:
+        start = self.get_variable("cache", "cache_index") if cache_ready else 0
+        positions = jnp.broadcast_to(start + jnp.arange(q_len), (batch, q_len))
+      q = embeddings.apply_rotary(q, positions, self.rotary_max_wavelength)
+      k = embeddings.apply_rotary(k, positions, self.rotary_max_wavelength)
+
+    if decode:
+      k, v, mask = self._update_cache(k, v, mask, cache_ready)
+
+    if mask is not None:
+      mask = jnp.asarray(mask, jnp.bool_)
+      mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+        scale=self.head_dim ** -0.5)  # BTNH
+    if mask is not None:
+      # Rows with no valid key: the XLA softmax would spread over the masked keys; zero them.
+      row_valid = jnp.broadcast_to(jnp.any(mask, axis=-1), (batch, mask.shape[1], q_len))
+      out = out * jnp.swapaxes(row_valid, 1, 2)[..., None].astype(out.dtype)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return Projection((features,), 2, ("heads", "kv", "embed"), self.use_bias, self.dtype,
+                      self.param_dtype, name="out")(out)
+
+  def _update_cache(self, k, v, mask, cache_ready):
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not cache_ready:  # the call that creates the cache: plain forward with the given mask
+      return k, v, mask
+    index, q_len, max_len = cache_index.value, k.shape[1], cached_key.value.shape[1]
+    k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype),
+                                     (0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
+                                     (0, index, 0, 0))
+    cached_key.value, cached_value.value = k, v
+    cache_index.value = index + q_len
+    causal = jnp.arange(max_len)[None, :] <= (index + jnp.arange(q_len))[:, None]  # [T, S]
+    causal = causal[None, None]
+    return k, v, causal if mask is None else (jnp.asarray(mask, jnp.bool_) & causal)

@@ -1,0 +1,69 @@
+"""Token embeddings (with `attend` for tied logits), learned position embeddings, rotary."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed]; `attend` gives logits with the same table."""
+  num_embeddings: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids):
+    x = jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def attend(self, x):
+    logits = jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), self.embedding.astype(self.dtype))
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class PositionEmbedding(nn.Module):
+  """Learned additive position embedding of shape `shape + (features,)`.
+
+  `shape` is (length,) for text or (height, width) for an image grid; the parameter is named
+  `pos_embedding` either way.
+  """
+  shape: tuple[int, ...]
+  features: int
+  stddev: float = 0.02
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    # A mesh axis may appear once per array, so a 2-D grid gets two distinct names.
+    names = (("length",) if len(self.shape) == 1 else ("image_h", "image_w")) + ("embed",)
+    return self.param("pos_embedding",
+                      nn.with_logical_partitioning(nn.initializers.normal(self.stddev), names),
+                      tuple(self.shape) + (self.features,), self.param_dtype)
+
+
+def resize_2d_pos_embedding(pos_embedding: jax.Array, new_hw: tuple[int, int]) -> jax.Array:
+  """Bilinearly interpolates a [h, w, D] grid embedding to [new_h, new_w, D] (fine-tuning at
+  another resolution, importing weights trained at another patch grid)."""
+  if tuple(pos_embedding.shape[:2]) == tuple(new_hw):
+    return pos_embedding
+  return jax.image.resize(pos_embedding, tuple(new_hw) + pos_embedding.shape[2:], "bilinear")
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_000.0):
+  """Rotary position embedding on x [B, T, N, H] (H even) at integer `positions` [B, T]."""
+  half = x.shape[-1] // 2
+  freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, H/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

@@ -1,0 +1,68 @@
+"""Vision Transformer encoder: patch embedding, optional class token, pre-LN encoder stack.
+
+Parameter layout (so CLIP / HF ViT weights can be imported by a converter):
+  patch_embedding/kernel [p, p, C, D] (+ bias when `patch_bias`)   <- conv1 / patch proj
+  cls [D]                                                          <- class_embedding
+  pos_embedding/pos_embedding [1 + h*w or h*w, D]                  <- positional_embedding
+  pre_norm/{scale,bias} (when `pre_norm`)                          <- ln_pre
+  encoder/layers/... (scanned) or encoder/layers_i/...              <- transformer.resblocks
+  encoder_norm/{scale,bias}                                        <- ln_post
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlm_jax.nn import embeddings, norms, transformer
+
+Dtype = Any
+
+
+class ViT(nn.Module):
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  mlp_activation: str = "gelu"
+  class_token: bool = False
+  pre_norm: bool = False
+  patch_bias: bool = True
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, deterministic: bool = True):
+    """images [B, H, W, C] -> tokens [B, (1 +) h*w, D] after the final norm."""
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding",
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
+                    images.astype(self.dtype))
+    batch = x.shape[0]
+    x = x.reshape(batch, -1, self.width)
+    if self.class_token:
+      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                       (self.width,), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width)), x], 1)
+    x = x + embeddings.PositionEmbedding((x.shape[1],), self.width,
+                                         param_dtype=self.param_dtype,
+                                         name="pos_embedding")().astype(x.dtype)
+    if self.pre_norm:
+      x = norms.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="pre_norm")(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = transformer.layer_stack(
+        transformer.EncoderLayer, num_layers=self.depth, scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy, name="encoder", num_heads=self.num_heads,
+        head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
+        mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
+        drop_path_rate=self.drop_path_rate, dtype=self.dtype,
+        param_dtype=self.param_dtype)(x, (None,), deterministic)
+    return norms.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="encoder_norm")(x)
