@@ -9,8 +9,9 @@ import dataclasses
 import glob
 import json
 import os
+from typing import Any, Callable
 
-from vlm_jax.data import sources, synthetic
+from vlm_jax.data import photos, sources, synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +21,8 @@ class TaskSpec:
   format: str  # key of READERS
   pattern: str  # glob under the data dir; `{split}` is filled in
   loss_weight: float = 1.0
-  synthetic: bool = False  # generated on first use when missing
+  synthetic: bool = False  # the sample data, generated on first use when missing
+  ensure: Callable[[str], Any] | None = None  # other generated data: ensure(data_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,8 @@ add_task(TaskSpec("synthetic_pairs", "pairs", "webdataset",
                   f"{synthetic.SUBDIR}/pairs/{{split}}/*.tar", synthetic=True))
 add_task(TaskSpec("synthetic_text", "text", "jsonl",
                   f"{synthetic.SUBDIR}/text/{{split}}/*.jsonl", synthetic=True))
+add_task(TaskSpec("photos", "pairs", "webdataset", f"{photos.SUBDIR}/{{split}}/*.tar",
+                  ensure=photos.ensure_photos))
 # SimVLM trains pairs and text-only PrefixLM in the same batches; pairs dominate because
 # captioning is what the sample run is judged on.
 add_mixture(MixtureSpec("pretrain_simvlm", (("synthetic_pairs", 0.8), ("synthetic_text", 0.2))))
@@ -86,6 +90,8 @@ def files(spec: TaskSpec, data_dir: str, split: str) -> list:
   data_dir = data_dir or synthetic.default_data_dir()
   if spec.synthetic:
     synthetic.ensure_sample_data(data_dir)
+  if spec.ensure:
+    spec.ensure(data_dir)
   # An ingested directory has one split; its absolute pattern ignores data_dir.
   pattern = os.path.join(data_dir, spec.pattern.format(split=split))
   paths = sorted(glob.glob(pattern))

@@ -69,42 +69,58 @@ def _sample_pair(rng, sizes):
   return image, caption
 
 
-def write_pairs_shard(directory, shard_id, count, rng, sizes):
-  """One img2dataset shard: tar of {key}.jpg/.txt/.json, parquet of all rows, stats."""
+def write_img2dataset_shard(directory, shard_id, rows):
+  """One img2dataset shard: tar of {key}.jpg/.txt/.json, parquet of all rows, stats.
+
+  `rows` yields dicts with `image` (PIL, or None for a failed download), `caption`, `url`
+  and `similarity`, in key order.
+  """
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  rows, start = [], time.time()
+  table, start = [], time.time()
   with tarfile.open(os.path.join(directory, f"{shard_id:05d}.tar"), "w",
                     format=tarfile.USTAR_FORMAT) as tar:
-    for index in range(count):
+    for index, row in enumerate(rows):
       key = f"{shard_id:05d}{index:04d}"
-      image, caption = _sample_pair(rng, sizes)
-      url = f"synthetic://scene/{key}"
-      if rng.random() < sizes.failed_fraction:
-        rows.append(dict(url=url, key=key, caption=caption, status="failed_to_download",
-                         error_message="synthetic: not downloaded", width=None, height=None,
-                         original_width=None, original_height=None, exif=None,
-                         similarity=None))
+      image, caption, url = row["image"], row["caption"], row["url"]
+      if image is None:
+        table.append(dict(url=url, key=key, caption=caption, status="failed_to_download",
+                          error_message="synthetic: not downloaded", width=None, height=None,
+                          original_width=None, original_height=None, exif=None,
+                          similarity=None))
         continue
       jpeg = io.BytesIO()
       image.save(jpeg, format="JPEG", quality=90)
       meta = dict(url=url, key=key, caption=caption, status="success", error_message=None,
                   width=image.width, height=image.height, original_width=image.width,
-                  original_height=image.height, exif="{}",
-                  similarity=round(float(rng.uniform(0.28, 0.45)), 4))
-      rows.append(meta)
+                  original_height=image.height, exif="{}", similarity=row["similarity"])
+      table.append(meta)
       _tar_add(tar, f"{key}.jpg", jpeg.getvalue())
       _tar_add(tar, f"{key}.txt", caption.encode())
       _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
-  pq.write_table(pa.Table.from_pylist(rows), os.path.join(directory, f"{shard_id:05d}.parquet"))
-  successes = sum(r["status"] == "success" for r in rows)
-  stats = dict(count=len(rows), successes=successes, failed_to_download=len(rows) - successes,
+  pq.write_table(pa.Table.from_pylist(table),
+                 os.path.join(directory, f"{shard_id:05d}.parquet"))
+  successes = sum(r["status"] == "success" for r in table)
+  stats = dict(count=len(table), successes=successes, failed_to_download=len(table) - successes,
                failed_to_resize=0, duration=time.time() - start, start_time=start,
                end_time=time.time(),
                status_dict={"success": successes,
-                            "synthetic: not downloaded": len(rows) - successes})
+                            "synthetic: not downloaded": len(table) - successes})
   with open(os.path.join(directory, f"{shard_id:05d}_stats.json"), "w") as f:
     json.dump(stats, f, indent=2)
+
+
+def write_pairs_shard(directory, shard_id, count, rng, sizes):
+  def rows():
+    for index in range(count):
+      image, caption = _sample_pair(rng, sizes)
+      url = f"synthetic://scene/{shard_id:05d}{index:04d}"
+      if rng.random() < sizes.failed_fraction:
+        yield dict(image=None, caption=caption, url=url, similarity=None)
+      else:
+        yield dict(image=image, caption=caption, url=url,
+                   similarity=round(float(rng.uniform(0.28, 0.45)), 4))
+  write_img2dataset_shard(directory, shard_id, rows())
 
 
 def write_text_shard(path, count, rng):
@@ -147,35 +163,40 @@ def generate(output_dir: str, sizes: SyntheticSizes = SyntheticSizes()) -> dict:
   return manifest
 
 
-def is_complete(directory: str) -> bool:
+def is_complete(directory: str, version: int = VERSION) -> bool:
   try:
     with open(os.path.join(directory, "manifest.json")) as f:
-      return json.load(f)["version"] == VERSION
+      return json.load(f)["version"] == version
   except (OSError, ValueError, KeyError):
     return False
 
 
-def ensure_sample_data(data_dir: str = "", sizes: SyntheticSizes = SyntheticSizes()) -> str:
-  """Returns `<data_dir>/synthetic`, generating it first if missing.
+def ensure_generated(target: str, version: int, generate_fn) -> str:
+  """Returns `target`, first running `generate_fn(path)` (which writes `manifest.json` with
+  `version`) if `target` is missing or of another version.
 
   Concurrent callers (several processes of one job) are safe: each writes a private temp
   dir and renames it into place; a rename that loses the race is discarded.
   """
-  target = synthetic_dir(data_dir)
-  if is_complete(target):
+  if is_complete(target, version):
     return target
   parent = os.path.dirname(target)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".synthetic-tmp-", dir=parent)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-tmp-", dir=parent)
   try:
-    generate(os.path.join(staging, SUBDIR), sizes)
-    if os.path.isdir(target) and not is_complete(target):
+    generate_fn(os.path.join(staging, "out"))
+    if os.path.isdir(target) and not is_complete(target, version):
       shutil.rmtree(target, ignore_errors=True)  # an older version or an aborted copy
     try:
-      os.rename(os.path.join(staging, SUBDIR), target)
+      os.rename(os.path.join(staging, "out"), target)
     except OSError:
-      if not is_complete(target):
+      if not is_complete(target, version):
         raise
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return target
+
+
+def ensure_sample_data(data_dir: str = "", sizes: SyntheticSizes = SyntheticSizes()) -> str:
+  """Returns `<data_dir>/synthetic`, generating it first if missing."""
+  return ensure_generated(synthetic_dir(data_dir), VERSION, lambda out: generate(out, sizes))
