@@ -217,3 +217,21 @@ def test_zero_byte_shard_in_training(bad_task, data_config):
   next(it)
   next(it)
   assert pipeline.skipped_record_counts(it)["skipped_records"] >= num_bad + 1
+
+
+def test_skipped_counts_reach_the_training_metrics(bad_task, data_config, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from vlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vlm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = config_lib.load_config(os.path.join(root, "configs", "simvlm.py") + ":tiny", [
+      ("batch_size", "8"), ("num_train_steps", "4"), ("log_every_steps", "2"),
+      ("checkpoint.async_save", "False")])
+  config.data = data_config
+  loop.train(config, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    logged = [json.loads(line) for line in f]
+  assert [m["data/examples"] for m in logged] == [16, 32]
+  # 32 of the shard's 48 records were drawn; its 8 bad ones were skipped as they came up.
+  assert 0 < logged[-1]["data/skipped_records"] <= bad_task[1]
+  assert logged[0]["data/skipped_records"] <= logged[-1]["data/skipped_records"]

@@ -124,6 +124,8 @@ class Trainer:
     host = jax.device_get(pending)  # the only host sync, once per logging interval
     scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     scalars.update(progress.update(step))
+    # This process's totals (bad records are skipped where they are read, per process).
+    scalars.update({f"data/{k}": v for k, v in pipeline.skipped_record_counts(self.data).items()})
     writer.write(step, scalars)
     _log(progress.line(step, scalars))
 

@@ -103,4 +103,6 @@ class Progress:
       eta = (self.total_steps - step) / metrics["steps_per_s"]
       parts += [f"{metrics['steps_per_s']:.2f} steps/s", f"{metrics['examples_per_s']:.1f} ex/s",
                 f"ETA {_duration(eta)}", f"MFU {100 * metrics['mfu']:.1f}%"]
+    if metrics.get("data/skipped_records"):
+      parts.append(f"skipped records {int(metrics['data/skipped_records'])}")
     return " | ".join(parts)
