@@ -117,6 +117,14 @@ class ImageLookup:
     return self._read(self._by_url.get(url))
 
 
+def _lookup(image_tars):
+  """`image_tars`: tar paths, or an `ImageLookup` already built (it indexes every tar, so
+  callers reading many files build it once)."""
+  if isinstance(image_tars, ImageLookup):
+    return image_tars
+  return ImageLookup(image_tars) if image_tars else None
+
+
 def _mmc4_document(doc, lookup, min_similarity, max_images):
   """MMC4 -> aligned texts/images; each kept image goes right before its matched sentence
   (OpenFlamingo's placement). Images below `min_similarity` are dropped, then the first
@@ -149,7 +157,7 @@ def _mmc4_document(doc, lookup, min_similarity, max_images):
 
 
 def read_mmc4(paths, image_tars=(), min_similarity=0.24, max_images=6):
-  lookup = ImageLookup(image_tars) if image_tars else None
+  lookup = _lookup(image_tars)
   for path in sorted(paths):
     with open(path, "rb") as f:
       for number, line in enumerate(f):
@@ -179,7 +187,7 @@ def _obelics_image(value, lookup):
 def read_obelics(paths, image_tars=(), max_images=30, batch_rows=256):
   """Rows with aligned `texts`/`images` (exactly one non-null per position)."""
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  lookup = ImageLookup(image_tars) if image_tars else None
+  lookup = _lookup(image_tars)
   for path in sorted(paths):
     number = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
@@ -207,10 +215,33 @@ def read_obelics(paths, image_tars=(), max_images=30, batch_rows=256):
                "images": out_images, "meta": row.get("general_metadata")}
 
 
+def read_arrayrecord(paths, chunk=256):
+  """Shards written by ingest (to label them with experts, or filter them again)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import records  # pylint: disable=g-import-not-at-top
+  for path in sorted(paths):
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      total = reader.num_records()
+      for first in range(0, total, chunk):
+        for index, data in enumerate(reader.read(list(range(first, min(first + chunk, total)))),
+                                     first):
+          try:
+            record = records.decode(data)
+          except ValueError as e:
+            yield Skipped(path, f"#{index}", f"unreadable record: {e}")
+            continue
+          record["source"] = path
+          yield record
+    finally:
+      reader.close()
+
+
 READERS = {
     "img2dataset": read_webdataset,
     "img2dataset-tfrecord": read_img2dataset_tfrecord,
     "text": read_text,
     "mmc4": read_mmc4,
     "obelics": read_obelics,
+    "arrayrecord": read_arrayrecord,
 }
