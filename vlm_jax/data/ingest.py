@@ -233,7 +233,7 @@ class ShardWriter:
 # Output directory (both executors)
 # ----------------------------------------------------------------------------------------
 def list_inputs(input_glob):
-  paths = sorted(glob.glob(input_glob))
+  paths = sorted(os.path.abspath(p) for p in glob.glob(input_glob))
   if not paths:
     raise FileNotFoundError(f"no input files match {input_glob!r} (--input)")
   return paths
