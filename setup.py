@@ -31,6 +31,9 @@ EXTRAS = {
     ],
     "tpu": ["jax[tpu]"],
     "notebooks": ["jupyter", "nbclient", "nbformat", "matplotlib"],
+    # `vlm-data ingest --runner beam`. Beam needs protobuf<7; the pins above
+    # (sentencepiece==0.2.1) keep the rest importable on protobuf 6 (DESIGN.md).
+    "beam": ["apache-beam==2.77.0", "protobuf>=6.33,<7"],
 }
 
 setuptools.setup(

@@ -5,6 +5,12 @@
   vlm-data inspect pretrain_simvlm --num 4                      # examples + realised rates
   vlm-data inspect /path/to/shards                              # any directory we can read
   vlm-data ingest --format mmc4 --input 'docs/*.jsonl' --output out/mmc4
+  vlm-data ingest --format img2dataset --input 'pairs/*.tar' --output out/pairs \
+      --min-image-side 64 --min-meta similarity=0.28 --dedup image,url \
+      --runner beam --beam_option direct_num_workers=8 \
+      --beam_option direct_running_mode=multi_processing
+  vlm-data experts --input out/pairs --output out/pairs_labelled --experts mean_colour \
+      --runner beam
 """
 import argparse
 import dataclasses
@@ -34,12 +40,44 @@ def _inspect(args):
                   mixture_examples=args.mixture_examples)
 
 
+def _filters(args):
+  from vlm_jax.data import filters  # pylint: disable=g-import-not-at-top
+  return filters.Filters.from_strings(
+      min_image_side=args.min_image_side, max_side_ratio=args.max_side_ratio,
+      min_caption_words=args.min_caption_words, max_caption_words=args.max_caption_words,
+      min_meta=args.min_meta, dedup=args.dedup)
+
+
 def _ingest(args):
   from vlm_jax.data import ingest  # pylint: disable=g-import-not-at-top
-  stats = ingest.run(args.format, args.input, args.output, shard_size=args.shard_size,
-                     min_similarity=args.min_similarity, max_images=args.max_images,
-                     image_tars=args.images)
-  print(json.dumps(stats, indent=2))
+  manifest = ingest.run(args.format, args.input, args.output, runner=args.runner,
+                        beam_options=args.beam_option, shard_size=args.shard_size,
+                        min_similarity=args.min_similarity, max_images=args.max_images,
+                        image_tars=args.images, max_bad_fraction=args.max_bad_fraction,
+                        max_pixels=args.max_pixels,
+                        filters=_filters(args), experts=args.experts)
+  print(json.dumps(manifest, indent=2))
+
+
+def _experts(args):
+  import os  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import ingest  # pylint: disable=g-import-not-at-top
+  pattern = os.path.join(args.input, "*.array_record")
+  manifest = ingest.run("arrayrecord", pattern, args.output, runner=args.runner,
+                        beam_options=args.beam_option, shard_size=args.shard_size,
+                        experts=args.experts)
+  print(json.dumps(manifest, indent=2))
+
+
+def _add_runner_args(parser):
+  parser.add_argument("--runner", choices=("local", "beam"), default="local",
+                      help="local: one process; beam: an Apache Beam pipeline (the [beam] "
+                      "extra), DirectRunner unless --beam_option runner=... says otherwise")
+  parser.add_argument("--beam_option", "--beam-option", action="append", default=[],
+                      metavar="KEY=VALUE", help="Beam pipeline option, repeatable, e.g. "
+                      "direct_num_workers=8, direct_running_mode=multi_processing, "
+                      "runner=FlinkRunner (see data/README.md)")
+  parser.add_argument("--shard-size", type=int, default=10_000, help="records per shard")
 
 
 def build_parser():
@@ -74,13 +112,36 @@ def build_parser():
       "img2dataset", "img2dataset-tfrecord", "mmc4", "obelics", "text"))
   ing.add_argument("--input", required=True, help="glob of input files")
   ing.add_argument("--output", required=True, help="output directory")
-  ing.add_argument("--shard-size", type=int, default=10_000)
+  _add_runner_args(ing)
   ing.add_argument("--min-similarity", type=float, default=0.24,
                    help="MMC4: drop images whose matched_sim is below this")
   ing.add_argument("--max-images", type=int, default=6, help="MMC4/OBELICS: per document")
   ing.add_argument("--images", default="", help="MMC4/OBELICS: glob of img2dataset tars "
                    "holding the documents' images (by file name / url)")
+  ing.add_argument("--max-bad-fraction", type=float, default=0.1,
+                   help="fail when more of an input file's records than this are bad")
+  ing.add_argument("--max-pixels", type=int, default=64_000_000,
+                   help="images with more pixels are bad records (decompression bombs)")
+  flt = ing.add_argument_group("filters (the same in both runners)")
+  flt.add_argument("--min-image-side", type=int, default=0, help="pixels, shorter side")
+  flt.add_argument("--max-side-ratio", type=float, default=0.0, help="longer/shorter side")
+  flt.add_argument("--min-caption-words", type=int, default=0)
+  flt.add_argument("--max-caption-words", type=int, default=0, help="0 = no limit")
+  flt.add_argument("--min-meta", action="append", default=[], metavar="FIELD=NUMBER",
+                   help="pairs: keep records whose metadata FIELD is at least NUMBER, "
+                   "e.g. img2dataset's similarity=0.28 (repeatable)")
+  flt.add_argument("--dedup", default="", help="remove later duplicates by 'image' "
+                   "(SHA-256 of the bytes), 'url' (metadata url) or 'image,url'")
+  ing.add_argument("--experts", default="", help="per-record labeller: a name from "
+                   "vlm_jax.data.labellers or package.module:factory, optionally =ARG")
   ing.set_defaults(run=_ingest)
+
+  exp = sub.add_parser("experts", help="label the records of an ingested directory")
+  exp.add_argument("--input", required=True, help="directory written by ingest")
+  exp.add_argument("--output", required=True, help="output directory")
+  exp.add_argument("--experts", required=True, help="as ingest --experts")
+  _add_runner_args(exp)
+  exp.set_defaults(run=_experts)
   return parser
 
 
