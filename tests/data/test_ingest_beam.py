@@ -18,7 +18,7 @@ from PIL import Image
 from vlm_jax.cli import data as cli
 from vlm_jax.data import catalog, filters, ingest, pipeline, sources, synthetic_formats
 # The dirty-record builders of the bad-input tests (pytest puts tests/data on sys.path).
-from test_bad_input import _add, _jpeg, _pair, _write_shard  # pylint: disable=g-bad-import-order
+from test_bad_input import _add, _jpeg, _write_shard  # pylint: disable=g-bad-import-order
 
 SIMILARITY = 0.33  # the sample data's similarity is uniform in [0.28, 0.45]
 FILTERS = filters.Filters(min_image_side=16, max_side_ratio=3.0, min_caption_words=1,
