@@ -91,7 +91,8 @@ class Element:
 def screen_words(caption: str, rng: np.random.Generator) -> list[str]:
   """Distinct words for a screen, in the order used: the caption's, then the shared word
   list, each shuffled."""
-  words = [w for w in dict.fromkeys(caption.lower().split()) if w.isalpha() and len(w) > 2]
+  words = [w for w in dict.fromkeys(caption.lower().split()) if w.isalpha() and len(w) > 2
+           and w not in ("the", "and")]
   rest = [w for w in scenes.WORDS if w not in words]
   return ([words[i] for i in rng.permutation(len(words))]
           + [rest[i] for i in rng.permutation(len(rest))])
@@ -210,7 +211,7 @@ def refer_gen_example(caption, size, rng):
 
 def grounding_example(caption, size, rng):
   image, _, element = _screen(caption, size, rng)
-  return (image, f"Where is {element.name}? Answer with its box.",
+  return (image, f"Where is {element.name}? Give its box.",
           cogagent_boxes.format_box(element.box, size, size))
 
 
