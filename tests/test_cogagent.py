@@ -49,6 +49,10 @@ def tiny():
   return _init()
 
 
+def _apply(model, params, batch):
+  return jax.jit(lambda p, b: model.apply({"params": p}, b))(params, batch)
+
+
 def _flat(params):
   return traverse_util.flatten_dict(params, sep="/")
 
@@ -69,7 +73,7 @@ def test_every_position_sees_every_high_res_token_of_its_own_example(tiny):
   high_res = model.apply({"params": params}, batch["high_res_images"],
                          method="encode_high_res")
   assert high_res.shape == (2, (HIGH // 14) ** 2, TINY["high_res_width"])
-  jac = jax.jacrev(hidden)(high_res)  # [B, T, B, P, Dc]
+  jac = jax.jit(jax.jacrev(hidden))(high_res)  # [B, T, B, P, Dc]
   reach = np.abs(np.asarray(jac)).sum(-1)  # [B, T, B, P]
   for b in range(2):
     assert (reach[b, :, b] > 0).all()  # every position (image slots too), every token
@@ -87,9 +91,9 @@ def test_zero_cross_output_projection_equals_the_low_res_only_model(tiny):
   assert low_keys == {k for k in flat if not k.startswith("high_res/") and "cross" not in k}
   shared = traverse_util.unflatten_dict({k: flat[k] for k in low_keys}, sep="/")
   batch = _batch(seed=1)
-  expected = low_model.apply({"params": shared}, batch)
-  np.testing.assert_allclose(model.apply({"params": zeroed}, batch), expected, atol=1e-5)
-  assert np.abs(model.apply({"params": params}, batch) - expected).max() > 1e-3
+  expected = _apply(low_model, shared, batch)
+  np.testing.assert_allclose(_apply(model, zeroed, batch), expected, atol=1e-5)
+  assert np.abs(_apply(model, params, batch) - expected).max() > 1e-3
 
 
 def test_visual_tokens_with_boi_eoi_are_spliced_and_routed(tiny):
@@ -118,9 +122,9 @@ def test_visual_expert_with_language_weights_equals_the_plain_lm(tiny):
   shared = traverse_util.unflatten_dict(
       {k: flat[k] for k in _flat(plain_params)}, sep="/")
   batch = _batch(seed=2)
-  expected = plain.apply({"params": shared}, batch)
-  np.testing.assert_allclose(model.apply({"params": copied}, batch), expected, atol=1e-5)
-  assert np.abs(model.apply({"params": params}, batch) - expected).max() > 1e-3
+  expected = _apply(plain, shared, batch)
+  np.testing.assert_allclose(_apply(model, copied, batch), expected, atol=1e-5)
+  assert np.abs(_apply(model, params, batch) - expected).max() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------
