@@ -25,10 +25,10 @@ width / heads; text tokens after the (image/14)^2 + 2 image slots:
           1024 / 24 / 16 / 4096, 1120; 1024 / 32;  T = 258 + 256
           (Vicuna-7B; EVA2-CLIP-E; EVA2-CLIP-L-sized; visual expert on)
 
-Param counts (jax.eval_shape; docs/models.md has the table and the command): 18b = 18.35B
-(visual 11.09B: low-res ViT 4.41B, adapter 0.14B, high-res ViT 0.30B, cross-attention
-0.34B, visual expert 6.48B [count, not counted as LM]; language 7.25B: Vicuna-7B 6.74B
-with its input/output embeddings) — the paper says 11B visual + 7B language.
+Param counts (jax.eval_shape; docs/models.md has the table and the command): 18b =
+18.28B: visual 11.54B (low-res ViT 4.28B, adapter 0.14B, high-res ViT 0.31B,
+cross-attention 0.34B, visual expert 6.48B) + language 6.74B (Vicuna-7B) — the paper says
+11B visual + 7B language. tiny = 1.50M, bench = 159.9M.
 
 Training: the low-res ViT is always frozen (stop-gradient). tiny/bench default to stage 0
 (nothing here is pretrained); 18b to stage 1, as the paper's pre-training starts (it later
