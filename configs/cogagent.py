@@ -20,7 +20,7 @@ width / heads; text tokens after the (image/14)^2 + 2 image slots:
     tiny   128 /  2 /  4 /   344 / data (1024);   64 /  2 /  4 /   256,   344,  56;
             64 /  2 /  4 /  256, 112;   32 /  4;  T = 18 + 80
     bench 1024 /  4 / 16 /  2816 / data (1024);  768 /  4 / 12 /  3072,  2816, 224;
-           512 /  4 /  8 / 2048, 448;  256 /  8;  T = 258 + 64
+           384 /  4 /  6 / 1536, 336;  256 /  8;  T = 258 + 64
     18b   4096 / 32 / 32 / 11008 / 32000;       1792 / 63 / 16 / 15360, 11008, 224;
           1024 / 24 / 16 / 4096, 1120; 1024 / 32;  T = 258 + 256
           (Vicuna-7B; EVA2-CLIP-E; EVA2-CLIP-L-sized; visual expert on)
@@ -28,7 +28,7 @@ width / heads; text tokens after the (image/14)^2 + 2 image slots:
 Param counts (jax.eval_shape; docs/models.md has the table and the command): 18b =
 18.28B: visual 11.54B (low-res ViT 4.28B, adapter 0.14B, high-res ViT 0.31B,
 cross-attention 0.34B, visual expert 6.48B) + language 6.74B (Vicuna-7B) — the paper says
-11B visual + 7B language. tiny = 1.50M, bench = 159.9M.
+11B visual + 7B language. tiny = 1.50M, bench = 153.7M.
 
 Training: the low-res ViT is always frozen (stop-gradient). tiny/bench default to stage 0
 (nothing here is pretrained); 18b to stage 1, as the paper's pre-training starts (it later
@@ -44,7 +44,7 @@ from vlm_jax.data import defaults
 #        hr_width, hr_layers, hr_heads, hr_mlp, high_res, cross_width, cross_heads, text)
 SIZES = {
     "tiny": (128, 2, 4, 344, None, 64, 2, 4, 256, 344, 56, 64, 2, 4, 256, 112, 32, 4, 80),
-    "bench": (1024, 4, 16, 2816, None, 768, 4, 12, 3072, 2816, 224, 512, 4, 8, 2048, 448,
+    "bench": (1024, 4, 16, 2816, None, 768, 4, 12, 3072, 2816, 224, 384, 4, 6, 1536, 336,
               256, 8, 64),
     "18b": (4096, 32, 32, 11008, 32000, 1792, 63, 16, 15360, 11008, 224, 1024, 24, 16, 4096,
             1120, 1024, 32, 256),
@@ -54,7 +54,7 @@ PATCH_SIZE = 14
 # size: (batch_size, steps, peak lr, warmup, default stage)
 TRAINING = {
     "tiny": (16, 150, 2e-3, 15, 0),
-    "bench": (8, 50, 1e-4, 5, 0),
+    "bench": (2, 50, 1e-4, 5, 0),  # batch 2: a CPU step stays ~10 s
     "18b": (4608, 60_000, 2e-5, 500, 1),  # paper: batch 4608, lr 2e-5 (from memory)
 }
 OPTIONS = {"stage": int, "visual_expert": bool, "cross_module": bool, "image": int,
