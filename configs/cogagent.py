@@ -2,7 +2,7 @@ r"""CogAgent: low-res tokens in a Vicuna LM + high-res cross-module (arXiv 2312.
 
     vlm-train --config configs/cogagent.py:tiny --workdir /tmp/cogagent_tiny
     vlm-info  --config configs/cogagent.py:18b --no-shardings
-    vlm-info  --config configs/cogagent.py:18b,cross_module=False,image=490 --no-shardings
+    vlm-info  --config configs/cogagent.py:18b,cross_module=False,image=490,stage=0 --no-shardings
     python bench/train_step.py configs/cogagent.py:bench
     python bench/cogagent_flops.py          # the FLOPs table of docs/models.md
 
