@@ -102,7 +102,49 @@ def minigpt_v2_parts(model, data, causal_half=True):
           "logits": dense(t, width, model.vocab_size)}
 
 
-FAMILIES = {"simvlm": simvlm_parts, "minigpt_v2": minigpt_v2_parts}
+def vit(image_size, patch_size, width, layers, heads, mlp_dim, class_token=True):
+  """vlm_jax.nn.vit.ViT (GELU MLP) on one square image."""
+  patches = (image_size // patch_size) ** 2
+  tokens = patches + int(class_token)
+  layer = attention(tokens, tokens, width, heads, width // heads) + mlp(tokens, width, mlp_dim)
+  return dense(patches, patch_size ** 2 * 3, width) + layers * layer
+
+
+def cogagent_parts(model, data, causal_half=True):
+  """'lm' counts each token through one weight set (the model FLOPs of a routed visual
+  expert); 'visual_expert' is the second set that fixed shapes also apply to every token."""
+  patches = (data.image_size // model.patch_size) ** 2
+  t, width, heads = data.sequence_length, model.width, model.num_heads
+  head_dim, kv_heads = width // heads, model.get("num_kv_heads") or heads
+  lm_layer = (attention(t, t, width, heads, head_dim, kv_heads, causal_half=causal_half)
+              + mlp(t, width, model.mlp_dim, "swiglu"))
+  parts = {
+      "vision": vit(data.image_size, model.patch_size, model.vision_width, model.vision_layers,
+                    model.vision_heads, model.vision_mlp_dim),
+      "adapter": dense(patches, model.vision_width, width)
+                 + mlp(patches, width, model.adapter_mlp_dim, "swiglu"),
+      "lm": model.num_layers * lm_layer,
+      "logits": dense(t, width, model.vocab_size),
+  }
+  if model.visual_expert:
+    projections = (dense(t, width, heads * head_dim) + dense(t, width, 2 * kv_heads * head_dim)
+                   + dense(t, heads * head_dim, width))
+    parts["visual_expert"] = model.num_layers * (projections
+                                                 + mlp(t, width, model.mlp_dim, "swiglu"))
+  if model.cross_module:
+    keys = (data.high_res_image_size // model.high_res_patch_size) ** 2
+    cw = model.cross_width
+    parts["high_res"] = vit(data.high_res_image_size, model.high_res_patch_size,
+                            model.high_res_width, model.high_res_layers, model.high_res_heads,
+                            model.high_res_mlp_dim)
+    parts["cross_attention"] = model.num_layers * (
+        dense(t, width, cw) + dense(keys, model.high_res_width, 2 * cw) + dense(t, cw, width)
+        + 2 * 2.0 * t * keys * cw)
+  return parts
+
+
+FAMILIES = {"simvlm": simvlm_parts, "minigpt_v2": minigpt_v2_parts,
+            "cogagent": cogagent_parts}
 
 
 def forward_parts(model_config, data_config, causal_half=True) -> dict:

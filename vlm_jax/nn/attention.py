@@ -133,8 +133,11 @@ class MultiHeadAttention(nn.Module):
       row_valid = jnp.broadcast_to(jnp.any(mask, axis=-1), (batch, mask.shape[1], q_len))
       out = out * jnp.swapaxes(row_valid, 1, 2)[..., None].astype(out.dtype)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return self._out_proj(features)(out)
+
+  def _out_proj(self, features):
     return Projection((features,), 2, ("heads", "kv", "embed"), self.use_bias, self.dtype,
-                      self.param_dtype, name="out")(out)
+                      self.param_dtype, name="out")
 
   def _update_cache(self, k, v, mask, cache_ready):
     cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)

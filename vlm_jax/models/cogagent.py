@@ -1,0 +1,229 @@
+"""CogAgent (arXiv 2312.08914): low-res image tokens in the LM + a high-res cross-module.
+
+    images [B, N, h, w, 3] (224 px) -> low-res ViT (EVA2-CLIP-E; frozen: stop-gradient;
+        class token dropped) -> [B*N, P, Dv]
+      -> GLU adapter: Linear(Dv -> D) -> LayerNorm -> GELU -> SwiGLU MLP (D -> F -> D)
+      -> [boi ; P tokens ; eoi] (learned boi/eoi)                      [B, N, P + 2, D]
+    tokens -> LM token embeddings; image n's P + 2 tokens overwrite the embeddings at
+        tokens[b, image_positions[b, n] : + P + 2] where image_mask[b, n] > 0; those
+        positions are the image tokens (`is_vision`) the visual expert routes
+    high_res_images [B, N, H, W, 3] (1120 px) -> high-res ViT (EVA2-CLIP-L-sized, class
+        token dropped, learned position embedding) -> [B, N * (H / 14)^2, Dc]
+    LM: `vlm_jax.nn.decoder_lm.DecoderLM` (Vicuna-7B = LLaMA) with `CogAgentLayer`:
+        x = x + SelfAttn(RMSNorm(x))         visual expert: routed q/k/v/out (option)
+        x = x + CrossAttn(RMSNorm(x), high)  q D -> Cw, k/v Dc -> Cw, out Cw -> D, no bias,
+                                             `cross_heads` heads; every position sees
+                                             every high-res token (no mask, no gate)
+        x = x + MLP(RMSNorm(x))              visual expert: routed SwiGLU (option)
+    -> logits [B, T, V] aligned with `targets`
+
+Batch (fixed shapes; written by `vlm_jax.data.cogagent`):
+
+    images          [B, N, h, w, 3] f32  low-res pixels in [-1, 1] (N = 1 in our data)
+    high_res_images [B, N, H, W, 3] f32  the same image at high resolution, in [-1, 1]
+    image_mask      [B, N] f32           0: low-res image absent (its slots keep the text
+                                         embeddings and count as text); the high-res
+                                         tokens are always attended
+    tokens          [B, T] i32           BOS, image slots, prompt, answer, EOS, PAD
+    targets         [B, T] i32           next-token targets (used by the loss)
+    loss_mask       [B, T] f32           1 on answer tokens and their EOS (used by the loss)
+    token_mask      [B, T] f32           1 for real inputs (image slots included)
+    image_positions [B, N] i32           index of image n's first slot (its boi)
+    loss_weight     [B] f32              per-example weight (used by the loss)
+
+`cross_module=False` removes the high-res branch and the cross-attention: the low-res-only
+model (CogVLM's layout), e.g. for the FLOPs comparison at 490 px in docs/models.md.
+Training stages (paper): the low-res ViT is always frozen; see configs/cogagent.py.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.minigpt_v2 import splice
+from vlm_jax.nn import attention as attention_lib
+from vlm_jax.nn import decoder_lm, mlp as mlp_lib, norms, visual_expert, vit
+
+
+class CogAgentLayer(decoder_lm.DecoderOnlyLayer):
+  """Self-attention, cross-attention to `context.extra['high_res']`, MLP (pre-norm)."""
+  cross_width: int = 1024  # 0: no cross-attention (low-res-only model)
+  cross_heads: int = 32
+  visual_expert: bool = False  # routes by context.extra['is_vision'] [B, T]
+
+  def attention_branch(self, x, context, deterministic, decode):
+    if not self.visual_expert:
+      return super().attention_branch(x, context, deterministic, decode)
+    attention = visual_expert.ExpertAttention(
+        num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
+        use_bias=self.use_bias, use_rotary=self.use_rotary,
+        rotary_max_wavelength=self.rotary_max_wavelength, dtype=self.dtype,
+        param_dtype=self.param_dtype, is_vision=context.extra["is_vision"],
+        name="self_attention")
+    return attention(self.norm("pre_attention_norm")(x), mask=context.mask,
+                     positions=context.positions, decode=decode)
+
+  def mlp_branch(self, x, context, deterministic):
+    if not self.visual_expert:
+      return super().mlp_branch(x, context, deterministic)
+    h = self.norm("pre_mlp_norm")(x)
+    vision = mlp_lib.Mlp(self.mlp_dim, self.mlp_activation, use_bias=self.use_bias,
+                         dropout_rate=self.dropout_rate, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="vision_mlp")
+    return visual_expert.select(context.extra["is_vision"], vision(h, deterministic),
+                                self.mlp_module()(h, deterministic))
+
+  def cross_attention_block(self, x, context, deterministic):
+    attention = attention_lib.MultiHeadAttention(
+        num_heads=self.cross_heads, head_dim=self.cross_width // self.cross_heads,
+        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="cross_attention")
+    h = attention(self.norm("pre_cross_attention_norm")(x), context.extra["high_res"])
+    return self.residual(x, h, deterministic)
+
+  @nn.compact
+  def __call__(self, x, context, deterministic: bool = True, decode: bool = False):
+    if self.parallel_residual or self.lora_targets:
+      raise ValueError("CogAgentLayer supports neither parallel_residual nor LoRA.")
+    if self.cross_width % self.cross_heads:
+      raise ValueError(f"cross_width={self.cross_width} is not a multiple of "
+                       f"cross_heads={self.cross_heads}.")
+    x = self.self_attention_block(x, context, deterministic, decode)
+    if self.cross_width:
+      x = self.cross_attention_block(x, context, deterministic)
+    return self.mlp_block(x, context, deterministic)
+
+
+class GluAdapter(nn.Module):
+  """CogVLM's projector: Linear -> LayerNorm -> GELU -> SwiGLU MLP, no biases; plus the
+  learned begin/end-of-image embeddings around the visual tokens."""
+  width: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x [B, P, Dv] -> [B, P + 2, D]."""
+    x = nn.Dense(self.width, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                          ("mlp", "embed")),
+                 name="linear_proj")(x)
+    x = nn.gelu(norms.LayerNorm(1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="norm")(x), approximate=False)
+    x = mlp_lib.Mlp(self.mlp_dim, "swiglu", use_bias=False, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="glu")(x)
+    boundary = lambda name: jnp.broadcast_to(self.param(
+        name, nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+        (self.width,), self.param_dtype).astype(x.dtype), (x.shape[0], 1, self.width))
+    return jnp.concatenate([boundary("boi"), x, boundary("eoi")], axis=1)
+
+
+class CogAgent(nn.Module):
+  vocab_size: int
+  # Vicuna / LLaMA language model
+  width: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  norm_epsilon: float = 1e-5
+  rotary_max_wavelength: float = 10_000.0
+  visual_expert: bool = True
+  # low-res encoder (EVA2-CLIP-E) and adapter
+  vision_width: int = 1792
+  vision_layers: int = 63
+  vision_heads: int = 16
+  vision_mlp_dim: int = 15360
+  patch_size: int = 14
+  adapter_mlp_dim: int = 11008
+  # high-res cross-module (EVA2-CLIP-L-sized encoder + narrow cross-attention)
+  cross_module: bool = True
+  high_res_width: int = 1024
+  high_res_layers: int = 24
+  high_res_heads: int = 16
+  high_res_mlp_dim: int = 4096
+  high_res_patch_size: int = 14
+  cross_width: int = 1024
+  cross_heads: int = 32
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def setup(self):
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    common = dict(mlp_activation="gelu", class_token=True, scan_layers=self.scan_layers,
+                  remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype)
+    self.vision = vit.ViT(patch_size=self.patch_size, width=self.vision_width,
+                          depth=self.vision_layers, num_heads=self.vision_heads,
+                          mlp_dim=self.vision_mlp_dim, **common)
+    self.adapter = GluAdapter(self.width, self.adapter_mlp_dim, dtype, param_dtype)
+    if self.cross_module:
+      self.high_res = vit.ViT(patch_size=self.high_res_patch_size, width=self.high_res_width,
+                              depth=self.high_res_layers, num_heads=self.high_res_heads,
+                              mlp_dim=self.high_res_mlp_dim, **common)
+    self.lm = decoder_lm.DecoderLM(
+        vocab_size=self.vocab_size, width=self.width, num_layers=self.num_layers,
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
+        norm_epsilon=self.norm_epsilon, rotary_max_wavelength=self.rotary_max_wavelength,
+        layer_cls=CogAgentLayer,
+        layer_kwargs=dict(cross_width=self.cross_width if self.cross_module else 0,
+                          cross_heads=self.cross_heads, visual_expert=self.visual_expert),
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=dtype,
+        param_dtype=param_dtype)
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """Low-res images [B, N, h, w, C] -> [boi ; visual ; eoi] LM tokens [B, N, P + 2, D]."""
+    batch, num_images = images.shape[:2]
+    x = self.vision(images.reshape((-1,) + images.shape[2:]).astype(jnp.dtype(self.dtype)))
+    x = self.adapter(jax.lax.stop_gradient(x[:, 1:]))  # frozen encoder; class token dropped
+    return x.reshape((batch, num_images) + x.shape[1:])
+
+  def encode_high_res(self, images: jax.Array) -> jax.Array:
+    """High-res images [B, N, H, W, C] -> cross-attention keys [B, N * (H/14)^2, Dc]."""
+    batch = images.shape[0]
+    x = self.high_res(images.reshape((-1,) + images.shape[2:]).astype(jnp.dtype(self.dtype)))
+    return x[:, 1:].reshape(batch, -1, x.shape[-1])
+
+  def embed_inputs(self, batch) -> tuple[jax.Array, jax.Array, dict]:
+    """(input embeddings [B, T, D], token_mask [B, T], the layers' `extra`)."""
+    x = self.lm.embed(batch["tokens"])
+    visual = self.encode_images(batch["images"])
+    present = batch["image_mask"] > 0
+    x = splice(x, visual, batch["image_positions"], present)
+    offsets = jnp.arange(x.shape[1])[None, None, :] - batch["image_positions"][..., None]
+    in_image = (offsets >= 0) & (offsets < visual.shape[2]) & present[..., None]
+    extra = {"is_vision": jnp.any(in_image, axis=1)}
+    if self.cross_module:
+      extra["high_res"] = self.encode_high_res(batch["high_res_images"])
+    return x, batch["token_mask"], extra
+
+  def __call__(self, batch, deterministic: bool = True):
+    x, token_mask, extra = self.embed_inputs(batch)
+    hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic)
+    return self.lm.logits(hidden)
+
+
+def image_tokens(image_size: int, patch_size: int) -> int:
+  """LM slots per low-res image: (size / patch)^2 visual tokens + boi + eoi."""
+  return (image_size // patch_size) ** 2 + 2
+
+
+def batch_spec(data_config, batch_size: int) -> dict:
+  """ShapeDtypeStructs of a batch (eval_shape, ahead-of-time compilation, dummy data).
+
+  `data_config.sequence_length` is T (image slots included); one image per example.
+  """
+  f32, i32 = jnp.float32, jnp.int32
+  low, high, length = data_config.image_size, data_config.high_res_image_size, \
+      data_config.sequence_length
+  shapes = {
+      "images": ((batch_size, 1, low, low, 3), f32),
+      "high_res_images": ((batch_size, 1, high, high, 3), f32),
+      "image_mask": ((batch_size, 1), f32),
+      "tokens": ((batch_size, length), i32), "targets": ((batch_size, length), i32),
+      "loss_mask": ((batch_size, length), f32), "token_mask": ((batch_size, length), f32),
+      "image_positions": ((batch_size, 1), i32), "loss_weight": ((batch_size,), f32),
+  }
+  return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
