@@ -8,16 +8,18 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlm_jax.models import minigpt_v2, simvlm
+from vlm_jax.models import flamingo, minigpt_v2, simvlm
 
 MODELS = {
     "simvlm": simvlm.SimVLM,
     "minigpt_v2": minigpt_v2.MiniGPTv2,
+    "flamingo": flamingo.Flamingo,
 }
 # name -> batch_spec(config.data, batch_size) -> {key: jax.ShapeDtypeStruct}
 BATCH_SPECS = {
     "simvlm": simvlm.batch_spec,
     "minigpt_v2": minigpt_v2.batch_spec,
+    "flamingo": flamingo.batch_spec,
 }
 
 
