@@ -15,7 +15,7 @@ Sizes. LM width / layers / heads / MLP / vocab (style); vision width / layers / 
 patch / image px; resampler layers / latents / heads x head dim / FFW activation;
 cross-attention placement / heads x head dim / FFW activation:
 
-  tiny    128/2/4/512/1024 (mpt)       64/1/2/256/16/64     2/16/2x32/gelu   every layer 4x32 gelu
+  tiny    128/2/4/512/1024 (chin)      64/1/2/256/16/64     2/16/2x32/gelu   every layer 4x32 gelu
   bench  1024/4/16/4096/1024 (mpt)    768/4/12/3072/14/224  2/64/8x64/gelu   every 2nd   8x64 gelu
   3b     2048/24/16/8192/32000 (chin) 1536/15/16/6144/16/320 6/64/16x128/sq   every layer 16x128 sq
   9b     4096/32/32/16384/32000 (chin) as 3b                 as 3b            every 4th   16x128 sq
@@ -59,7 +59,7 @@ PAPER_RESAMPLER = (6, 64, 16, 128, "squared_relu")
 #        cross-attention ((group, sublayers), heads, head dim, activation),
 #        data (sequence length, max images))
 SIZES = {
-    "tiny": ((128, 2, 4, 512, None, "mpt"), (64, 1, 2, 256, 16, 64), (2, 16, 2, 32, "gelu"),
+    "tiny": ((128, 2, 4, 512, None, "chin"), (64, 1, 2, 256, 16, 64), (2, 16, 2, 32, "gelu"),
              ((1, (0,)), 4, 32, "gelu"), (128, 4)),
     "bench": ((1024, 4, 16, 4096, None, "mpt"), (768, 4, 12, 3072, 14, 224),
               (2, 64, 8, 64, "gelu"), ((2, (1,)), 8, 64, "gelu"), (256, 4)),
@@ -125,6 +125,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   (m.resampler_layers, m.num_latents, m.resampler_heads, m.resampler_head_dim,
    m.resampler_activation) = resampler
   (m.xattn_group, m.xattn_sublayers), m.xattn_heads, m.xattn_head_dim, m.xattn_activation = xattn
+  m.resampler_mlp_ratio = m.xattn_mlp_ratio = 4  # both papers
   m.max_frames = frames
   m.only_attend_immediate = options.get("immediate", True)
   m.scan_layers = options.get("scan", True)
