@@ -16,7 +16,7 @@ patch / image px; resampler layers / latents / heads x head dim / FFW activation
 cross-attention placement / heads x head dim / FFW activation:
 
   tiny    128/2/4/512/1024 (chin)      64/1/2/256/16/64     2/16/2x32/gelu   every layer 4x32 gelu
-  bench  1024/4/16/4096/1024 (mpt)    768/4/12/3072/14/224  2/64/8x64/gelu   every 2nd   8x64 gelu
+  bench  1024/4/16/4096/1024 (mpt)    768/4/12/3072/14/112  2/64/8x64/gelu   every 2nd   8x64 gelu
   3b     2048/24/16/8192/32000 (chin) 1536/15/16/6144/16/320 6/64/16x128/sq   every layer 16x128 sq
   9b     4096/32/32/16384/32000 (chin) as 3b                 as 3b            every 4th   16x128 sq
   80b    8192/80/64/32768/32000 (chin) as 3b                 as 3b            12 blocks (~every 7th)
@@ -61,8 +61,8 @@ PAPER_RESAMPLER = (6, 64, 16, 128, "squared_relu")
 SIZES = {
     "tiny": ((128, 2, 4, 512, None, "chin"), (64, 1, 2, 256, 16, 64), (2, 16, 2, 32, "gelu"),
              ((1, (0,)), 4, 32, "gelu"), (128, 4)),
-    "bench": ((1024, 4, 16, 4096, None, "mpt"), (768, 4, 12, 3072, 14, 224),
-              (2, 64, 8, 64, "gelu"), ((2, (1,)), 8, 64, "gelu"), (256, 4)),
+    "bench": ((1024, 4, 16, 4096, None, "mpt"), (768, 4, 12, 3072, 14, 112),
+              (2, 64, 8, 64, "gelu"), ((2, (1,)), 8, 64, "gelu"), (256, 2)),
     "3b": ((2048, 24, 16, 8192, 32000, "chin"), NFNET_F6_STANDIN, PAPER_RESAMPLER,
            ((1, (0,)), 16, 128, "squared_relu"), (256, 5)),
     "9b": ((4096, 32, 32, 16384, 32000, "chin"), NFNET_F6_STANDIN, PAPER_RESAMPLER,
@@ -77,7 +77,7 @@ SIZES = {
              (model_lib.openflamingo_placement(4), 8, 64, "gelu"), (256, 6)),
 }
 # size: (batch_size, steps, peak lr, warmup)
-TRAINING = {"tiny": (8, 120, 3e-3, 10), "bench": (8, 50, 1e-4, 5)}
+TRAINING = {"tiny": (8, 120, 3e-3, 10), "bench": (4, 50, 1e-4, 5)}
 PAPER_TRAINING = (256, 500_000, 1e-4, 5000)  # OpenFlamingo-like; the paper's: see docs
 OPTIONS = {"frames": int, "immediate": bool, "scan": bool, "remat": str, "dtype": str}
 
