@@ -28,6 +28,9 @@ EXTRAS = {
         "pytest-xdist",
         "torch==2.13.0",
         "transformers",
+        # open-flamingo (numerical oracle) pins torch==2.0.1 and needs open_clip at import:
+        # CI installs it with `pip install --no-deps open-flamingo==2.0.1` beside this.
+        "einops-exts",
     ],
     "tpu": ["jax[tpu]"],
     "notebooks": ["jupyter", "nbclient", "nbformat", "matplotlib"],

@@ -143,8 +143,49 @@ def cogagent_parts(model, data, causal_half=True):
   return parts
 
 
+def flamingo_parts(model, data, causal_half=True):
+  """Per example: N media items of F frames (F = 1 for images), T text tokens."""
+  frames = max(data.get("frames_per_media", 0), 1)
+  media, t = data.max_images, data.sequence_length
+  patches = (data.image_size // model.patch_size) ** 2
+  vit_len, vw = patches + 1, model.vision_width  # + class token
+  vit_layer = (attention(vit_len, vit_len, vw, model.vision_heads, vw // model.vision_heads)
+               + mlp(vit_len, vw, model.vision_mlp_dim, "gelu"))
+  vision = dense(patches, model.patch_size ** 2 * 3, vw) + model.vision_layers * vit_layer
+  latents, inputs = model.num_latents, frames * patches
+  r_inner = model.resampler_heads * model.resampler_head_dim
+  resampler_layer = (dense(latents, vw, r_inner) + dense(inputs + latents, vw, 2 * r_inner)
+                     + dense(latents, r_inner, vw) + 4.0 * latents * (inputs + latents) * r_inner
+                     + mlp(latents, vw, model.resampler_mlp_ratio * vw))
+  width, heads = model.width, model.num_heads
+  head_dim = model.get("head_dim") or width // heads
+  kv_heads = model.get("num_kv_heads") or heads
+  act = model.get("mlp_activation", "swiglu")
+  lm_layer = (attention(t, t, width, heads, head_dim, kv_heads, causal_half=causal_half)
+              + mlp(t, width, model.mlp_dim, act))
+  visual_tokens, x_inner = media * latents, model.xattn_heads * model.xattn_head_dim
+  # Every query scores every visual token (the mask only hides some), so no halving.
+  xattn_block = (dense(t, width, x_inner) + dense(visual_tokens, vw, 2 * x_inner)
+                 + dense(t, x_inner, width) + 4.0 * t * visual_tokens * x_inner
+                 + mlp(t, width, model.xattn_mlp_ratio * width))
+  blocks = model.num_layers // model.xattn_group * len(model.xattn_sublayers)
+  return {"vision": media * frames * vision,
+          "resampler": media * model.resampler_layers * resampler_layer,
+          "xattn": blocks * xattn_block, "lm": model.num_layers * lm_layer,
+          "logits": dense(t, width, model.vocab_size)}
+
+
 FAMILIES = {"simvlm": simvlm_parts, "minigpt_v2": minigpt_v2_parts,
-            "cogagent": cogagent_parts}
+            "cogagent": cogagent_parts, "flamingo": flamingo_parts}
+# A family's default per-part treatment (DESIGN.md's 6N/4N/2N); parts not named: trainable.
+TREATMENTS = {
+    # Frozen ViT behind a stop-gradient; the frozen LM and head pass gradients down to the
+    # gated blocks.
+    "flamingo": {"vision": FROZEN_STOPGRAD, "lm": FROZEN_PASSTHROUGH,
+                 "logits": FROZEN_PASSTHROUGH},
+    # The low-resolution ViT is frozen behind a stop-gradient; everything else trains.
+    "cogagent": {"vision": FROZEN_STOPGRAD},
+}
 
 
 def forward_parts(model_config, data_config, causal_half=True) -> dict:
@@ -164,6 +205,9 @@ def train_flops(parts: dict, treatment: dict | None = None) -> float:
 
 
 def flops_per_example(model_config, data_config, treatment=None, causal_half=True) -> dict:
+  """treatment None: the family's TREATMENTS entry (all trainable if it has none)."""
   parts = forward_parts(model_config, data_config, causal_half)
+  if treatment is None:
+    treatment = TREATMENTS.get(model_config.name)
   return {"forward": sum(parts.values()), "train": train_flops(parts, treatment),
           "parts": parts}

@@ -87,6 +87,7 @@ CONVERTERS = {
     "simvlm_prefix_lm": ("vlm_jax.data.pipeline:ExampleProcessor", ("pairs", "text")),
     "minigpt_v2": ("vlm_jax.data.minigpt_v2:ExampleProcessor", ("pairs",)),
     "cogagent": ("vlm_jax.data.cogagent:ExampleProcessor", ("pairs",)),
+    "flamingo": ("vlm_jax.data.flamingo:ExampleProcessor", ("interleaved", "pairs")),
 }
 
 

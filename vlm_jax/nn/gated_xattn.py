@@ -1,0 +1,86 @@
+"""Flamingo's GATED XATTN-DENSE block and its interleaved-media mask.
+
+    y = y + tanh(attn_gate) * XAttn(q = LN(y), kv = visual tokens)
+    y = y + tanh(ff_gate)   * FFW(LN(y))
+with scalar gates initialised to 0, so a freshly inserted block is the identity and the
+frozen LM it sits in computes exactly what it computed before.
+
+Media mask (OpenFlamingo's `MaskedCrossAttention`): media item n has its `<image>` token at
+`media_positions[n]`; token t sees the visual tokens of the most recent present item whose
+position is <= t (so the `<image>` token sees its own image), or, with
+`only_immediate=False`, of every present item at or before t. Tokens before any item see
+nothing and get exactly zero attention output (attention.py zeroes fully masked rows), and
+absent items (`media_present` 0, padded slots) are never attended.
+
+Parameters (OpenFlamingo `GatedCrossAttentionBlock` names in brackets):
+    attn_gate [], ff_gate []                                    [attn_gate, ff_gate]
+    attention_norm/{scale,bias}                                 [attn.norm]
+    attention/{query,key,value,out}/kernel (no biases)          [attn.to_q, to_kv (split), to_out]
+    mlp_norm/{scale,bias}, mlp/{wi,wo}/kernel (no biases)       [ff.0, ff.1, ff.3]
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.nn import attention as attention_lib
+from vlm_jax.nn import mlp as mlp_lib
+from vlm_jax.nn import norms
+
+Dtype = Any
+
+
+def media_visibility(media_positions: jax.Array, media_present: jax.Array, length: int,
+                     only_immediate: bool = True) -> jax.Array:
+  """[B, T, N] bool: token t may attend to media item n.
+
+  media_positions [B, N] int: index of item n's `<image>` token; media_present [B, N]: 1 for
+  real items (absent items' positions are ignored).
+  """
+  present = media_present > 0
+  positions = media_positions.astype(jnp.int32)
+  before = present[:, None, :] & (positions[:, None, :] <= jnp.arange(length)[None, :, None])
+  if not only_immediate:
+    return before
+  latest = jnp.max(jnp.where(before, positions[:, None, :], -1), axis=-1, keepdims=True)
+  return before & (positions[:, None, :] == latest)
+
+
+def media_attention_mask(media_positions, media_present, length: int, tokens_per_media: int,
+                         only_immediate: bool = True) -> jax.Array:
+  """[B, 1, T, N * L] bool mask over the flattened visual tokens [B, N * L, D]."""
+  visible = media_visibility(media_positions, media_present, length, only_immediate)
+  return jnp.repeat(visible, tokens_per_media, axis=-1)[:, None]
+
+
+class GatedCrossAttentionDense(nn.Module):
+  """x [B, T, D], media [B, S, Dv] (flattened visual tokens), mask [B, 1, T, S] -> [B, T, D]."""
+  num_heads: int = 8
+  head_dim: int = 64
+  mlp_ratio: int = 4
+  mlp_activation: str = "gelu"  # OpenFlamingo; the paper uses squared ReLU
+  norm_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _gate(self, name):
+    return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                      self.param_dtype)
+
+  def _norm(self, name):
+    return norms.LayerNorm(self.norm_epsilon, True, self.dtype, self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x, media, mask):
+    width = x.shape[-1]
+    h = attention_lib.MultiHeadAttention(
+        self.num_heads, self.head_dim, use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="attention")(
+            self._norm("attention_norm")(x), media.astype(self.dtype), mask=mask)
+    x = x + jnp.tanh(self._gate("attn_gate")).astype(x.dtype) * h.astype(x.dtype)
+    h = mlp_lib.Mlp(self.mlp_ratio * width, self.mlp_activation, use_bias=False,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
+                        self._norm("mlp_norm")(x))
+    x = x + jnp.tanh(self._gate("ff_gate")).astype(x.dtype) * h.astype(x.dtype)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
