@@ -88,7 +88,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = lr
   c.optimizer.warmup_steps = warmup
   c.optimizer.weight_decay = 0.05
-  # Checkpoint dir of the previous stage ("" = start from the initialiser / imported weights).
+  # The previous stage's workdir (same as --config.init_from=DIR; "" = the initialiser).
   c.init_from = options.get("init_from", "")
   lm_frozen = (r"lm/(?!.*/lora_[ab]$).*",) if options.get("freeze_lm", True) else ()
   c.frozen = (r"vision/.*",) + lm_frozen
