@@ -11,6 +11,7 @@ DESIGN.md's rules per part: 3x forward (6N) for trainable weights, 2x (4N) for f
 that gradients flow through, 1x (2N) for frozen weights behind a stop-gradient.
 """
 import math
+import re
 
 TRAINABLE, FROZEN_PASSTHROUGH, FROZEN_STOPGRAD = "trainable", "frozen_passthrough", "stopgrad"
 TRAIN_MULTIPLIER = {TRAINABLE: 3.0, FROZEN_PASSTHROUGH: 2.0, FROZEN_STOPGRAD: 1.0}
@@ -102,7 +103,23 @@ def minigpt_v2_parts(model, data, causal_half=True):
           "logits": dense(t, width, model.vocab_size)}
 
 
+def minigpt_v2_treatment(config) -> dict:
+  """The ViT sits behind a stop-gradient (2N); the LM and its head pass gradients through to
+  the projection and LoRA (4N) unless config.frozen leaves them trainable (freeze_lm=False)."""
+  lm_frozen = any(re.fullmatch(p, "lm/logits_projection/kernel") for p in config.frozen)
+  lm = FROZEN_PASSTHROUGH if lm_frozen else TRAINABLE
+  return {"vision": FROZEN_STOPGRAD, "lm": lm, "logits": lm}
+
+
 FAMILIES = {"simvlm": simvlm_parts, "minigpt_v2": minigpt_v2_parts}
+# Families with frozen parts: config -> {part: rule}; parts not named are trainable.
+TREATMENTS = {"minigpt_v2": minigpt_v2_treatment}
+
+
+def config_treatment(config) -> dict:
+  """Part -> training rule for a full config (the family's TREATMENTS entry, else {})."""
+  rule = TREATMENTS.get(config.model.name)
+  return rule(config) if rule else {}
 
 
 def forward_parts(model_config, data_config, causal_half=True) -> dict:

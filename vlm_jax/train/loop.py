@@ -95,7 +95,8 @@ class Trainer:
     state = self.initial_state()
     writer = metrics_lib.MetricWriter(self.workdir)
     peak, peak_source = metrics_lib.peak_flops_per_device()
-    flops_per_step = flops_lib.flops_per_example(config.model, config.data)["train"] * config.batch_size
+    flops_per_step = flops_lib.flops_per_example(
+        config.model, config.data, flops_lib.config_treatment(config))["train"] * config.batch_size
     progress = metrics_lib.Progress(config.num_train_steps, config.batch_size, flops_per_step,
                                     peak * self.mesh.size)
     _log(f"Model FLOPs per train step {flops_per_step:.3e}; peak {peak * self.mesh.size:.3e} "
