@@ -47,6 +47,13 @@ def load_params(path: str, target: dict) -> tuple[dict, int]:
   ('/'-path -> jax.Array for the paths found, the checkpoint's step).
   """
   manager = _manager(path)
+  try:
+    return _restore(manager, path, target)
+  finally:
+    manager.close()
+
+
+def _restore(manager, path: str, target: dict) -> tuple[dict, int]:
   step = manager.latest_step()
   saved = manager.item_metadata(step)["state"]
   saved = getattr(saved, "tree", saved)  # TreeMetadata -> nested dict of ArrayMetadata
@@ -67,7 +74,6 @@ def load_params(path: str, target: dict) -> tuple[dict, int]:
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True)))["state"]
-  manager.close()
   loaded = {}
   for side in item:
     loaded.update(_flat(restored[side]))
