@@ -69,7 +69,8 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
       state, metrics = compiled(state, batch, rng)
       metrics["loss"].block_until_ready()
       times.append(time.perf_counter() - start)
-  analytic = flops_lib.flops_per_example(config.model, config.data)
+  analytic = flops_lib.flops_per_example(config.model, config.data,
+                                        flops_lib.config_treatment(config))
   step_flops = analytic["train"] * config.batch_size
   median = statistics.median(times)
   return {

@@ -3,11 +3,14 @@ r"""MiniGPT-v2: frozen EVA ViT + 4-token concat projection + LLaMA-2 with LoRA (
     vlm-train --config configs/minigpt_v2.py:tiny --workdir /tmp/minigpt_v2_tiny
     vlm-train --config configs/minigpt_v2.py:tiny,stage=2,init_from=/tmp/minigpt_v2_tiny \
         --workdir /tmp/minigpt_v2_tiny_s2
+    vlm-train --config configs/minigpt_v2.py:tiny,stage=3 --workdir /tmp/minigpt_v2_tiny_s3 \
+        --config.init_from=/tmp/minigpt_v2_tiny_s2   # the same option as an override
     vlm-train --config configs/minigpt_v2.py:tiny,freeze_lm=False --workdir /tmp/t  # no LLaMA
     vlm-info  --config configs/minigpt_v2.py:7b
 
 `arg` = size name, then optional comma-separated `key=value` options: `stage` (1|2|3: data
-mixture and schedule), `init_from` (checkpoint dir of the previous stage), `freeze_lm`
+mixture and schedule), `init_from` (the previous stage's workdir: its newest parameters
+start this run, see vlm_jax/train/init_from.py), `freeze_lm`
 (bool, default True as the paper; tiny/bench have no pretrained LM, so False lets a CPU run
 learn more than LoRA can on a random frozen LM), `scan` (bool), `remat` (none|full|dots),
 `dtype` (float32|bfloat16).
@@ -88,7 +91,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = lr
   c.optimizer.warmup_steps = warmup
   c.optimizer.weight_decay = 0.05
-  # Checkpoint dir of the previous stage ("" = start from the initialiser / imported weights).
+  # The previous stage's workdir (same as --config.init_from=DIR; "" = the initialiser).
   c.init_from = options.get("init_from", "")
   lm_frozen = (r"lm/(?!.*/lora_[ab]$).*",) if options.get("freeze_lm", True) else ()
   c.frozen = (r"vision/.*",) + lm_frozen

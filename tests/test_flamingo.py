@@ -404,7 +404,8 @@ def test_analytic_flops_match_xla_and_treat_frozen_parts():
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   measured = analysis["flops"] / 2
-  result = flops.flops_per_example(config.model, config.data, causal_half=False)
+  result = flops.flops_per_example(config.model, config.data, flops.config_treatment(config),
+                                   causal_half=False)
   # XLA adds element-wise work (norms, GELU, softmax, masks) on top of matmuls.
   assert result["forward"] <= measured <= 1.12 * result["forward"], measured / result["forward"]
   parts = result["parts"]

@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 1000
   c.grad_accum_steps = 1
   c.log_every_steps = 50
+  # Another run's --workdir (or its checkpoints/ dir): when this workdir has no checkpoint of
+  # its own, start from that run's newest parameters (not its step, optimizer or data state).
+  c.init_from = ""
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3

@@ -11,6 +11,7 @@ DESIGN.md's rules per part: 3x forward (6N) for trainable weights, 2x (4N) for f
 that gradients flow through, 1x (2N) for frozen weights behind a stop-gradient.
 """
 import math
+import re
 
 TRAINABLE, FROZEN_PASSTHROUGH, FROZEN_STOPGRAD = "trainable", "frozen_passthrough", "stopgrad"
 TRAIN_MULTIPLIER = {TRAINABLE: 3.0, FROZEN_PASSTHROUGH: 2.0, FROZEN_STOPGRAD: 1.0}
@@ -175,17 +176,38 @@ def flamingo_parts(model, data, causal_half=True):
           "logits": dense(t, width, model.vocab_size)}
 
 
+def minigpt_v2_treatment(config) -> dict:
+  """The ViT sits behind a stop-gradient (2N); the LM and its head pass gradients through to
+  the projection and LoRA (4N) unless config.frozen leaves them trainable (freeze_lm=False)."""
+  lm_frozen = any(re.fullmatch(p, "lm/logits_projection/kernel") for p in config.frozen)
+  lm = FROZEN_PASSTHROUGH if lm_frozen else TRAINABLE
+  return {"vision": FROZEN_STOPGRAD, "lm": lm, "logits": lm}
+
+
+def flamingo_treatment(config) -> dict:
+  """Frozen ViT behind a stop-gradient; the frozen LM and head pass gradients down to the
+  gated blocks; resampler and gated blocks train."""
+  del config  # the LM is frozen in every Flamingo config
+  return {"vision": FROZEN_STOPGRAD, "lm": FROZEN_PASSTHROUGH, "logits": FROZEN_PASSTHROUGH}
+
+
+def cogagent_treatment(config) -> dict:
+  """The low-resolution ViT is frozen behind a stop-gradient; everything else trains."""
+  del config
+  return {"vision": FROZEN_STOPGRAD}
+
+
 FAMILIES = {"simvlm": simvlm_parts, "minigpt_v2": minigpt_v2_parts,
             "cogagent": cogagent_parts, "flamingo": flamingo_parts}
-# A family's default per-part treatment (DESIGN.md's 6N/4N/2N); parts not named: trainable.
-TREATMENTS = {
-    # Frozen ViT behind a stop-gradient; the frozen LM and head pass gradients down to the
-    # gated blocks.
-    "flamingo": {"vision": FROZEN_STOPGRAD, "lm": FROZEN_PASSTHROUGH,
-                 "logits": FROZEN_PASSTHROUGH},
-    # The low-resolution ViT is frozen behind a stop-gradient; everything else trains.
-    "cogagent": {"vision": FROZEN_STOPGRAD},
-}
+# Families with frozen parts: config -> {part: rule}; parts not named are trainable.
+TREATMENTS = {"minigpt_v2": minigpt_v2_treatment, "flamingo": flamingo_treatment,
+              "cogagent": cogagent_treatment}
+
+
+def config_treatment(config) -> dict:
+  """Part -> training rule for a full config (the family's TREATMENTS entry, else {})."""
+  rule = TREATMENTS.get(config.model.name)
+  return rule(config) if rule else {}
 
 
 def forward_parts(model_config, data_config, causal_half=True) -> dict:
@@ -205,9 +227,7 @@ def train_flops(parts: dict, treatment: dict | None = None) -> float:
 
 
 def flops_per_example(model_config, data_config, treatment=None, causal_half=True) -> dict:
-  """treatment None: the family's TREATMENTS entry (all trainable if it has none)."""
+  """treatment: part -> rule, e.g. `config_treatment(config)`; None: every part trainable."""
   parts = forward_parts(model_config, data_config, causal_half)
-  if treatment is None:
-    treatment = TREATMENTS.get(model_config.name)
   return {"forward": sum(parts.values()), "train": train_flops(parts, treatment),
           "parts": parts}

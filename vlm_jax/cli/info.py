@@ -55,7 +55,8 @@ def describe(config, num_devices: int) -> dict:
   return {
       "model": config.model.name,
       "params": {**counts, "by_module": by_module},
-      "flops_per_example": {k: v for k, v in flops_lib.flops_per_example(config.model, config.data).items() if k != "parts"},
+      "flops_per_example": {k: v for k, v in flops_lib.flops_per_example(
+          config.model, config.data, flops_lib.config_treatment(config)).items() if k != "parts"},
       "mesh": dict(zip(sharding.MESH_AXES, mesh_shape)),
       "shardings": shardings,
   }

@@ -13,6 +13,7 @@ from vlm_jax import sharding
 from vlm_jax.data import pipeline
 from vlm_jax.models import registry
 from vlm_jax.train import checkpoint as checkpoint_lib
+from vlm_jax.train import init_from as init_from_lib
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import optimizer as optimizer_lib
 from vlm_jax.train import state as state_lib
@@ -71,7 +72,8 @@ class Trainer:
       yield
 
   # ------------------------------------------------------------------------------------------
-  # State: resume from the newest complete checkpoint, else initialise directly sharded.
+  # State: resume from the newest complete checkpoint, else initialise directly sharded
+  # (parameters from config.init_from, another run's checkpoint, when it names one).
   # ------------------------------------------------------------------------------------------
   def initial_state(self):
     latest = self.checkpointer.latest_step()
@@ -80,7 +82,10 @@ class Trainer:
         _log(f"Resuming from checkpoint step {latest} in {self.checkpointer.directory}")
         return self.checkpointer.restore(
             latest, self.factory.abstract_with_shardings(), self.data)
-      return self.factory.create(jax.random.key(self.config.seed))
+      rng = jax.random.key(self.config.seed)
+      if self.config.init_from:
+        return init_from_lib.initial_state(self.config.init_from, self.factory, rng, _log)
+      return self.factory.create(rng)
 
   # ------------------------------------------------------------------------------------------
   # Loop.
@@ -90,7 +95,8 @@ class Trainer:
     state = self.initial_state()
     writer = metrics_lib.MetricWriter(self.workdir)
     peak, peak_source = metrics_lib.peak_flops_per_device()
-    flops_per_step = flops_lib.flops_per_example(config.model, config.data)["train"] * config.batch_size
+    flops_per_step = flops_lib.flops_per_example(
+        config.model, config.data, flops_lib.config_treatment(config))["train"] * config.batch_size
     progress = metrics_lib.Progress(config.num_train_steps, config.batch_size, flops_per_step,
                                     peak * self.mesh.size)
     _log(f"Model FLOPs per train step {flops_per_step:.3e}; peak {peak * self.mesh.size:.3e} "
