@@ -92,7 +92,7 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   args = parser.parse_args()
   peak = metrics_lib.measure_cpu_matmul_peak() if jax.default_backend() == "cpu" else \
-      metrics_lib.peak_flops_per_device()[0]
+      metrics_lib.peak_flops(1)[0]
   print(f"peak: {peak / 1e9:.1f} GFLOP/s ({jax.default_backend()}, {jax.devices()[0].device_kind})")
   for spec in args.configs:
     result = bench_config(spec, peak, args.steps)

@@ -94,12 +94,12 @@ class Trainer:
     config = self.config
     state = self.initial_state()
     writer = metrics_lib.MetricWriter(self.workdir)
-    peak, peak_source = metrics_lib.peak_flops_per_device()
+    peak, peak_source = metrics_lib.peak_flops(self.mesh.size)
     flops_per_step = flops_lib.flops_per_example(
         config.model, config.data, flops_lib.config_treatment(config))["train"] * config.batch_size
     progress = metrics_lib.Progress(config.num_train_steps, config.batch_size, flops_per_step,
-                                    peak * self.mesh.size)
-    _log(f"Model FLOPs per train step {flops_per_step:.3e}; peak {peak * self.mesh.size:.3e} "
+                                    peak)
+    _log(f"Model FLOPs per train step {flops_per_step:.3e}; peak {peak:.3e} "
          f"FLOP/s ({peak_source}) over {self.mesh.size} device(s), mesh {dict(self.mesh.shape)}")
     rng = jax.random.key(config.seed + 1)
     start = int(state.step)

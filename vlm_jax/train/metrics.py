@@ -33,15 +33,16 @@ def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
-def peak_flops_per_device() -> tuple[float, str]:
-  """(peak FLOP/s of one device, how it was obtained)."""
+def peak_flops(num_devices: int) -> tuple[float, str]:
+  """(peak FLOP/s of a mesh of `num_devices` devices, how it was obtained)."""
   kind = jax.devices()[0].device_kind
   for name, peak in _ACCELERATOR_PEAKS.items():
     if kind.startswith(name):
-      return peak, f"{name} bf16 spec"
+      return peak * num_devices, f"{name} bf16 spec"
   if jax.default_backend() == "cpu":
-    # All simulated CPU devices share the same cores: the peak is that of the whole host.
-    return measure_cpu_matmul_peak() / jax.local_device_count(), "measured f32 matmul"
+    # Simulated CPU devices share their host's cores, so a mesh of any number of them has
+    # the host's peak (one host per process).
+    return measure_cpu_matmul_peak() * jax.process_count(), "measured f32 matmul"
   return float("nan"), f"unknown device {kind!r}"
 
 
