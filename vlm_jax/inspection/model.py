@@ -57,7 +57,12 @@ def simvlm_masks(image_tokens: int, prefix_valid, suffix_valid) -> dict:
       "as one PrefixLM": decoder_lm.prefix_lm_mask(causal)
                          & attention.padding_mask(None, all_valid),
   }
-  return {k: np.asarray(jnp.broadcast_to(m, m.shape[:2] + m.shape[2:])[0, 0])
+  # Padding masks hold one row for every query: draw them at their [queries, keys] size.
+  queries = {"encoder self-attention": encoder_valid.shape[1],
+             "decoder self-attention": suffix_valid.shape[1],
+             "decoder cross-attention": suffix_valid.shape[1],
+             "as one PrefixLM": all_valid.shape[1]}
+  return {k: np.broadcast_to(np.asarray(m[0, 0]), (queries[k], m.shape[-1]))
           for k, m in masks.items()}
 
 
