@@ -1,0 +1,116 @@
+"""What a training run did: its metrics, its checkpoints, and where a trained encoder-decoder
+model looks in the image when it generates a token."""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlm_jax import config as config_lib
+from vlm_jax.nn import attention
+
+BOS_ID = 3  # docs/architecture.md
+
+
+def read_metrics(workdir: str) -> dict:
+  """{metric: ([steps], [values])} from metrics.jsonl; a step logged twice (replayed after a
+  resume) keeps its last value."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} a training workdir?")
+  by_step = {}
+  with open(path) as f:
+    for line in f:
+      record = json.loads(line)
+      by_step[record.pop("step")] = record
+  series = {}
+  for step in sorted(by_step):
+    for key, value in by_step[step].items():
+      steps, values = series.setdefault(key, ([], []))
+      steps.append(step)
+      values.append(value)
+  return series
+
+
+def checkpoints(workdir: str) -> list:
+  """[(step, size in bytes)] of the finished checkpoints (orbax names them by step)."""
+  directory = os.path.join(workdir, "checkpoints")
+  found = []
+  for name in sorted(os.listdir(directory) if os.path.isdir(directory) else [], key=_step_key):
+    path = os.path.join(directory, name)
+    if name.isdigit() and os.path.isdir(path):
+      size = sum(os.path.getsize(os.path.join(root, f))
+                 for root, _, files in os.walk(path) for f in files)
+      found.append((int(name), size))
+  return found
+
+
+def _step_key(name):
+  return int(name) if name.isdigit() else -1
+
+
+def _tuples(value):
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def run_config(workdir: str, spec: str, overrides=()) -> ml_collections.ConfigDict:
+  """The run's config: `workdir/config.json` (written by vlm-train) when present, else
+  `spec` (path.py:arg) with ('a.b', 'value') overrides."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return ml_collections.ConfigDict(_tuples(json.load(f)))
+  return config_lib.load_config(spec, overrides)
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-attention maps (encoder-decoder models with a scanned `decoder` stack: SimVLM)
+# ----------------------------------------------------------------------------------------
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """Scanned `{'layers': stacked}` -> `{'layers_i': layer i}` (transformer.py's layouts)."""
+  return {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"])
+          for i in range(num_layers)}
+
+
+def cross_attention_maps(model, params, batch, tokens) -> np.ndarray:
+  """[B, layers, T, S] decoder cross-attention weights (mean over heads) when the decoder
+  reads BOS + tokens[:, :-1], i.e. while it predicts tokens[:, t]; S = encoder positions
+  ([image tokens ; prefix]). Recomputed from the captured query/key projections of an
+  unscanned copy of the model, with the model's own encoder mask."""
+  keys = ("images", "image_mask", "prefix_tokens", "prefix_mask")
+  return np.asarray(_cross_attention_maps(params, {k: batch[k] for k in keys}, tokens,
+                                          model=model))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _cross_attention_maps(params, batch, tokens, *, model):
+  stacks = {name: getattr(model, f"{name}_layers") for name in ("encoder", "decoder")}
+  if model.scan_layers:
+    params = {**params, **{name: unstack_layers(params[name], n) for name, n in stacks.items()}}
+  unscanned = model.clone(scan_layers=False)
+  encoded, encoder_mask = unscanned.apply({"params": params}, batch, method="encode")
+  inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], BOS_ID), tokens[:, :-1]], axis=1)
+
+  def is_cross_projection(module, method):
+    return method == "__call__" and module.path[-2:-1] == ("cross_attention",) and \
+        module.name in ("query", "key")
+
+  _, state = unscanned.apply({"params": params}, encoded, encoder_mask, inputs, method="decode",
+                             capture_intermediates=is_cross_projection)
+  captured = state["intermediates"]["decoder"]
+  mask = attention.padding_mask(None, encoder_mask)  # [B, 1, 1, S]
+  maps = []
+  for i in range(stacks["decoder"]):
+    cross = captured[f"layers_{i}"]["cross_attention"]
+    q, k = cross["query"]["__call__"][0], cross["key"]["__call__"][0]
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * q.shape[-1] ** -0.5
+    weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    maps.append(weights.mean(axis=1))
+  return jnp.stack(maps, axis=1)
