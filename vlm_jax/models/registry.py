@@ -8,16 +8,18 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlm_jax.models import minigpt_v2, simvlm
+from vlm_jax.models import minigpt_v2, prismer, simvlm
 
 MODELS = {
     "simvlm": simvlm.SimVLM,
     "minigpt_v2": minigpt_v2.MiniGPTv2,
+    "prismer": prismer.Prismer,
 }
 # name -> batch_spec(config.data, batch_size) -> {key: jax.ShapeDtypeStruct}
 BATCH_SPECS = {
     "simvlm": simvlm.batch_spec,
     "minigpt_v2": minigpt_v2.batch_spec,
+    "prismer": prismer.batch_spec,
 }
 
 
