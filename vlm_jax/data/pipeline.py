@@ -86,6 +86,7 @@ class _Tagged:
 CONVERTERS = {
     "simvlm_prefix_lm": ("vlm_jax.data.pipeline:ExampleProcessor", ("pairs", "text")),
     "minigpt_v2": ("vlm_jax.data.minigpt_v2:ExampleProcessor", ("pairs",)),
+    "prismer": ("vlm_jax.data.prismer:ExampleProcessor", ("pairs",)),
 }
 
 

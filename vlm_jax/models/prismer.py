@@ -179,14 +179,14 @@ class PrismerVision(nn.Module):
         self.width, self.patch_size, self.image_size, tuple(self.experts), self.num_latents,
         self.resampler_layers, self.resampler_heads, self.num_instance_embeddings, self.dtype,
         self.param_dtype)
-    self.pre_norm = norms.LayerNorm(1e-5, True, self.dtype, self.param_dtype)
+    self.pre_norm = norms.LayerNorm(1e-6, True, self.dtype, self.param_dtype)
     self.encoder = transformer.layer_stack(
         adaptor_lib.AdaptedEncoderLayer, num_layers=self.depth, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, num_heads=self.num_heads,
         head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
         mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
         adaptor_ratio=self.adaptor_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder_norm = norms.LayerNorm(1e-5, True, self.dtype, self.param_dtype)
+    self.encoder_norm = norms.LayerNorm(1e-6, True, self.dtype, self.param_dtype)
 
   def embed_inputs(self, images, expert_maps: dict, instances=None, deterministic=True):
     return self.embedder(images, expert_maps, instances, deterministic)
