@@ -5,6 +5,8 @@
   vlm-data inspect pretrain_simvlm --num 4                      # examples + realised rates
   vlm-data inspect /path/to/shards                              # any directory we can read
   vlm-data ingest --format mmc4 --input 'docs/*.jsonl' --output out/mmc4
+  vlm-data experts --input 'shards/*.tar' --output out/labelled --experts edge,depth \
+      --labels /data/expert_labels                              # Prismer expert labels
 """
 import argparse
 import dataclasses
@@ -39,6 +41,13 @@ def _ingest(args):
   stats = ingest.run(args.format, args.input, args.output, shard_size=args.shard_size,
                      min_similarity=args.min_similarity, max_images=args.max_images,
                      image_tars=args.images)
+  print(json.dumps(stats, indent=2))
+
+
+def _experts(args):
+  from vlm_jax.data import prismer  # pylint: disable=g-import-not-at-top
+  stats = prismer.label_dataset(args.input, args.output, args.experts.split(","),
+                                label_dir=args.labels, shard_size=args.shard_size)
   print(json.dumps(stats, indent=2))
 
 
@@ -81,6 +90,17 @@ def build_parser():
   ing.add_argument("--images", default="", help="MMC4/OBELICS: glob of img2dataset tars "
                    "holding the documents' images (by file name / url)")
   ing.set_defaults(run=_ingest)
+
+  exp = sub.add_parser("experts", help="label images with expert outputs (Prismer)")
+  exp.add_argument("--input", required=True,
+                   help="an ingested directory or a glob of img2dataset tars")
+  exp.add_argument("--output", required=True, help="output directory (a task by its path)")
+  exp.add_argument("--experts", required=True, help="comma-separated: depth, normal, edge, "
+                   "seg, obj_detection, ocr_detection")
+  exp.add_argument("--labels", default="", help="labels computed elsewhere: "
+                   "<dir>/<expert>/<key>.png (+ <key>.json naming label-map ids)")
+  exp.add_argument("--shard-size", type=int, default=10_000)
+  exp.set_defaults(run=_experts)
   return parser
 
 

@@ -159,6 +159,7 @@ def ocr_detection_expert(image, truth=None) -> LabelMap:
                   [w for w, _ in truth.words])
 
 
+IMAGE_ONLY_EXPERTS = ("edge",)  # run on any image; the others need truth or labels
 EXPERTS = {"depth": depth_expert, "normal": normal_expert, "edge": edge_expert,
            "seg": seg_expert, "obj_detection": obj_detection_expert,
            "ocr_detection": ocr_detection_expert}
@@ -166,15 +167,24 @@ EXPERTS = {"depth": depth_expert, "normal": normal_expert, "edge": edge_expert,
 
 def label_image(image: np.ndarray, experts, truth=None, precomputed=None) -> dict:
   """{expert: label} for one uint8 image: precomputed labels (a dict from
-  `read_precomputed`) win, else the expert function runs."""
+  `read_precomputed`, resized to the image with nearest neighbours) win, else the expert
+  function runs."""
   out = {}
   for name in check_experts(experts):
     if precomputed is not None and name in precomputed:
-      out[name] = precomputed[name]
+      out[name] = _resize_label(precomputed[name], image.shape[:2])
     else:
       out[name] = EXPERTS[name](image, truth)
     check_label(name, out[name], image.shape[:2])
   return out
+
+
+def _resize_label(label, hw):
+  resize = lambda a: (a if a.shape[:2] == tuple(hw) else
+                      np.asarray(Image.fromarray(a).resize(hw[::-1], Image.NEAREST)))
+  if isinstance(label, LabelMap):
+    return LabelMap(resize(label.ids), label.names)
+  return resize(label)
 
 
 def check_label(name, label, hw):
@@ -229,26 +239,34 @@ def render_text_with_truth(text, size, rng):
   image = scenes.render_text(text, size, rng)
   font = scenes._FONTS[max(8, size // 6)]  # pylint: disable=protected-access
   font_size = max(8, size // 6)
-  canvas = Image.new("L", (size, size), BACKGROUND)
-  draw = ImageDraw.Draw(canvas)
+  # The ink exactly as render_text draws it (same calls, anti-aliased), then each ink pixel
+  # takes the id of the word whose horizontal span on its line holds it.
+  ink = Image.new("L", (size, size), 0)
+  draw = ImageDraw.Draw(ink)
   replay.integers(225, 256)
   lines = [text] if draw.textlength(text, font=font) < size - 4 else text.split()
   top = (size - len(lines) * (font_size + 2)) / 2 + replay.uniform(-2, 2)
-  classes, words = [], []
+  owner = np.full((size, size), BACKGROUND, np.uint8)
+  classes = []
   for i, line in enumerate(lines):
     left = max(1, (size - draw.textlength(line, font=font)) / 2 + replay.uniform(-2, 2))
     y = top + i * (font_size + 2)
+    draw.text((left, y), line, fill=255, font=font)
+    rows = slice(max(0, int(y)), max(0, int(np.ceil(y + font_size + 2))))
     offset = 0
     for word in line.split(" "):
-      x = left + draw.textlength(line[:offset], font=font)
-      box = draw.textbbox((x, y), word, font=font)
-      draw.text((x, y), word, fill=len(classes), font=font)
-      clipped = (max(0, int(box[0])), max(0, int(box[1])), min(size, int(np.ceil(box[2]))),
-                 min(size, int(np.ceil(box[3]))))
-      words.append((word, clipped))
-      classes.append("text")
+      x0 = left + draw.textlength(line[:offset], font=font)
+      x1 = left + draw.textlength(line[:offset + len(word)], font=font)
+      owner[rows, max(0, int(x0) - 1):int(np.ceil(x1)) + 1] = len(classes)
+      classes.append(word)
       offset += len(word) + 1
-  return image, SceneTruth(np.asarray(canvas, np.uint8), classes, words)
+  instances = np.where(np.asarray(ink) > 96, owner, BACKGROUND).astype(np.uint8)
+  words = []
+  for i, word in enumerate(classes):  # a word's box: the bounding box of its ink
+    ys, xs = np.nonzero(instances == i)
+    if len(xs):
+      words.append((word, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
+  return image, SceneTruth(instances, ["text"] * len(classes), words)
 
 
 def sample_scene_with_truth(rng, size, text_fraction=0.15):

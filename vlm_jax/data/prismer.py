@@ -43,7 +43,7 @@ from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
 
 MANIFEST = catalog.INGEST_MANIFEST
 SCENES_SUBDIR = "synthetic_experts"
-SCENES_VERSION = 1
+SCENES_VERSION = 2
 SCENES_SIZES = {"train": 1500, "validation": 128}
 SCENES_IMAGE_SIZE = 64
 
@@ -107,6 +107,11 @@ def label_dataset(input_spec: str, output_dir: str, expert_names, *, label_dir: 
                   shard_size: int = 10_000, max_pixels=preprocessors.DEFAULT_MAX_PIXELS) -> dict:
   """`vlm-data experts`: labels every usable image-text pair of the input."""
   expert_names = experts.check_experts(expert_names)
+  need_labels = [e for e in expert_names if e not in experts.IMAGE_ONLY_EXPERTS]
+  if need_labels and not label_dir:
+    raise experts.ExpertUnavailable(
+        f"experts {need_labels} have no model here; give their precomputed labels with "
+        f"--labels DIR (only {experts.IMAGE_ONLY_EXPERTS} run on images alone).")
   source = _input_source(input_spec)
 
   def stream():
@@ -122,6 +127,9 @@ def label_dataset(input_spec: str, output_dir: str, expert_names, *, label_dir: 
                        if label_dir else None)
         labels = experts.label_image(np.asarray(image, np.uint8), expert_names,
                                      precomputed=precomputed)
+      except experts.ExpertUnavailable as e:  # this image's precomputed label is missing
+        yield health.Skipped(raw.get("source", input_spec), key, str(e))
+        continue
       except preprocessors.BadRecord as e:
         yield health.Skipped(raw.get("source", input_spec), key, str(e))
         continue
