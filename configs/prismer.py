@@ -27,7 +27,7 @@ vocab; image px; expert map px; text length; latents / resampler layers / heads:
             64 / 4 / 8; all six experts        (ViT-L/14 + RoBERTa-large)
 
 Trainable parameters (freeze_lang_vision, jax.eval_shape; docs/models.md has the table and
-the command): base 159.8M of 347.2M, large 360.4M of 995.8M (paper: about 160M / 360M).
+the command): base 157.4M of 327.5M, large 362.5M of 967.1M (paper: about 160M / 360M).
 """
 import ml_collections
 

@@ -169,6 +169,8 @@ def ensure_labelled_scenes(data_dir: str, split: str) -> str:
   staging = target + f".{os.getpid()}.tmp"
   write_labelled(stream(), staging, experts.ALL_EXPERTS,
                  extra={"scenes_version": SCENES_VERSION, "split": split})
+  if os.path.isdir(target) and not _scenes_complete(target):
+    shutil.rmtree(target, ignore_errors=True)  # an older version
   try:
     os.rename(staging, target)
   except OSError:
