@@ -286,7 +286,11 @@ class Prismer(nn.Module):
         num_instance_embeddings=self.num_instance_embeddings, adaptor_ratio=self.adaptor_ratio,
         dropout_rate=self.dropout_rate, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype)
-    self.embed = embeddings.Embed(self.vocab_size, self.width, dtype, param_dtype)
+    # RoBERTa's N(0, 0.02) init (nn.Embed's is N(0, 1)): the table also gives the tied logits.
+    self.word_embedding = self.param(
+        "word_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                       ("vocab", "embed")),
+        (self.vocab_size, self.width), param_dtype)
     self.pos_embedding = embeddings.PositionEmbedding((self.max_text_length,), self.width,
                                                       param_dtype=param_dtype)
     self.token_type_embedding = self.param(
@@ -343,7 +347,8 @@ class Prismer(nn.Module):
       raise ValueError(f"text length {length} + position_offset {self.position_offset} exceeds "
                        f"config.model.max_text_length={self.max_text_length}.")
     pos = self.pos_embedding()[self.position_offset:self.position_offset + length]
-    x = self.embed(tokens) + pos.astype(self.dtype) + self.token_type_embedding.astype(self.dtype)
+    words = jnp.take(self.word_embedding, tokens, axis=0).astype(self.dtype)
+    x = words + pos.astype(self.dtype) + self.token_type_embedding.astype(self.dtype)
     x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
     self_mask = attention_lib.causal_mask(length)
     if token_mask is not None:
@@ -352,7 +357,9 @@ class Prismer(nn.Module):
     x = self.decoder(x, context, deterministic)
     x = self.output_layer(x, context, deterministic)
     x = self.lm_head_norm(nn.gelu(self.lm_head_dense(x), approximate=False))
-    return self.embed.attend(x) + self.lm_head_bias.astype(self.dtype)
+    logits = jnp.einsum("BTD,VD->BTV", x, self.word_embedding.astype(self.dtype))
+    logits = logits + self.lm_head_bias.astype(self.dtype)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def __call__(self, batch, deterministic: bool = True):
     encoded = self.encode_images(batch, deterministic)
