@@ -52,7 +52,7 @@ DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (data/tokenizer); tiny
 # (1e-4 for large), weight decay 0.05, 2000 warmup steps, 20 epochs.
 TRAINING = {
     "tiny": (16, 150, 2e-3, 15),
-    "bench": (8, 50, 3e-4, 5),
+    "bench": (2, 50, 3e-4, 5),
     "base": (1024, 200_000, 3e-4, 2000),
     "large": (1024, 200_000, 1e-4, 2000),
 }
