@@ -243,7 +243,7 @@ def _train(workdir, steps):
   command = [sys.executable, "-m", "vlm_jax.cli.train", "--config", f"{CONFIG}:tiny",
              "--workdir", str(workdir), f"--config.num_train_steps={steps}",
              "--config.batch_size=8", "--config.log_every_steps=5",
-             "--config.checkpoint.every_steps=20", "--config.checkpoint.async_save=False",
+             "--config.checkpoint.every_steps=10", "--config.checkpoint.async_save=False",
              "--config.optimizer.warmup_steps=5", "--config.optimizer.learning_rate=3e-3",
              # constant after warm-up: a 20-step run is the first half of a 40-step run
              "--config.optimizer.schedule=constant", "--num-samples=0"]
@@ -265,16 +265,16 @@ def _checkpointed_state(workdir, step):
 
 def test_vlm_train_tiny_learns_keeps_backbones_frozen_and_resumes(tmp_path):
   workdir = tmp_path / "run"
-  _train(workdir, 20)
-  resumed = _train(workdir, 40)
-  assert "Resuming from checkpoint step 20" in resumed.stdout
+  _train(workdir, 10)
+  resumed = _train(workdir, 20)
+  assert "Resuming from checkpoint step 10" in resumed.stdout
   straight = tmp_path / "straight"
-  _train(straight, 40)
+  _train(straight, 20)
   a, b = _losses(workdir), _losses(straight)
-  assert sorted(a) == sorted(b) == [5, 10, 15, 20, 25, 30, 35, 40]
+  assert sorted(a) == sorted(b) == [5, 10, 15, 20]
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5)
-  assert b[40] < 0.8 * b[5], b
-  # Frozen backbone weights: bit-identical to the initialisation after 40 steps (the
+  assert b[20] < 0.85 * b[5], b
+  # Frozen backbone weights: bit-identical to the initialisation after 20 steps (the
   # trainer initialises with split(key(seed)) as (params, dropout) keys).
   config = config_lib.load_config(f"{CONFIG}:tiny")
   model = registry.build(config.model)
@@ -282,7 +282,7 @@ def test_vlm_train_tiny_learns_keeps_backbones_frozen_and_resumes(tmp_path):
   init = nn.unbox(jax.jit(model.init)({"params": params_key, "dropout": dropout_key},
                                       registry.dummy_batch(config, 1))["params"])
   trainable_init, frozen_init = state_lib.split_frozen(init, config.frozen)
-  state = _checkpointed_state(straight, 40)
+  state = _checkpointed_state(straight, 20)
   assert _count(state["frozen"]) == _count(frozen_init) > 0
   for x, y in zip(jax.tree.leaves(frozen_init), jax.tree.leaves(state["frozen"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
