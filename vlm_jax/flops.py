@@ -197,11 +197,81 @@ def cogagent_treatment(config) -> dict:
   return {"vision": FROZEN_STOPGRAD}
 
 
+def resize(in_size, out_size, channels):
+  """jax.image.resize of a square map: one einsum with a weight matrix per spatial axis."""
+  if in_size == out_size:
+    return 0.0
+  return 2.0 * channels * in_size * out_size * (in_size + out_size)
+
+
+def expert_stem(grid, width, in_channels, strides, in_size):
+  """FLOPs of vlm_jax.nn.expert_stem.ExpertStem: an `in_size` map to a `grid` patch grid
+  (the bilinear resize counts: XLA runs it as matmuls)."""
+  size = grid * math.prod(strides)
+  total, c_in = resize(in_size, size, in_channels), in_channels
+  for divisor, stride in zip((8, 4, 2, 1), strides):
+    size = math.ceil(size / stride)
+    total += conv((size, size), 3, c_in, width // divisor)
+    c_in = width // divisor
+  return total + conv((grid, grid), 1, width, width)
+
+
+def prismer_parts(model, data, causal_half=True):
+  """Parts by how training treats them (`prismer_treatment`): the frozen ViT and RoBERTa
+  layers are separate from the adaptors, cross-attention and everything else trainable."""
+  vw, p, experts = model.vision_width, model.patch_size, tuple(model.experts)
+  grid, expert_grid = data.image_size // p, data.expert_size // p
+  vheads = model.vision_heads
+  stems = dense(grid * grid, p * p * 3, vw)
+  latents = model.num_latents if experts else 0
+  if experts:
+    for name in experts:
+      label = name in ("seg", "obj_detection", "ocr_detection")
+      channels = data.label_dim if label else {"depth": 1, "normal": 3, "edge": 1}[name]
+      stems += expert_stem(expert_grid, vw, channels, (2, 2, 1, 1) if label else (2, 2, 2, 2),
+                           data.expert_size)
+    keys = len(experts) * expert_grid ** 2 + latents
+    rheads = model.resampler_heads
+    stems += model.resampler_layers * (attention(latents, keys, vw, rheads, vw // rheads)
+                                       + mlp(latents, vw, 4 * vw))
+  n = grid * grid + latents
+  vit_layer = attention(n, n, vw, vheads, vw // vheads) + mlp(n, vw, model.vision_mlp_dim)
+  ratio = model.get("adaptor_ratio", 1)
+  t, width, heads = data.text_length, model.width, model.num_heads
+  self_layer = (attention(t, t, width, heads, width // heads, causal_half=causal_half)
+                + mlp(t, width, model.mlp_dim))
+  cross = (dense(t, width, width) + dense(n, vw, 2 * width) + dense(t, width, width)
+           + 2 * 2.0 * t * n * width)
+  return {
+      "vision_stems": stems,
+      "vision_layers": model.vision_layers * vit_layer,
+      "vision_adaptors": model.vision_layers * 2 * dense(n, vw, vw // ratio),
+      "decoder_layers": model.num_layers * self_layer,
+      "decoder_cross": model.num_layers * (cross + 2 * dense(t, width, width // ratio)),
+      "output_layer": self_layer,
+      "logits": dense(t, width, width) + dense(t, width, model.vocab_size),
+  }
+
+
+def prismer_treatment(config):
+  """Frozen layers sit under trainable adaptors / cross-attention (and, in the ViT, behind
+  trainable stems), so gradients pass through them: 4N."""
+  mode = config.model.get("freeze", "freeze_lang_vision")
+  vision = mode in ("freeze_lang_vision", "freeze_vision")
+  lang = mode in ("freeze_lang_vision", "freeze_lang")
+  treatment = {}
+  if vision:
+    treatment["vision_layers"] = FROZEN_PASSTHROUGH
+  if lang:
+    treatment["decoder_layers"] = FROZEN_PASSTHROUGH
+  return treatment
+
+
 FAMILIES = {"simvlm": simvlm_parts, "minigpt_v2": minigpt_v2_parts,
-            "cogagent": cogagent_parts, "flamingo": flamingo_parts}
+            "cogagent": cogagent_parts, "flamingo": flamingo_parts, "prismer": prismer_parts}
 # Families with frozen parts: config -> {part: rule}; parts not named are trainable.
 TREATMENTS = {"minigpt_v2": minigpt_v2_treatment, "flamingo": flamingo_treatment,
-              "cogagent": cogagent_treatment}
+              "cogagent": cogagent_treatment, "prismer": prismer_treatment}
 
 
 def config_treatment(config) -> dict:

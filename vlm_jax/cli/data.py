@@ -9,8 +9,8 @@
       --min-image-side 64 --min-meta similarity=0.28 --dedup image,url \
       --runner beam --beam_option direct_num_workers=8 \
       --beam_option direct_running_mode=multi_processing
-  vlm-data experts --input out/pairs --output out/pairs_labelled --experts mean_colour \
-      --runner beam
+  vlm-data experts --input 'shards/*.tar' --output out/labelled --experts edge,depth \
+      --labels /data/expert_labels                              # Prismer expert labels
 """
 import argparse
 import dataclasses
@@ -59,16 +59,6 @@ def _ingest(args):
   print(json.dumps(manifest, indent=2))
 
 
-def _experts(args):
-  import os  # pylint: disable=g-import-not-at-top
-  from vlm_jax.data import ingest  # pylint: disable=g-import-not-at-top
-  pattern = os.path.join(args.input, "*.array_record")
-  manifest = ingest.run("arrayrecord", pattern, args.output, runner=args.runner,
-                        beam_options=args.beam_option, shard_size=args.shard_size,
-                        experts=args.experts)
-  print(json.dumps(manifest, indent=2))
-
-
 def _add_runner_args(parser):
   parser.add_argument("--runner", choices=("local", "beam"), default="local",
                       help="local: one process; beam: an Apache Beam pipeline (the [beam] "
@@ -78,6 +68,13 @@ def _add_runner_args(parser):
                       "direct_num_workers=8, direct_running_mode=multi_processing, "
                       "runner=FlinkRunner (see data/README.md)")
   parser.add_argument("--shard-size", type=int, default=10_000, help="records per shard")
+
+
+def _experts(args):
+  from vlm_jax.data import prismer  # pylint: disable=g-import-not-at-top
+  stats = prismer.label_dataset(args.input, args.output, args.experts.split(","),
+                                label_dir=args.labels, shard_size=args.shard_size)
+  print(json.dumps(stats, indent=2))
 
 
 def build_parser():
@@ -136,11 +133,15 @@ def build_parser():
                    "vlm_jax.data.labellers or package.module:factory, optionally =ARG")
   ing.set_defaults(run=_ingest)
 
-  exp = sub.add_parser("experts", help="label the records of an ingested directory")
-  exp.add_argument("--input", required=True, help="directory written by ingest")
-  exp.add_argument("--output", required=True, help="output directory")
-  exp.add_argument("--experts", required=True, help="as ingest --experts")
-  _add_runner_args(exp)
+  exp = sub.add_parser("experts", help="label images with expert outputs (Prismer)")
+  exp.add_argument("--input", required=True,
+                   help="an ingested directory or a glob of img2dataset tars")
+  exp.add_argument("--output", required=True, help="output directory (a task by its path)")
+  exp.add_argument("--experts", required=True, help="comma-separated: depth, normal, edge, "
+                   "seg, obj_detection, ocr_detection")
+  exp.add_argument("--labels", default="", help="labels computed elsewhere: "
+                   "<dir>/<expert>/<key>.png (+ <key>.json naming label-map ids)")
+  exp.add_argument("--shard-size", type=int, default=10_000)
   exp.set_defaults(run=_experts)
   return parser
 

@@ -88,6 +88,7 @@ CONVERTERS = {
     "minigpt_v2": ("vlm_jax.data.minigpt_v2:ExampleProcessor", ("pairs",)),
     "cogagent": ("vlm_jax.data.cogagent:ExampleProcessor", ("pairs",)),
     "flamingo": ("vlm_jax.data.flamingo:ExampleProcessor", ("interleaved", "pairs")),
+    "prismer": ("vlm_jax.data.prismer:ExampleProcessor", ("pairs",)),
 }
 
 

@@ -8,13 +8,14 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlm_jax.models import cogagent, flamingo, minigpt_v2, simvlm
+from vlm_jax.models import cogagent, flamingo, minigpt_v2, prismer, simvlm
 
 MODELS = {
     "simvlm": simvlm.SimVLM,
     "minigpt_v2": minigpt_v2.MiniGPTv2,
     "cogagent": cogagent.CogAgent,
     "flamingo": flamingo.Flamingo,
+    "prismer": prismer.Prismer,
 }
 # name -> batch_spec(config.data, batch_size) -> {key: jax.ShapeDtypeStruct}
 BATCH_SPECS = {
@@ -22,6 +23,7 @@ BATCH_SPECS = {
     "minigpt_v2": minigpt_v2.batch_spec,
     "cogagent": cogagent.batch_spec,
     "flamingo": flamingo.batch_spec,
+    "prismer": prismer.batch_spec,
 }
 
 

@@ -1,0 +1,143 @@
+r"""Prismer: frozen experts' outputs as input modalities, Experts Resampler, adaptors in a
+frozen ViT and a frozen RoBERTa decoder (arXiv 2303.02506).
+
+    vlm-train --config configs/prismer.py:tiny --workdir /tmp/prismer_tiny
+    vlm-train --config configs/prismer.py:tiny,experts=none --workdir /tmp/prismerz   # PrismerZ
+    vlm-train --config configs/prismer.py:tiny,freeze=freeze_vision --workdir /tmp/t   # fine-tune
+    vlm-data experts --input 'shards/*.tar' --output /data/labelled --experts edge,depth \
+        --labels /data/expert_labels                                                  # labelling
+    vlm-info  --config configs/prismer.py:base
+    python bench/train_step.py configs/prismer.py:bench
+
+`arg` = size name, then optional comma-separated `key=value` options: `experts` (names joined
+by '+', e.g. depth+seg, or 'none' for PrismerZ; default per size), `freeze`
+(freeze_lang_vision = pretraining, the default | freeze_vision = fine-tuning | freeze_lang |
+none), `scan` (bool), `remat` (none|full|dots), `dtype` (float32|bfloat16).
+
+Sizes — ViT width / layers / heads / MLP / patch; decoder width / layers / heads / MLP /
+vocab; image px; expert map px; text length; latents / resampler layers / heads:
+
+    tiny    64 /  2 /  4 /  256 /  8;   64 /  2 /  4 /  256 / data (1024);  64;  64; 24;
+            16 / 2 / 4; experts depth + seg + obj_detection
+    bench  768 /  4 / 12 / 3072 / 16;  768 /  4 / 12 / 3072 / data (1024); 224; 224; 32;
+            64 / 4 / 8; experts depth + seg + obj_detection
+    base   768 / 12 / 12 / 3072 / 16;  768 / 12 / 12 / 3072 / 50265;      224; 224; 30;
+            64 / 4 / 8; all six experts        (ViT-B/16 + RoBERTa-base)
+    large 1024 / 24 / 16 / 4096 / 14; 1024 / 24 / 16 / 4096 / 50265;      224; 224; 30;
+            64 / 4 / 8; all six experts        (ViT-L/14 + RoBERTa-large)
+
+Trainable parameters (freeze_lang_vision, jax.eval_shape; docs/models.md has the table and
+the command): base 157.4M of 327.5M, large 362.5M of 967.1M (paper: about 160M / 360M).
+"""
+import ml_collections
+
+from vlm_jax import config as config_lib
+from vlm_jax.data import defaults
+
+ALL_EXPERTS = ("depth", "normal", "edge", "seg", "obj_detection", "ocr_detection")
+# name: (vit_width, vit_layers, vit_heads, vit_mlp, patch, width, layers, heads, mlp, vocab,
+#        image, expert_px, text_length, latents, resampler_layers, resampler_heads, experts)
+SIZES = {
+    "tiny": (64, 2, 4, 256, 8, 64, 2, 4, 256, None, 64, 64, 24, 16, 2, 4,
+             ("depth", "seg", "obj_detection")),
+    "bench": (768, 4, 12, 3072, 16, 768, 4, 12, 3072, None, 224, 224, 32, 64, 4, 8,
+              ("depth", "seg", "obj_detection")),
+    "base": (768, 12, 12, 3072, 16, 768, 12, 12, 3072, 50265, 224, 224, 30, 64, 4, 8,
+             ALL_EXPERTS),
+    "large": (1024, 24, 16, 4096, 14, 1024, 24, 16, 4096, 50265, 224, 224, 30, 64, 4, 8,
+              ALL_EXPERTS),
+}
+DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (data/tokenizer); tiny and bench
+# Per size: (batch_size, steps, peak lr, warmup). Paper pretraining: batch 1024, lr 3e-4
+# (1e-4 for large), weight decay 0.05, 2000 warmup steps, 20 epochs.
+TRAINING = {
+    "tiny": (16, 150, 2e-3, 15),
+    "bench": (2, 50, 3e-4, 5),
+    "base": (1024, 200_000, 3e-4, 2000),
+    "large": (1024, 200_000, 1e-4, 2000),
+}
+OPTIONS = {"experts": str, "freeze": str, "scan": bool, "remat": str, "dtype": str}
+
+
+def _parse_options(text: str) -> dict:
+  options = {}
+  for item in filter(None, text.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq or key not in OPTIONS:
+      raise ValueError(f"config option {item!r}: expected key=value with key in "
+                       f"{sorted(OPTIONS)}.")
+    kind = OPTIONS[key]
+    options[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return options
+
+
+def _experts(text: str) -> tuple[str, ...]:
+  if text == "none":
+    return ()
+  experts = tuple(filter(None, text.split("+")))
+  unknown = [e for e in experts if e not in ALL_EXPERTS]
+  if unknown:
+    raise ValueError(f"config option experts={text!r}: unknown {unknown}; expected names from "
+                     f"{ALL_EXPERTS} joined by '+', or 'none'.")
+  return experts
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  from vlm_jax.models import prismer  # pylint: disable=g-import-not-at-top
+  size, _, rest = arg.partition(",")
+  if size not in SIZES:
+    raise ValueError(f"prismer size {size!r}: expected one of {sorted(SIZES)}.")
+  options = _parse_options(rest)
+  (vit_width, vit_layers, vit_heads, vit_mlp, patch, width, layers, heads, mlp, vocab, image,
+   expert_px, text_length, latents, resampler_layers, resampler_heads,
+   experts) = SIZES[size]
+  if "experts" in options:
+    experts = _experts(options["experts"])
+  freeze = options.get("freeze", "freeze_lang_vision")
+  batch, steps, lr, warmup = TRAINING[size]
+
+  c = config_lib.base_config()
+  c.batch_size = batch
+  c.num_train_steps = steps
+  c.log_every_steps = 25
+  c.optimizer.learning_rate = lr
+  c.optimizer.warmup_steps = warmup
+  c.optimizer.weight_decay = 0.05
+  c.frozen = prismer.frozen_patterns(freeze)
+
+  m = c.model
+  m.name = "prismer"
+  m.vocab_size = vocab or DATA_VOCAB_SIZE
+  m.width = width
+  m.num_layers = layers
+  m.num_heads = heads
+  m.mlp_dim = mlp
+  m.max_text_length = 514
+  m.vision_width = vit_width
+  m.vision_layers = vit_layers
+  m.vision_heads = vit_heads
+  m.vision_mlp_dim = vit_mlp
+  m.patch_size = patch
+  m.image_size = image
+  m.experts = experts
+  m.num_latents = latents
+  m.resampler_layers = resampler_layers
+  m.resampler_heads = resampler_heads
+  m.num_instance_embeddings = 128
+  m.adaptor_ratio = 1
+  m.freeze = freeze
+  m.scan_layers = options.get("scan", True)
+  m.remat_policy = options.get("remat", "none")
+  m.dtype = options.get("dtype", "float32")
+
+  c.data = defaults.default_data_config()
+  c.data.mixture = "prismer_scenes"
+  c.data.converter = "prismer"
+  c.data.image_size = image
+  c.data.resize_mode = "stretch"  # expert maps are pixel-aligned with the whole image
+  c.data.text_length = text_length
+  c.data.experts = experts
+  c.data.expert_size = expert_px  # expert maps are resized to this (reference: 224)
+  c.data.label_dim = 64  # per-pixel label embedding size (reference: PCA-reduced CLIP, 64)
+  c.data.label_table = ""  # "" = deterministic default vectors; else a .npz/.json table
+  return c

@@ -1,0 +1,292 @@
+"""Prismer data: the labelling stage, the labelled synthetic scenes, and the converter.
+
+Labelling (`vlm-data experts`): `label_dataset` runs expert functions (`experts.EXPERTS`)
+over a dataset's images, or reads labels computed elsewhere (`--labels DIR`, the
+reference's `<expert>/<key>.png` layout), and writes ArrayRecord shards in the ingest
+format (`records.py`) plus `dataset.json`, so the output directory is a task by its path
+(`config.data.mixture = DIR`). A record is an image-text pair whose `images` are the
+experts' PNGs and whose `experts` header lists, in the same order, each expert's name and,
+for label maps, the name of every id.
+
+`prismer_scenes` (catalog task): synthetic scenes labelled with what the generator knows
+(`experts.SceneTruth`): all six experts, 64 px, 1,500 train / 128 validation examples in
+`<data_dir>/synthetic_experts/<split>`, generated on first use (atomically). The 16k
+sample pairs are not labelled: their truth is not stored, and labelling them all would
+cost more than the small set needs.
+
+Converter (`config.data.converter = 'prismer'`), one example (the pipeline stacks B):
+
+    images                          [1, S, S, 3] f32  pixels in [-1, 1] (S = image_size)
+    expert_<name>                   [E, E, C] f32     E = expert_size; dense maps min-max
+                                                      scaled to [-1, 1]; label maps as
+                                                      `LabelTable` vectors (C = label_dim)
+    expert_obj_detection_instances  [E, E] i32        instance ids (255 = background)
+    tokens / targets / loss_mask    [T]               BOS + caption / caption + EOS / 1 on
+                                                      real targets (T = text_length)
+    loss_weight                     [] f32
+
+Maps are resized with nearest neighbours (ids must stay ids), as the reference does.
+"""
+import glob
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from vlm_jax.data import catalog, experts, health, preprocessors, records, sources, synthetic
+from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
+
+MANIFEST = catalog.INGEST_MANIFEST
+SCENES_SUBDIR = "synthetic_experts"
+SCENES_VERSION = 2
+SCENES_SIZES = {"train": 1500, "validation": 128}
+SCENES_IMAGE_SIZE = 64
+
+
+# ----------------------------------------------------------------------------------------
+# Writing labelled shards
+# ----------------------------------------------------------------------------------------
+def labelled_record(key, caption, image_bytes, labels) -> dict:
+  header, blobs = experts.encode_labels(labels)
+  return {"kind": "pairs", "key": key, "text": caption, "image": image_bytes,
+          "images": blobs, "experts": header}
+
+
+def write_labelled(stream, output_dir, expert_names, *, shard_size=10_000, extra=None) -> dict:
+  """Writes records (dicts from `labelled_record`, or `health.Skipped`) to ArrayRecord
+  shards in a staging directory, then renames it to `output_dir` (atomic)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".experts-tmp-", dir=parent)
+  start, written, shards, skipped, writer = time.time(), 0, 0, {}, None
+  try:
+    for record in stream:
+      if isinstance(record, health.Skipped):
+        skipped[record.reason] = skipped.get(record.reason, 0) + 1
+        continue
+      if written % shard_size == 0:
+        if writer:
+          writer.close()
+        writer = array_record_module.ArrayRecordWriter(
+            os.path.join(staging, f"{shards:05d}.array_record"), "group_size:1")
+        shards += 1
+      writer.write(records.encode(record))
+      written += 1
+    if writer:
+      writer.close()
+    manifest = {"kind": "pairs", "format": "experts", "experts": list(expert_names),
+                "records": written, "shards": shards, "skipped": skipped,
+                "seconds": round(time.time() - start, 2), **(extra or {})}
+    with open(os.path.join(staging, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=2)
+    if os.path.isdir(output_dir):
+      shutil.rmtree(output_dir)
+    os.rename(staging, output_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return manifest
+
+
+def _input_source(input_spec: str):
+  """An ingested directory (ArrayRecord + dataset.json) or a glob of webdataset tars."""
+  if os.path.isfile(os.path.join(input_spec, MANIFEST)):
+    return sources.ArrayRecordSource(glob.glob(os.path.join(input_spec, "*.array_record")))
+  paths = sorted(glob.glob(input_spec))
+  if not paths:
+    raise FileNotFoundError(f"--input {input_spec!r}: no ingested directory or tar shards")
+  return sources.WebDatasetSource(paths)
+
+
+def label_dataset(input_spec: str, output_dir: str, expert_names, *, label_dir: str = "",
+                  shard_size: int = 10_000, max_pixels=preprocessors.DEFAULT_MAX_PIXELS) -> dict:
+  """`vlm-data experts`: labels every usable image-text pair of the input."""
+  expert_names = experts.check_experts(expert_names)
+  need_labels = [e for e in expert_names if e not in experts.IMAGE_ONLY_EXPERTS]
+  if need_labels and not label_dir:
+    raise experts.ExpertUnavailable(
+        f"experts {need_labels} have no model here; give their precomputed labels with "
+        f"--labels DIR (only {experts.IMAGE_ONLY_EXPERTS} run on images alone).")
+  source = _input_source(input_spec)
+
+  def stream():
+    for index in range(len(source)):
+      raw = source[index]
+      key = raw.get("key", f"#{index}")
+      try:
+        if raw.get("problem"):
+          raise preprocessors.BadRecord(raw["problem"])
+        image = preprocessors.decode_image(raw["image"], max_pixels)
+        caption = preprocessors.caption_of(raw)
+        precomputed = (experts.read_precomputed(label_dir, os.path.basename(key), expert_names)
+                       if label_dir else None)
+        labels = experts.label_image(np.asarray(image, np.uint8), expert_names,
+                                     precomputed=precomputed)
+      except experts.ExpertUnavailable as e:  # this image's precomputed label is missing
+        yield health.Skipped(raw.get("source", input_spec), key, str(e))
+        continue
+      except preprocessors.BadRecord as e:
+        yield health.Skipped(raw.get("source", input_spec), key, str(e))
+        continue
+      yield labelled_record(key, caption, raw["image"], labels)
+
+  return write_labelled(stream(), output_dir, expert_names, shard_size=shard_size,
+                        extra={"input": input_spec, "labels": label_dir})
+
+
+# ----------------------------------------------------------------------------------------
+# Labelled synthetic scenes (generated on first use)
+# ----------------------------------------------------------------------------------------
+def _scenes_complete(directory) -> bool:
+  try:
+    with open(os.path.join(directory, MANIFEST)) as f:
+      return json.load(f).get("scenes_version") == SCENES_VERSION
+  except (OSError, ValueError):
+    return False
+
+
+def ensure_labelled_scenes(data_dir: str, split: str) -> str:
+  """`<data_dir>/synthetic_experts/<split>`, generated first if missing. Concurrent callers
+  each write a private staging directory; the rename that loses the race is discarded."""
+  if split not in SCENES_SIZES:
+    raise ValueError(f"labelled scenes have splits {sorted(SCENES_SIZES)}, not {split!r}")
+  target = os.path.join(data_dir or synthetic.default_data_dir(), SCENES_SUBDIR, split)
+  if _scenes_complete(target):
+    return target
+  rng = np.random.default_rng([7, synthetic.SPLIT_SEEDS[split]])
+
+  def stream():
+    for index in range(SCENES_SIZES[split]):
+      image, caption, truth = experts.sample_scene_with_truth(rng, SCENES_IMAGE_SIZE)
+      labels = experts.label_image(np.asarray(image, np.uint8), experts.ALL_EXPERTS, truth)
+      yield labelled_record(f"{index:06d}", caption, _jpeg(image), labels)
+
+  staging = target + f".{os.getpid()}.tmp"
+  write_labelled(stream(), staging, experts.ALL_EXPERTS,
+                 extra={"scenes_version": SCENES_VERSION, "split": split})
+  if os.path.isdir(target) and not _scenes_complete(target):
+    shutil.rmtree(target, ignore_errors=True)  # an older version
+  try:
+    os.rename(staging, target)
+  except OSError:
+    shutil.rmtree(staging, ignore_errors=True)
+    if not _scenes_complete(target):
+      raise
+  return target
+
+
+def _jpeg(image: Image.Image) -> bytes:
+  out = io.BytesIO()
+  image.save(out, format="JPEG", quality=90)
+  return out.getvalue()
+
+
+class LabelledScenesSource(sources.ArrayRecordSource):
+  """Reader of the `prismer_scenes` task. The catalog hands a reader only the paths its
+  pattern matched, so the task's pattern names the sample set's `pairs/<split>` directory
+  (which the catalog generates when missing); from it this reader takes the data dir and
+  the split, and reads (generating on first use) the labelled scenes of that split."""
+
+  def __init__(self, paths):
+    split_dir = os.path.normpath(paths[0])
+    split = os.path.basename(split_dir)
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(split_dir)))
+    directory = ensure_labelled_scenes(data_dir, split)
+    super().__init__(glob.glob(os.path.join(directory, "*.array_record")))
+
+
+def register_catalog():
+  catalog.READERS.setdefault("prismer_scenes", LabelledScenesSource)
+  if "prismer_scenes" not in catalog.TASKS:
+    catalog.add_task(catalog.TaskSpec("prismer_scenes", "pairs", "prismer_scenes",
+                                      f"{synthetic.SUBDIR}/pairs/{{split}}", synthetic=True))
+
+
+register_catalog()
+
+
+# ----------------------------------------------------------------------------------------
+# Raw record -> example
+# ----------------------------------------------------------------------------------------
+def _resize_nearest(array: np.ndarray, size: int) -> np.ndarray:
+  if array.shape[:2] == (size, size):
+    return array
+  return np.asarray(Image.fromarray(array).resize((size, size), Image.NEAREST))
+
+
+def dense_input(array: np.ndarray, size: int) -> np.ndarray:
+  """uint8 map -> [size, size, C] f32 in [-1, 1] (min-max per image, as the reference)."""
+  x = _resize_nearest(array, size).astype(np.float32)
+  x = x[..., None] if x.ndim == 2 else x
+  lo, hi = x.min(), x.max()
+  return 2 * (x - lo) / (hi - lo + 1e-6) - 1
+
+
+def expert_inputs(labels: dict, expert_names, size: int, table: experts.LabelTable) -> dict:
+  out = {}
+  for name in expert_names:
+    if name not in labels:
+      raise preprocessors.BadRecord(f"record has no {name!r} label (has {sorted(labels)})")
+    label = labels[name]
+    if name in experts.LABEL_EXPERTS:
+      resized = experts.LabelMap(_resize_nearest(label.ids, size), label.names)
+      out[f"expert_{name}"] = table.embed(resized).astype(np.float32)
+      if name == "obj_detection":
+        out["expert_obj_detection_instances"] = resized.ids.astype(np.int32)
+    else:
+      out[f"expert_{name}"] = dense_input(label, size)
+  return out
+
+
+def caption_arrays(ids, length: int) -> dict:
+  ids = list(ids[:length - 1])
+  arrays = {"tokens": [BOS_ID] + ids, "targets": ids + [EOS_ID]}
+  out = {}
+  for key, values in arrays.items():
+    out[key] = np.full((length,), PAD_ID, np.int32)
+    out[key][:len(values)] = values
+  out["loss_mask"] = (np.arange(length) < len(ids) + 1).astype(np.float32)
+  return out
+
+
+class ExampleProcessor:
+  """(index, (task spec, raw record)) -> Prismer example or `health.Skipped` (picklable)."""
+
+  def __init__(self, data_config, seed):
+    del seed  # no random choices per example
+    self.vocab = Vocab(data_config.vocab_path)
+    self.image_size = data_config.image_size
+    self.resize_mode = data_config.resize_mode
+    self.max_pixels = data_config.max_pixels
+    self.text_length = data_config.text_length
+    self.experts = experts.check_experts(data_config.experts)
+    self.expert_size = data_config.expert_size
+    self.table = experts.LabelTable(data_config.label_table, data_config.label_dim)
+
+  def __call__(self, index, record):
+    spec, raw = record
+    try:
+      if raw.get("problem"):
+        raise preprocessors.BadRecord(raw["problem"])
+      image = preprocessors.load_image(raw["image"], self.image_size, self.resize_mode,
+                                       self.max_pixels)
+      ids = self.vocab.encode(preprocessors.caption_of(raw))
+      if not ids:
+        raise preprocessors.BadRecord("caption encodes to no tokens")
+      try:
+        labels = experts.decode_labels(raw.get("experts", []), raw.get("images") or [])
+      except (ValueError, OSError) as e:
+        raise preprocessors.BadRecord(f"unreadable expert labels: {e}") from None
+      example = expert_inputs(labels, self.experts, self.expert_size, self.table)
+    except preprocessors.BadRecord as e:
+      return health.Skipped(raw.get("source", spec.name), raw.get("key", "?"), str(e))
+    example.update(caption_arrays(ids, self.text_length))
+    example["images"] = image[None].astype(np.float32)
+    example["loss_weight"] = np.float32(spec.loss_weight)
+    example["_source"] = raw.get("source", spec.name)
+    return example
