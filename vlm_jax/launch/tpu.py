@@ -8,7 +8,7 @@ The plan is a list of shell lines, run in order by `run_plan` (or printed by --d
 2. the code: this checkout packed (git-tracked and untracked files, no .git) and copied to
    every worker, then `pip install -e .[tpu]` there (`--code copy`); or `pip install SPEC`
    (`--code pip:SPEC`); or nothing (`--code none`: the image already has it);
-3. the run: on every worker of every slice, vlm-train starts detached (nohup) with
+3. the run: on every worker of every slice, vlm-train starts detached (SIGHUP ignored) with
    VLM_JAX_DISTRIBUTED=auto, writing ~/vlm_jax_run.log and its exit status to
    ~/vlm_jax_run.status; then worker 0 of slice 0's log is streamed until that status
    appears, and the launcher exits with it. A dropped ssh connection does not stop training.
@@ -108,7 +108,7 @@ def code_lines(t: TpuTarget, repo_root: str) -> list[str]:
           f"--exclude-standard | tar --null -T - -czf {CODE_ARCHIVE}")
   unpack = (f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && "
             f"tar -xzf ~/vlm_jax_code.tar.gz -C {REMOTE_DIR} && "
-            f"pip install -q -e '{REMOTE_DIR}[tpu]'")
+            f'pip install -q -e "$HOME/vlm_jax[tpu]"')
   lines = [pack]
   for node in t.nodes:
     lines.append(_gcloud(t, "tpu-vm", "scp", CODE_ARCHIVE, f"{node}:vlm_jax_code.tar.gz",
@@ -124,9 +124,10 @@ def train_command(t: TpuTarget, train_args) -> str:
 
 def run_lines(t: TpuTarget, train_args) -> list[str]:
   workdir_cd = f"cd {REMOTE_DIR}" if t.code == "copy" else "cd ~"
-  inner = f"{train_command(t, train_args)}; echo $? > {REMOTE_STATUS}"
-  start = (f"rm -f {REMOTE_STATUS} && {workdir_cd} && "
-           f"nohup bash -c {shlex.quote(inner)} > {REMOTE_LOG} 2>&1 < /dev/null &")
+  # A detached subshell that ignores SIGHUP, so closing the ssh session does not stop it.
+  start = (f"rm -f {REMOTE_STATUS} && {workdir_cd} && (trap '' HUP; "
+           f"{train_command(t, train_args)}; echo $? > {REMOTE_STATUS}) "
+           f"> {REMOTE_LOG} 2>&1 < /dev/null &")
   follow = (f"tail -n +1 -F {REMOTE_LOG} & while [ ! -f {REMOTE_STATUS} ]; do sleep 5; done; "
             f"sleep 2; kill %1; exit $(cat {REMOTE_STATUS})")
   return [_ssh(t, node, "all", start) for node in t.nodes] + [
