@@ -74,8 +74,9 @@ class Report:
         f"{g(self.alias_bytes)}), code {g(self.code_bytes)}",
         f"per device peak {g(self.peak_bytes)} of {g(self.hbm_bytes)} HBM "
         f"({100 * self.peak_bytes / self.hbm_bytes:.0f}%): {verdict}",
-        f"FLOPs per device per step: XLA {self.xla_flops_per_device:.3e}, analytic "
-        f"{self.analytic_flops_per_device:.3e}",
+        f"FLOPs per device per step: analytic {self.analytic_flops_per_device:.3e}; XLA's "
+        f"cost analysis {self.xla_flops_per_device:.3e} (it counts a scanned layer stack's "
+        "body once, not once per layer)",
         f"collectives in the step's HLO (static count; ops in a scanned stack run once per "
         f"layer): {ops}",
         f"compiled in {self.compile_s:.1f} s",
