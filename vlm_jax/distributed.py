@@ -29,6 +29,8 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 
 # Exit status of a process that stopped on an uncaught exception in a multi-process job.
 EXIT_FAILED = 1
+# How long processes wait for each other to finish compiling the train step.
+COMPILE_BARRIER_TIMEOUT_S = 3600
 
 
 def _int_env(name: str, default=None) -> int:
@@ -84,3 +86,29 @@ def _exit_now_on_uncaught_exception(kind, value, tb):
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(EXIT_FAILED)  # pylint: disable=protected-access
+
+
+class _SyncedAfterCompile:
+  """A jitted step whose first call compiles, waits for every process, then runs.
+
+  CPU collectives (gloo) set up their connections at the first collective and give up after
+  30 s; a process that compiles more slowly than its peers (a loaded host, a compilation
+  cache hit on only some hosts) would fail the job there. The coordination service's
+  barrier has no such limit.
+  """
+
+  def __init__(self, jitted):
+    self._jitted, self._compiled = jitted, None
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      self._compiled = self._jitted.lower(*args).compile()
+      from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+      jax_distributed.global_state.client.wait_at_barrier(
+          "vlm_jax_train_step_compiled", COMPILE_BARRIER_TIMEOUT_S * 1000)
+    return self._compiled(*args)
+
+
+def synced_after_compile(jitted):
+  """`jitted` itself in a single process; in a multi-process job, see _SyncedAfterCompile."""
+  return _SyncedAfterCompile(jitted) if jax.process_count() > 1 else jitted
