@@ -52,6 +52,8 @@ setuptools.setup(
             "vlm-train=vlm_jax.cli.train:main",
             "vlm-info=vlm_jax.cli.info:main",
             "vlm-data=vlm_jax.cli.data:main",
+            "vlm-launch=vlm_jax.cli.launch:main",
+            "vlm-compile=vlm_jax.cli.compile:main",
         ]
     },
 )

@@ -38,18 +38,17 @@ def test_same_seed_same_stream(data_config):
   assert _equal(a, b) and not _equal(a, c)
 
 
-def test_processes_get_disjoint_examples_covering_the_dataset(data_config):
-  spec = catalog.TASKS["synthetic_pairs"]
-  keys = []
-  for index in range(2):
-    ds = pipeline.task_dataset(spec, data_config, "train", seed=3, process_index=index,
-                               process_count=2)
-    size = len(range(index, len(catalog.make_source(spec, data_config.data_dir, "train")), 2))
-    keys.append([ds[i][1]["key"] for i in range(size)])
-    assert len(set(keys[-1])) == size  # one epoch visits each record once
-  source = catalog.make_source(spec, data_config.data_dir, "train")
-  assert not set(keys[0]) & set(keys[1])
-  assert set(keys[0]) | set(keys[1]) == {source[i]["key"] for i in range(len(source))}
+def test_process_rows_put_together_are_the_single_process_global_batches(data_config):
+  """Multi-host: the global batch stream does not depend on the number of processes."""
+  single = pipeline.make_train_iterator(data_config, global_batch_size=12, seed=0,
+                                        process_index=0, process_count=1)
+  parts = [pipeline.make_train_iterator(data_config, global_batch_size=12, seed=0,
+                                        process_index=i, process_count=3) for i in range(3)]
+  for _ in range(3):
+    want = next(single)
+    got = [next(p) for p in parts]
+    for key in want:
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
 
 
 def test_process_batches_differ(data_config):

@@ -4,6 +4,8 @@ Trains, resuming from the newest checkpoint in DIR, then shows what the model ge
 few held-out examples beside the truth.
 """
 import argparse
+import contextlib
+import io
 import os
 import sys
 
@@ -23,6 +25,8 @@ def main(argv=None):
   import absl.flags  # grain's worker processes read absl flags (DESIGN.md gotchas)
   absl.flags.FLAGS.mark_as_parsed()
   import jax
+  from vlm_jax import distributed
+  distributed.initialize()  # a multi-process launch: before anything touches a device
   from vlm_jax.train import loop
 
   os.makedirs(args.workdir, exist_ok=True)
@@ -35,9 +39,11 @@ def main(argv=None):
   except loop.NonFiniteError as e:
     print(f"vlm-train: error: {e}", file=sys.stderr)
     sys.exit(EXIT_NONFINITE)
-  if args.num_samples and jax.process_index() == 0 and hasattr(trainer.model, "encode"):
+  if args.num_samples and hasattr(trainer.model, "encode"):
     from vlm_jax import samples
-    samples.show_generations(trainer, state, args.num_samples)
+    # Every process decodes (the state is sharded across all of them); process 0 prints.
+    with contextlib.redirect_stdout(sys.stdout if jax.process_index() == 0 else io.StringIO()):
+      samples.show_generations(trainer, state, args.num_samples)
 
 
 if __name__ == "__main__":

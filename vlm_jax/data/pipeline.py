@@ -1,11 +1,13 @@
 """The grain pipeline: catalog entries -> this process's share of each global batch.
 
-Per task: random-access source -> this process's slice (index i of n takes records
-i, i+n, ...) -> seeded index shuffle, reshuffled every epoch, repeated forever. Tasks are
-mixed by the mixture rates (grain's deterministic weighted interleave, so realised
-proportions match the rates exactly over any long window), then each element is
-preprocessed and converted with a generator seeded by (seed, stream position), so a given
-step always sees the same examples and prefix lengths. Bad records are skipped and counted
+Per task: random-access source -> seeded index shuffle, reshuffled every epoch, repeated
+forever. Tasks are mixed by the mixture rates (grain's deterministic weighted interleave, so
+realised proportions match the rates exactly over any long window). That mixed stream is the
+same in every process and defines the global batches (batch b = elements b*G .. b*G+G-1);
+process i of n reads only rows i*G/n .. (i+1)*G/n - 1 of each, so the global batch does not
+depend on how many processes share it (ProcessRows). Each element is preprocessed and
+converted with a generator seeded by (seed, global stream position), so a given step always
+sees the same examples and prefix lengths. Bad records are skipped and counted
 (health.py); batching and the heavy per-example work run in worker processes when
 `num_workers > 0`.
 """
@@ -118,18 +120,17 @@ def _process_info(process_index, process_count):
   return process_index, process_count
 
 
-def task_dataset(spec, data_config, split, *, seed, process_index, process_count,
-                 shuffle=True) -> grain.MapDataset:
+def task_dataset(spec, data_config, split, *, seed, shuffle=True) -> grain.MapDataset:
   source = catalog.make_source(spec, data_config.data_dir, split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed).repeat()
   return ds.map(_Tagged(spec))
 
 
-def mixed_records(data_config, *, seed, split="train", process_index=0,
-                  process_count=1) -> grain.MapDataset:
-  """The endless, shuffled, mixed stream of (task spec, raw record) for one process."""
+def mixed_records(data_config, *, seed, split="train") -> grain.MapDataset:
+  """The endless, shuffled, mixed stream of (task spec, raw record); the same in every
+  process."""
   _, kinds = converter(data_config.converter)
   mixture = catalog.resolve(data_config.mixture)
   for name, _ in mixture.rates:
@@ -137,11 +138,46 @@ def mixed_records(data_config, *, seed, split="train", process_index=0,
       raise ValueError(f"task {name!r} holds {catalog.TASKS[name].kind!r} examples; the "
                        f"{data_config.converter!r} converter takes {', '.join(kinds)}")
   tasks = [
-      task_dataset(catalog.TASKS[name], data_config, split, seed=_task_seed(seed, i),
-                   process_index=process_index, process_count=process_count)
+      task_dataset(catalog.TASKS[name], data_config, split, seed=_task_seed(seed, i))
       for i, (name, _) in enumerate(mixture.rates)]
   rates = [rate for _, rate in mixture.rates]
   return tasks[0] if len(tasks) == 1 else grain.MapDataset.mix(tasks, rates)
+
+
+class ProcessRows(grain.MapDataset):
+  """Process i's rows of each global batch of `parent`, as (global index, element).
+
+  Element k of process i is element b*G + i*P + r of the global stream, where
+  b, r = divmod(k, P), P rows per process and G = n*P; every process addresses the whole
+  source but reads only its own rows (random access), and no two processes read the same.
+  """
+
+  def __init__(self, parent: grain.MapDataset, per_process: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._per_process, self._process_index = per_process, process_index
+    self._global_batch = per_process * process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global_batch * self._per_process
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._per_process)
+    position = batch * self._global_batch + self._process_index * self._per_process + row
+    return position, self._parent[position]
+
+
+class _AtGlobalIndex:
+  """Calls an ExampleProcessor with the element's global stream position (picklable)."""
+
+  def __init__(self, processor):
+    self.processor = processor
+
+  def __call__(self, indexed):
+    position, record = indexed
+    return self.processor(position, record)
 
 
 def make_dataset(data_config, *, global_batch_size, seed, split="train", process_index=None,
@@ -152,16 +188,16 @@ def make_dataset(data_config, *, global_batch_size, seed, split="train", process
     raise ValueError(f"global batch size {global_batch_size} is not divisible by "
                      f"{process_count} processes")
   seed = int(np.random.SeedSequence([seed, data_config.seed]).generate_state(1)[0])
-  ds = mixed_records(data_config, seed=seed, split=split, process_index=process_index,
-                     process_count=process_count)
+  per_process = global_batch_size // process_count
+  ds = ProcessRows(mixed_records(data_config, seed=seed, split=split), per_process,
+                   process_index, process_count)
   # Threads overlap file reads and PIL work (which releases the GIL); the buffer is in
   # examples, so keep it near a batch: at 224 px each example is 0.6 MB of float32.
-  per_process = global_batch_size // process_count
   read_options = grain.ReadOptions(num_threads=data_config.read_threads,
                                    prefetch_buffer_size=max(2 * per_process, 16))
-  # Per-process stream seed, so processes do not draw the same prefix lengths in lockstep.
-  processor = processor_cls(data_config, _task_seed(seed, 1000 + process_index))
-  ds = ds.map_with_index(processor).to_iter_dataset(read_options)
+  # Seeded by global stream position (not process), so any process count draws the same.
+  processor = _AtGlobalIndex(processor_cls(data_config, _task_seed(seed, 1000)))
+  ds = ds.map(processor).to_iter_dataset(read_options)
   ds = health.SkipBadRecords(ds, data_config.bad_window, data_config.max_bad_fraction,
                              data_config.warn_every_s)
   ds = ds.batch(per_process, drop_remainder=True)
@@ -198,8 +234,7 @@ def make_eval_batches(data_config, *, batch_size, num_batches=1, split="validati
   pairs = [catalog.TASKS[n] for n, _ in mixture.rates if catalog.TASKS[n].kind == "pairs"]
   if not pairs:
     raise ValueError(f"mixture {mixture.name!r} has no image-text task to caption")
-  ds = task_dataset(pairs[0], data_config, split, seed=0, process_index=0, process_count=1,
-                    shuffle=False)
+  ds = task_dataset(pairs[0], data_config, split, seed=0, shuffle=False)
   processor = ExampleProcessor(data_config, data_config.seed, pair_prefix_length=0)
   out, examples, captions = [], [], []
   for index in range(len(ds)):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax import distributed
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
 from vlm_jax.data import pipeline
@@ -59,11 +60,11 @@ class Trainer:
     self.checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     train_step = step_lib.make_train_step(self.model, self.tx, config, self.schedule)
     repl = sharding.replicated(self.mesh)
-    self.train_step = jax.jit(
+    self.train_step = distributed.synced_after_compile(jax.jit(
         train_step,
         in_shardings=(self.factory.shardings, self.batch_shardings, repl),
         out_shardings=(self.factory.shardings, repl),
-        donate_argnums=(0,))
+        donate_argnums=(0,)))
 
   @contextlib.contextmanager
   def mesh_context(self):

@@ -1,0 +1,50 @@
+"""vlm-compile on this CPU machine: a paper-size train step compiles for a v5p slice and fits;
+a model that cannot fit one chip and a mesh that does not divide the topology fail clearly.
+
+Needs libtpu (`pip install -e '.[test,tpu]'`)."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def vlm_compile(*args):
+  command = [sys.executable, "-m", "vlm_jax.cli.compile", *args]
+  return subprocess.run(command, capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "PYTHONPATH": REPO})
+
+
+def test_minigpt_v2_7b_fits_a_v5p_16_slice_with_fsdp():
+  result = vlm_compile("--config", os.path.join(REPO, "configs/minigpt_v2.py:7b"),
+                       "--topology", "v5p:2x2x2", "--config.mesh.shape=(1,8,1)", "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report["fits"] and report["num_devices"] == 8
+  assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  # 7.78B parameters sharded 8 ways in float32 (3.6 GiB per chip), plus the batch and the
+  # LoRA/projection optimizer state.
+  assert 3.6 * 2**30 < report["argument_bytes"] < 5 * 2**30, report
+  assert 0 < report["peak_bytes"] < report["hbm_bytes"] == 95 * 2**30
+  # fsdp gathers parameters and reduce-scatters gradients.
+  assert report["collectives"].get("all-gather", 0) > 0
+  assert report["xla_flops_per_device"] > 0 and report["analytic_flops_per_device"] > 0
+  assert "fits" in result.stdout
+
+
+def test_a_7b_model_with_unsharded_parameters_on_v5e_chips_does_not_fit():
+  # Data parallelism only: every 16 GiB chip would hold all 7.78B float32 parameters (29 GiB).
+  result = vlm_compile("--config", os.path.join(REPO, "configs/minigpt_v2.py:7b"),
+                       "--topology", "v5e:2x2", "--config.mesh.shape=(4,1,1)")
+  assert result.returncode == 4, result.stderr[-3000:]
+  assert "does not fit: parameters and optimizer state alone need 2" in result.stderr
+  assert "16 GiB HBM of a TPU v5 lite" in result.stderr
+
+
+def test_a_mesh_that_does_not_divide_the_topology_is_a_usage_error():
+  result = vlm_compile("--config", os.path.join(REPO, "configs/simvlm.py:tiny"),
+                       "--topology", "v5p:2x2x2", "--config.mesh.shape=(3,1,1)")
+  assert result.returncode == 2
+  assert "the mesh does not divide topology v5p:2x2x2 (8 devices)" in result.stderr
+  assert "config.mesh.shape=(3, 1, 1)" in result.stderr

@@ -1,0 +1,143 @@
+"""vlm-launch --dry-run: the exact commands (tpu, local) and sbatch script (slurm) it would run;
+the GPU XLA flags it sets are ones this jaxlib knows (an unknown flag aborts every process)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlm_jax.cli import launch as launch_cli
+from vlm_jax.launch import slurm
+
+REPO = launch_cli.REPO_ROOT
+TRAIN = ["--config", "configs/simvlm.py:large", "--workdir", "/mnt/runs/large",
+         "--config.mesh.shape=(1,-1,1)"]
+
+
+def dry_run(capsys, *argv) -> str:
+  with pytest.raises(SystemExit) as exit_info:
+    launch_cli.main([*argv, "--dry-run", *TRAIN])
+  assert exit_info.value.code == 0
+  return capsys.readouterr().out
+
+
+def test_tpu_single_slice(capsys):
+  out = dry_run(capsys, "tpu", "--name", "vlm-v5p", "--zone", "us-east5-a",
+                "--accelerator-type", "v5p-32", "--runtime-version", "v2-alpha-tpuv5",
+                "--project", "my-proj", "--delete", "--env", "LIBTPU_INIT_ARGS=--xla_x=1")
+  where = "--zone=us-east5-a --project=my-proj"
+  ssh = "gcloud compute tpus tpu-vm ssh vlm-v5p"
+  assert out.splitlines() == [
+      f"gcloud compute tpus tpu-vm describe vlm-v5p {where} >/dev/null 2>&1 || "
+      f"gcloud compute tpus tpu-vm create vlm-v5p --accelerator-type=v5p-32 "
+      f"--version=v2-alpha-tpuv5 {where}",
+      f"cd {REPO} && git ls-files -z --cached --others --exclude-standard | "
+      "tar --null -T - -czf /tmp/vlm_jax_code.tar.gz",
+      "gcloud compute tpus tpu-vm scp /tmp/vlm_jax_code.tar.gz vlm-v5p:vlm_jax_code.tar.gz "
+      f"--worker=all {where}",
+      f"{ssh} --worker=all --command='rm -rf ~/vlm_jax && mkdir -p ~/vlm_jax && "
+      "tar -xzf ~/vlm_jax_code.tar.gz -C ~/vlm_jax && "
+      f"pip install -q -e \"$HOME/vlm_jax[tpu]\"' {where}",
+      f"{ssh} --worker=all --command='rm -f ~/vlm_jax_run.status && cd ~/vlm_jax && "
+      "(trap '\"'\"''\"'\"' HUP; VLM_JAX_DISTRIBUTED=auto LIBTPU_INIT_ARGS=--xla_x=1 vlm-train "
+      "--config configs/simvlm.py:large --workdir /mnt/runs/large "
+      "'\"'\"'--config.mesh.shape=(1,-1,1)'\"'\"'; echo $? > ~/vlm_jax_run.status) "
+      f"> ~/vlm_jax_run.log 2>&1 < /dev/null &' {where}",
+      f"{ssh} --worker=0 --command='tail -n +1 -F ~/vlm_jax_run.log & while [ ! -f "
+      "~/vlm_jax_run.status ]; do sleep 5; done; sleep 2; kill %1; "
+      f"exit $(cat ~/vlm_jax_run.status)' {where}",
+      "# always, at the end:",
+      f"gcloud compute tpus tpu-vm delete vlm-v5p --quiet {where}",
+  ]
+
+
+def test_tpu_multislice_goes_through_a_queued_resource(capsys):
+  out = dry_run(capsys, "tpu", "--name", "vlm", "--zone", "us-east5-a", "--accelerator-type",
+                "v5p-128", "--runtime-version", "v2-alpha-tpuv5", "--num-slices", "2",
+                "--code", "none", "--spot")
+  lines = out.splitlines()
+  assert lines[0] == (
+      "gcloud compute tpus queued-resources describe vlm --zone=us-east5-a >/dev/null 2>&1 || "
+      "gcloud compute tpus queued-resources create vlm --accelerator-type=v5p-128 "
+      "--runtime-version=v2-alpha-tpuv5 --node-count=2 --node-prefix=vlm --spot "
+      "--zone=us-east5-a")
+  assert lines[1].startswith("while s=$(gcloud compute tpus queued-resources describe vlm "
+                             "--format='value(state.state)' --zone=us-east5-a); "
+                             "[ \"$s\" != ACTIVE ]; do")
+  # Both slices start the same command on all their workers; slice 0 worker 0 is streamed.
+  assert [line.split(" --worker=")[0] for line in lines[2:]] == [
+      "gcloud compute tpus tpu-vm ssh vlm-0", "gcloud compute tpus tpu-vm ssh vlm-1",
+      "gcloud compute tpus tpu-vm ssh vlm-0"]
+  assert lines[2].replace("vlm-0", "vlm-1") == lines[3]
+  assert "--worker=all" in lines[2] and "--worker=0" in lines[4] and "cd ~ &&" in lines[2]
+  assert len(lines) == 5  # --code none copies nothing; no --delete
+
+
+def test_slurm_script(capsys):
+  out = dry_run(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
+                "--account", "proj", "--time", "12:00:00",
+                "--setup", "source ~/venv/bin/activate")
+  flags = " ".join(slurm.GPU_XLA_FLAGS)
+  assert out == f"""# /mnt/runs/large/launch.sbatch
+#!/bin/bash
+#SBATCH --job-name=vlm_jax
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=12:00:00
+#SBATCH --partition=gpu
+#SBATCH --account=proj
+#SBATCH --exclusive
+#SBATCH --output=/mnt/runs/large/slurm-%j.out
+set -euo pipefail
+cd {REPO}
+source ~/venv/bin/activate
+export VLM_JAX_DISTRIBUTED=auto
+export XLA_FLAGS="${{XLA_FLAGS:-}} {flags}"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.90
+srun --kill-on-bad-exit=1 python -m vlm_jax.cli.train --config configs/simvlm.py:large \
+--workdir /mnt/runs/large '--config.mesh.shape=(1,-1,1)'
+# then: sbatch /mnt/runs/large/launch.sbatch
+"""
+
+
+def test_local_two_processes(capsys):
+  out = dry_run(capsys, "local", "--num-processes", "2", "--cpu-devices-per-process", "2",
+                "--port", "4321")
+  train = (f"{sys.executable} -m vlm_jax.cli.train --config configs/simvlm.py:large "
+           "--workdir /mnt/runs/large '--config.mesh.shape=(1,-1,1)'")
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_force_host_platform_device_count"))
+  xla = f"'{flags} --xla_force_host_platform_device_count=2'" if flags else \
+      "--xla_force_host_platform_device_count=2"
+  assert out.splitlines() == [
+      f"JAX_PLATFORMS=cpu VLM_JAX_COORDINATOR=localhost:4321 VLM_JAX_HEARTBEAT_TIMEOUT_S=20 "
+      f"VLM_JAX_NUM_PROCESSES=2 VLM_JAX_PROCESS_ID={i} XLA_FLAGS={xla} {train}"
+      for i in range(2)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tpu", "--name", "Bad_Name", "--zone", "z", "--accelerator-type", "v5p-8",
+      "--runtime-version", "r"], "--name='Bad_Name'"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "8", "--time", "tomorrow"], "--time"),
+    (["local", "--num-processes", "0"], "--num-processes=0"),
+])
+def test_bad_launcher_options_name_the_option(capsys, argv, message):
+  with pytest.raises(SystemExit) as exit_info:
+    launch_cli.main([*argv, "--dry-run", *TRAIN])
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_train_arguments_are_required(capsys):
+  with pytest.raises(SystemExit):
+    launch_cli.main(["local", "--dry-run", "--workdir", "/tmp/x"])
+  assert "--config" in capsys.readouterr().err
+
+
+def test_the_gpu_xla_flags_exist_in_this_jaxlib():
+  env = {**os.environ, "XLA_FLAGS": " ".join(slurm.GPU_XLA_FLAGS), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(jnp.ones(2).sum())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and "2.0" in result.stdout, result.stderr[-2000:]

@@ -1,0 +1,114 @@
+"""Multi-process JAX: initialise jax.distributed before any device use, and fail fast.
+
+vlm-launch tells each process of a job that it is one of several through the environment:
+
+  VLM_JAX_COORDINATOR=host:port, VLM_JAX_NUM_PROCESSES=n, VLM_JAX_PROCESS_ID=i
+      explicit (`vlm-launch local --num-processes n`: CPU processes on one machine);
+  VLM_JAX_DISTRIBUTED=auto
+      `jax.distributed.initialize()` detects the cluster itself (Cloud TPU VM workers, SLURM
+      tasks: coordinator, process count and id, and one GPU per SLURM task);
+  neither
+      a single process: nothing to initialise.
+
+VLM_JAX_HEARTBEAT_TIMEOUT_S (default 60) bounds how long the survivors of a dead process
+live: the coordination service stops receiving its heartbeats and terminates every other
+process of the job.
+"""
+import os
+import sys
+import traceback
+
+import jax
+
+ENV_COORDINATOR = "VLM_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "VLM_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "VLM_JAX_PROCESS_ID"
+ENV_AUTO = "VLM_JAX_DISTRIBUTED"
+ENV_HEARTBEAT_TIMEOUT = "VLM_JAX_HEARTBEAT_TIMEOUT_S"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+
+# Exit status of a process that stopped on an uncaught exception in a multi-process job.
+EXIT_FAILED = 1
+# How long processes wait for each other to finish compiling the train step.
+COMPILE_BARRIER_TIMEOUT_S = 3600
+
+
+def _int_env(name: str, default=None) -> int:
+  text = os.environ.get(name)
+  if text is None:
+    if default is None:
+      raise ValueError(f"${name} must be set when ${ENV_COORDINATOR} is.")
+    return default
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"${name}={text!r} is not an integer.") from None
+
+
+def initialize() -> bool:
+  """Joins the multi-process job the environment describes; True if there is one.
+
+  Must run before anything touches a device (jax.devices(), jax.process_index(), an array).
+  """
+  if jax.distributed.is_initialized():
+    return True
+  coordinator = os.environ.get(ENV_COORDINATOR)
+  auto = os.environ.get(ENV_AUTO, "")
+  if not coordinator and auto != "auto":
+    if auto:
+      raise ValueError(f"${ENV_AUTO}={auto!r}: the only value is 'auto'.")
+    return False
+  # Cross-process collectives between CPU devices (and host-side ones on accelerators).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  heartbeat = _int_env(ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_S)
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=_int_env(ENV_NUM_PROCESSES),
+                               process_id=_int_env(ENV_PROCESS_ID),
+                               heartbeat_timeout_seconds=heartbeat)
+  else:
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+  sys.excepthook = _exit_now_on_uncaught_exception
+  return True
+
+
+def _exit_now_on_uncaught_exception(kind, value, tb):
+  """Prints the error and exits without jax.distributed's shutdown barrier.
+
+  A normal exit waits at that barrier for the other processes, which are blocked in a
+  collective waiting for this one: the job would hang for the shutdown timeout (minutes).
+  Exiting at once stops this process's heartbeats, and the coordination service then
+  terminates the others within the heartbeat timeout.
+  """
+  traceback.print_exception(kind, value, tb)
+  print(f"vlm_jax: process {jax.process_index()} of {jax.process_count()} failed; exiting "
+        "without waiting for the others (they stop when its heartbeats do).", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(EXIT_FAILED)  # pylint: disable=protected-access
+
+
+class _SyncedAfterCompile:
+  """A jitted step whose first call compiles, waits for every process, then runs.
+
+  CPU collectives (gloo) set up their connections at the first collective and give up after
+  30 s; a process that compiles more slowly than its peers (a loaded host, a compilation
+  cache hit on only some hosts) would fail the job there. The coordination service's
+  barrier has no such limit.
+  """
+
+  def __init__(self, jitted):
+    self._jitted, self._compiled = jitted, None
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      self._compiled = self._jitted.lower(*args).compile()
+      from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+      jax_distributed.global_state.client.wait_at_barrier(
+          "vlm_jax_train_step_compiled", COMPILE_BARRIER_TIMEOUT_S * 1000)
+    return self._compiled(*args)
+
+
+def synced_after_compile(jitted):
+  """`jitted` itself in a single process; in a multi-process job, see _SyncedAfterCompile."""
+  return _SyncedAfterCompile(jitted) if jax.process_count() > 1 else jitted

@@ -1,0 +1,123 @@
+"""`vlm-launch local`: one process, or N CPU processes on this machine joined by jax.distributed.
+
+N processes with K CPU devices each behave like N hosts of a pod (per-process data rows,
+global arrays, cooperative checkpoints, process-0 logging), which is how multi-host code is
+tested without a pod. Process 0's output streams to the console; every process's output
+goes to <workdir>/launch_logs/process_<i>.log.
+
+When a process fails, the others are left to stop by themselves (the coordination service
+terminates them once its heartbeats stop, as it would on a pod) for `grace_s`, then killed.
+"""
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from vlm_jax import distributed
+
+TRAIN_MODULE = "vlm_jax.cli.train"
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def process_envs(num_processes: int, cpu_devices: int | None, port: int,
+                 heartbeat_timeout_s: int, base_env=None) -> list[dict]:
+  """The environment variables each process gets on top of `base_env` (only the changes)."""
+  base_env = os.environ if base_env is None else base_env
+  common = {}
+  if cpu_devices:
+    flags = _DEVICE_COUNT_FLAG.sub("", base_env.get("XLA_FLAGS", "")).split()
+    common["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count="
+                                            f"{cpu_devices}"])
+    common["JAX_PLATFORMS"] = "cpu"
+  if num_processes == 1:
+    return [common]
+  common.update({distributed.ENV_COORDINATOR: f"localhost:{port}",
+                 distributed.ENV_NUM_PROCESSES: str(num_processes),
+                 distributed.ENV_HEARTBEAT_TIMEOUT: str(heartbeat_timeout_s)})
+  return [{**common, distributed.ENV_PROCESS_ID: str(i)} for i in range(num_processes)]
+
+
+def commands(train_args, envs) -> list[str]:
+  """One shell line per process: exactly what runs (the dry-run output)."""
+  argv = [sys.executable, "-m", TRAIN_MODULE, *train_args]
+  return [" ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " " +
+          shlex.join(argv) for env in envs]
+
+
+def _stream(pipe, log_file, console):
+  for line in iter(pipe.readline, b""):
+    log_file.write(line)
+    log_file.flush()
+    console.write(line.decode(errors="replace"))
+    console.flush()
+
+
+def _exit_status(code: int) -> int:
+  return 128 - code if code < 0 else code  # killed by signal s -> 128 + s, as shells report
+
+
+def run(train_args, envs, log_dir: str, grace_s: float) -> int:
+  """Runs the processes; returns 0, or the exit status of the first one that failed."""
+  os.makedirs(log_dir, exist_ok=True)
+  argv = [sys.executable, "-m", TRAIN_MODULE, *train_args]
+  procs, logs, threads = [], [], []
+  for i, env in enumerate(envs):
+    log = open(os.path.join(log_dir, f"process_{i}.log"), "wb")
+    logs.append(log)
+    stdout = subprocess.PIPE if i == 0 else log
+    procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=stdout,
+                                  stderr=subprocess.STDOUT))
+    print(f"vlm-launch: process {i} pid {procs[-1].pid}, log {log.name}", flush=True)
+  threads.append(threading.Thread(target=_stream, args=(procs[0].stdout, logs[0], sys.stdout),
+                                  daemon=True))
+  threads[0].start()
+  first_failure = None
+  try:
+    while any(p.poll() is None for p in procs):
+      time.sleep(0.2)
+      if first_failure is None:
+        failed = [(i, p) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed:
+          first_failure = (failed[0][0], failed[0][1].returncode, time.monotonic())
+          print(f"vlm-launch: process {failed[0][0]} failed with status "
+                f"{_exit_status(failed[0][1].returncode)}; waiting up to {grace_s:.0f} s for "
+                "the others to stop", flush=True)
+      elif time.monotonic() - first_failure[2] > grace_s:
+        _kill_all(procs)
+  except KeyboardInterrupt:
+    _kill_all(procs)
+    raise
+  finally:
+    threads[0].join(timeout=10)
+    for log in logs:
+      log.close()
+  if first_failure is None:
+    return 0
+  for i, p in enumerate(procs):
+    print(f"vlm-launch: process {i} exited with status {_exit_status(p.returncode)}",
+          flush=True)
+  return _exit_status(first_failure[1])
+
+
+def _kill_all(procs):
+  for i, p in enumerate(procs):
+    if p.poll() is None:
+      print(f"vlm-launch: process {i} still running: killing it", flush=True)
+      p.send_signal(signal.SIGTERM)
+  deadline = time.monotonic() + 10
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      p.kill()

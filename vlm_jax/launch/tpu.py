@@ -1,0 +1,146 @@
+"""`vlm-launch tpu`: a Cloud TPU VM slice (or several, multi-slice) running vlm-train.
+
+The plan is a list of shell lines, run in order by `run_plan` (or printed by --dry-run):
+
+1. the slice: reused if `describe` finds it, else created — directly
+   (`tpu-vm create`) or through a queued resource (`--queued`; required for multi-slice,
+   whose nodes are <name>-0 .. <name>-<n-1>), then waited for until ACTIVE;
+2. the code: this checkout packed (git-tracked and untracked files, no .git) and copied to
+   every worker, then `pip install -e .[tpu]` there (`--code copy`); or `pip install SPEC`
+   (`--code pip:SPEC`); or nothing (`--code none`: the image already has it);
+3. the run: on every worker of every slice, vlm-train starts detached (SIGHUP ignored) with
+   VLM_JAX_DISTRIBUTED=auto, writing ~/vlm_jax_run.log and its exit status to
+   ~/vlm_jax_run.status; then worker 0 of slice 0's log is streamed until that status
+   appears, and the launcher exits with it. A dropped ssh connection does not stop training.
+4. with --delete, the slice (or queued resource) is deleted at the end, success or not.
+"""
+import dataclasses
+import re
+import shlex
+
+from vlm_jax import distributed
+
+REMOTE_DIR = "~/vlm_jax"
+REMOTE_LOG = "~/vlm_jax_run.log"
+REMOTE_STATUS = "~/vlm_jax_run.status"
+CODE_ARCHIVE = "/tmp/vlm_jax_code.tar.gz"
+_FAILED_STATES = ("FAILED", "SUSPENDING", "SUSPENDED")
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+  name: str
+  zone: str
+  accelerator_type: str  # e.g. v5p-32
+  runtime_version: str  # e.g. v2-alpha-tpuv5
+  project: str = ""
+  num_slices: int = 1
+  queued: bool = False
+  spot: bool = False
+  code: str = "copy"  # copy | none | pip:SPEC
+  delete: bool = False
+  env: tuple = ()  # ("KEY=VALUE", ...) for the training processes
+
+  def __post_init__(self):
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name):
+      raise ValueError(f"--name={self.name!r}: a TPU name is lowercase letters, digits and "
+                       "hyphens, starting with a letter.")
+    if self.num_slices < 1:
+      raise ValueError(f"--num-slices={self.num_slices} must be >= 1.")
+    if not (self.code in ("copy", "none") or self.code.startswith("pip:")):
+      raise ValueError(f"--code={self.code!r}: expected copy, none or pip:SPEC.")
+    for item in self.env:
+      if "=" not in item:
+        raise ValueError(f"--env {item!r}: expected KEY=VALUE.")
+
+  @property
+  def uses_queue(self) -> bool:
+    return self.queued or self.num_slices > 1
+
+  @property
+  def nodes(self) -> list[str]:
+    if self.num_slices == 1:
+      return [self.name]
+    return [f"{self.name}-{i}" for i in range(self.num_slices)]
+
+  def where(self) -> str:
+    where = f"--zone={self.zone}"
+    return where + (f" --project={self.project}" if self.project else "")
+
+
+def _gcloud(t: TpuTarget, group: str, verb: str, *args: str) -> str:
+  """`gcloud compute tpus <tpu-vm|queued-resources> <verb> <args> --zone --project`."""
+  return " ".join(["gcloud compute tpus", group, verb, *args, t.where()])
+
+
+def slice_lines(t: TpuTarget) -> list[str]:
+  spot = ["--spot"] if t.spot else []
+  if not t.uses_queue:
+    create = _gcloud(t, "tpu-vm", "create", t.name, f"--accelerator-type={t.accelerator_type}",
+                     f"--version={t.runtime_version}", *spot)
+    return [f"{_gcloud(t, 'tpu-vm', 'describe', t.name)} >/dev/null 2>&1 || {create}"]
+  nodes = ([f"--node-id={t.name}"] if t.num_slices == 1 else
+           [f"--node-count={t.num_slices}", f"--node-prefix={t.name}"])
+  create = _gcloud(t, "queued-resources", "create", t.name,
+                   f"--accelerator-type={t.accelerator_type}",
+                   f"--runtime-version={t.runtime_version}", *nodes, *spot)
+  state = _gcloud(t, "queued-resources", "describe", t.name, "--format='value(state.state)'")
+  failed = "|".join(_FAILED_STATES)
+  wait = (f'while s=$({state}); [ "$s" != ACTIVE ]; do case "$s" in {failed}) '
+          f'echo "queued resource {t.name} is $s" >&2; exit 1;; esac; '
+          f'echo "queued resource {t.name}: $s; waiting"; sleep 30; done')
+  return [f"{_gcloud(t, 'queued-resources', 'describe', t.name)} >/dev/null 2>&1 || {create}",
+          wait]
+
+
+def _ssh(t: TpuTarget, node: str, worker: str, command: str) -> str:
+  return _gcloud(t, "tpu-vm", "ssh", node, f"--worker={worker}",
+                 f"--command={shlex.quote(command)}")
+
+
+def code_lines(t: TpuTarget, repo_root: str) -> list[str]:
+  if t.code == "none":
+    return []
+  if t.code.startswith("pip:"):
+    install = f"pip install -q {shlex.quote(t.code[4:])}"
+    return [_ssh(t, node, "all", install) for node in t.nodes]
+  pack = (f"cd {shlex.quote(repo_root)} && git ls-files -z --cached --others "
+          f"--exclude-standard | tar --null -T - -czf {CODE_ARCHIVE}")
+  unpack = (f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && "
+            f"tar -xzf ~/vlm_jax_code.tar.gz -C {REMOTE_DIR} && "
+            f'pip install -q -e "$HOME/vlm_jax[tpu]"')
+  lines = [pack]
+  for node in t.nodes:
+    lines.append(_gcloud(t, "tpu-vm", "scp", CODE_ARCHIVE, f"{node}:vlm_jax_code.tar.gz",
+                         "--worker=all"))
+    lines.append(_ssh(t, node, "all", unpack))
+  return lines
+
+
+def train_command(t: TpuTarget, train_args) -> str:
+  env = [f"{distributed.ENV_AUTO}=auto", *t.env]
+  return " ".join(shlex.quote(e) for e in env) + " " + shlex.join(["vlm-train", *train_args])
+
+
+def run_lines(t: TpuTarget, train_args) -> list[str]:
+  workdir_cd = f"cd {REMOTE_DIR}" if t.code == "copy" else "cd ~"
+  # A detached subshell that ignores SIGHUP, so closing the ssh session does not stop it.
+  start = (f"rm -f {REMOTE_STATUS} && {workdir_cd} && (trap '' HUP; "
+           f"{train_command(t, train_args)}; echo $? > {REMOTE_STATUS}) "
+           f"> {REMOTE_LOG} 2>&1 < /dev/null &")
+  follow = (f"tail -n +1 -F {REMOTE_LOG} & while [ ! -f {REMOTE_STATUS} ]; do sleep 5; done; "
+            f"sleep 2; kill %1; exit $(cat {REMOTE_STATUS})")
+  return [_ssh(t, node, "all", start) for node in t.nodes] + [
+      _ssh(t, t.nodes[0], "0", follow)]
+
+
+def delete_line(t: TpuTarget) -> str:
+  if t.uses_queue:
+    return _gcloud(t, "queued-resources", "delete", t.name, "--force", "--quiet")
+  return _gcloud(t, "tpu-vm", "delete", t.name, "--quiet")
+
+
+def plan(t: TpuTarget, train_args, repo_root: str) -> dict:
+  """{'steps': [shell lines], 'finally': [shell lines run even when a step fails]}."""
+  return {"steps": slice_lines(t) + code_lines(t, repo_root) + run_lines(t, train_args),
+          "finally": [delete_line(t)] if t.delete else []}
