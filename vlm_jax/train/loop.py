@@ -13,6 +13,7 @@ from vlm_jax import sharding
 from vlm_jax.data import pipeline
 from vlm_jax.models import registry
 from vlm_jax.train import checkpoint as checkpoint_lib
+from vlm_jax.train import init_weights
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import optimizer as optimizer_lib
 from vlm_jax.train import state as state_lib
@@ -71,7 +72,8 @@ class Trainer:
       yield
 
   # ------------------------------------------------------------------------------------------
-  # State: resume from the newest complete checkpoint, else initialise directly sharded.
+  # State: resume from the newest complete checkpoint, else initialise directly sharded
+  # (pretrained parts from config.init imported over the initialisation).
   # ------------------------------------------------------------------------------------------
   def initial_state(self):
     latest = self.checkpointer.latest_step()
@@ -80,7 +82,8 @@ class Trainer:
         _log(f"Resuming from checkpoint step {latest} in {self.checkpointer.directory}")
         return self.checkpointer.restore(
             latest, self.factory.abstract_with_shardings(), self.data)
-      return self.factory.create(jax.random.key(self.config.seed))
+      state = self.factory.create(jax.random.key(self.config.seed))
+      return init_weights.apply(self.config, self.model, self.factory, state, _log)
 
   # ------------------------------------------------------------------------------------------
   # Loop.
