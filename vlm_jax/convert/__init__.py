@@ -10,8 +10,8 @@ Python API (see docs/weights.md):
 `target` maps '/'-paths (relative to the sub-tree being filled) to ShapeDtypeStructs whose
 `sharding` is where each array lands. One module per source architecture holds the name/shape
 mapping (`llama`, `gpt_neox`, `clip`, ...): NAME, MODEL_TYPES (config.json `model_type`s it
-reads), IGNORE (checkpoint tensors dropped on purpose), `slots(paths)`, `build(config)` and
-`hf_config(module)`.
+reads), IGNORE (checkpoint tensors dropped on purpose), `slots(paths, names)`, `build(config)`
+and `hf_config(module, shapes)`.
 """
 import json
 import os
@@ -21,12 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.convert import llama, transfer
+from vlm_jax.convert import clip, llama, transfer
 from vlm_jax.convert.checkpoint import Checkpoint, ConversionError
 from vlm_jax.convert.transfer import flatten, unflatten
 from vlm_jax.nn import lora
 
-ARCHS = {m.NAME: m for m in (llama,)}
+ARCHS = {m.NAME: m for m in (llama, clip)}
 # Our parameters that no HF checkpoint has; they keep their initialisation on import.
 ALWAYS_NEW = (r"(.*/)?lora_[ab]",)
 
@@ -91,7 +91,8 @@ def export_hf(params: Mapping, module, directory: str, *, arch: str | None = Non
   if any(k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for k in flatten(params)):
     params = lora.merge_lora(params, module.lora_alpha)
   module_arch = ARCHS[arch] if arch else _default_arch(module)
-  config = module_arch.hf_config(module)
+  config = module_arch.hf_config(
+      module, {p: tuple(a.shape) for p, a in flatten(params).items()})
   dtypes = {str(jnp.dtype(a.dtype)) for a in flatten(params).values()}
   config["torch_dtype"] = str(jnp.dtype(dtype)) if dtype else (
       dtypes.pop() if len(dtypes) == 1 else "float32")
@@ -106,5 +107,7 @@ def _default_arch(module):
   name = type(module).__name__
   if name == "DecoderLM":
     return llama
+  if name == "ViT":
+    return clip
   raise ConversionError(f"no default HF architecture for {name}; pass arch= one of "
                         f"{sorted(ARCHS)}.")

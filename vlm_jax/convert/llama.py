@@ -38,7 +38,9 @@ LAYER = [
 ]
 
 
-def slots(paths: dict) -> list[R.Slot]:
+def slots(paths: dict, names: set | None) -> list[R.Slot]:
+  """`paths`: our leaf paths -> shapes; `names`: the checkpoint's tensors (None: export)."""
+  del names
   plain = [R.copy("embed/embedding", "model.embed_tokens.weight"),
            R.copy("final_norm/scale", "model.norm.weight")]
   if "logits_projection/kernel" in paths:
@@ -83,8 +85,9 @@ def build(config: dict, **overrides):
   return lm, (jnp.zeros((1, 1), jnp.int32),)
 
 
-def hf_config(lm) -> dict:
+def hf_config(lm, shapes: dict) -> dict:
   """config.json for a `DecoderLM` with LLaMA's layout (checked)."""
+  del shapes
   layout = dict(norm_type="rmsnorm", mlp_activation="swiglu", position="rotary",
                 use_bias=False, parallel_residual=False)
   wrong = {k: getattr(lm, k) for k, v in layout.items() if getattr(lm, k) != v}

@@ -58,7 +58,7 @@ def plan_import(checkpoint: ckpt_lib.Checkpoint, arch, target: Mapping[str, Any]
   """Checks `checkpoint` against `target` ('/'-path -> ShapeDtypeStruct, relative to the
   imported sub-tree); `new` are fullmatch regexes of our params the checkpoint cannot have."""
   shapes = {p: tuple(s.shape) for p, s in target.items()}
-  slots = arch.slots(shapes)
+  slots = arch.slots(shapes, set(checkpoint.tensors))
   by_leaf = collections.defaultdict(list)
   problems, needed = [], {}
   for slot in slots:
@@ -170,7 +170,7 @@ def export(params: Mapping, arch, directory: str, *, dtype=None,
   """Writes our (LoRA-free) sub-tree `params` as HF tensors into `directory`; returns the
   tensor names. One HF shard is in host memory at a time."""
   flat = flatten(params)
-  slots = arch.slots({p: tuple(np.shape(a)) for p, a in flat.items()})
+  slots = arch.slots({p: tuple(np.shape(a)) for p, a in flat.items()}, None)
   produced = {p for slot in slots for p in slot.targets}
   left = sorted(set(flat) - produced)
   if left:

@@ -47,6 +47,7 @@ class _LayerBase(nn.Module):
   num_kv_heads: int | None = None
   mlp_activation: str = "gelu"
   norm_type: str = "layernorm"
+  norm_epsilon: float = 1e-6
   use_bias: bool = True
   use_rotary: bool = False
   dropout_rate: float = 0.0
@@ -55,7 +56,8 @@ class _LayerBase(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _norm(self, name):
-    return norms.make_norm(self.norm_type, self.dtype, self.param_dtype, name=name)
+    return norms.make_norm(self.norm_type, self.dtype, self.param_dtype, name=name,
+                           epsilon=self.norm_epsilon)
 
   def _attention(self, name, use_rotary):
     return attention_lib.MultiHeadAttention(
