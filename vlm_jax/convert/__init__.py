@@ -21,12 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.convert import clip, llama, transfer
+from vlm_jax.convert import clip, gpt_neox, llama, transfer
 from vlm_jax.convert.checkpoint import Checkpoint, ConversionError
 from vlm_jax.convert.transfer import flatten, unflatten
 from vlm_jax.nn import lora
 
-ARCHS = {m.NAME: m for m in (llama, clip)}
+ARCHS = {m.NAME: m for m in (llama, gpt_neox, clip)}
 # Our parameters that no HF checkpoint has; they keep their initialisation on import.
 ALWAYS_NEW = (r"(.*/)?lora_[ab]",)
 
@@ -106,7 +106,7 @@ def export_hf(params: Mapping, module, directory: str, *, arch: str | None = Non
 def _default_arch(module):
   name = type(module).__name__
   if name == "DecoderLM":
-    return llama
+    return llama if module.norm_type == "rmsnorm" else gpt_neox
   if name == "ViT":
     return clip
   raise ConversionError(f"no default HF architecture for {name}; pass arch= one of "
