@@ -9,9 +9,11 @@
       was converted and what keeps its initialisation; --out saves the imported params
       (orbax). Training uses the same import through --config.init.lm / --config.init.vision.
   vlm-convert export --config configs/<family>.py:<size> --workdir RUN --part lm --out DIR
-      [--step N] [--dtype bfloat16] [--arch llama|gpt_neox|clip]
+      [--step N] [--dtype bfloat16] [--arch llama|gpt_neox|clip|roberta]
       the run's newest (or step N) parameters of that part, LoRA merged, as an HF checkpoint
-      (safetensors shards + config.json) that transformers' from_pretrained loads.
+      (safetensors shards + config.json) that transformers' from_pretrained loads. Params
+      the family declares new in that part (Flamingo's gated cross-attention, Prismer's
+      cross-attention and adaptors) have no place in the HF model and are left out.
 """
 import argparse
 import json
@@ -61,10 +63,10 @@ def _family_target(config, part: str):
   shardings = traverse_util.flatten_dict(sharding.logical_shardings(boxed, mesh, rules),
                                          sep="/")
   shapes = traverse_util.flatten_dict(state_lib.strip_boxes(boxed), sep="/")
-  root = parts[part]["path"].rstrip("/") + "/"
-  target = {p[len(root):]: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[p])
-            for p, s in shapes.items() if p.startswith(root)}
-  return model, root, target, tuple(parts[part].get("new", ())), mesh
+  full = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[p])
+          for p, s in shapes.items()}
+  root, target, new = init_weights.part_target(parts[part], full)
+  return model, root, target, new, mesh
 
 
 def _import(args, config):
@@ -118,16 +120,19 @@ def _export(args, config):
   import jax
 
   from vlm_jax import convert
-  model, root, target, _, mesh = _family_target(config, args.part)
+  from vlm_jax.train import init_weights
+  model, root, target, new, mesh = _family_target(config, args.part)
   with jax.set_mesh(mesh):
     flat, step = _restore_params(args.workdir, args.step,
                                  {root + p: s for p, s in target.items()})
   module = model.bind({})
-  for name in root.rstrip("/").split("/"):
+  for name in filter(None, root.split("/")):
     module = getattr(module, name)
   params = convert.unflatten({p[len(root):]: a for p, a in flat.items()})
-  names = convert.export_hf(params, module, args.out, arch=args.arch, dtype=args.dtype)
-  print(f"Exported {len(names)} tensors of {root.rstrip('/')} (step {step}) to {args.out}.")
+  arch = args.arch or init_weights.pretrained_parts(model)[args.part].get("arch")
+  names = convert.export_hf(params, module, args.out, arch=arch, dtype=args.dtype, drop=new)
+  print(f"Exported {len(names)} tensors of {root.rstrip('/') or 'the model'} (step {step}) to "
+        f"{args.out}.")
 
 
 def main(argv=None):
@@ -148,8 +153,9 @@ def main(argv=None):
   exp.add_argument("--out", required=True)
   exp.add_argument("--step", type=int, default=None)
   exp.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as trained)")
-  exp.add_argument("--arch", default=None, help="default: from the module (llama for an "
-                   "RMSNorm DecoderLM, gpt_neox for a LayerNorm one, clip for a ViT)")
+  exp.add_argument("--arch", default=None, help="default: the part's declared 'arch', else "
+                   "from the module (llama for an RMSNorm DecoderLM, gpt_neox for a LayerNorm "
+                   "one, clip for a ViT)")
   try:
     spec, overrides, rest = config_lib.parse_config_args(argv)
     args = parser.parse_args(rest)

@@ -15,18 +15,19 @@ and `hf_config(module, shapes)`.
 """
 import json
 import os
+import re
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.convert import clip, gpt_neox, llama, transfer
+from vlm_jax.convert import clip, gpt_neox, llama, roberta, transfer
 from vlm_jax.convert.checkpoint import Checkpoint, ConversionError
 from vlm_jax.convert.transfer import flatten, unflatten
 from vlm_jax.nn import lora
 
-ARCHS = {m.NAME: m for m in (llama, gpt_neox, clip)}
+ARCHS = {m.NAME: m for m in (llama, gpt_neox, clip, roberta)}
 # Our parameters that no HF checkpoint has; they keep their initialisation on import.
 ALWAYS_NEW = (r"(.*/)?lora_[ab]",)
 
@@ -74,6 +75,9 @@ def import_hf(path: str, *, arch: str | None = None, dtype: str = "float32", log
   overridden, e.g. scan_layers=False) and its parameters on the default device."""
   checkpoint = Checkpoint(path)
   module_arch = arch_for(checkpoint, arch)
+  if not hasattr(module_arch, "build"):
+    raise ConversionError(f"{module_arch.NAME} checkpoints import into a family's part only "
+                          "(load_part, --config.init.lm); we have no standalone module for it.")
   module, example = module_arch.build(checkpoint.config(), param_dtype=dtype, **overrides)
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example)["params"])
   target = flatten(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -82,12 +86,15 @@ def import_hf(path: str, *, arch: str | None = None, dtype: str = "float32", log
 
 
 def export_hf(params: Mapping, module, directory: str, *, arch: str | None = None,
-              dtype=None, max_shard_bytes: int = 2 << 30) -> list[str]:
+              dtype=None, max_shard_bytes: int = 2 << 30, drop: tuple[str, ...] = ()) -> list[str]:
   """Writes `params` of `module` (a DecoderLM, ViT, ...) as an HF checkpoint in `directory`:
   safetensors shards + config.json, LoRA merged into the base weights first. `arch` defaults
   to the module's usual source ('llama' for a DecoderLM with RMSNorm, 'gpt_neox' with
-  LayerNorm, 'clip' for a ViT). Returns the tensor names written."""
-  params = unflatten(flatten(params))
+  LayerNorm, 'clip' for a ViT). `drop`: fullmatch regexes of params the HF model has no
+  place for (parts new to our model). Returns the tensor names written."""
+  dropped = [re.compile(p) for p in drop]
+  params = unflatten({p: a for p, a in flatten(params).items()
+                      if not any(r.fullmatch(p) for r in dropped)})
   if any(k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for k in flatten(params)):
     params = lora.merge_lora(params, module.lora_alpha)
   module_arch = ARCHS[arch] if arch else _default_arch(module)
