@@ -89,12 +89,14 @@ def _restore_params(workdir: str, step, target: dict) -> tuple[dict, int]:
   trainable `params` or `frozen` side, whichever holds each)."""
   import os
 
+  import grain
   import orbax.checkpoint as ocp
 
   from vlm_jax import convert
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                 "data": grain.checkpoint.CheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise convert.ConversionError(f"--workdir {workdir}: no finished checkpoint in {directory}.")
