@@ -22,12 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.convert import clip, gpt_neox, llama, roberta, transfer
+from vlm_jax.convert import clip, gpt_neox, llama, roberta, t5, transfer
 from vlm_jax.convert.checkpoint import Checkpoint, ConversionError
 from vlm_jax.convert.transfer import flatten, unflatten
 from vlm_jax.nn import lora
 
-ARCHS = {m.NAME: m for m in (llama, gpt_neox, clip, roberta)}
+ARCHS = {m.NAME: m for m in (llama, gpt_neox, clip, roberta, t5)}
 # Our parameters that no HF checkpoint has; they keep their initialisation on import.
 ALWAYS_NEW = (r"(.*/)?lora_[ab]",)
 
