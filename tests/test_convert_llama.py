@@ -66,11 +66,17 @@ def ours(module, params, tokens=TOKENS, mask=MASK):
   return jax.jit(nn.apply(run, module))({"params": params}, tokens, mask.astype(np.float32))
 
 
-@pytest.mark.parametrize("layout,scan", [("single", True), ("sharded", False)])
-def test_hidden_states_and_logits_match_transformers_with_padding(saved, layout, scan):
+# Stack layouts: scanned, unscanned, and grouped 2 layers per unit (Flamingo's LM), both ways.
+@pytest.mark.parametrize("layout,scan,group", [("single", True, 1), ("sharded", False, 1),
+                                               ("single", True, 2), ("sharded", False, 2)])
+def test_hidden_states_and_logits_match_transformers_with_padding(saved, layout, scan, group):
   model, single, sharded = saved
   module, params = convert.import_hf(single if layout == "single" else sharded,
-                                     scan_layers=scan, log=lambda _: None)
+                                     scan_layers=scan, layers_per_unit=group,
+                                     log=lambda _: None)
+  if group > 1:
+    unit = params["layers"]["layers" if scan else "layers_0"]
+    assert sorted(unit) == ["sublayer_0", "sublayer_1"]
   assert module.rotary_max_wavelength == 500.0 and module.num_kv_heads == 2
   hidden, logits = ours(module, params)
   want_hidden, want_logits = hf_outputs(model)
