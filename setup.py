@@ -54,6 +54,7 @@ setuptools.setup(
             "vlm-data=vlm_jax.cli.data:main",
             "vlm-launch=vlm_jax.cli.launch:main",
             "vlm-compile=vlm_jax.cli.compile:main",
+            "vlm-convert=vlm_jax.cli.convert:main",
         ]
     },
 )

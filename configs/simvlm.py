@@ -3,9 +3,13 @@ r"""SimVLM: encoder-decoder PrefixLM over [image ; text prefix] (arXiv 2108.1090
     vlm-train --config configs/simvlm.py:tiny --workdir /tmp/simvlm_tiny
     vlm-train --config configs/simvlm.py:tiny,scan=False,remat=full --workdir /tmp/t
     vlm-info  --config configs/simvlm.py:base
+    vlm-train --config configs/simvlm.py:tiny,t5=True --workdir /tmp/t \
+        --config.init.lm=/ckpt/t5-v1_1  # a T5 v1.1 of the same sizes (docs/weights.md)
 
 `arg` = size name, then optional comma-separated `key=value` options:
-`scan` (bool, scan the layer stacks), `remat` (none|full|dots), `dtype` (float32|bfloat16).
+`scan` (bool, scan the layer stacks), `remat` (none|full|dots), `dtype` (float32|bfloat16),
+`t5` (bool: the text path in T5 v1.1's layout, `T5_TEXT`, so a T5 checkpoint can
+warm-start it through --config.init.lm).
 
 Sizes (width / heads / MLP / encoder layers / decoder layers / conv stem width, blocks /
 image px / vocab):
@@ -44,7 +48,10 @@ TRAINING = {
     "huge": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
 }
 OPTIONS = {"scan": ("model.scan_layers", bool), "remat": ("model.remat_policy", str),
-           "dtype": ("model.dtype", str)}
+           "dtype": ("model.dtype", str), "t5": ("model.t5", bool)}
+# T5 v1.1's text layout (relative position bias, RMSNorm, gated GELU, no biases, untied head).
+T5_TEXT = dict(position="relative", norm_type="rmsnorm", mlp_activation="geglu",
+               use_bias=False, tie_embeddings=False)
 
 
 def _parse_options(text: str) -> dict:
@@ -86,6 +93,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   m.stem_blocks = stem_blocks
   m.max_text_length = max(prefix_len, suffix_len)
   m.tie_embeddings = True
+  m.position = "learned"
+  m.norm_type = "layernorm"
+  m.use_bias = True
   m.dropout_rate = 0.0  # paper: 0.1 when fine-tuning
   m.drop_path_rate = 0.0  # paper: 0.1 on conv stage + encoder when fine-tuning
 
@@ -93,7 +103,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.prefix_length = prefix_len  # Lp
   c.data.suffix_length = suffix_len  # Ls
 
-  for dotted, value in _parse_options(rest).items():
+  options = _parse_options(rest)
+  if options.pop("model.t5", False):
+    m.update(T5_TEXT)
+  for dotted, value in options.items():
     group, field = dotted.split(".")
     c[group][field] = value
   return c

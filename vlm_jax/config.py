@@ -39,6 +39,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Regexes over '/'-joined parameter paths; matched sub-trees get no gradient at all.
   c.frozen = ()
 
+  # Pretrained weights (HF safetensors checkpoint directories; "" = none), imported after the
+  # model is initialised and before training into the sub-trees the family declares
+  # (`PRETRAINED_PARTS` in its model file); new parts keep their initialisation.
+  c.init = ml_collections.ConfigDict()
+  c.init.lm = ""
+  c.init.vision = ""
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor) within a slice; -1 fills
   c.mesh.dcn_shape = (1, 1, 1)  # across slices (multi-slice pods)

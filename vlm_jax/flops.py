@@ -34,7 +34,7 @@ def attention(q_len, kv_len, width, num_heads, head_dim, num_kv_heads=None, caus
 
 
 def mlp(tokens, width, hidden, activation="gelu"):
-  return dense(tokens, width, hidden) * (3 if activation == "swiglu" else 2)
+  return dense(tokens, width, hidden) * (3 if activation in ("swiglu", "geglu") else 2)
 
 
 def conv(out_hw, kernel, c_in, c_out):

@@ -26,7 +26,8 @@ Batch (fixed shapes; written by `vlm_jax.data.minigpt_v2`):
 
 Trainable in every stage (paper): the projection and the LoRA params; config.frozen freezes
 `vision/.*` and `lm/(?!.*/lora_[ab]$).*`. `lm` params load from a LLaMA-2 checkpoint with
-`decoder_lm.params_from_hf_llama`; `merge_lora` folds LoRA into them for export.
+`--config.init.lm=PATH` (`PRETRAINED_PARTS`, `vlm_jax.convert`); `vlm-convert export` folds
+LoRA into them and writes an HF checkpoint (docs/weights.md).
 
 Generation: `greedy_generate(model, params, batch, max_new_tokens)` answers prompts (batch
 `tokens`/`token_mask` hold prompts only, e.g. `data.minigpt_v2.encode_conversation(...,
@@ -63,6 +64,10 @@ def splice(embeddings: jax.Array, visual: jax.Array, positions: jax.Array,
 
 
 class MiniGPTv2(nn.Module):
+  # config.init.<key> -> the params sub-tree it fills; "new": regexes (relative to it) of
+  # params no checkpoint has (LoRA's are always new). See vlm_jax/train/init_weights.py.
+  PRETRAINED_PARTS = {"lm": {"path": "lm"}, "vision": {"path": "vision"}}
+
   vocab_size: int
   # LLaMA-2 language model
   width: int

@@ -6,6 +6,12 @@
     decoder: causal self-attention over the suffix + cross-attention to the encoder
     logits: tied to the token embedding (scaled by width**-0.5) or a separate projection
 
+`position='relative'` replaces the text position tables by T5's relative position bias (one
+bucketed table per stack, over the encoder's whole [image ; prefix] sequence and the
+decoder's suffix); with norm_type='rmsnorm', mlp_activation='geglu', use_bias=False and
+tie_embeddings=False the text path is T5 v1.1, so a T5 checkpoint warm-starts it
+(`vlm_jax.convert.t5`, `--config.init.lm`). The image keeps its learned 2-D grid.
+
 Batch (fixed shapes; B examples, N images per example, Lp prefix and Ls suffix tokens):
 
     images        [B, N, H, W, 3] f32  pixels in [-1, 1] (N = 1 for SimVLM data)
@@ -35,7 +41,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.nn import attention, conv_stem, embeddings, norms, transformer
+from vlm_jax.nn import attention, conv_stem, embeddings, norms, relative_position, transformer
+
+POSITIONS = ("learned", "relative")
 
 
 class ImageEmbedder(nn.Module):
@@ -61,6 +69,9 @@ class ImageEmbedder(nn.Module):
 
 
 class SimVLM(nn.Module):
+  # config.init.lm: a T5 v1.1 checkpoint fills the text encoder-decoder (see convert/t5.py).
+  PRETRAINED_PARTS = {"lm": {"path": "", "exclude": (r"image_embedder/.*",), "arch": "t5"}}
+
   vocab_size: int
   width: int
   num_heads: int
@@ -73,6 +84,10 @@ class SimVLM(nn.Module):
   stem_width: int = 64
   stem_blocks: tuple[int, ...] = (3, 4, 6)
   max_text_length: int = 64  # size of the prefix and suffix position tables
+  position: str = "learned"  # learned | relative (T5 bucketed bias)
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  use_bias: bool = True  # in attention and MLP projections
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0  # conv stage and encoder only, as in the paper
@@ -86,14 +101,25 @@ class SimVLM(nn.Module):
     layer_kwargs = dict(
         num_heads=self.num_heads, head_dim=self.head_dim or self.width // self.num_heads,
         mlp_dim=self.mlp_dim, mlp_activation=self.mlp_activation, norm_type=self.norm_type,
-        dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype)
+        use_bias=self.use_bias, dropout_rate=self.dropout_rate, dtype=dtype,
+        param_dtype=param_dtype)
     self.image_embedder = ImageEmbedder(self.width, self.stem_width, tuple(self.stem_blocks),
                                         self.drop_path_rate, dtype, param_dtype)
     self.token_embedder = embeddings.Embed(self.vocab_size, self.width, dtype, param_dtype)
-    self.prefix_pos_embedding = embeddings.PositionEmbedding(
-        (self.max_text_length,), self.width, param_dtype=param_dtype)
-    self.suffix_pos_embedding = embeddings.PositionEmbedding(
-        (self.max_text_length,), self.width, param_dtype=param_dtype)
+    if self.position not in POSITIONS:
+      raise ValueError(f"position={self.position!r}: expected one of {POSITIONS}.")
+    if self.position == "learned":
+      self.prefix_pos_embedding = embeddings.PositionEmbedding(
+          (self.max_text_length,), self.width, param_dtype=param_dtype)
+      self.suffix_pos_embedding = embeddings.PositionEmbedding(
+          (self.max_text_length,), self.width, param_dtype=param_dtype)
+    else:
+      relative = dict(num_heads=self.num_heads, num_buckets=self.relative_buckets,
+                      max_distance=self.relative_max_distance, param_dtype=param_dtype)
+      self.encoder_relative_bias = relative_position.RelativePositionBias(
+          bidirectional=True, **relative)
+      self.decoder_relative_bias = relative_position.RelativePositionBias(
+          bidirectional=False, **relative)
     self.embed_dropout = nn.Dropout(self.dropout_rate)
     self.encoder = transformer.layer_stack(
         transformer.EncoderLayer, num_layers=self.encoder_layers, scan_layers=self.scan_layers,
@@ -116,14 +142,19 @@ class SimVLM(nn.Module):
     tokens_per_image = image_tokens.shape[1] // images.shape[1]
     image_valid = jnp.repeat(batch["image_mask"] > 0, tokens_per_image, axis=1)
     prefix_tokens = batch["prefix_tokens"]
-    self._check_length(prefix_tokens.shape[1], "prefix")
     prefix = self.token_embedder(prefix_tokens)
-    prefix = prefix + self.prefix_pos_embedding()[:prefix_tokens.shape[1]].astype(prefix.dtype)
+    if self.position == "learned":
+      self._check_length(prefix_tokens.shape[1], "prefix")
+      prefix = prefix + self.prefix_pos_embedding()[:prefix_tokens.shape[1]].astype(prefix.dtype)
     prefix = self.perturb("prefix_embeddings", prefix)
     x = jnp.concatenate([image_tokens, prefix], axis=1)
     valid = jnp.concatenate([image_valid, batch["prefix_mask"] > 0], axis=1)
     x = self.embed_dropout(x, deterministic=deterministic)
-    x = self.encoder(x, (attention.padding_mask(None, valid),), deterministic)
+    context = (attention.padding_mask(None, valid),)
+    if self.position == "relative":
+      order = jnp.arange(x.shape[1])
+      context += (self.encoder_relative_bias(order[None], order),)
+    x = self.encoder(x, context, deterministic)
     return self.encoder_norm(x), valid
 
   def decode(self, encoded, encoder_mask, tokens, token_mask=None, positions=None,
@@ -131,14 +162,17 @@ class SimVLM(nn.Module):
     """Logits [B, T, V] for decoder inputs `tokens` [B, T].
 
     token_mask [B, T]: valid decoder inputs (padding is masked as keys). positions [B, T]:
-    indices into the suffix position table (default 0..T-1; pass the step when decoding).
+    indices into the suffix position table, or the query positions of the relative bias
+    (default 0..T-1; pass the step when decoding).
     decode=True: self-attention reads/writes the 'cache' collection (masks are implied).
     """
     if positions is None:
-      self._check_length(tokens.shape[1], "suffix")
+      if self.position == "learned":
+        self._check_length(tokens.shape[1], "suffix")
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.token_embedder(tokens)
-    x = x + jnp.take(self.suffix_pos_embedding(), positions, axis=0).astype(x.dtype)
+    if self.position == "learned":
+      x = x + jnp.take(self.suffix_pos_embedding(), positions, axis=0).astype(x.dtype)
     x = self.perturb("suffix_embeddings", x)
     x = self.embed_dropout(x, deterministic=deterministic)
     self_mask = None
@@ -147,7 +181,11 @@ class SimVLM(nn.Module):
       if token_mask is not None:
         self_mask = self_mask & attention.padding_mask(None, token_mask > 0)
     cross_mask = attention.padding_mask(None, encoder_mask)
-    x = self.decoder(x, (encoded, self_mask, cross_mask), deterministic, decode)
+    context = (encoded, self_mask, cross_mask)
+    if self.position == "relative":
+      keys = None if decode else jnp.arange(tokens.shape[1])  # None: the KV cache's slots
+      context += (self.decoder_relative_bias(positions, keys),)
+    x = self.decoder(x, context, deterministic, decode)
     x = self.decoder_norm(x)
     if self.tie_embeddings:
       return self.token_embedder.attend(x) * self.width ** -0.5

@@ -87,8 +87,11 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, mask=None, *, positions=None,
-               decode: bool = False):
+               decode: bool = False, bias=None):
     """inputs_q [B, T, D]; inputs_kv [B, S, D] (None: self-attention); mask boolean.
+
+    bias: float added to the attention logits, broadcastable to [B, N, T, S] (S = the cache
+    length when decoding), e.g. T5's relative position bias.
 
     positions [B, T]: rotary positions of self-attention tokens (default 0..T-1, or the cache
     index onwards when decoding).
@@ -125,8 +128,11 @@ class MultiHeadAttention(nn.Module):
     if mask is not None:
       mask = jnp.asarray(mask, jnp.bool_)
       mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if bias is not None:
+      bias = jnp.asarray(bias, q.dtype)
+      bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
     out = jax.nn.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+        q, k.astype(q.dtype), v.astype(q.dtype), bias=bias, mask=mask,
         scale=self.head_dim ** -0.5)  # BTNH
     if mask is not None:
       # Rows with no valid key: the XLA softmax would spread over the masked keys; zero them.

@@ -14,7 +14,8 @@ attention (`num_kv_heads`), no biases, untied output head. Fields also express
                        position='rotary' (or 'learned'), so MPT checkpoints do not reproduce
                        MPT's outputs exactly; fine for from-scratch or frozen-LM studies.
 
-Parameters (scanned; `layers` leading axis; unscanned: `layers/layers_{i}/...`):
+Parameters (scanned; `layers` leading axis; unscanned: `layers/layers_{i}/...`); `<-` names
+the HF LLaMA tensor that `vlm_jax.convert.llama` maps in and out:
 
     embed/embedding                               [V, D]      <- model.embed_tokens
     pos_embedding/pos_embedding                   [L, D]      position='learned' only
@@ -324,44 +325,3 @@ class DecoderLM(nn.Module):
                         deterministic, decode)
     return self.logits(hidden)
 
-
-def params_from_hf_llama(state_dict: dict, *, num_layers: int, num_heads: int,
-                         num_kv_heads: int | None = None, scan_layers: bool = True) -> dict:
-  """HF `LlamaForCausalLM` state dict (name -> numpy array) -> our `DecoderLM` params.
-
-  HF Linear weights are [out, in]; ours are [in, *out]. HF checkpoints already use the
-  rotate-half rotary layout that `embeddings.apply_rotary` implements, so q/k are not permuted.
-  """
-  sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
-  num_kv_heads = num_kv_heads or num_heads
-  width = sd["embed_tokens.weight"].shape[1]
-
-  def heads_in(w, heads):  # [heads*H, D] -> [D, heads, H]
-    return w.T.reshape(width, heads, -1)
-
-  def layer(i):
-    p = f"layers.{i}."
-    return {
-        "pre_attention_norm": {"scale": sd[p + "input_layernorm.weight"]},
-        "pre_mlp_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
-        "self_attention": {
-            "query": {"kernel": heads_in(sd[p + "self_attn.q_proj.weight"], num_heads)},
-            "key": {"kernel": heads_in(sd[p + "self_attn.k_proj.weight"], num_kv_heads)},
-            "value": {"kernel": heads_in(sd[p + "self_attn.v_proj.weight"], num_kv_heads)},
-            "out": {"kernel": sd[p + "self_attn.o_proj.weight"].T.reshape(num_heads, -1, width)},
-        },
-        "mlp": {"wi": {"kernel": sd[p + "mlp.gate_proj.weight"].T},
-                "wi_gate": {"kernel": sd[p + "mlp.up_proj.weight"].T},
-                "wo": {"kernel": sd[p + "mlp.down_proj.weight"].T}},
-    }
-
-  per_layer = {f"layers_{i}": layer(i) for i in range(num_layers)}
-  stack = (transformer.stack_unscanned_params(per_layer, num_layers) if scan_layers
-           else per_layer)
-  params = {"embed": {"embedding": sd["embed_tokens.weight"]},
-            "layers": stack,
-            "final_norm": {"scale": sd["norm.weight"]}}
-  head = state_dict.get("lm_head.weight")
-  if head is not None:
-    params["logits_projection"] = {"kernel": head.T}
-  return params

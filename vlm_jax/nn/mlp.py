@@ -1,4 +1,5 @@
-"""Transformer feed-forward block: GELU (exact), quick-GELU (CLIP), SwiGLU or squared-ReLU."""
+"""Transformer feed-forward block: GELU (exact), quick-GELU (CLIP), SwiGLU, GeGLU (T5 v1.1's
+gated-GELU, tanh approximation) or squared-ReLU. Gated ones: act(wi(x)) * wi_gate(x)."""
 from typing import Any
 
 import flax.linen as nn
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-ACTIVATIONS = ("gelu", "quick_gelu", "swiglu", "squared_relu")
+ACTIVATIONS = ("gelu", "quick_gelu", "swiglu", "geglu", "squared_relu")
 
 
 class Mlp(nn.Module):
@@ -37,7 +38,8 @@ class Mlp(nn.Module):
     elif self.activation == "squared_relu":
       h = jnp.square(jax.nn.relu(h))
     else:
-      h = nn.silu(h) * self._dense(self.hidden_dim, ("embed", "mlp"), "wi_gate")(x)
+      h = nn.silu(h) if self.activation == "swiglu" else nn.gelu(h, approximate=True)
+      h = h * self._dense(self.hidden_dim, ("embed", "mlp"), "wi_gate")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     return self._dense(features, ("mlp", "embed"), "wo")(h)

@@ -45,10 +45,11 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def make_norm(norm_type: str, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
+def make_norm(norm_type: str, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+              epsilon: float = 1e-6):
   """`norm_type` is 'layernorm' or 'rmsnorm' (a config string)."""
   if norm_type == "layernorm":
-    return LayerNorm(dtype=dtype, param_dtype=param_dtype, name=name)
+    return LayerNorm(epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
   if norm_type == "rmsnorm":
-    return RMSNorm(dtype=dtype, param_dtype=param_dtype, name=name)
+    return RMSNorm(epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
   raise ValueError(f"norm_type={norm_type!r}: expected 'layernorm' or 'rmsnorm'.")

@@ -47,6 +47,7 @@ class _LayerBase(nn.Module):
   num_kv_heads: int | None = None
   mlp_activation: str = "gelu"
   norm_type: str = "layernorm"
+  norm_epsilon: float = 1e-6
   use_bias: bool = True
   use_rotary: bool = False
   dropout_rate: float = 0.0
@@ -55,7 +56,8 @@ class _LayerBase(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _norm(self, name):
-    return norms.make_norm(self.norm_type, self.dtype, self.param_dtype, name=name)
+    return norms.make_norm(self.norm_type, self.dtype, self.param_dtype, name=name,
+                           epsilon=self.norm_epsilon)
 
   def _attention(self, name, use_rotary):
     return attention_lib.MultiHeadAttention(
@@ -77,13 +79,14 @@ class _LayerBase(nn.Module):
 
 
 class EncoderLayer(_LayerBase):
-  """x + SelfAttn(LN(x)); x + MLP(LN(x)). context = (mask,), mask [B|1, 1|N, T, T]."""
+  """x + SelfAttn(LN(x)); x + MLP(LN(x)). context = (mask,) or (mask, bias): mask
+  [B|1, 1|N, T, T]; bias (optional) added to the attention logits (T5 relative positions)."""
 
   @nn.compact
   def __call__(self, x, context, deterministic: bool = True, decode: bool = False):
-    (mask,) = context
+    mask, bias = (tuple(context) + (None,))[:2]
     h = self._attention("self_attention", self.use_rotary)(
-        self._norm("pre_attention_norm")(x), mask=mask)
+        self._norm("pre_attention_norm")(x), mask=mask, bias=bias)
     x = self._residual(x, h, deterministic)
     return self._mlp(x, deterministic)
 
@@ -91,15 +94,17 @@ class EncoderLayer(_LayerBase):
 class DecoderLayer(_LayerBase):
   """Causal self-attention, cross-attention to the encoder, MLP; all pre-LN.
 
-  context = (encoded [B, S, D], self_mask [.., T, T] or None, cross_mask [.., T, S]).
+  context = (encoded [B, S, D], self_mask [.., T, T] or None, cross_mask [.., T, S]) and
+  optionally a self-attention logits bias [.., T, T] (T5 relative positions).
   With decode=True the self-attention uses the KV cache (it adds the causal mask itself).
   """
 
   @nn.compact
   def __call__(self, x, context, deterministic: bool = True, decode: bool = False):
-    encoded, self_mask, cross_mask = context
+    encoded, self_mask, cross_mask, self_bias = (tuple(context) + (None,))[:4]
     h = self._attention("self_attention", self.use_rotary)(
-        self._norm("pre_self_attention_norm")(x), mask=self_mask, decode=decode)
+        self._norm("pre_self_attention_norm")(x), mask=self_mask, decode=decode,
+        bias=self_bias)
     x = self._residual(x, h, deterministic)
     h = self._attention("cross_attention", False)(
         self._norm("pre_cross_attention_norm")(x), encoded, mask=cross_mask)

@@ -28,6 +28,7 @@ class ViT(nn.Module):
   class_token: bool = False
   pre_norm: bool = False
   patch_bias: bool = True
+  norm_epsilon: float = 1e-6  # CLIP: 1e-5
   scan_layers: bool = True
   remat_policy: str = "none"
   dropout_rate: float = 0.0
@@ -55,14 +56,16 @@ class ViT(nn.Module):
                                          param_dtype=self.param_dtype,
                                          name="pos_embedding")().astype(x.dtype)
     if self.pre_norm:
-      x = norms.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="pre_norm")(x)
+      x = norms.LayerNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="pre_norm")(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = transformer.layer_stack(
         transformer.EncoderLayer, num_layers=self.depth, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, name="encoder", num_heads=self.num_heads,
         head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
-        mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
+        mlp_activation=self.mlp_activation, norm_epsilon=self.norm_epsilon,
+        dropout_rate=self.dropout_rate,
         drop_path_rate=self.drop_path_rate, dtype=self.dtype,
         param_dtype=self.param_dtype)(x, (None,), deterministic)
-    return norms.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+    return norms.LayerNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="encoder_norm")(x)

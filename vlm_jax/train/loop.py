@@ -15,6 +15,7 @@ from vlm_jax.data import pipeline
 from vlm_jax.models import registry
 from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import init_from as init_from_lib
+from vlm_jax.train import init_weights
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import optimizer as optimizer_lib
 from vlm_jax.train import state as state_lib
@@ -74,7 +75,8 @@ class Trainer:
 
   # ------------------------------------------------------------------------------------------
   # State: resume from the newest complete checkpoint, else initialise directly sharded
-  # (parameters from config.init_from, another run's checkpoint, when it names one).
+  # (parameters from config.init_from, another run's checkpoint, when it names one;
+  # else pretrained parts from config.init imported over the initialisation).
   # ------------------------------------------------------------------------------------------
   def initial_state(self):
     latest = self.checkpointer.latest_step()
@@ -84,9 +86,10 @@ class Trainer:
         return self.checkpointer.restore(
             latest, self.factory.abstract_with_shardings(), self.data)
       rng = jax.random.key(self.config.seed)
-      if self.config.init_from:
+      if self.config.init_from:  # a previous stage: it already holds any imported weights
         return init_from_lib.initial_state(self.config.init_from, self.factory, rng, _log)
-      return self.factory.create(rng)
+      state = self.factory.create(rng)
+      return init_weights.apply(self.config, self.model, self.factory, state, _log)
 
   # ------------------------------------------------------------------------------------------
   # Loop.

@@ -1,0 +1,117 @@
+"""How an architecture module states its mapping: rules between our leaves and HF tensors.
+
+A `Rule` ties a few of our parameter arrays (paths relative to the imported sub-tree) to a few
+HF tensors, with the conversion both ways; the same rules drive import and export, so there is
+one mapping per architecture. Layer rules are written for one layer (`{i}` in HF names, paths
+relative to the layer) and expanded over a layer stack, whichever layout the stack has:
+
+    scanned            <root>/layers/<path>                      [L, ...], layer i at [i]
+    unscanned          <root>/layers_{i}/<path>
+    grouped (g/unit)   <root>/layers/sublayer_{i % g}/<path>     [L/g, ...], at [i // g]
+    grouped unscanned  <root>/layers_{i // g}/sublayer_{i % g}/<path>
+
+Conversions are written with jax.numpy so that `jax.eval_shape` gives the HF shapes a model
+expects (shape checks before any tensor is read); they run eagerly on the host CPU device.
+"""
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """`to_ours(*hf, shapes=...)` -> our arrays (in `targets` order, shaped `shapes`);
+  `to_hf(*ours)` -> HF tensors (in `sources` order)."""
+  targets: tuple[str, ...]
+  sources: tuple[str, ...]
+  to_ours: Callable
+  to_hf: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """Where one concrete rule lands: our leaf paths, an index into their leading (layers)
+  axis or None, and the HF tensor names."""
+  rule: Rule
+  targets: tuple[str, ...]
+  index: int | None
+  sources: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------
+# Conversions. HF Linear weights are [out, in]; our kernels are [in..., out...].
+# ---------------------------------------------------------------------------------------
+def copy(target: str, source: str) -> Rule:
+  return Rule((target,), (source,), lambda w, shapes: (w.reshape(shapes[0]),),
+              lambda x: (x,))
+
+
+def vector(target: str, source: str) -> Rule:
+  """A bias [N*H] <-> [N, H] (or any shape <-> flat)."""
+  return Rule((target,), (source,), lambda w, shapes: (w.reshape(shapes[0]),),
+              lambda x: (x.reshape(-1),))
+
+
+def dense(target: str, source: str, in_axes: int = 1) -> Rule:
+  """nn.Linear weight [out, in] <-> our kernel [*in (in_axes axes), *out]."""
+  def to_hf(kernel):
+    return (kernel.reshape(math.prod(kernel.shape[:in_axes]), -1).T,)
+  return Rule((target,), (source,), lambda w, shapes: (w.T.reshape(shapes[0]),), to_hf)
+
+
+def conv(target: str, source: str) -> Rule:
+  """nn.Conv2d weight [out, in, kh, kw] <-> flax Conv kernel [kh, kw, in, out]."""
+  return Rule((target,), (source,), lambda w, shapes: (jnp.transpose(w, (2, 3, 1, 0)),),
+              lambda k: (jnp.transpose(k, (3, 2, 0, 1)),))
+
+
+def prefixed(rules: list[Rule], prefix: str) -> list[Rule]:
+  """The same rules with `prefix` before every HF name (e.g. 'model.')."""
+  return [dataclasses.replace(r, sources=tuple(prefix + s for s in r.sources)) for r in rules]
+
+
+# ---------------------------------------------------------------------------------------
+# Layer stacks.
+# ---------------------------------------------------------------------------------------
+def stack_slots(paths: dict[str, tuple[int, ...]], root: str) -> list[tuple[str, int | None]]:
+  """For each model layer i: (path prefix of its params, index in their leading axis)."""
+  under = [p[len(root) + 1:] for p in paths if p.startswith(root + "/")]
+  heads = {p.split("/")[0] for p in under}
+  if heads == {"layers"}:
+    first = next(p for p in under)
+    groups = sorted({int(m.group(1)) for p in under
+                     if (m := re.match(r"layers/sublayer_(\d+)/", p))})
+    length = paths[f"{root}/{first}"][0]
+    if not groups:
+      return [(f"{root}/layers", i) for i in range(length)]
+    g = len(groups)
+    return [(f"{root}/layers/sublayer_{i % g}", i // g) for i in range(length * g)]
+  units = sorted(int(h.split("_")[1]) for h in heads if re.fullmatch(r"layers_\d+", h))
+  if not units or len(units) != len(heads):
+    raise ValueError(f"{root!r} is not a layer stack (its children are {sorted(heads)}).")
+  groups = sorted({int(m.group(1)) for p in under
+                   if (m := re.match(r"layers_\d+/sublayer_(\d+)/", p))})
+  if not groups:
+    return [(f"{root}/layers_{i}", None) for i in units]
+  g = len(groups)
+  return [(f"{root}/layers_{i // g}/sublayer_{i % g}", None) for i in range(len(units) * g)]
+
+
+def expand(paths: dict[str, tuple[int, ...]], plain: list[Rule],
+           stacks: list[tuple[str, list[Rule]]]) -> list[Slot]:
+  """Concrete slots: `plain` rules once, each (root, per-layer rules) over root's layers.
+  `paths` maps our leaf paths to shapes (to find the stacks' layouts)."""
+  slots = [Slot(r, r.targets, None, r.sources) for r in plain]
+  for root, rules in stacks:
+    for i, (prefix, index) in enumerate(stack_slots(paths, root)):
+      for r in rules:
+        slots.append(Slot(r, tuple(f"{prefix}/{t}" for t in r.targets), index,
+                          tuple(s.format(i=i) for s in r.sources)))
+  return slots
+
+
+def num_layers(paths: dict[str, tuple[int, ...]], root: str) -> int:
+  return len(stack_slots(paths, root))
