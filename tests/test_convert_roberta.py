@@ -67,7 +67,7 @@ def test_decoder_matches_transformers_with_padding(saved, scan):
   hf, path = saved
   model = prismer.Prismer(**DIMS, scan_layers=scan)
   batch, target = prismer_target(model)
-  root, sub, new = init_weights.part_target(roberta.PRISMER_LM_PART, target)
+  root, sub, new = init_weights.part_target(prismer.Prismer.PRETRAINED_PARTS["lm"], target)
   assert root == "" and not any(p.startswith("vision/") for p in sub)
   loaded = convert.load_part(path, sub, new=new, log=lambda _: None)
   assert all("cross_attention" not in p and "adaptor" not in p for p in loaded)
@@ -90,7 +90,7 @@ def test_round_trip_reloads_identical_tensors(saved, tmp_path):
   hf, path = saved
   model = prismer.Prismer(**DIMS)
   _, target = prismer_target(model)
-  _, sub, new = init_weights.part_target(roberta.PRISMER_LM_PART, target)
+  _, sub, new = init_weights.part_target(prismer.Prismer.PRETRAINED_PARTS["lm"], target)
   loaded = convert.load_part(path, sub, new=new, log=lambda _: None)
   convert.export_hf(convert.unflatten(loaded), model, str(tmp_path), arch="roberta")
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)

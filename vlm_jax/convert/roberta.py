@@ -17,9 +17,9 @@
                                                              lm_head_bias
 
 Prismer's new parts (cross-attention, its norm and the adaptor in every layer; the extra
-output layer) are not in RoBERTa checkpoints: the family declares them new (see
-`PRISMER_LM_PART`). The `roberta.` prefix is optional (RobertaModel-style names are read
-too). RoBERTa ties the output projection to the word embeddings, so `lm_head.decoder.*`
+output layer) are not in RoBERTa checkpoints: the family declares them new
+(`Prismer.PRETRAINED_PARTS['lm']` in models/prismer.py). The `roberta.` prefix is optional
+(RobertaModel-style names are read too). RoBERTa ties the output projection to the word embeddings, so `lm_head.decoder.*`
 (written by older transformers as a copy) is ignored; the pooler is not used by a decoder.
 Prismer positions start at `position_offset` = 2 (padding_idx + 1) for right-padded text,
 which is RoBERTa's numbering of the real tokens.
@@ -32,12 +32,6 @@ MODEL_TYPES = ("roberta",)
 IGNORE = (r"(roberta\.)?pooler\..*", r"(roberta\.)?embeddings\.position_ids",
           r"lm_head\.decoder\.(weight|bias)")
 PREFIX = "roberta."
-# The declaration models/prismer.py's Prismer class carries (a plain dict, copied there):
-#   PRETRAINED_PARTS = {"lm": PRISMER_LM_PART}
-PRISMER_LM_PART = {
-    "path": "", "arch": "roberta", "exclude": (r"vision/.*",),
-    "new": (r"decoder/layers(_\d+)?/(cross_attention|cross_attention_norm|adaptor)/.*",
-            r"output_layer/.*")}
 
 
 def _norm(ours, hf):

@@ -68,6 +68,11 @@ class FlamingoLayerGroup(decoder_lm.DecoderLayerGroup):
 
 
 class Flamingo(nn.Module):
+  # `--config.init.lm` / `--config.init.vision` (vlm_jax/convert): the gated blocks inside the
+  # LM's layer groups are new and keep their initialisation.
+  PRETRAINED_PARTS = {"lm": {"path": "lm", "new": (r"layers/.*xattn_\d+/.*",)},
+                      "vision": {"path": "vision"}}
+
   vocab_size: int
   # language model (frozen)
   width: int

@@ -243,6 +243,13 @@ class RobertaLayer(nn.Module):
 
 
 class Prismer(nn.Module):
+  # `--config.init.lm=PATH` (a RoBERTa checkpoint, vlm_jax/convert/roberta.py) fills the
+  # decoder; cross-attention, adaptors and the extra output layer keep their initialisation.
+  PRETRAINED_PARTS = {"lm": {
+      "path": "", "arch": "roberta", "exclude": (r"vision/.*",),
+      "new": (r"decoder/layers(_\d+)?/(cross_attention|cross_attention_norm|adaptor)/.*",
+              r"output_layer/.*")}}
+
   vocab_size: int
   # RoBERTa decoder
   width: int
