@@ -3,11 +3,11 @@
 Every record is checked the way training will use it (image decodes within the pixel
 limit, caption/text non-empty) so bad input is found once, here, and counted; then the
 filters (`filters.py`: image size and side ratio, caption length, metadata thresholds,
-duplicates) and an optional per-record labeller (`labellers.py`, e.g. Prismer's experts;
-`vlm-data experts` is this ingest with a labeller) run. The shards hold only usable records, written with group_size 1 for cheap random
-access, plus `statistics.json` (records in/out by reason, image-side and caption-length
-histograms, bad records by kind). A directory written here is a task: set
-`config.data.mixture` to its path.
+duplicates) and an optional per-record labeller (`labellers.py`, e.g. Prismer's
+experts; `vlm-data experts` is this ingest with a labeller) run. The shards hold only
+usable records, written with group_size 1 for cheap random access, plus `statistics.json`
+(records in/out by reason, image-side and caption-length histograms, bad records by
+kind). A directory written here is a task: set `config.data.mixture` to its path.
 
 Two executors share everything below: `run_local` (one process, files in order) and
 `ingest_beam.py` (files in parallel on any Beam runner). Records are numbered by

@@ -72,12 +72,14 @@ def prismer(arg=""):
   if rest and label_dir == rest:
     raise ValueError(f"--experts prismer={arg!r}: expected EXPERTS[;labels=DIR]")
   names = [n for n in names.split(",") if n]
+  if not names:
+    raise ValueError(f"--experts prismer={arg!r}: name at least one expert")
   prismer_spec(names, label_dir)  # the same checks as the CLI's
 
   def label(record):
-    if record["kind"] != "pairs":
-      raise preprocessors.BadRecord(f"prismer experts label image-text pairs, not "
-                                    f"{record['kind']}")
+    if record["kind"] != "pairs":  # every record would be bad: a wrong input, not data
+      raise ValueError(f"--experts prismer labels image-text pairs, not {record['kind']} "
+                       "records")
     image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"), np.uint8)
     precomputed = None
     if label_dir:
