@@ -1,4 +1,6 @@
 """Prismer expert labels: expert functions, scene truth, storage, tables, labelling, converter."""
+import glob
+import io
 import json
 import os
 
@@ -7,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vlm_jax.cli import data as data_cli
-from vlm_jax.data import catalog, experts, pipeline
+from vlm_jax.data import catalog, experts, pipeline, sources
 from vlm_jax.data import prismer as prismer_data
 from vlm_jax.data.vocab import Vocab
 
@@ -117,9 +119,10 @@ def test_vlm_data_experts_labels_tars_with_edges_and_precomputed_labels(tmp_path
                                                                          data_config):
   tars = os.path.join(data_dir, "synthetic", "pairs", "validation", "*.tar")
   with pytest.raises(experts.ExpertUnavailable, match="--labels"):
-    prismer_data.label_dataset(tars, str(tmp_path / "nope"), ["edge", "depth"])
+    data_cli.main(["experts", "--input", tars, "--output", str(tmp_path / "nope"),
+                   "--experts", "edge,depth"])
   # Precomputed depth and segmentation for all but one image (that one is skipped).
-  source = prismer_data._input_source(tars)  # pylint: disable=protected-access
+  source = sources.WebDatasetSource(sorted(glob.glob(tars)))
   keys = [source[i]["key"] for i in range(len(source))]
   labels = tmp_path / "labels"
   for name in ("depth", "seg"):
@@ -135,7 +138,23 @@ def test_vlm_data_experts_labels_tars_with_edges_and_precomputed_labels(tmp_path
   data_cli.main(["experts", "--input", tars, "--output", str(out), "--experts",
                  "edge,depth,seg", "--labels", str(labels)])
   manifest = json.load(open(out / "dataset.json"))
-  assert manifest["records"] == len(keys) - 1 and sum(manifest["skipped"].values()) == 1
+  assert manifest["records"] == len(keys) - 1
+  assert manifest["skipped"] == {"missing precomputed label": 1}
+  # Each record: the pair, edges of its image, the precomputed depth and seg at its size.
+  written = sources.ArrayRecordSource(glob.glob(str(out / "*.array_record")))
+  assert [written[i]["key"] for i in range(len(written))] == keys[1:]
+  for i in range(len(written)):
+    record, original = written[i], source[i + 1]
+    assert record["image"] == original["image"]
+    assert record["text"] == " ".join(original["text"].split())
+    labels = experts.decode_labels(record["experts"], record["images"])
+    assert list(labels) == ["edge", "depth", "seg"]
+    image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+    np.testing.assert_array_equal(labels["edge"], experts.edge_expert(image))
+    assert labels["depth"].shape == image.shape[:2] and (labels["depth"] == i % 200).all()
+    assert labels["seg"].names == ["sky"]
+    rows = image.shape[0] // 2
+    assert (labels["seg"].ids[:rows] == 0).all() and (labels["seg"].ids[rows:] == 255).all()
   # The output is a task by its path; the converter makes model inputs from it.
   data_config.mixture = str(out)
   data_config.converter = "prismer"

@@ -17,6 +17,7 @@ from PIL import Image
 
 from vlm_jax.cli import data as cli
 from vlm_jax.data import catalog, filters, ingest, pipeline, sources, synthetic_formats
+from vlm_jax.data import experts as experts_lib
 # The dirty-record builders of the bad-input tests (pytest puts tests/data on sys.path).
 from test_bad_input import _add, _jpeg, _write_shard  # pylint: disable=g-bad-import-order
 
@@ -239,22 +240,29 @@ def test_same_shards_whatever_the_workers_and_experts(inputs, tmp_path, data_con
   _same_output(tmp_path / "procs2", tmp_path / "threads3")
   _same_output(tmp_path / "local", tmp_path / "procs2")
 
-  # Experts over the prepared shards: the Beam hook and the local one agree, and the trivial
-  # expert's labels are the images' mean colours.
-  cli.main(["experts", "--input", str(tmp_path / "procs2"), "--output",
-            str(tmp_path / "labelled"), "--experts", "mean_colour", "--shard-size", "16",
-            "--runner", "beam", "--beam_option", "direct_num_workers=2",
-            "--beam_option", "direct_running_mode=multi_threading"])
-  ingest.run("arrayrecord", str(tmp_path / "procs2" / "*.array_record"),
-             str(tmp_path / "labelled_local"), shard_size=16, experts="mean_colour")
+  # Prismer's edge expert over the prepared shards: Beam and local write the same bytes, the
+  # labels are experts.edge_expert's of each image, stored as Prismer's converter reads them.
+  def run_experts(output, *runner):
+    cli.main(["experts", "--input", str(tmp_path / "procs2"), "--output", str(output),
+              "--experts", "edge", "--shard-size", "16", *runner])
+  run_experts(tmp_path / "labelled", "--runner", "beam", "--beam_option", "direct_num_workers=3",
+          "--beam_option", "direct_running_mode=multi_threading")
+  run_experts(tmp_path / "labelled_local")
   _same_output(tmp_path / "labelled", tmp_path / "labelled_local")
   labelled, plain = _records(tmp_path / "labelled"), _records(tmp_path / "procs2")
   assert len(labelled) == len(plain)
   for record, original in zip(labelled, plain):
-    assert record.pop("labels") == {"mean_colour": [np.round(np.asarray(
-        Image.open(io.BytesIO(original["image"])).convert("RGB"), np.float64).mean(
-            axis=(0, 1)), 2).tolist()]}
+    labels = experts_lib.decode_labels(record.pop("experts"), record.pop("images"))
+    image = np.asarray(Image.open(io.BytesIO(original["image"])).convert("RGB"))
+    assert list(labels) == ["edge"]
+    np.testing.assert_array_equal(labels["edge"], experts_lib.edge_expert(image))
     assert record == original
+  # A plain labeller spec works through the same command.
+  cli.main(["experts", "--input", str(tmp_path / "procs2"), "--output",
+            str(tmp_path / "mean"), "--experts", "mean_colour=1"])
+  record = _records(tmp_path / "mean")[0]
+  assert record["labels"]["mean_colour"] == [np.round(np.asarray(Image.open(io.BytesIO(
+      plain[0]["image"])).convert("RGB"), np.float64).mean(axis=(0, 1)), 1).tolist()]
 
   # Training reads the Beam output as it reads the local ingest's (a task by its path).
   data_config.mixture = str(tmp_path / "procs2")
@@ -262,6 +270,31 @@ def test_same_shards_whatever_the_workers_and_experts(inputs, tmp_path, data_con
   batch = next(pipeline.make_train_iterator(data_config, global_batch_size=4, seed=0,
                                             process_index=0, process_count=1))
   assert batch["images"].shape == (4, 1, 32, 32, 3) and batch["image_mask"].all()
+
+
+def test_labeller_drops_records_after_dedup_the_same_way(inputs, tmp_path):
+  """Precomputed depth for every other kept record: the others are bad records, dropped
+  after dedup and before the records are numbered, identically by both executors."""
+  pattern, expected = inputs["img2dataset"]
+  local = ingest.run("img2dataset", pattern, str(tmp_path / "plain"), **OPTIONS)
+  keys = [r["key"] for r in _records(tmp_path / "plain")]
+  labels = tmp_path / "labels" / "depth"
+  labels.mkdir(parents=True)
+  for i, key in enumerate(keys[::2]):
+    Image.fromarray(np.full((8, 8), i, np.uint8)).save(labels / f"{key}.png")
+  spec = f"prismer=depth;labels={tmp_path / 'labels'}"
+  ingest.run("img2dataset", pattern, str(tmp_path / "local"), experts=spec, **OPTIONS)
+  beam = ingest.run("img2dataset", pattern, str(tmp_path / "beam"), experts=spec,
+                    runner="beam", beam_options=_direct(2, "multi_threading"), **OPTIONS)
+  _same_output(tmp_path / "local", tmp_path / "beam")
+  got = _records(tmp_path / "beam")
+  assert [r["key"] for r in got] == keys[::2] and beam["records"] == len(keys[::2])
+  assert beam["skipped"]["missing precomputed label"] == len(keys[1::2])
+  assert local["records"] == expected["out"] == len(keys)
+  for i, record in enumerate(got):
+    depth = experts_lib.decode_labels(record["experts"], record["images"])["depth"]
+    assert depth.shape == Image.open(io.BytesIO(record["image"])).size[::-1]
+    assert (depth == i).all()
 
 
 def test_bad_options_name_the_flag(inputs, tmp_path):

@@ -10,11 +10,12 @@
       --runner beam --beam_option direct_num_workers=8 \
       --beam_option direct_running_mode=multi_processing
   vlm-data experts --input 'shards/*.tar' --output out/labelled --experts edge,depth \
-      --labels /data/expert_labels                              # Prismer expert labels
+      --labels /data/expert_labels --runner beam                # Prismer expert labels
 """
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -71,10 +72,24 @@ def _add_runner_args(parser):
 
 
 def _experts(args):
-  from vlm_jax.data import prismer  # pylint: disable=g-import-not-at-top
-  stats = prismer.label_dataset(args.input, args.output, args.experts.split(","),
-                                label_dir=args.labels, shard_size=args.shard_size)
-  print(json.dumps(stats, indent=2))
+  """The ingest with a labeller, over an ingested directory or img2dataset tars."""
+  from vlm_jax.data import experts, ingest, labellers  # pylint: disable=g-import-not-at-top
+  names = args.experts.split(",")
+  if all(n in experts.ALL_EXPERTS for n in names):  # Prismer's experts
+    spec = labellers.prismer_spec(names, args.labels)
+  elif args.labels:
+    raise ValueError(f"--labels is for Prismer's experts {experts.ALL_EXPERTS}, not "
+                     f"--experts {args.experts!r}")
+  else:  # any labeller spec (labellers.py)
+    spec = args.experts
+  if os.path.isfile(os.path.join(args.input, ingest.MANIFEST)):
+    fmt, pattern = "arrayrecord", os.path.join(args.input, "*.array_record")
+  else:
+    fmt, pattern = "img2dataset", args.input
+  manifest = ingest.run(fmt, pattern, args.output, runner=args.runner,
+                        beam_options=args.beam_option, shard_size=args.shard_size,
+                        experts=spec)
+  print(json.dumps(manifest, indent=2))
 
 
 def build_parser():
@@ -133,15 +148,18 @@ def build_parser():
                    "vlm_jax.data.labellers or package.module:factory, optionally =ARG")
   ing.set_defaults(run=_ingest)
 
-  exp = sub.add_parser("experts", help="label images with expert outputs (Prismer)")
+  exp = sub.add_parser("experts", help="label images with expert outputs (Prismer): the "
+                       "ingest with a labeller")
   exp.add_argument("--input", required=True,
                    help="an ingested directory or a glob of img2dataset tars")
   exp.add_argument("--output", required=True, help="output directory (a task by its path)")
-  exp.add_argument("--experts", required=True, help="comma-separated: depth, normal, edge, "
-                   "seg, obj_detection, ocr_detection")
+  exp.add_argument("--experts", required=True, help="Prismer's experts, comma-separated: "
+                   "depth, normal, edge, seg, obj_detection, ocr_detection; or any labeller "
+                   "spec (a name from vlm_jax.data.labellers or package.module:factory[=ARG])")
   exp.add_argument("--labels", default="", help="labels computed elsewhere: "
-                   "<dir>/<expert>/<key>.png (+ <key>.json naming label-map ids)")
-  exp.add_argument("--shard-size", type=int, default=10_000)
+                   "<dir>/<expert>/<key>.png (+ <key>.json naming label-map ids); an image "
+                   "whose label is missing is a bad record (counted, skipped)")
+  _add_runner_args(exp)
   exp.set_defaults(run=_experts)
   return parser
 

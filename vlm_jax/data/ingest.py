@@ -3,11 +3,11 @@
 Every record is checked the way training will use it (image decodes within the pixel
 limit, caption/text non-empty) so bad input is found once, here, and counted; then the
 filters (`filters.py`: image size and side ratio, caption length, metadata thresholds,
-duplicates) and an optional per-record labeller (`labellers.py`, e.g. Prismer's experts)
-run. The shards hold only usable records, written with group_size 1 for cheap random
-access, plus `statistics.json` (records in/out by reason, image-side and caption-length
-histograms, bad records by kind). A directory written here is a task: set
-`config.data.mixture` to its path.
+duplicates) and an optional per-record labeller (`labellers.py`, e.g. Prismer's
+experts; `vlm-data experts` is this ingest with a labeller) run. The shards hold only
+usable records, written with group_size 1 for cheap random access, plus `statistics.json`
+(records in/out by reason, image-side and caption-length histograms, bad records by
+kind). A directory written here is a task: set `config.data.mixture` to its path.
 
 Two executors share everything below: `run_local` (one process, files in order) and
 `ingest_beam.py` (files in parallel on any Beam runner). Records are numbered by
@@ -206,6 +206,16 @@ def read_file(file_index: int, path: str, options: Options, stats: Stats, lookup
   monitor.finish()
 
 
+def label_record(label, record, stats: Stats):
+  """`label(record)` (after dedup, so duplicates are not labelled), or None for a record
+  the labeller cannot label: a bad record, counted like the readers' ones."""
+  try:
+    return label(record)
+  except preprocessors.BadRecord as e:
+    stats.bad(health.Skipped("", record["key"], str(e)))
+    return None
+
+
 class ShardWriter:
   """Writes records `shard_size` per file, numbering shards from `first_shard`."""
 
@@ -300,7 +310,9 @@ def run_local(options: Options, input_glob, output_dir) -> dict:
       if duplicate:
         stats.remove(filters_lib.duplicate_reason(duplicate))
         continue
-      record = label(record)
+      record = label_record(label, record, stats)
+      if record is None:
+        continue
       stats.output(record)
       writer.write(record)
   writer.close()

@@ -9,7 +9,11 @@ then grouped by shard):
   files --read_file--> (order, record) --------------------------------+
                   \\--> dedup keys -> earlier/later by key -> duplicates |
                    \\-> orders - duplicates -> rank per file + offsets  -+-> join by order
-      -> labeller -> group by shard -> sort by index -> ShardWriter -> statistics + manifest
+      -> group by shard -> sort by index -> ShardWriter -> statistics + manifest
+
+With a labeller (`--experts`, e.g. Prismer's experts) the records that survive dedup are
+labelled (joined with the surviving orders first when dedup is on) before they are ranked,
+since a labeller may drop a record as bad; the ranks then count the labelled records.
 
 `order` = (input file index, position in the file), so the kept records land in the same
 shards in the same order as `ingest.run_local` writes them, whatever the runner or the
@@ -139,8 +143,20 @@ class _Label(beam.DoFn):
     self._label = labellers.make(self._spec)  # once per worker: may load a model
 
   def process(self, item):
-    index, record = item
-    yield index, self._label(record)
+    order, record = item
+    stats = ingest.Stats()
+    record = ingest.label_record(self._label, record, stats)
+    if record is None:
+      yield beam.pvalue.TaggedOutput("stats", stats)
+    else:
+      yield order, record
+
+
+def _kept_record(item):
+  order, grouped = item
+  if grouped["kept"]:
+    (record,) = grouped["record"]
+    yield order, record
 
 
 def _write_shard(item, staging, shard_size):
@@ -176,6 +192,17 @@ def build(p, options: ingest.Options, paths, staging):
                "duplicate": reasons}
               | "JoinDuplicates" >> beam.CoGroupByKey()
               | "Survivors" >> beam.FlatMap(_unless_duplicate))
+  if options.experts:  # after dedup, before ranking: a labeller may drop a record
+    if options.filters.dedup:
+      records = ({"record": records, "kept": orders | "KeptKeys" >> beam.Map(
+          lambda o: (o, None))}
+                 | "JoinKept" >> beam.CoGroupByKey()
+                 | "KeptRecords" >> beam.FlatMap(_kept_record))
+    labelled = records | "Label" >> beam.ParDo(_Label(options.experts)).with_outputs(
+        "stats", main="records")
+    records = labelled.records
+    stats.append(labelled.stats)
+    orders = records | "LabelledOrders" >> beam.Keys()
   positions = orders | "GroupByFile" >> beam.GroupByKey()  # order = (file, position)
   offsets = (positions | "Counts" >> beam.Map(lambda item: (item[0], len(list(item[1]))))
              | "AllCounts" >> beam.combiners.ToList()
@@ -184,8 +211,6 @@ def build(p, options: ingest.Options, paths, staging):
   indexed = ({"record": records, "index": ranks}
              | "JoinIndex" >> beam.CoGroupByKey()
              | "WithIndex" >> beam.FlatMap(_with_index))
-  if options.experts:
-    indexed = indexed | "Label" >> beam.ParDo(_Label(options.experts))
   stats.append(
       indexed
       | "ByShard" >> beam.Map(lambda item: (item[0] // options.shard_size, item))

@@ -9,14 +9,22 @@ there:
                  called as factory(ARG) (or factory() without `=ARG`) and returns the
                  per-record function.
 
-`mean_colour` is a trivial expert (per-image mean RGB in the record header) that exercises
-the hook end to end without model weights.
+`prismer=EXPERTS[;labels=DIR]` is Prismer's expert labelling (`experts.py`): each pair's
+image gets one label per expert, stored as Prismer's converter reads them (`images` = the
+label PNGs, `experts` = their header). `mean_colour` is a trivial expert (per-image mean RGB
+in the record header) that exercises the hook end to end without model weights.
+
+A labeller may raise `preprocessors.BadRecord` for a record it cannot label (e.g. its
+precomputed label is missing): the record is counted as bad and skipped.
 """
 import importlib
 import io
+import os
 
 import numpy as np
 from PIL import Image
+
+from vlm_jax.data import experts, preprocessors
 
 
 def _images(record):
@@ -42,7 +50,52 @@ def mean_colour(arg=None):
   return label
 
 
-LABELLERS = {"mean_colour": mean_colour}
+def prismer_spec(expert_names, label_dir="") -> str:
+  """The `--experts` spec of Prismer's labeller; checks the names and that every expert that
+  cannot run on images alone has precomputed labels."""
+  expert_names = experts.check_experts(expert_names)
+  need_labels = [e for e in expert_names if e not in experts.IMAGE_ONLY_EXPERTS]
+  if need_labels and not label_dir:
+    raise experts.ExpertUnavailable(
+        f"experts {need_labels} have no model here; give their precomputed labels with "
+        f"--labels DIR (only {experts.IMAGE_ONLY_EXPERTS} run on images alone).")
+  if label_dir and not os.path.isdir(label_dir):
+    raise FileNotFoundError(f"--labels {label_dir!r}: no such directory")
+  return "prismer=" + ",".join(expert_names) + (f";labels={label_dir}" if label_dir else "")
+
+
+def prismer(arg=""):
+  """Prismer's experts on image-text pairs; `arg`: `EXPERTS[;labels=DIR]` (comma-separated
+  expert names; DIR: labels computed elsewhere, `DIR/<expert>/<key>.png`)."""
+  names, _, rest = (arg or "").partition(";")
+  label_dir = rest.removeprefix("labels=")
+  if rest and label_dir == rest:
+    raise ValueError(f"--experts prismer={arg!r}: expected EXPERTS[;labels=DIR]")
+  names = [n for n in names.split(",") if n]
+  if not names:
+    raise ValueError(f"--experts prismer={arg!r}: name at least one expert")
+  prismer_spec(names, label_dir)  # the same checks as the CLI's
+
+  def label(record):
+    if record["kind"] != "pairs":  # every record would be bad: a wrong input, not data
+      raise ValueError(f"--experts prismer labels image-text pairs, not {record['kind']} "
+                       "records")
+    image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"), np.uint8)
+    precomputed = None
+    if label_dir:
+      precomputed = experts.read_precomputed(label_dir, os.path.basename(record["key"]), names)
+      missing = [n for n in names if n not in precomputed and n not in experts.IMAGE_ONLY_EXPERTS]
+      if missing:
+        raise preprocessors.BadRecord(f"missing precomputed label: {', '.join(missing)}")
+    header, blobs = experts.encode_labels(experts.label_image(image, names,
+                                                              precomputed=precomputed))
+    record["images"], record["experts"] = blobs, header
+    return record
+
+  return label
+
+
+LABELLERS = {"mean_colour": mean_colour, "prismer": prismer}
 
 
 def _identity(record):

@@ -1,12 +1,12 @@
 """Prismer data: the labelling stage, the labelled synthetic scenes, and the converter.
 
-Labelling (`vlm-data experts`): `label_dataset` runs expert functions (`experts.EXPERTS`)
-over a dataset's images, or reads labels computed elsewhere (`--labels DIR`, the
-reference's `<expert>/<key>.png` layout), and writes ArrayRecord shards in the ingest
-format (`records.py`) plus `dataset.json`, so the output directory is a task by its path
-(`config.data.mixture = DIR`). A record is an image-text pair whose `images` are the
-experts' PNGs and whose `experts` header lists, in the same order, each expert's name and,
-for label maps, the name of every id.
+Labelling (`vlm-data experts`) is the ingest (`ingest.py`, local or Beam) with Prismer's
+labeller (`labellers.prismer`): it runs expert functions (`experts.EXPERTS`) over a
+dataset's images, or reads labels computed elsewhere (`--labels DIR`, the reference's
+`<expert>/<key>.png` layout), and writes ArrayRecord shards plus `dataset.json`, so the
+output directory is a task by its path (`config.data.mixture = DIR`). A record is an
+image-text pair whose `images` are the experts' PNGs and whose `experts` header lists, in
+the same order, each expert's name and, for label maps, the name of every id.
 
 `prismer_scenes` (catalog task): synthetic scenes labelled with what the generator knows
 (`experts.SceneTruth`): all six experts, 64 px, 1,500 train / 128 validation examples in
@@ -32,13 +32,11 @@ import io
 import json
 import os
 import shutil
-import tempfile
-import time
 
 import numpy as np
 from PIL import Image
 
-from vlm_jax.data import catalog, experts, health, preprocessors, records, sources, synthetic
+from vlm_jax.data import catalog, experts, health, ingest, preprocessors, sources, synthetic
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
 
 MANIFEST = catalog.INGEST_MANIFEST
@@ -46,97 +44,6 @@ SCENES_SUBDIR = "synthetic_experts"
 SCENES_VERSION = 2
 SCENES_SIZES = {"train": 1500, "validation": 128}
 SCENES_IMAGE_SIZE = 64
-
-
-# ----------------------------------------------------------------------------------------
-# Writing labelled shards
-# ----------------------------------------------------------------------------------------
-def labelled_record(key, caption, image_bytes, labels) -> dict:
-  header, blobs = experts.encode_labels(labels)
-  return {"kind": "pairs", "key": key, "text": caption, "image": image_bytes,
-          "images": blobs, "experts": header}
-
-
-def write_labelled(stream, output_dir, expert_names, *, shard_size=10_000, extra=None) -> dict:
-  """Writes records (dicts from `labelled_record`, or `health.Skipped`) to ArrayRecord
-  shards in a staging directory, then renames it to `output_dir` (atomic)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  parent = os.path.dirname(os.path.abspath(output_dir))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".experts-tmp-", dir=parent)
-  start, written, shards, skipped, writer = time.time(), 0, 0, {}, None
-  try:
-    for record in stream:
-      if isinstance(record, health.Skipped):
-        skipped[record.reason] = skipped.get(record.reason, 0) + 1
-        continue
-      if written % shard_size == 0:
-        if writer:
-          writer.close()
-        writer = array_record_module.ArrayRecordWriter(
-            os.path.join(staging, f"{shards:05d}.array_record"), "group_size:1")
-        shards += 1
-      writer.write(records.encode(record))
-      written += 1
-    if writer:
-      writer.close()
-    manifest = {"kind": "pairs", "format": "experts", "experts": list(expert_names),
-                "records": written, "shards": shards, "skipped": skipped,
-                "seconds": round(time.time() - start, 2), **(extra or {})}
-    with open(os.path.join(staging, MANIFEST), "w") as f:
-      json.dump(manifest, f, indent=2)
-    if os.path.isdir(output_dir):
-      shutil.rmtree(output_dir)
-    os.rename(staging, output_dir)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-  return manifest
-
-
-def _input_source(input_spec: str):
-  """An ingested directory (ArrayRecord + dataset.json) or a glob of webdataset tars."""
-  if os.path.isfile(os.path.join(input_spec, MANIFEST)):
-    return sources.ArrayRecordSource(glob.glob(os.path.join(input_spec, "*.array_record")))
-  paths = sorted(glob.glob(input_spec))
-  if not paths:
-    raise FileNotFoundError(f"--input {input_spec!r}: no ingested directory or tar shards")
-  return sources.WebDatasetSource(paths)
-
-
-def label_dataset(input_spec: str, output_dir: str, expert_names, *, label_dir: str = "",
-                  shard_size: int = 10_000, max_pixels=preprocessors.DEFAULT_MAX_PIXELS) -> dict:
-  """`vlm-data experts`: labels every usable image-text pair of the input."""
-  expert_names = experts.check_experts(expert_names)
-  need_labels = [e for e in expert_names if e not in experts.IMAGE_ONLY_EXPERTS]
-  if need_labels and not label_dir:
-    raise experts.ExpertUnavailable(
-        f"experts {need_labels} have no model here; give their precomputed labels with "
-        f"--labels DIR (only {experts.IMAGE_ONLY_EXPERTS} run on images alone).")
-  source = _input_source(input_spec)
-
-  def stream():
-    for index in range(len(source)):
-      raw = source[index]
-      key = raw.get("key", f"#{index}")
-      try:
-        if raw.get("problem"):
-          raise preprocessors.BadRecord(raw["problem"])
-        image = preprocessors.decode_image(raw["image"], max_pixels)
-        caption = preprocessors.caption_of(raw)
-        precomputed = (experts.read_precomputed(label_dir, os.path.basename(key), expert_names)
-                       if label_dir else None)
-        labels = experts.label_image(np.asarray(image, np.uint8), expert_names,
-                                     precomputed=precomputed)
-      except experts.ExpertUnavailable as e:  # this image's precomputed label is missing
-        yield health.Skipped(raw.get("source", input_spec), key, str(e))
-        continue
-      except preprocessors.BadRecord as e:
-        yield health.Skipped(raw.get("source", input_spec), key, str(e))
-        continue
-      yield labelled_record(key, caption, raw["image"], labels)
-
-  return write_labelled(stream(), output_dir, expert_names, shard_size=shard_size,
-                        extra={"input": input_spec, "labels": label_dir})
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,11 +71,10 @@ def ensure_labelled_scenes(data_dir: str, split: str) -> str:
     for index in range(SCENES_SIZES[split]):
       image, caption, truth = experts.sample_scene_with_truth(rng, SCENES_IMAGE_SIZE)
       labels = experts.label_image(np.asarray(image, np.uint8), experts.ALL_EXPERTS, truth)
-      yield labelled_record(f"{index:06d}", caption, _jpeg(image), labels)
+      yield _labelled_record(f"{index:06d}", caption, _jpeg(image), labels)
 
   staging = target + f".{os.getpid()}.tmp"
-  write_labelled(stream(), staging, experts.ALL_EXPERTS,
-                 extra={"scenes_version": SCENES_VERSION, "split": split})
+  _write_scenes(stream(), staging, split)
   if os.path.isdir(target) and not _scenes_complete(target):
     shutil.rmtree(target, ignore_errors=True)  # an older version
   try:
@@ -178,6 +84,26 @@ def ensure_labelled_scenes(data_dir: str, split: str) -> str:
     if not _scenes_complete(target):
       raise
   return target
+
+
+def _labelled_record(key, caption, image_bytes, labels) -> dict:
+  header, blobs = experts.encode_labels(labels)  # as `labellers.prismer` stores them
+  return {"kind": "pairs", "key": key, "text": caption, "image": image_bytes,
+          "images": blobs, "experts": header}
+
+
+def _write_scenes(stream, directory, split):
+  shutil.rmtree(directory, ignore_errors=True)
+  os.makedirs(directory)
+  writer, count = ingest.ShardWriter(directory, 10_000), 0
+  for record in stream:
+    writer.write(record)
+    count += 1
+  writer.close()
+  manifest = {"kind": "pairs", "format": "experts", "experts": list(experts.ALL_EXPERTS),
+              "records": count, "scenes_version": SCENES_VERSION, "split": split}
+  with open(os.path.join(directory, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=2)
 
 
 def _jpeg(image: Image.Image) -> bytes:
