@@ -66,6 +66,11 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def finished_step(self):
+    """The newest step on disk, after any save in flight has finished."""
+    self.wait()
+    return self.manager.latest_step()
+
   def last_complete_step(self, failed=None):
     """The newest step known to be fully written (waits for no save)."""
     done = [s for s in self.manager.all_steps() if s not in (self._pending_step, failed)]

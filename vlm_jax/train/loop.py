@@ -104,6 +104,7 @@ class Trainer:
     _log(f"Model FLOPs per train step {flops_per_step:.3e}; peak {peak * self.mesh.size:.3e} "
          f"FLOP/s ({peak_source}) over {self.mesh.size} device(s), mesh {dict(self.mesh.shape)}")
     self.guard = nonfinite.Guard(config.nonfinite, self.checkpointer)
+    self.guard.resumed_at = int(state.step)
     self.inject = nonfinite.Injector()
     watch = preemption.PreemptionWatch()
     try:
@@ -133,36 +134,34 @@ class Trainer:
           jax.block_until_ready(state)
           progress.update(start + 1)
         last = step == config.num_train_steps
-        log_now = step % config.log_every_steps == 0 or last
-        save_now = step % config.checkpoint.every_steps == 0 or last
+        notice = None if last else watch.notice(step, self.checkpointer.manager)
+        log_now = step % config.log_every_steps == 0 or last or notice
+        save_now = step % config.checkpoint.every_steps == 0 or last or notice
         if log_now or save_now:
-          fetched += self._observe(state, pending)
-          pending = []
-        if log_now:
-          self._log_metrics(step, fetched, writer, progress)
-          fetched = []
+          new, pending = self._fetch(pending), []
+          fetched += new
+          if log_now:
+            self._log_metrics(step, [m for _, m in fetched], writer, progress)
+            fetched = []
+          self._apply_policy(state, new)
         if save_now and self.guard.may_checkpoint():
-          self.checkpointer.save(step, state, self.data, force=last)
-        notice = watch.notice(step, self.checkpointer.manager)
-        if notice and not last:
-          self._observe(state, pending)
-          if self.guard.may_checkpoint() and self.checkpointer.latest_step() != step:
-            self.checkpointer.save(step, state, self.data, force=True)
-          self.checkpointer.wait()
-          raise preemption.Preempted(step, self.checkpointer.last_complete_step(), notice,
+          self.checkpointer.save(step, state, self.data, force=last or bool(notice))
+        if notice:
+          raise preemption.Preempted(step, self.checkpointer.finished_step(), notice,
                                      self.checkpointer.directory)
     return state
 
-  def _observe(self, state, pending):
-    """Host copies of pending metrics (the only per-interval sync), checked per the policy."""
+  @staticmethod
+  def _fetch(pending):
+    """[(step, host metrics)]: the only host sync, once per logging or checkpoint interval."""
+    return list(zip([s for s, _ in pending], jax.device_get([m for _, m in pending])))
+
+  def _apply_policy(self, state, fetched):
     self.guard.check_state(state)
-    host = jax.device_get([m for _, m in pending])
-    self.guard.observe([s for s, _ in pending], [bool(m["nonfinite"]) for m in host])
-    return host
+    self.guard.observe([s for s, _ in fetched], [bool(m["nonfinite"]) for _, m in fetched])
 
   def _rewind(self, rewind):
-    self.checkpointer.wait()
-    step = self.checkpointer.last_complete_step()
+    step = self.checkpointer.finished_step()
     _log(f"Rewinding to checkpoint step {step} after non-finite steps {rewind.first_bad}-"
          f"{rewind.last_bad} (rewind {self.guard.rewinds} of at most "
          f"{self.config.nonfinite.max_rewinds}); the data iterator is not rewound.")

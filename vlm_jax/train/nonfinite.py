@@ -36,7 +36,7 @@ class Rewind(Exception):
 
 
 def _where(checkpointer) -> str:
-  last = checkpointer.last_complete_step()
+  last = checkpointer.finished_step()
   return (f"the last good checkpoint is step {last} in {checkpointer.directory}"
           if last is not None else "no checkpoint was written yet")
 
@@ -50,6 +50,9 @@ class Guard:
     self.max_rewinds = nonfinite_config.max_rewinds
     self.checkpointer = checkpointer
     self.skipped = 0  # in this process, rewound steps included
+    # A state restored from a "skip" run may carry an old nonfinite_step; "stop" looks only at
+    # steps this process trained.
+    self.resumed_at = 0
     self.rewinds = 0
     self.streak_start, self.streak = None, 0
 
@@ -58,7 +61,7 @@ class Guard:
     if self.policy != "stop":
       return
     bad = int(state.nonfinite_step)
-    if bad >= 0:
+    if bad >= self.resumed_at:
       raise NonFiniteError(f"non-finite loss or gradient norm at step {bad + 1}; the update was "
                            f"skipped and training stopped; {_where(self.checkpointer)}. "
                            "config.nonfinite.policy=skip skips such steps instead.")
@@ -84,7 +87,7 @@ class Guard:
               f"non-finite loss or gradient norm at steps {first}-{step}, still after "
               f"{self.rewinds} rewind(s) (config.nonfinite.max_rewinds); training stopped; "
               f"{_where(self.checkpointer)}.")
-        if self.checkpointer.last_complete_step() is None:
+        if self.checkpointer.finished_step() is None:
           raise NonFiniteError(
               f"non-finite loss or gradient norm at steps {first}-{step} and no checkpoint to "
               "rewind to; training stopped. Lower the learning rate or checkpoint earlier.")

@@ -115,7 +115,7 @@ def check_workdir_writable(workdir: str) -> None:
       f.flush()
       os.fsync(f.fileno())
   except OSError as e:
-    raise WorkdirError(f"--workdir {workdir} is not writable ({e.strerror or e}); choose a "
+    raise WorkdirError(f"--workdir {workdir} cannot be written ({e.strerror or e}); choose a "
                        "writable directory with free space.") from None
   finally:
     if os.path.exists(probe):

@@ -1,0 +1,58 @@
+"""Real `vlm-train` processes on the tiny SimVLM config, shared by the reliability tests.
+
+Every run uses test_train's command (batch 8, a checkpoint every 5 steps, metrics every step)
+with STEPS steps, so a resumed run can be compared loss for loss with the reference run.
+Every wait is bounded, so a run that hangs fails its test instead of the suite.
+"""
+import json
+import os
+import subprocess
+import time
+
+import numpy as np
+
+from test_train import _train_command, read_losses  # noqa: F401  (tests/ is on sys.path)
+
+STEPS = 20
+RUN_TIMEOUT_S = 300
+
+
+def command(workdir, *extra) -> list[str]:
+  return _train_command(workdir, STEPS) + list(extra)
+
+
+def run(workdir, *extra, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
+  return subprocess.run(command(workdir, *extra), capture_output=True, text=True,
+                        timeout=RUN_TIMEOUT_S, env=env, preexec_fn=preexec_fn)
+
+
+def start(workdir, log_path) -> subprocess.Popen:
+  """A run in the background; its output goes to a file (a full pipe would block it)."""
+  log = open(log_path, "w")
+  return subprocess.Popen(command(workdir), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, proc, what: str, timeout_s: float = RUN_TIMEOUT_S, poll_s=0.01):
+  deadline = time.time() + timeout_s
+  while not condition():
+    assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
+    assert time.time() < deadline, f"timed out waiting for {what}"
+    time.sleep(poll_s)
+
+
+def last_logged_step(workdir) -> int:
+  """The newest step in metrics.jsonl (0 before the first), read while the run writes it."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.endswith("\n")]
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+def assert_same_losses(workdir, reference_losses, steps):
+  losses = read_losses(workdir)
+  missing = sorted(set(steps) - set(losses))
+  assert not missing, f"steps {missing} were not logged"
+  np.testing.assert_allclose([losses[s] for s in steps], [reference_losses[s] for s in steps],
+                             rtol=1e-6)
