@@ -7,6 +7,7 @@ Every wait is bounded, so a run that hangs fails its test instead of the suite.
 import json
 import os
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,9 +22,23 @@ def command(workdir, *extra) -> list[str]:
   return _train_command(workdir, STEPS) + list(extra)
 
 
-def run(workdir, *extra, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
-  return subprocess.run(command(workdir, *extra), capture_output=True, text=True,
-                        timeout=RUN_TIMEOUT_S, env=env, preexec_fn=preexec_fn)
+# Sets RLIMIT_FSIZE, then execs the real command: writes past the limit then fail with a real
+# EFBIG, as writes to a full disk fail with ENOSPC. (Not preexec_fn: forking a process that
+# runs JAX's threads can deadlock.) SIGXFSZ is ignored, or the kernel kills instead.
+_LIMIT_FILE_SIZE = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
+
+
+def run(workdir, *extra, env=None, file_size_limit=None) -> subprocess.CompletedProcess:
+  cmd = command(workdir, *extra)
+  if file_size_limit is not None:
+    cmd = [sys.executable, "-c", _LIMIT_FILE_SIZE, str(file_size_limit)] + cmd[1:]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
 
 
 def start(workdir, log_path) -> subprocess.Popen:

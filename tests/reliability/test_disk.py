@@ -3,9 +3,7 @@ without touching the previous checkpoint. "Full" is real: RLIMIT_FSIZE makes wri
 size fail with EFBIG, as a full disk fails them with ENOSPC."""
 import hashlib
 import os
-import resource
 import shutil
-import signal
 from collections import namedtuple
 
 import pytest
@@ -14,13 +12,6 @@ import reliability_runs as runs
 from test_train import REPO, tiny_config
 from vlm_jax.cli import train as train_cli
 from vlm_jax.train import loop, validate
-
-
-def _file_size_limit(nbytes):
-  def preexec():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills instead of EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-  return preexec
 
 
 def _digest(directory) -> dict:
@@ -42,7 +33,7 @@ def test_a_workdir_that_cannot_be_created_fails_before_training(tmp_path, capsys
 
 
 def test_a_full_workdir_fails_before_training(tmp_path):
-  result = runs.run(tmp_path, preexec_fn=_file_size_limit(0))
+  result = runs.run(tmp_path, file_size_limit=0)
   assert result.returncode == 74, result.stderr[-3000:]
   assert (f"vlm-train: error: --workdir {tmp_path} cannot be written (File too large)"
           in result.stderr)
@@ -68,7 +59,7 @@ def test_a_failed_save_names_the_step_and_leaves_the_previous_checkpoint_intact(
     shutil.rmtree(checkpoints / step)
   before = _digest(checkpoints / "10")
   # Metrics lines fit under 1 MiB; checkpoint array files (several MiB) do not.
-  result = runs.run(workdir, preexec_fn=_file_size_limit(2**20))
+  result = runs.run(workdir, file_size_limit=2**20)
   assert result.returncode == 74, result.stderr[-3000:]
   err = result.stderr
   assert "vlm-train: error: saving checkpoint step 15 failed (" in err, err[-3000:]
