@@ -46,3 +46,7 @@ def test_skip_policy_counts_skipped_updates_and_rewinds_after_k_bad_steps(refere
   assert all(math.isfinite(r["loss"]) for r in records[13:])
   # The update of step 7 was skipped, so step 8 onwards differs from the reference.
   assert records[7]["loss"] != ref_losses[8]
+  # The rewound state restarted at step 10: the step-based schedule repeats from step 11.
+  with open(ref_dir / "metrics.jsonl") as f:
+    ref_lr = {r["step"]: r["learning_rate"] for r in map(json.loads, f)}
+  assert [r["learning_rate"] for r in records[13:]] == [ref_lr[s] for s in range(11, 21)]

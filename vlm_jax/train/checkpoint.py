@@ -9,6 +9,7 @@ inspection) so the run can write that step again. Nothing is read with pickle: t
 tensorstore (OCDBT) arrays plus JSON metadata, the data iterator state is JSON.
 """
 import os
+import re
 import shutil
 
 import grain
@@ -35,6 +36,15 @@ def _log(msg: str) -> None:
 def _one_line(error: BaseException, limit: int = 300) -> str:
   text = " ".join(f"{type(error).__name__}: {error}".split())
   return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _os_error(error: BaseException) -> str:
+  """'[Errno 28] No space left on device' from an OSError or a tensorstore message, else ''."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, OSError) and e.errno:
+      return f"[Errno {e.errno}] {os.strerror(e.errno)}: "
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  return f"[Errno {code[1]}] {os.strerror(int(code[1]))}: " if code else ""
 
 
 class Checkpointer:
@@ -84,7 +94,8 @@ class Checkpointer:
     previous = self.last_complete_step(failed=step)
     kept = (f"checkpoint step {previous} in {self.directory} is intact" if previous is not None
             else "no earlier checkpoint exists")
-    raise CheckpointSaveError(f"saving checkpoint step {step} failed ({_one_line(error)}); "
+    raise CheckpointSaveError(f"saving checkpoint step {step} failed: {_os_error(error)}"
+                              f"{_one_line(error)}; "
                               f"{kept}. Free disk space or choose another --workdir, then "
                               "rerun the same command to resume.") from error
 
