@@ -17,6 +17,7 @@ of each listed step carry a NaN loss weight the first time that step runs in the
 """
 import os
 
+import jax
 import numpy as np
 
 POLICIES = ("stop", "skip")
@@ -77,8 +78,9 @@ class Guard:
       self.skipped += 1
       self.streak += 1
       self.streak_start = step if self.streak_start is None else self.streak_start
-      print(f"Skipped the non-finite update of step {step} ({self.skipped} skipped so far).",
-            flush=True)
+      if jax.process_index() == 0:
+        print(f"Skipped the non-finite update of step {step} ({self.skipped} skipped so far).",
+              flush=True)
       if self.streak >= self.rewind_after:
         first = self.streak_start
         self.streak_start, self.streak = None, 0
