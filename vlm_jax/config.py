@@ -67,6 +67,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
 
+  # NaN/inf loss or gradient norm (train/nonfinite.py): "stop", or "skip" the update and
+  # rewind to the last checkpoint after `rewind_after` consecutive bad steps.
+  c.nonfinite = ml_collections.ConfigDict()
+  c.nonfinite.policy = "stop"
+  c.nonfinite.rewind_after = 5
+  c.nonfinite.max_rewinds = 3
+
   c.model = ml_collections.ConfigDict()
   c.model.name = ""
   c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU

@@ -1,7 +1,12 @@
 """vlm-train --config configs/<family>.py:<size> --workdir DIR [--config.a.b=value ...]
 
-Trains, resuming from the newest checkpoint in DIR, then shows what the model generates for a
-few held-out examples beside the truth.
+Trains, resuming from the newest complete checkpoint in DIR, then shows what the model
+generates for a few held-out examples beside the truth.
+
+Exit status (docs/reliability.md): 0 done; 1 crash (traceback); 2 bad config, before anything
+is compiled; 3 non-finite loss/gradient (config.nonfinite.policy=stop); 74 workdir not
+writable or full, or a checkpoint save failed (the previous checkpoint is intact); 75
+preempted after saving a checkpoint: rerun the same command to resume.
 """
 import argparse
 import contextlib
@@ -11,7 +16,15 @@ import sys
 
 from vlm_jax.cli import common
 
-EXIT_NONFINITE = 3
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3  # do not restart: the same data and state would fail again
+EXIT_WORKDIR = 74  # sysexits EX_IOERR: restart only after fixing the disk
+EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: restart the same command, it resumes
+
+
+def _fail(message: str, code: int):
+  print(f"vlm-train: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 def main(argv=None):
@@ -27,18 +40,26 @@ def main(argv=None):
   import jax
   from vlm_jax import distributed
   distributed.initialize()  # a multi-process launch: before anything touches a device
-  from vlm_jax.train import loop
+  from vlm_jax.config import ConfigError
+  from vlm_jax.train import checkpoint, loop, preemption, validate
 
-  os.makedirs(args.workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(args.workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   try:
+    validate.check_workdir_writable(args.workdir)
+    if jax.process_index() == 0:
+      with open(os.path.join(args.workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
     trainer = loop.Trainer(config, args.workdir)
     state = trainer.run()
+  except ConfigError as e:
+    _fail(str(e), EXIT_CONFIG)
   except loop.NonFiniteError as e:
-    print(f"vlm-train: error: {e}", file=sys.stderr)
-    sys.exit(EXIT_NONFINITE)
+    _fail(str(e), EXIT_NONFINITE)
+  except (validate.WorkdirError, checkpoint.CheckpointSaveError) as e:
+    _fail(str(e), EXIT_WORKDIR)
+  except checkpoint.CheckpointRestoreError as e:
+    _fail(str(e), 1)
+  except preemption.Preempted as e:
+    _fail(str(e), EXIT_PREEMPTED)
   if args.num_samples and hasattr(trainer.model, "encode"):
     from vlm_jax import samples
     # Every process decodes (the state is sharded across all of them); process 0 prints.

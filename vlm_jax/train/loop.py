@@ -1,6 +1,7 @@
 """The training loop: every family trains through it, chosen by `config.model.name`."""
 import contextlib
 import logging
+import math
 import os
 
 import flax.linen as nn
@@ -17,13 +18,14 @@ from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import init_from as init_from_lib
 from vlm_jax.train import init_weights
 from vlm_jax.train import metrics as metrics_lib
+from vlm_jax.train import nonfinite
 from vlm_jax.train import optimizer as optimizer_lib
+from vlm_jax.train import preemption
 from vlm_jax.train import state as state_lib
 from vlm_jax.train import step as step_lib
+from vlm_jax.train import validate
 
-
-class NonFiniteError(RuntimeError):
-  """The loss or gradient norm became NaN/inf; the message names the step and checkpoint."""
+NonFiniteError = nonfinite.NonFiniteError
 
 
 def _log(msg: str) -> None:
@@ -45,6 +47,9 @@ class Trainer:
 
   def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
+    validate.check_config(config, len(devices if devices is not None else jax.devices()),
+                          jax.process_count())
+    validate.check_workdir_writable(workdir)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config)
     self.model = registry.build(config.model)
@@ -58,6 +63,7 @@ class Trainer:
       self.factory = state_lib.StateFactory(self.model, self.tx, config, self.mesh, example)
     self.batch_shardings = {k: sharding.batch_sharding(self.mesh, self.rules, len(s.shape))
                             for k, s in batch_spec.items()}
+    validate.check_free_space(workdir, _nbytes(self.factory.abstract_state))
     self.checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     train_step = step_lib.make_train_step(self.model, self.tx, config, self.schedule)
     repl = sharding.replicated(self.mesh)
@@ -79,12 +85,12 @@ class Trainer:
   # else pretrained parts from config.init imported over the initialisation).
   # ------------------------------------------------------------------------------------------
   def initial_state(self):
-    latest = self.checkpointer.latest_step()
     with self.mesh_context():
-      if latest is not None:
-        _log(f"Resuming from checkpoint step {latest} in {self.checkpointer.directory}")
-        return self.checkpointer.restore(
-            latest, self.factory.abstract_with_shardings(), self.data)
+      step, state = self.checkpointer.restore_newest(
+          self.factory.abstract_with_shardings(), self.data)
+      if step is not None:
+        _log(f"Resuming from checkpoint step {step} in {self.checkpointer.directory}")
+        return state
       rng = jax.random.key(self.config.seed)
       if self.config.init_from:  # a previous stage: it already holds any imported weights
         return init_from_lib.initial_state(self.config.init_from, self.factory, rng, _log)
@@ -95,6 +101,8 @@ class Trainer:
   # Loop.
   # ------------------------------------------------------------------------------------------
   def run(self):
+    """Trains to `num_train_steps`. Raises preemption.Preempted after saving on a preemption
+    notice, NonFiniteError per config.nonfinite, CheckpointSaveError if a save fails."""
     config = self.config
     state = self.initial_state()
     writer = metrics_lib.MetricWriter(self.workdir)
@@ -105,48 +113,84 @@ class Trainer:
                                     peak)
     _log(f"Model FLOPs per train step {flops_per_step:.3e}; peak {peak:.3e} "
          f"FLOP/s ({peak_source}) over {self.mesh.size} device(s), mesh {dict(self.mesh.shape)}")
+    self.guard = nonfinite.Guard(config.nonfinite, self.checkpointer)
+    self.guard.resumed_at = int(state.step)
+    self.inject = nonfinite.Injector()
+    watch = preemption.PreemptionWatch()
+    try:
+      while True:
+        try:
+          return self._train(state, writer, progress, watch)
+        except nonfinite.Rewind as rewind:
+          state = self._rewind(rewind)
+    finally:
+      watch.close()
+      try:
+        self.checkpointer.wait()
+      finally:
+        writer.close()
+
+  def _train(self, state, writer, progress, watch):
+    config = self.config
     rng = jax.random.key(config.seed + 1)
     start = int(state.step)
-    pending = []
-    try:
-      with self.mesh_context():
-        for step in range(start + 1, config.num_train_steps + 1):
-          batch = sharding.global_batch(next(self.data), self.mesh, self.rules)
-          state, step_metrics = self.train_step(state, batch, rng)
-          pending.append(step_metrics)
-          if step == start + 1:  # keep the first compilation out of the throughput figures
-            jax.block_until_ready(state)
-            progress.update(start + 1)
-          last = step == config.num_train_steps
-          if step % config.log_every_steps == 0 or last:
-            self._log_metrics(step, state, pending, writer, progress)
-            pending = []
-          if step % config.checkpoint.every_steps == 0 or last:
-            self._check_finite(state)
-            self.checkpointer.save(step, state, self.data, force=last)
-    finally:
-      self.checkpointer.wait()
-      writer.close()
+    pending, fetched = [], []  # per-step metrics on device / already on the host
+    with self.mesh_context():
+      for step in range(start + 1, config.num_train_steps + 1):
+        batch = sharding.global_batch(self.inject(step, next(self.data)), self.mesh, self.rules)
+        state, step_metrics = self.train_step(state, batch, rng)
+        pending.append((step, step_metrics))
+        if step == start + 1:  # keep the first compilation out of the throughput figures
+          jax.block_until_ready(state)
+          progress.update(start + 1)
+        last = step == config.num_train_steps
+        notice = None if last else watch.notice(step, self.checkpointer.manager)
+        log_now = step % config.log_every_steps == 0 or last or notice
+        save_now = step % config.checkpoint.every_steps == 0 or last or notice
+        if log_now or save_now:
+          new, pending = self._fetch(pending), []
+          fetched += new
+          if log_now:
+            self._log_metrics(step, [m for _, m in fetched], writer, progress)
+            fetched = []
+          self._apply_policy(state, new)
+        if save_now and self.guard.may_checkpoint():
+          self.checkpointer.save(step, state, self.data, force=last or bool(notice))
+        if notice:
+          raise preemption.Preempted(step, self.checkpointer.finished_step(), notice,
+                                     self.checkpointer.directory)
     return state
 
-  def _log_metrics(self, step, state, pending, writer, progress):
-    self._check_finite(state)
-    host = jax.device_get(pending)  # the only host sync, once per logging interval
-    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  @staticmethod
+  def _fetch(pending):
+    """[(step, host metrics)]: the only host sync, once per logging or checkpoint interval."""
+    return list(zip([s for s, _ in pending], jax.device_get([m for _, m in pending])))
+
+  def _apply_policy(self, state, fetched):
+    self.guard.check_state(state)
+    self.guard.observe([s for s, _ in fetched], [bool(m["nonfinite"]) for _, m in fetched])
+
+  def _rewind(self, rewind):
+    step = self.checkpointer.finished_step()
+    _log(f"Rewinding to checkpoint step {step} after non-finite steps {rewind.first_bad}-"
+         f"{rewind.last_bad} (rewind {self.guard.rewinds} of at most "
+         f"{self.config.nonfinite.max_rewinds}); the data iterator is not rewound.")
+    with self.mesh_context():
+      return self.checkpointer.restore(step, self.factory.abstract_with_shardings(), None)
+
+  def _log_metrics(self, step, host, writer, progress):
+    good = [m for m in host if not m["nonfinite"]] or host  # skipped steps would make NaN means
+    scalars = {k: float(np.mean([m[k] for m in good])) for k in host[0]}
+    scalars["nonfinite"] = float(sum(m["nonfinite"] for m in host))
     scalars.update(progress.update(step))
     # This process's totals (bad records are skipped where they are read, per process).
     scalars.update({f"data/{k}": v for k, v in pipeline.skipped_record_counts(self.data).items()})
     writer.write(step, scalars)
     _log(progress.line(step, scalars))
 
-  def _check_finite(self, state):
-    bad = int(state.nonfinite_step)
-    if bad >= 0:
-      last = self.checkpointer.latest_step()
-      where = (f"the last good checkpoint is step {last} in {self.checkpointer.directory}"
-               if last is not None else "no checkpoint was written yet")
-      raise NonFiniteError(f"non-finite loss or gradient norm at step {bad + 1}; the update was "
-                           f"skipped and training stopped; {where}.")
+
+def _nbytes(abstract_tree) -> int:
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree))
 
 
 def train(config, workdir: str, devices=None):

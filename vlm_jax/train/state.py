@@ -14,6 +14,7 @@ import optax
 from flax import traverse_util
 
 from vlm_jax import sharding
+from vlm_jax.config import ConfigError
 
 
 @flax.struct.dataclass
@@ -67,8 +68,8 @@ class StateFactory:
     missing = unmatched_patterns(self.abstract_params, config.frozen)
     if missing:
       some = list(traverse_util.flatten_dict(self.abstract_params, sep="/"))[:3]
-      raise ValueError(f"config.frozen: pattern(s) {missing} match no parameter; parameter "
-                       f"paths look like {some}.")
+      raise ConfigError(f"config.frozen: pattern(s) {missing} match no parameter; fix or "
+                        f"remove them (parameter paths look like {some}).")
     param_shardings = sharding.logical_shardings(boxed, mesh, self.rules)
     trainable_sh, frozen_sh = split_frozen(param_shardings, config.frozen)
     self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))

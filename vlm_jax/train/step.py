@@ -64,7 +64,8 @@ def make_train_step(model, tx: optax.GradientTransformation, config, schedule=No
         opt_state=keep_if_bad(new_opt_state, state.opt_state),
         nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step,
                                  state.nonfinite_step))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": den}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": den,
+               "nonfinite": (~finite).astype(jnp.float32)}
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
     return new_state, metrics

@@ -1,0 +1,130 @@
+"""Checks that run before anything is compiled: the config against the devices, and the workdir.
+
+Each failure is one line naming the config field (or path) and the fix. Frozen-parameter
+regexes are checked where the parameter tree is first known (StateFactory, before compiling).
+"""
+import math
+import os
+import shutil
+import uuid
+
+from vlm_jax import sharding
+from vlm_jax.config import ConfigError
+from vlm_jax.models import registry
+from vlm_jax.train import nonfinite
+
+
+class WorkdirError(OSError):
+  """The workdir cannot hold checkpoints; the message names the path and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------------------------
+def _mesh_shape(config, num_devices: int) -> dict[str, int]:
+  dcn = tuple(int(s) for s in config.mesh.get("dcn_shape", (1, 1, 1)))
+  slices = math.prod(dcn)
+  if len(dcn) != len(sharding.MESH_AXES) or num_devices % slices:
+    raise ConfigError(f"config.mesh.dcn_shape={dcn} does not divide the {num_devices} devices "
+                      f"into slices; use {len(sharding.MESH_AXES)} entries whose product "
+                      f"divides {num_devices}.")
+  try:
+    ici = sharding.resolve_mesh_shape(config.mesh.shape, num_devices // slices)
+  except ValueError as e:
+    raise ConfigError(f"{e} Set --config.mesh.shape so its product is {num_devices // slices} "
+                      "(e.g. (-1, 1, 1)).") from None
+  return {axis: i * d for axis, i, d in zip(sharding.MESH_AXES, ici, dcn)}
+
+
+def _batch_axes(config) -> tuple[str, ...]:
+  for name, axes in sharding.rules_from_config(config):
+    if name == "batch":
+      return (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return ()
+
+
+def _check_batch(config, mesh: dict[str, int], process_count: int) -> None:
+  axes = _batch_axes(config)
+  ways = math.prod(mesh[a] for a in axes)
+  batch, accum = config.batch_size, config.grad_accum_steps
+  if accum < 1 or batch % accum:
+    raise ConfigError(f"config.grad_accum_steps={accum} must be >= 1 and divide "
+                      f"config.batch_size={batch}.")
+  if batch % ways:
+    raise ConfigError(
+        f"config.batch_size={batch} is not divisible by the mesh's batch axes {axes} "
+        f"({ways} ways, mesh {mesh}); use a multiple of {ways}, e.g. "
+        f"--config.batch_size={max(ways, batch // ways * ways)}.")
+  if batch % process_count:
+    raise ConfigError(f"config.batch_size={batch} is not divisible by the {process_count} "
+                      f"processes; use a multiple of {process_count}.")
+
+
+def _check_image_and_patch(config) -> None:
+  """Every `*patch_size` model field must divide the matching `*image_size` data field."""
+  for field, patch in config.model.items():
+    if not field.endswith("patch_size") or not patch:
+      continue
+    prefix = field[:-len("patch_size")]
+    image_field = f"{prefix}image_size" if f"{prefix}image_size" in config.data else "image_size"
+    size = config.data.get(image_field)
+    if size is not None and size % patch:
+      raise ConfigError(
+          f"config.data.{image_field}={size} is not a multiple of config.model.{field}={patch}; "
+          f"use {max(patch, size // patch * patch)} or {(size // patch + 1) * patch}.")
+
+
+def _check_counts(config) -> None:
+  for field in ("num_train_steps", "log_every_steps", "checkpoint.every_steps",
+                "checkpoint.keep", "nonfinite.rewind_after"):
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if value < 1:
+      raise ConfigError(f"config.{field}={value} must be >= 1.")
+  if config.nonfinite.max_rewinds < 0:
+    raise ConfigError(f"config.nonfinite.max_rewinds={config.nonfinite.max_rewinds} must be "
+                      ">= 0.")
+  if config.nonfinite.policy not in nonfinite.POLICIES:
+    raise ConfigError(f"config.nonfinite.policy={config.nonfinite.policy!r}: expected one of "
+                      f"{nonfinite.POLICIES}.")
+
+
+def check_config(config, num_devices: int, process_count: int = 1) -> None:
+  """Raises ConfigError for a config that cannot train on `num_devices` devices."""
+  name = config.model.name
+  if name not in registry.MODELS:
+    raise ConfigError(f"config.model.name={name!r} is not a known model; use one of "
+                      f"{sorted(registry.MODELS)}.")
+  _check_counts(config)
+  mesh = _mesh_shape(config, num_devices)
+  _check_batch(config, mesh, process_count)
+  _check_image_and_patch(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workdir: writable before training starts; room for one more checkpoint.
+# ----------------------------------------------------------------------------------------------
+def check_workdir_writable(workdir: str) -> None:
+  """Creates `workdir` and writes, syncs and deletes a probe file in it."""
+  probe = os.path.join(workdir, f".write_probe_{uuid.uuid4().hex}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"\0" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    raise WorkdirError(f"--workdir {workdir} cannot be written ({e.strerror or e}); choose a "
+                       "writable directory with free space.") from None
+  finally:
+    if os.path.exists(probe):
+      os.remove(probe)
+
+
+def check_free_space(workdir: str, checkpoint_bytes: int) -> None:
+  free = shutil.disk_usage(workdir).free
+  if free < checkpoint_bytes:
+    raise WorkdirError(f"--workdir {workdir} has {free / 2**20:.1f} MiB free but one checkpoint "
+                       f"needs about {checkpoint_bytes / 2**20:.1f} MiB; free space or choose "
+                       "another --workdir.")
