@@ -51,6 +51,24 @@ def test_process_rows_put_together_are_the_single_process_global_batches(data_co
       np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
 
 
+def test_two_processes_read_disjoint_records_covering_an_epoch(data_config):
+  """Over one epoch of the global stream, process 0's and process 1's rows are different
+  records and together every record of the dataset."""
+  data_config.mixture = "synthetic_pairs"
+  stream = pipeline.mixed_records(data_config, seed=3)
+  source = catalog.make_source(catalog.TASKS["synthetic_pairs"], data_config.data_dir, "train")
+  epoch, per_process = len(source), 4
+  batches = -(-epoch // (2 * per_process))
+  keys = []
+  for index in range(2):
+    rows = pipeline.ProcessRows(stream, per_process, index, 2)
+    this_epoch = [rows[k] for k in range(batches * per_process)]
+    keys.append([element[1]["key"] for position, element in this_epoch if position < epoch])
+    assert len(set(keys[-1])) == len(keys[-1])
+  assert not set(keys[0]) & set(keys[1])
+  assert set(keys[0]) | set(keys[1]) == {source[i]["key"] for i in range(epoch)}
+
+
 def test_process_batches_differ(data_config):
   its = [pipeline.make_train_iterator(data_config, global_batch_size=16, seed=0,
                                       process_index=i, process_count=2) for i in range(2)]
