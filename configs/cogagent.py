@@ -70,23 +70,11 @@ FROZEN = {
 }
 
 
-def _parse_options(text: str) -> dict:
-  options = {}
-  for item in filter(None, text.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq or key not in OPTIONS:
-      raise ValueError(f"config option {item!r}: expected key=value with key in "
-                       f"{sorted(OPTIONS)}.")
-    kind = OPTIONS[key]
-    options[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-  return options
-
-
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   size, _, rest = arg.partition(",")
   if size not in SIZES:
     raise ValueError(f"cogagent size {size!r}: expected one of {sorted(SIZES)}.")
-  options = _parse_options(rest)
+  options = config_lib.parse_options(rest, OPTIONS)
   (width, layers, heads, mlp, vocab, vit_width, vit_layers, vit_heads, vit_mlp, adapter_mlp,
    image, hr_width, hr_layers, hr_heads, hr_mlp, high_res, cross_width, cross_heads,
    text) = SIZES[size]

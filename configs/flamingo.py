@@ -82,23 +82,11 @@ PAPER_TRAINING = (256, 500_000, 1e-4, 5000)  # OpenFlamingo-like; the paper's: s
 OPTIONS = {"frames": int, "immediate": bool, "scan": bool, "remat": str, "dtype": str}
 
 
-def _parse_options(text: str) -> dict:
-  options = {}
-  for item in filter(None, text.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq or key not in OPTIONS:
-      raise ValueError(f"config option {item!r}: expected key=value with key in "
-                       f"{sorted(OPTIONS)}.")
-    kind = OPTIONS[key]
-    options[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-  return options
-
-
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   size, _, rest = arg.partition(",")
   if size not in SIZES:
     raise ValueError(f"flamingo size {size!r}: expected one of {sorted(SIZES)}.")
-  options = _parse_options(rest)
+  options = config_lib.parse_options(rest, OPTIONS)
   lm, vision, resampler, xattn, (length, max_images) = SIZES[size]
   batch, steps, lr, warmup = TRAINING.get(size, PAPER_TRAINING)
   frames = options.get("frames", 0)

@@ -61,23 +61,11 @@ OPTIONS = {"stage": int, "init_from": str, "freeze_lm": bool, "scan": bool, "rem
            "dtype": str}
 
 
-def _parse_options(text: str) -> dict:
-  options = {}
-  for item in filter(None, text.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq or key not in OPTIONS:
-      raise ValueError(f"config option {item!r}: expected key=value with key in "
-                       f"{sorted(OPTIONS)}.")
-    kind = OPTIONS[key]
-    options[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-  return options
-
-
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   size, _, rest = arg.partition(",")
   if size not in SIZES:
     raise ValueError(f"minigpt_v2 size {size!r}: expected one of {sorted(SIZES)}.")
-  options = _parse_options(rest)
+  options = config_lib.parse_options(rest, OPTIONS)
   stage = options.get("stage", 1)
   if stage not in STAGE_MIXTURES:
     raise ValueError(f"minigpt_v2 stage={stage}: expected 1, 2 or 3.")

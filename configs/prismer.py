@@ -59,18 +59,6 @@ TRAINING = {
 OPTIONS = {"experts": str, "freeze": str, "scan": bool, "remat": str, "dtype": str}
 
 
-def _parse_options(text: str) -> dict:
-  options = {}
-  for item in filter(None, text.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq or key not in OPTIONS:
-      raise ValueError(f"config option {item!r}: expected key=value with key in "
-                       f"{sorted(OPTIONS)}.")
-    kind = OPTIONS[key]
-    options[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-  return options
-
-
 def _experts(text: str) -> tuple[str, ...]:
   if text == "none":
     return ()
@@ -87,7 +75,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   size, _, rest = arg.partition(",")
   if size not in SIZES:
     raise ValueError(f"prismer size {size!r}: expected one of {sorted(SIZES)}.")
-  options = _parse_options(rest)
+  options = config_lib.parse_options(rest, OPTIONS)
   (vit_width, vit_layers, vit_heads, vit_mlp, patch, width, layers, heads, mlp, vocab, image,
    expert_px, text_length, latents, resampler_layers, resampler_heads,
    experts) = SIZES[size]

@@ -47,23 +47,11 @@ TRAINING = {
     "large": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
     "huge": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
 }
-OPTIONS = {"scan": ("model.scan_layers", bool), "remat": ("model.remat_policy", str),
-           "dtype": ("model.dtype", str), "t5": ("model.t5", bool)}
+OPTIONS = {"scan": bool, "remat": str, "dtype": str, "t5": bool}
+MODEL_FIELDS = {"scan": "scan_layers", "remat": "remat_policy", "dtype": "dtype"}
 # T5 v1.1's text layout (relative position bias, RMSNorm, gated GELU, no biases, untied head).
 T5_TEXT = dict(position="relative", norm_type="rmsnorm", mlp_activation="geglu",
                use_bias=False, tie_embeddings=False)
-
-
-def _parse_options(text: str) -> dict:
-  options = {}
-  for item in filter(None, text.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq or key not in OPTIONS:
-      raise ValueError(f"config option {item!r}: expected key=value with key in "
-                       f"{sorted(OPTIONS)}.")
-    field, kind = OPTIONS[key]
-    options[field] = (value.lower() in ("1", "true", "yes")) if kind is bool else value
-  return options
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -103,10 +91,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.prefix_length = prefix_len  # Lp
   c.data.suffix_length = suffix_len  # Ls
 
-  options = _parse_options(rest)
-  if options.pop("model.t5", False):
+  options = config_lib.parse_options(rest, OPTIONS)
+  if options.pop("t5", False):
     m.update(T5_TEXT)
-  for dotted, value in options.items():
-    group, field = dotted.split(".")
-    c[group][field] = value
+  for key, value in options.items():
+    m[MODEL_FIELDS[key]] = value
   return c

@@ -85,6 +85,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_options(text: str, options: dict) -> dict:
+  """`key=value,...` after a config's size name (`simvlm.py:tiny,scan=False`) -> {key: value};
+  `options` maps each valid key to its type (bool accepts 1/true/yes, anything else is False).
+  """
+  parsed = {}
+  for item in filter(None, text.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq or key not in options:
+      raise ValueError(f"config option {item!r}: expected key=value with key in "
+                       f"{sorted(options)}.")
+    kind = options[key]
+    parsed[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return parsed
+
+
 # ----------------------------------------------------------------------------------------
 # Loading `path/to/config.py:arg` and `--config.a.b=value` overrides.
 # ----------------------------------------------------------------------------------------
