@@ -10,7 +10,7 @@ from flax import traverse_util
 
 from vlm_jax import config as config_lib
 from vlm_jax import flops
-from vlm_jax.data import boxes, catalog, defaults, preprocessors, scenes
+from vlm_jax.data import boxes, catalog, defaults, health, preprocessors, scenes
 from vlm_jax.data import minigpt_v2 as data_lib
 from vlm_jax.data.vocab import EOS_ID, Vocab
 from vlm_jax.models import minigpt_v2 as model_lib
@@ -323,14 +323,14 @@ def test_processor_writes_the_model_batch_for_every_task():
   spec = model_lib.batch_spec(data_config, 1)
   for index, task in enumerate(data_lib.TASKS):
     ex = processor(index, (catalog.TASKS[task], raw))
-    assert not isinstance(ex, data_lib.health.Skipped), ex
+    assert not isinstance(ex, health.Skipped), ex
     ex.pop("_source")
     assert set(ex) == set(spec)
     for key, s in spec.items():
       assert ex[key].shape == s.shape[1:] and ex[key].dtype == s.dtype, key
     assert ex["loss_mask"].sum() > 0
   bad = processor(0, (catalog.TASKS["minigpt_v2_vqa"], dict(raw, image=b"junk")))
-  assert isinstance(bad, data_lib.health.Skipped)
+  assert isinstance(bad, health.Skipped)
 
 
 def test_stage_mixtures():

@@ -46,7 +46,8 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from vlm_jax.data import catalog, cogagent_boxes, health, preprocessors, scenes, synthetic
+from vlm_jax.data import catalog, cogagent_boxes, preprocessors, scenes, synthetic
+from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
 
 PLACEHOLDER_ID = UNK_ID  # any id: the model overwrites the slots' embeddings
@@ -287,28 +288,18 @@ def convert(raw: dict, task: str, *, vocab: Vocab, image_size: int, high_res_ima
   return example
 
 
-class ExampleProcessor:
-  """(index, (task spec, raw record)) -> CogAgent example or `health.Skipped` (picklable)."""
+class ExampleProcessor(processor_lib.RecordProcessor):
+  """Raw record -> CogAgent example of the record's task."""
 
   def __init__(self, data_config, seed):
+    super().__init__(seed)
     self.vocab = Vocab(data_config.vocab_path)
     self.image_size = data_config.image_size
     self.high_res_image_size = data_config.high_res_image_size
     self.image_tokens = data_config.image_tokens
     self.sequence_length = data_config.sequence_length
-    self.seed = seed
 
-  def __call__(self, index, record):
-    spec, raw = record
-    rng = np.random.default_rng([self.seed, index])
-    try:
-      if raw.get("problem"):
-        raise preprocessors.BadRecord(raw["problem"])
-      example = convert(raw, spec.name, vocab=self.vocab, image_size=self.image_size,
-                        high_res_image_size=self.high_res_image_size,
-                        image_tokens=self.image_tokens, sequence_length=self.sequence_length,
-                        rng=rng, loss_weight=spec.loss_weight)
-    except preprocessors.BadRecord as e:
-      return health.Skipped(raw.get("source", spec.name), raw.get("key", "?"), str(e))
-    example["_source"] = raw.get("source", spec.name)
-    return example
+  def convert(self, spec, raw, rng):
+    return convert(raw, spec.name, vocab=self.vocab, image_size=self.image_size,
+                   high_res_image_size=self.high_res_image_size, image_tokens=self.image_tokens,
+                   sequence_length=self.sequence_length, rng=rng, loss_weight=spec.loss_weight)

@@ -39,7 +39,8 @@ weights scale each example's token losses.
 """
 import numpy as np
 
-from vlm_jax.data import catalog, health, interleaved, preprocessors, synthetic
+from vlm_jax.data import catalog, interleaved, preprocessors, synthetic
+from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
 
 del interleaved  # imported for its catalog READERS (mmc4, obelics)
@@ -173,11 +174,11 @@ def convert(raw: dict, *, vocab: Vocab, image_size: int, sequence_length: int,
   return example
 
 
-class ExampleProcessor:
-  """(index, (task spec, raw record)) -> Flamingo example or `health.Skipped` (picklable)."""
+class ExampleProcessor(processor_lib.RecordProcessor):
+  """Raw record (interleaved document or pair) -> Flamingo example; deterministic."""
 
   def __init__(self, data_config, seed):
-    del seed  # conversion is deterministic
+    super().__init__(seed)
     self.vocab = Vocab(data_config.vocab_path)
     self.kwargs = dict(image_size=data_config.image_size,
                        sequence_length=data_config.sequence_length,
@@ -185,14 +186,6 @@ class ExampleProcessor:
                        frames_per_media=data_config.get("frames_per_media", 0),
                        resize_mode=data_config.resize_mode, max_pixels=data_config.max_pixels)
 
-  def __call__(self, index, record):
-    del index
-    spec, raw = record
-    try:
-      if raw.get("problem"):
-        raise preprocessors.BadRecord(raw["problem"])
-      example = convert(raw, vocab=self.vocab, loss_weight=spec.loss_weight, **self.kwargs)
-    except preprocessors.BadRecord as e:
-      return health.Skipped(raw.get("source", spec.name), raw.get("key", "?"), str(e))
-    example["_source"] = raw.get("source", spec.name)
-    return example
+  def convert(self, spec, raw, rng):
+    del rng  # no random choices per example
+    return convert(raw, vocab=self.vocab, loss_weight=spec.loss_weight, **self.kwargs)

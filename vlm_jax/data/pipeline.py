@@ -18,6 +18,7 @@ import numpy as np
 import grain
 
 from vlm_jax.data import catalog, converters, health, preprocessors
+from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.vocab import Vocab
 
 
@@ -28,15 +29,15 @@ def _prefix_lm_config(data_config):
       pair_zero_prefix_prob=data_config.pair_zero_prefix_prob)
 
 
-class ExampleProcessor:
-  """Raw record -> SimVLM example, or `health.Skipped` for a bad record (picklable)."""
+class ExampleProcessor(processor_lib.RecordProcessor):
+  """Raw record -> SimVLM example (PrefixLM pair or text document)."""
 
   def __init__(self, data_config, seed, pair_prefix_length=None):
+    super().__init__(seed)
     self.vocab = Vocab(data_config.vocab_path)
     self.cfg = _prefix_lm_config(data_config)
     self.resize_mode = data_config.resize_mode
     self.max_pixels = data_config.max_pixels
-    self.seed = seed
     self.pair_prefix_length = pair_prefix_length
 
   def text_ids(self, text):
@@ -45,30 +46,20 @@ class ExampleProcessor:
       raise preprocessors.BadRecord("text encodes to no tokens")
     return ids
 
-  def __call__(self, index, record):
-    spec, raw = record
-    rng = np.random.default_rng([self.seed, index])
-    try:
-      if raw.get("problem"):
-        raise preprocessors.BadRecord(raw["problem"])
-      if spec.kind == "pairs":
-        image = preprocessors.load_image(raw["image"], self.cfg.image_size, self.resize_mode,
-                                         self.max_pixels)
-        ids = self.text_ids(preprocessors.caption_of(raw))
-        example = converters.prefix_lm_pair(image, ids, self.cfg, rng, spec.loss_weight,
-                                            self.pair_prefix_length)
-      else:
-        text = raw["text"]
-        if raw.get("json_field"):
-          text = preprocessors.text_from_json_line(text, raw["json_field"])
-        ids = self.text_ids(preprocessors.clean_text(text))
-        if len(ids) < 2:
-          raise preprocessors.BadRecord("document shorter than 2 tokens")
-        example = converters.prefix_lm_text(ids, self.cfg, rng, spec.loss_weight)
-    except preprocessors.BadRecord as e:
-      return health.Skipped(raw.get("source", spec.name), raw.get("key", "?"), str(e))
-    example["_source"] = raw.get("source", spec.name)
-    return example
+  def convert(self, spec, raw, rng):
+    if spec.kind == "pairs":
+      image = preprocessors.load_image(raw["image"], self.cfg.image_size, self.resize_mode,
+                                       self.max_pixels)
+      ids = self.text_ids(preprocessors.caption_of(raw))
+      return converters.prefix_lm_pair(image, ids, self.cfg, rng, spec.loss_weight,
+                                       self.pair_prefix_length)
+    text = raw["text"]
+    if raw.get("json_field"):
+      text = preprocessors.text_from_json_line(text, raw["json_field"])
+    ids = self.text_ids(preprocessors.clean_text(text))
+    if len(ids) < 2:
+      raise preprocessors.BadRecord("document shorter than 2 tokens")
+    return converters.prefix_lm_text(ids, self.cfg, rng, spec.loss_weight)
 
 
 class _Tagged:

@@ -36,7 +36,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from vlm_jax.data import catalog, experts, health, ingest, preprocessors, sources, synthetic
+from vlm_jax.data import catalog, experts, ingest, preprocessors, sources, synthetic
+from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
 
 MANIFEST = catalog.INGEST_MANIFEST
@@ -180,11 +181,11 @@ def caption_arrays(ids, length: int) -> dict:
   return out
 
 
-class ExampleProcessor:
-  """(index, (task spec, raw record)) -> Prismer example or `health.Skipped` (picklable)."""
+class ExampleProcessor(processor_lib.RecordProcessor):
+  """Raw labelled pair -> Prismer example (RGB, expert maps, caption); deterministic."""
 
   def __init__(self, data_config, seed):
-    del seed  # no random choices per example
+    super().__init__(seed)
     self.vocab = Vocab(data_config.vocab_path)
     self.image_size = data_config.image_size
     self.resize_mode = data_config.resize_mode
@@ -194,25 +195,19 @@ class ExampleProcessor:
     self.expert_size = data_config.expert_size
     self.table = experts.LabelTable(data_config.label_table, data_config.label_dim)
 
-  def __call__(self, index, record):
-    spec, raw = record
+  def convert(self, spec, raw, rng):
+    del rng  # no random choices per example
+    image = preprocessors.load_image(raw["image"], self.image_size, self.resize_mode,
+                                     self.max_pixels)
+    ids = self.vocab.encode(preprocessors.caption_of(raw))
+    if not ids:
+      raise preprocessors.BadRecord("caption encodes to no tokens")
     try:
-      if raw.get("problem"):
-        raise preprocessors.BadRecord(raw["problem"])
-      image = preprocessors.load_image(raw["image"], self.image_size, self.resize_mode,
-                                       self.max_pixels)
-      ids = self.vocab.encode(preprocessors.caption_of(raw))
-      if not ids:
-        raise preprocessors.BadRecord("caption encodes to no tokens")
-      try:
-        labels = experts.decode_labels(raw.get("experts", []), raw.get("images") or [])
-      except (ValueError, OSError) as e:
-        raise preprocessors.BadRecord(f"unreadable expert labels: {e}") from None
-      example = expert_inputs(labels, self.experts, self.expert_size, self.table)
-    except preprocessors.BadRecord as e:
-      return health.Skipped(raw.get("source", spec.name), raw.get("key", "?"), str(e))
+      labels = experts.decode_labels(raw.get("experts", []), raw.get("images") or [])
+    except (ValueError, OSError) as e:
+      raise preprocessors.BadRecord(f"unreadable expert labels: {e}") from None
+    example = expert_inputs(labels, self.experts, self.expert_size, self.table)
     example.update(caption_arrays(ids, self.text_length))
     example["images"] = image[None].astype(np.float32)
     example["loss_weight"] = np.float32(spec.loss_weight)
-    example["_source"] = raw.get("source", spec.name)
     return example
