@@ -13,8 +13,8 @@ def generate_captions(trainer, state, num_examples: int) -> list[tuple[str, str]
   (batch, truths), = pipeline.make_eval_batches(config.data, batch_size=num_examples)
   params = state_lib.merge_params(state.params, state.frozen)
   with trainer.mesh_context():
-    tokens = decode.greedy_decode(trainer.model, params, batch,
-                                  max_len=config.data.suffix_length)
+    tokens = decode.generate(trainer.model, params, batch,
+                             max_len=config.data.suffix_length).tokens
   vocab = vocab_lib.Vocab(config.data.vocab_path)
   return [(truth, vocab.decode(row)) for truth, row in zip(truths, np.asarray(tokens))]
 
