@@ -52,6 +52,7 @@ setuptools.setup(
             "vlm-train=vlm_jax.cli.train:main",
             "vlm-info=vlm_jax.cli.info:main",
             "vlm-data=vlm_jax.cli.data:main",
+            "vlm-eval=vlm_jax.cli.eval:main",
         ]
     },
 )

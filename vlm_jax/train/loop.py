@@ -11,6 +11,7 @@ import numpy as np
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
 from vlm_jax.data import pipeline
+from vlm_jax.evaluation import runner as eval_runner
 from vlm_jax.models import registry
 from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import metrics as metrics_lib
@@ -114,6 +115,10 @@ class Trainer:
           if step % config.checkpoint.every_steps == 0 or last:
             self._check_finite(state)
             self.checkpointer.save(step, state, self.data, force=last)
+          if eval_runner.due(config, step):
+            scalars = eval_runner.run_configured(self, state)
+            writer.write(step, scalars)
+            _log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
     finally:
       self.checkpointer.wait()
       writer.close()
