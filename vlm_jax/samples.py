@@ -4,6 +4,7 @@ import numpy as np
 from vlm_jax import decode
 from vlm_jax.data import pipeline
 from vlm_jax.data import vocab as vocab_lib
+from vlm_jax.evaluation import captions
 from vlm_jax.train import state as state_lib
 
 
@@ -28,4 +29,7 @@ def show_generations(trainer, state, num_examples: int) -> None:
     mark = "=" if truth == generated else " "
     print(f"  {truth:<{width}} {mark} {generated}")
   exact = sum(t == g for t, g in pairs)
-  print(f"exact match: {exact}/{len(pairs)}")
+  truths, generated = [t for t, _ in pairs], [g for _, g in pairs]
+  cider = captions.cider(generated, [[t] for t in truths])
+  print(f"exact match: {exact}/{len(pairs)}; CIDEr-D {cider:.3f} (idf over these "
+        f"{len(pairs)} images; `vlm-eval` reports it on the held-out tasks)")
