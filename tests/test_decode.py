@@ -145,7 +145,10 @@ def test_cached_decoding_equals_full_recomputation_and_beam_search(name):
   np.testing.assert_allclose(beam.scores, greedy.scores, rtol=1e-5, atol=1e-5)
 
   # Beam 3 with a length penalty: every beam's score is its length-penalised log-prob under
-  # the full forward, beams are sorted, and the best is no worse than greedy.
+  # the full forward, beams are sorted, and the best is no worse than greedy. (One family
+  # per path suffices: the search is family-agnostic; this keeps test time down.)
+  if name not in ("simvlm", "flamingo"):
+    return
   alpha, beams = 0.6, 3
   out = decode_lib.generate(model, params, batch, NEW, method="beam", beams=beams,
                             length_alpha=alpha, eos_id=eos)

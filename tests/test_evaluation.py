@@ -8,12 +8,14 @@ import jax
 import numpy as np
 import pytest
 
+from vlm_jax import config as config_lib
 from vlm_jax import decode
 from vlm_jax.cli import eval as eval_cli
 from vlm_jax.data import flamingo as flamingo_data
 from vlm_jax.data import catalog, defaults
 from vlm_jax.evaluation import benchmarks, fewshot, heldout, runner, scoring, tasks, vqa
 from vlm_jax.models import simvlm
+from vlm_jax.train import loop
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "benchmarks")
 
@@ -123,20 +125,41 @@ def test_unknown_or_mismatched_tasks_raise():
     tasks.get("cogagent_ocr", data_config)
 
 
+def _train_with_evals(workdir):
+  """4 steps of tiny SimVLM with config.evals every 2 steps; returns the metric rows."""
+  config = config_lib.load_config("configs/simvlm.py:tiny", [
+      ("batch_size", "8"), ("num_train_steps", "4"), ("log_every_steps", "2"),
+      ("checkpoint.every_steps", "4"), ("evals.every_steps", "2"),
+      ("evals.tasks", "['simvlm_rank_captions', 'simvlm_scenes']"),
+      ("evals.num_examples", "2"), ("evals.batch_size", "2")])
+  loop.train(config, str(workdir))
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
 @pytest.mark.parametrize("family", ["simvlm", "minigpt_v2", "cogagent", "flamingo"])
 def test_vlm_eval_runs_every_task_of_every_family(family, tmp_path, capsys):
+  """SimVLM: config.evals during training, then vlm-eval on the newest checkpoint; the other
+  families: vlm-eval on freshly initialised weights."""
+  step, flags = 0, ["--random-init"]
+  if family == "simvlm":
+    rows = _train_with_evals(tmp_path)
+    evals = [r for r in rows if "eval/simvlm_scenes/cider" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 <= r["eval/simvlm_rank_captions/accuracy"] <= 1 for r in evals)
+    step, flags = 4, []
   eval_cli.main([f"--config=configs/{family}.py:tiny", "--workdir", str(tmp_path),
-                 "--random-init", "--num-examples", "2", "--batch-size", "2",
-                 "--num-samples", "1"])
+                 "--num-examples", "2", "--batch-size", "2", "--num-samples", "1"] + flags)
   printed = capsys.readouterr().out
   with open(tmp_path / "metrics.jsonl") as f:
-    written = json.loads(f.readline())
-  data_config = eval_cli.common.parse_with_config(
-      __import__("argparse").ArgumentParser(), [f"--config=configs/{family}.py:tiny"])[0].data
-  names = tasks.tasks_for(data_config)
-  assert names and written["step"] == 0
+    written = json.loads(f.readlines()[-1])
+  config = config_lib.load_config(f"configs/{family}.py:tiny", [])
+  names = tasks.tasks_for(config.data)
+  assert names and written["step"] == step
   for name in names:
-    assert f"{name} (step 0):" in printed
+    assert f"{name} (step {step}):" in printed
     metrics = [k for k in written if k.startswith(f"eval/{name}/") and not k.endswith("seconds")]
     assert metrics and all(0.0 <= written[k] <= 100.0 for k in metrics)
-  assert runner.task_names  # the loop's hook resolves the same names
+  with pytest.raises(ValueError, match="unknown evaluation task"):
+    runner.task_names(config, ["nope"])
+
