@@ -55,6 +55,7 @@ setuptools.setup(
             "vlm-launch=vlm_jax.cli.launch:main",
             "vlm-compile=vlm_jax.cli.compile:main",
             "vlm-convert=vlm_jax.cli.convert:main",
+            "vlm-eval=vlm_jax.cli.eval:main",
         ]
     },
 )

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from vlm_jax import config as config_lib
 from vlm_jax import flops
-from vlm_jax.data import catalog, defaults, health
+from vlm_jax.data import catalog, health
 from vlm_jax.data import cogagent as data_lib
 from vlm_jax.data import cogagent_boxes as boxes
 from vlm_jax.models import cogagent as model_lib

@@ -13,7 +13,6 @@ import torch
 import transformers
 
 from vlm_jax import convert
-from vlm_jax.convert import roberta
 from vlm_jax.models import prismer
 from vlm_jax.train import init_weights
 

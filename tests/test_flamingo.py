@@ -1,6 +1,5 @@
 """Flamingo: gates at 0 = bare LM, interleaved-media masking, open-flamingo parity, freezing,
 video frames, configs at paper sizes."""
-import glob
 import importlib.util
 import os
 

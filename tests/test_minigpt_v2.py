@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from vlm_jax import config as config_lib
+from vlm_jax import decode as decode_lib
 from vlm_jax import flops
 from vlm_jax.data import boxes, catalog, defaults, health, preprocessors, scenes
 from vlm_jax.data import minigpt_v2 as data_lib
@@ -83,7 +84,7 @@ def test_model_projects_groups_of_its_vit_tokens(tiny):
 def test_visual_tokens_are_spliced_at_image_positions(tiny):
   model, params = tiny
   batch = dict(_batch(), image_mask=jnp.array([[1.0], [0.0]]))
-  x, _ = model.apply({"params": params}, batch, method="embed_inputs")
+  x, _, _ = model.apply({"params": params}, batch, method="embed_inputs")
   visual = model.apply({"params": params}, batch["images"], method="encode_images")
   text = model.apply({"params": params}, batch["tokens"], method=lambda m, t: m.lm.embed(t))
   np.testing.assert_allclose(x[0, 2:6], visual[0, 0], atol=1e-6)
@@ -363,7 +364,7 @@ def test_greedy_generation_with_cache_equals_full_forward(tiny):
   batch = _batch(length=20)
   lengths = np.array([9, 12])
   batch["token_mask"] = (jnp.arange(20)[None] < lengths[:, None]).astype(jnp.float32)
-  generated = model_lib.greedy_generate(model, params, batch, new, eos_id=-1)
+  generated = decode_lib.generate(model, params, batch, new, eos_id=-1).tokens
   apply = jax.jit(lambda b: model.apply({"params": params}, b))
   tokens = np.array(batch["tokens"])
   for step in range(new):  # no cache: extend each prompt in place and rerun everything

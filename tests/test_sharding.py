@@ -4,7 +4,6 @@ import os
 
 import flax.linen as nn
 import jax
-import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 

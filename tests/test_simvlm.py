@@ -209,21 +209,21 @@ def test_cached_decoding_equals_full_decoder_forward():
 def test_greedy_decode_matches_teacher_forced_argmax():
   model, variables = model_and_variables()
   params, batch = variables["params"], make_batch()
-  out = decode_lib.greedy_decode(model, params, batch, max_len=LS, eos_id=-1)
+  out = decode_lib.generate(model, params, batch, max_len=LS, eos_id=-1).tokens
   assert out.shape == (B, LS) and out.dtype == jnp.int32
   inputs = jnp.concatenate([jnp.full((B, 1), decode_lib.BOS_ID), out[:, :-1]], axis=1)
   logits = forward(model, params, dict(batch, tokens=inputs, loss_mask=jnp.ones((B, LS))))
   np.testing.assert_array_equal(jnp.argmax(logits, -1), out)
   with pytest.raises(ValueError, match="max_text_length"):
-    decode_lib.greedy_decode(model, params, batch, max_len=9)
+    decode_lib.generate(model, params, batch, max_len=9)
 
 
 def test_greedy_decode_pads_after_eos():
   model, variables = model_and_variables()
   params, batch = variables["params"], make_batch()
-  first = decode_lib.greedy_decode(model, params, batch, max_len=LS, eos_id=-1)
+  first = decode_lib.generate(model, params, batch, max_len=LS, eos_id=-1).tokens
   eos = int(first[0, 1])  # pretend the second generated token is EOS
-  out = np.asarray(decode_lib.greedy_decode(model, params, batch, max_len=LS, eos_id=eos))
+  out = np.asarray(decode_lib.generate(model, params, batch, max_len=LS, eos_id=eos).tokens)
   for row in out:
     hits = np.flatnonzero(row == eos)
     if hits.size:

@@ -73,6 +73,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.nonfinite.policy = "stop"
   c.nonfinite.rewind_after = 5
   c.nonfinite.max_rewinds = 3
+  # Evaluations during training (vlm_jax.evaluation): every `every_steps` (0: never), the
+  # named tasks (empty: every task of the config's data converter); results go to the
+  # metric writers as eval/<task>/<metric>.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.every_steps = 0
+  c.evals.tasks = ()
+  c.evals.num_examples = 0  # 0: each task's default
+  c.evals.batch_size = 8
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ""

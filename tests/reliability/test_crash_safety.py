@@ -3,7 +3,6 @@ are named and skipped, and the run resumes from the newest good one with identic
 import os
 import shutil
 import signal
-import time
 
 import reliability_runs as runs
 

@@ -115,7 +115,7 @@ def encode_conversation(vocab: Vocab, turns, *, image_tokens: int, sequence_leng
   Turns that do not fit in `sequence_length` are dropped from the end; if not even the first
   answer's first token fits, raises `preprocessors.BadRecord`. open_last: the last turn's
   answer is left out, so `tokens`/`token_mask` hold a prompt ending in '[/INST]' for
-  generation (`models.minigpt_v2.greedy_generate`); then any turn that does not fit raises.
+  generation (`vlm_jax.decode.generate`); then any turn that does not fit raises.
   """
   if not turns:
     raise ValueError("a conversation needs at least one turn")

@@ -199,6 +199,14 @@ class CogAgent(nn.Module):
       extra["high_res"] = self.encode_high_res(batch["high_res_images"])
     return x, batch["token_mask"], extra
 
+  def embed_generated(self, tokens: jax.Array) -> jax.Array:
+    """Embeddings of generated tokens [B, 1] (decoding, `vlm_jax.decode`)."""
+    return self.lm.embed(tokens)
+
+  def generation_extra(self, extra: dict, last: jax.Array) -> dict:
+    """`extra` for one generated token: text (no visual expert), the same high-res keys."""
+    return dict(extra, is_vision=jnp.zeros((last.shape[0], 1), bool))
+
   def __call__(self, batch, deterministic: bool = True):
     x, token_mask, extra = self.embed_inputs(batch)
     hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic)

@@ -56,11 +56,10 @@ class FlamingoLayerGroup(decoder_lm.DecoderLayerGroup):
   xattn_activation: str = "gelu"
 
   def before_sublayer(self, index, x, context, deterministic, decode):
-    del deterministic
+    # Decoding needs nothing cached here: the media keys are static inputs (context.extra).
+    del deterministic, decode
     if index not in self.xattn_sublayers:
       return x
-    if decode:
-      raise NotImplementedError("Flamingo decoding with a KV cache is not implemented.")
     return gated_xattn.GatedCrossAttentionDense(
         self.xattn_heads, self.xattn_head_dim, self.xattn_mlp_ratio, self.xattn_activation,
         dtype=self.dtype, param_dtype=self.param_dtype, name=f"xattn_{index}")(
@@ -175,7 +174,9 @@ class Flamingo(nn.Module):
                     self.new_token_embedding[row].astype(x.dtype), x)
     return x
 
-  def __call__(self, batch, deterministic: bool = True):
+  def embed_inputs(self, batch) -> tuple[jax.Array, jax.Array, dict]:
+    """(token embeddings [B, T, D], token_mask [B, T], the layers' `extra`: flattened visual
+    tokens [B, N*L, Dv] and their mask [B, 1, T, N*L])."""
     tokens = batch["tokens"]
     media = self.encode_media(batch["images"])
     num_media, tokens_per_media = media.shape[1:3]
@@ -184,8 +185,21 @@ class Flamingo(nn.Module):
         self.only_attend_immediate)
     extra = {"media": media.reshape(media.shape[0], num_media * tokens_per_media, -1),
              "media_mask": mask}
-    hidden = self.lm.trunk(self.embed_tokens(tokens), token_mask=batch["token_mask"],
-                           extra=extra, deterministic=deterministic)
+    return self.embed_tokens(tokens), batch["token_mask"], extra
+
+  def embed_generated(self, tokens: jax.Array) -> jax.Array:
+    """Embeddings of generated tokens [B, 1] (decoding, `vlm_jax.decode`)."""
+    return self.embed_tokens(tokens)
+
+  def generation_extra(self, extra: dict, last: jax.Array) -> dict:
+    """`extra` for one generated token: it sees the media the prompt's last token [B] sees
+    (a generated `<image>` brings no new media)."""
+    mask = jnp.take_along_axis(extra["media_mask"], last[:, None, None, None], axis=2)
+    return dict(extra, media_mask=mask)
+
+  def __call__(self, batch, deterministic: bool = True):
+    x, token_mask, extra = self.embed_inputs(batch)
+    hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic)
     return self.lm.logits(hidden)
 
 

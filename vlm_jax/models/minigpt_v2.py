@@ -29,13 +29,11 @@ Trainable in every stage (paper): the projection and the LoRA params; config.fro
 `--config.init.lm=PATH` (`PRETRAINED_PARTS`, `vlm_jax.convert`); `vlm-convert export` folds
 LoRA into them and writes an HF checkpoint (docs/weights.md).
 
-Generation: `greedy_generate(model, params, batch, max_new_tokens)` answers prompts (batch
+Generation: `vlm_jax.decode.generate(model, params, batch, max_len)` answers prompts (batch
 `tokens`/`token_mask` hold prompts only, e.g. `data.minigpt_v2.encode_conversation(...,
-open_last=True)`) with the LM's KV cache: prompts are right-aligned so every row continues
-at the same cache index, their left padding is masked as keys and rotary positions count
-real tokens only.
+open_last=True)`) with the LM's KV cache, through `embed_inputs` / `embed_generated` /
+`generation_extra`.
 """
-import functools
 
 import flax.linen as nn
 import jax
@@ -123,15 +121,25 @@ class MiniGPTv2(nn.Module):
     x = self.projection(x)
     return x.reshape((batch, num_images) + x.shape[1:])
 
-  def embed_inputs(self, batch) -> tuple[jax.Array, jax.Array]:
-    """(input embeddings [B, T, D] with the visual tokens spliced in, token_mask [B, T])."""
+  def embed_inputs(self, batch) -> tuple[jax.Array, jax.Array, None]:
+    """(input embeddings [B, T, D] with the visual tokens spliced in, token_mask [B, T],
+    the layers' `extra`: none)."""
     x = self.lm.embed(batch["tokens"])
     visual = self.encode_images(batch["images"])
     x = splice(x, visual, batch["image_positions"], batch["image_mask"] > 0)
-    return x, batch["token_mask"]
+    return x, batch["token_mask"], None
+
+  def embed_generated(self, tokens: jax.Array) -> jax.Array:
+    """Embeddings of generated tokens [B, 1] (decoding)."""
+    return self.lm.embed(tokens)
+
+  def generation_extra(self, extra, last):
+    """`extra` for a generated token: none here."""
+    del last
+    return extra
 
   def __call__(self, batch, deterministic: bool = True):
-    x, token_mask = self.embed_inputs(batch)
+    x, token_mask, _ = self.embed_inputs(batch)
     hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic)
     return self.lm.logits(hidden)
 
@@ -155,61 +163,3 @@ def batch_spec(data_config, batch_size: int) -> dict:
       "image_positions": ((batch_size, 1), i32), "loss_weight": ((batch_size,), f32),
   }
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
-
-
-# ----------------------------------------------------------------------------------------
-# Greedy generation with the LM's KV cache
-# ----------------------------------------------------------------------------------------
-def _lm_cached(module, x, positions, key_mask):
-  hidden = module.lm.trunk(x, attention_mask=key_mask[:, None, None, :], positions=positions,
-                           decode=True)
-  return module.lm.logits(hidden)
-
-
-def greedy_generate(model: MiniGPTv2, params, batch, max_new_tokens: int, *, eos_id: int = 1,
-                    pad_id: int = 0) -> jax.Array:
-  """Token ids [B, max_new_tokens]: the argmax continuation of each prompt, EOS included,
-  then `pad_id`. `batch` needs images, image_mask, tokens, token_mask (1 on the prompt, a
-  prefix of each row) and image_positions."""
-  keys = ("images", "image_mask", "tokens", "token_mask", "image_positions")
-  return _greedy(params, {k: batch[k] for k in keys}, model=model, max_new=max_new_tokens,
-                 eos_id=eos_id, pad_id=pad_id)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new", "eos_id", "pad_id"))
-def _greedy(params, batch, *, model, max_new, eos_id, pad_id):
-  x, valid = model.apply({"params": params}, batch, method="embed_inputs")
-  batch_size, length, _ = x.shape
-  valid = valid > 0
-  lengths = valid.sum(axis=1).astype(jnp.int32)
-  # Right-align: row b moves right by length - lengths[b] (its padding wraps to the front).
-  source = (jnp.arange(length)[None] - (length - lengths)[:, None]) % length
-  x = jnp.take_along_axis(x, source[..., None], axis=1)
-  valid = jnp.take_along_axis(valid, source, axis=1)
-  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-  key_mask = jnp.concatenate([valid, jnp.ones((batch_size, max_new), bool)], axis=1)
-
-  def run(cache, inputs, positions):
-    variables = {"params": params} if cache is None else {"params": params, "cache": cache}
-    logits, mutated = model.apply(variables, inputs, positions, key_mask, method=_lm_cached,
-                                  mutable=["cache"])
-    return logits, mutated["cache"]
-
-  full = jnp.zeros((batch_size, length + max_new) + x.shape[2:], x.dtype)
-  shapes = jax.eval_shape(lambda: run(None, full, jnp.zeros(full.shape[:2], jnp.int32))[1])
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  logits, cache = run(cache, x, positions)
-  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-
-  def step(carry, i):
-    cache, token, done = carry
-    embedded = model.apply({"params": params}, token[:, None],
-                           method=lambda m, t: m.lm.embed(t))
-    logits, cache = run(cache, embedded, (lengths + i)[:, None])
-    next_token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-    next_token = jnp.where(done, pad_id, next_token)
-    return (cache, next_token, done | (next_token == eos_id)), next_token
-
-  init = (cache, first, first == eos_id)
-  _, rest = jax.lax.scan(step, init, jnp.arange(max_new - 1))
-  return jnp.concatenate([first[:, None], rest.T], axis=1)

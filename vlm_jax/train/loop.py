@@ -13,6 +13,7 @@ from vlm_jax import distributed
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
 from vlm_jax.data import pipeline
+from vlm_jax.evaluation import runner as eval_runner
 from vlm_jax.models import registry
 from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import init_from as init_from_lib
@@ -156,6 +157,10 @@ class Trainer:
           self._apply_policy(state, new)
         if save_now and self.guard.may_checkpoint():
           self.checkpointer.save(step, state, self.data, force=last or bool(notice))
+        if eval_runner.due(config, step):
+          scalars = eval_runner.run_configured(self, state)
+          writer.write(step, scalars)
+          _log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
         if notice:
           raise preemption.Preempted(step, self.checkpointer.finished_step(), notice,
                                      self.checkpointer.directory)

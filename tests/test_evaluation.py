@@ -1,0 +1,165 @@
+"""Evaluation plumbing: benchmark readers on hand-written fixtures, prompts from held-out
+examples, likelihood scoring vs cached decoding, few-shot prompts, vlm-eval on every family."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax import config as config_lib
+from vlm_jax import decode
+from vlm_jax.cli import eval as eval_cli
+from vlm_jax.data import flamingo as flamingo_data
+from vlm_jax.data import catalog, defaults
+from vlm_jax.evaluation import benchmarks, fewshot, heldout, runner, scoring, tasks, vqa
+from vlm_jax.models import simvlm
+from vlm_jax.train import loop
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "data", "benchmarks")
+
+
+def test_coco_captions_reader():
+  items = benchmarks.coco_captions(os.path.join(FIXTURES, "coco_captions.json"), "/img")
+  assert [(i.image_id, i.image_path) for i in items] == [
+      (7, "/img/COCO_val2014_000000000007.jpg"), (9, "/img/COCO_val2014_000000000009.jpg")]
+  assert items[0].references == ["A cat on a mat.", "a cat"] and items[1].references == ["a dog"]
+
+
+def test_vqa_v2_reader_and_soft_accuracy():
+  items = benchmarks.vqa_v2(os.path.join(FIXTURES, "vqa_questions.json"),
+                            os.path.join(FIXTURES, "vqa_annotations.json"), "/img",
+                            image_prefix="COCO_val2014_")
+  assert items[0].image_path == "/img/COCO_val2014_000000000007.jpg"
+  assert items[0].question == "What animal is it?" and len(items[0].answers) == 10
+  # 'kitten' is 2 of 10: leaving out a kitten (2 subsets) -> 1/3, else 2/3: 0.6.
+  assert vqa.vqa_accuracy("kitten", items[0].answers) == pytest.approx(0.6)
+  assert vqa.vqa_accuracy("one", items[1].answers) == pytest.approx(1.0)  # 4 x '1' ('one')
+
+
+def test_refcoco_reader(tmp_path):
+  items = benchmarks.refcoco(os.path.join(FIXTURES, "refcoco.jsonl"), "/img")
+  assert items[0].box == (10, 20, 40, 60)  # COCO [x, y, w, h] -> corners
+  assert items[0].sentences == ["the cat", "cat on the left"]
+  assert items[1] == benchmarks.RefItem("/img/b.jpg", (0, 0, 50, 40), ["the dog"])
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps([{"image": "a.jpg", "box": [5, 5, 1, 1], "sentence": "x"}]))
+  with pytest.raises(ValueError, match="record 0 has a malformed box"):
+    benchmarks.refcoco(str(bad))
+
+
+def test_prompt_is_the_example_without_its_last_answer():
+  assert heldout.last_span(np.array([0, 0, 1, 1, 0, 1, 1, 0])) == (5, 7)
+  example = {"tokens": np.array([3, 10, 11, 12, 13, 14, 0, 0]),
+             "targets": np.array([10, 11, 12, 13, 14, 1, 0, 0]),
+             "loss_mask": np.array([0, 0, 0, 1, 1, 1, 0, 0], np.float32),
+             "token_mask": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32),
+             "loss_weight": np.float32(1)}
+  inputs, answer, stop = heldout.as_prompt(example)  # token 12 predicts the answer's 13
+  np.testing.assert_array_equal(inputs["tokens"], [3, 10, 11, 12, 0, 0, 0, 0])
+  np.testing.assert_array_equal(inputs["token_mask"], [1, 1, 1, 1, 0, 0, 0, 0])
+  assert list(answer) == [13, 14, 1] and stop == 1 and "targets" not in inputs
+  rebuilt = scoring.with_answer(inputs, [13, 14], 1)
+  for key in ("tokens", "loss_mask", "token_mask"):
+    np.testing.assert_array_equal(rebuilt[key], example[key])
+  on = example["loss_mask"] > 0  # prompt targets carry no loss and are not rebuilt
+  np.testing.assert_array_equal(rebuilt["targets"][on], example["targets"][on])
+  with pytest.raises(ValueError, match="does not fit"):
+    scoring.with_answer(inputs, list(range(20, 26)), 1)
+
+
+def test_likelihood_of_the_greedy_caption_equals_its_cached_decoding_score():
+  model = simvlm.SimVLM(vocab_size=64, width=32, num_heads=4, mlp_dim=48, encoder_layers=1,
+                        decoder_layers=1, stem_width=8, stem_blocks=(1, 1, 1),
+                        max_text_length=8)
+  rng = np.random.default_rng(0)
+  prompts = [{"images": rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32),
+              "image_mask": np.ones((1,), np.float32),
+              "prefix_tokens": np.array([5, 6, 0], np.int32),
+              "prefix_mask": np.array([1, 1, 0], np.float32)} for _ in range(2)]
+  batch = heldout.stack(prompts)
+  init = dict(batch, tokens=np.zeros((2, 6), np.int32), loss_mask=np.ones((2, 6)))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), init))["params"]
+  out = decode.generate(model, params, batch, 6, eos_id=-1)
+  stop = int(out.tokens[0, -1])  # score the first 5 tokens + the 6th as the 'stop'
+  ll = scoring.rank_candidates(model, params, prompts[:1], [list(np.asarray(out.tokens[0, :5]))],
+                               stop, suffix_length=6, batch_size=2)
+  np.testing.assert_allclose(ll[0, 0], out.scores[0], rtol=1e-5, atol=1e-5)
+
+
+def test_support_examples_are_seeded_distinct_and_exclude_the_query():
+  picks = fewshot.choose_support(10, 3, 4, seed=1)
+  assert picks == fewshot.choose_support(10, 3, 4, seed=1) and len(set(picks)) == 4
+  assert 3 not in picks and picks != fewshot.choose_support(10, 3, 4, seed=2)
+  with pytest.raises(ValueError, match="3 shots"):
+    fewshot.choose_support(3, 0, 3, seed=0)
+  features = np.array([[1.0, 0], [0.9, 0.1], [0, 1], [1, 0.05]])
+  assert fewshot.nearest_support(features, 0, 2) == [3, 1]
+
+
+def test_few_shot_document_interleaves_support_then_query():
+  data_config = defaults.default_data_config()
+  data_config.converter = "flamingo"
+  data_config.sequence_length, data_config.max_images, data_config.image_size = 96, 3, 32
+  pool = [raw for _, raw in heldout.load_examples(data_config, "flamingo_pairs", 4)]
+  record = fewshot.interleaved_record(pool, [2, 0], 1)
+  example = heldout.processor(data_config)(0, (catalog.TASKS["flamingo_pairs"], record))
+  assert example["image_mask"].tolist() == [1, 1, 1]
+  inputs, answer, stop = heldout.as_prompt(example)
+  vocab = heldout.processor(data_config).vocab
+  assert stop == vocab.token_id(flamingo_data.END_OF_CHUNK_TOKEN)
+  assert vocab.decode(answer[:-1]) == tasks._caption(pool[1])
+  # The prompt holds both support captions, and ends with the query's <image>.
+  prompt = [int(t) for t in inputs["tokens"][inputs["token_mask"] > 0]]
+  assert prompt[-1] == vocab.token_id(flamingo_data.IMAGE_TOKEN)
+  text = vocab.decode([t for t in prompt if t > 5])
+  assert tasks._caption(pool[2]) in text and tasks._caption(pool[0]) in text
+
+
+def test_unknown_or_mismatched_tasks_raise():
+  data_config = defaults.default_data_config()
+  with pytest.raises(ValueError, match="unknown evaluation task"):
+    tasks.get("coco_karpathy", data_config)
+  with pytest.raises(ValueError, match="needs data.converter='cogagent'"):
+    tasks.get("cogagent_ocr", data_config)
+
+
+def _train_with_evals(workdir):
+  """4 steps of tiny SimVLM with config.evals every 2 steps; returns the metric rows."""
+  config = config_lib.load_config("configs/simvlm.py:tiny", [
+      ("batch_size", "8"), ("num_train_steps", "4"), ("log_every_steps", "2"),
+      ("checkpoint.every_steps", "4"), ("evals.every_steps", "2"),
+      ("evals.tasks", "['simvlm_rank_captions', 'simvlm_scenes']"),
+      ("evals.num_examples", "2"), ("evals.batch_size", "2")])
+  loop.train(config, str(workdir))
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("family", ["simvlm", "minigpt_v2", "cogagent", "flamingo"])
+def test_vlm_eval_runs_every_task_of_every_family(family, tmp_path, capsys):
+  """SimVLM: config.evals during training, then vlm-eval on the newest checkpoint; the other
+  families: vlm-eval on freshly initialised weights."""
+  step, flags = 0, ["--random-init"]
+  if family == "simvlm":
+    rows = _train_with_evals(tmp_path)
+    evals = [r for r in rows if "eval/simvlm_scenes/cider" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 <= r["eval/simvlm_rank_captions/accuracy"] <= 1 for r in evals)
+    step, flags = 4, []
+  eval_cli.main([f"--config=configs/{family}.py:tiny", "--workdir", str(tmp_path),
+                 "--num-examples", "2", "--batch-size", "2", "--num-samples", "1"] + flags)
+  printed = capsys.readouterr().out
+  with open(tmp_path / "metrics.jsonl") as f:
+    written = json.loads(f.readlines()[-1])
+  config = config_lib.load_config(f"configs/{family}.py:tiny", [])
+  names = tasks.tasks_for(config.data)
+  assert names and written["step"] == step
+  for name in names:
+    assert f"{name} (step {step}):" in printed
+    metrics = [k for k in written if k.startswith(f"eval/{name}/") and not k.endswith("seconds")]
+    assert metrics and all(0.0 <= written[k] <= 100.0 for k in metrics)
+  with pytest.raises(ValueError, match="unknown evaluation task"):
+    runner.task_names(config, ["nope"])
+

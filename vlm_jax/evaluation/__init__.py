@@ -1,0 +1,1 @@
+"""Evaluation: metrics, likelihood scoring, tasks, benchmark readers and the eval runner."""

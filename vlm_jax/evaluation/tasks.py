@@ -1,0 +1,192 @@
+"""Evaluation tasks on the embedded held-out splits, and the runner.
+
+A task names the family data converter it runs with (config.data.converter), the catalog
+task whose `validation` split it reads, and what it measures:
+
+  generate   greedy generation with the KV cache (`vlm_jax.decode`), then `metrics` of the
+             generated answers against the truth (exact_match, cider, bleu4,
+             vqa_accuracy, iou@0.5 in the family's `box_format`); `shots` > 0 builds
+             Flamingo-style few-shot prompts (`fewshot.py`)
+  rank       closed-set: every held-out answer is a candidate for every prompt; accuracy
+             of the true one having the highest log-likelihood (`scoring.py`)
+  zero_shot  classification by likelihood of "a photo of a {class}" over the scene shapes,
+             on single-group scenes (truth: the caption's shape)
+
+`run(task, model, params, config)` returns ({metric: value}, [(truth, generated)]).
+"""
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from vlm_jax import decode
+from vlm_jax.data import catalog, preprocessors, scenes
+from vlm_jax.data.vocab import Vocab
+from vlm_jax.evaluation import captions, fewshot, grounding, heldout, scoring, vqa
+
+
+def _caption(raw) -> str:
+  return preprocessors.caption_of(raw) or ""
+
+
+def is_scene(raw) -> bool:
+  return any(shape in _caption(raw) for shape in scenes.SHAPES)
+
+
+def _single_shape(raw):
+  caption = _caption(raw)
+  found = [s for s in scenes.SHAPES if s in caption]
+  return found[0] if len(found) == 1 and " and " not in caption else None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+  name: str
+  converter: str
+  source: str
+  kind: str = "generate"  # generate | rank | zero_shot
+  metrics: tuple[str, ...] = ("exact_match", "cider", "bleu4")
+  box_format: str = ""
+  keep: Callable | None = None
+  shots: int = 0
+  num_examples: int = 32
+  max_new_tokens: int = 24
+
+
+def _tasks():
+  caption = ("exact_match", "cider", "bleu4")
+  tasks = [
+      EvalTask("simvlm_scenes", "simvlm_prefix_lm", "synthetic_pairs", keep=is_scene),
+      EvalTask("simvlm_rendered_text", "simvlm_prefix_lm", "synthetic_pairs",
+               keep=lambda raw: not is_scene(raw), num_examples=16),
+      EvalTask("simvlm_rank_captions", "simvlm_prefix_lm", "synthetic_pairs", kind="rank",
+               keep=is_scene, num_examples=16),
+      EvalTask("simvlm_zero_shot_shapes", "simvlm_prefix_lm", "synthetic_pairs",
+               kind="zero_shot", keep=lambda raw: _single_shape(raw) is not None,
+               num_examples=16),
+      EvalTask("minigpt_v2_caption", "minigpt_v2", "minigpt_v2_caption", metrics=caption),
+      EvalTask("minigpt_v2_vqa", "minigpt_v2", "minigpt_v2_vqa",
+               metrics=("exact_match", "vqa_accuracy")),
+      EvalTask("minigpt_v2_refer", "minigpt_v2", "minigpt_v2_refer",
+               metrics=("exact_match", "iou@0.5"), box_format="minigpt_v2"),
+      EvalTask("minigpt_v2_grounding", "minigpt_v2", "minigpt_v2_grounding",
+               metrics=("exact_match", "iou@0.5"), box_format="minigpt_v2",
+               max_new_tokens=40),
+      EvalTask("cogagent_grounding", "cogagent", "cogagent_grounding",
+               metrics=("exact_match", "iou@0.5"), box_format="cogagent"),
+      EvalTask("cogagent_ocr", "cogagent", "cogagent_ocr", metrics=caption),
+      EvalTask("flamingo_captions", "flamingo", "flamingo_pairs", metrics=caption),
+      EvalTask("flamingo_captions_2shot", "flamingo", "flamingo_pairs", metrics=caption,
+               shots=2),
+      EvalTask("flamingo_rank_captions", "flamingo", "flamingo_pairs", kind="rank",
+               keep=is_scene, num_examples=8),
+  ]
+  return {t.name: t for t in tasks}
+
+
+TASKS = _tasks()
+
+
+def tasks_for(data_config) -> list[str]:
+  """The tasks that run with this config's data converter."""
+  return [n for n, t in TASKS.items() if t.converter == data_config.converter]
+
+
+def get(name: str, data_config) -> EvalTask:
+  if name not in TASKS:
+    raise ValueError(f"unknown evaluation task {name!r}; available: {sorted(TASKS)}")
+  task = TASKS[name]
+  if task.converter != data_config.converter:
+    raise ValueError(f"evaluation task {name!r} needs data.converter={task.converter!r}, "
+                     f"the config has {data_config.converter!r}; tasks for it: "
+                     f"{tasks_for(data_config)}")
+  return task
+
+
+# ----------------------------------------------------------------------------------------
+# Examples
+# ----------------------------------------------------------------------------------------
+def _examples(task, data_config, count):
+  if not task.shots:
+    return heldout.load_examples(data_config, task.source, count, keep=task.keep)
+  pool = heldout.load_examples(data_config, task.source, count + task.shots, keep=task.keep)
+  raws = [raw for _, raw in pool]
+  spec = catalog.TASKS[task.source]
+  convert = heldout.processor(data_config)
+  out = []
+  for query in range(min(count, len(raws))):
+    support = fewshot.choose_support(len(raws), query, task.shots, seed=0)
+    record = fewshot.interleaved_record(raws, support, query)
+    out.append((convert(query, (spec, record)), raws[query]))
+  return out
+
+
+def _batches(items, batch_size):
+  for i in range(0, len(items), batch_size):
+    chunk = items[i:i + batch_size]
+    yield chunk + [chunk[-1]] * (batch_size - len(chunk)), len(chunk)
+
+
+def _text(vocab, ids, stop_id):
+  ids = [int(i) for i in ids]
+  if stop_id in ids:
+    ids = ids[:ids.index(stop_id)]
+  return vocab.decode(ids).strip()
+
+
+def score(metrics, generated: list[str], truths: list[str], box_format: str = "") -> dict:
+  out = {}
+  for name in metrics:
+    if name == "exact_match":
+      out[name] = captions.exact_match(generated, [[t] for t in truths])
+    elif name == "cider":
+      out[name] = captions.cider(generated, [[t] for t in truths])
+    elif name == "bleu4":
+      out[name] = captions.bleu(generated, [[t] for t in truths])[3]
+    elif name == "vqa_accuracy":  # one synthetic answer stands for all 10 annotators
+      out[name] = vqa.mean_vqa_accuracy(generated, [[t] * 10 for t in truths])
+    elif name == "iou@0.5":
+      boxes = [grounding.first_box(t, box_format) for t in truths]
+      out[name] = grounding.iou_accuracy(generated, boxes, box_format)
+    else:
+      raise ValueError(f"unknown metric {name!r}")
+  return out
+
+
+# ----------------------------------------------------------------------------------------
+# Runner
+# ----------------------------------------------------------------------------------------
+def run(task: EvalTask, model, params, config, *, num_examples: int | None = None,
+        batch_size: int = 8) -> tuple[dict, list[tuple[str, str]]]:
+  data_config = config.data
+  vocab = Vocab(data_config.vocab_path)
+  examples = _examples(task, data_config, num_examples or task.num_examples)
+  prompts = [heldout.as_prompt(e) for e, _ in examples]
+  truths = [_text(vocab, answer, stop) for _, answer, stop in prompts]
+  stop_id = prompts[0][2]
+  if task.kind == "generate":
+    encoder_decoder = "prefix_tokens" in prompts[0][0]
+    max_len = data_config.suffix_length if encoder_decoder else task.max_new_tokens
+    generated = []
+    for chunk, real in _batches([p for p, _, _ in prompts], batch_size):
+      out = decode.generate(model, params, heldout.stack(chunk), max_len, eos_id=stop_id)
+      generated += [_text(vocab, row, stop_id) for row in np.asarray(out.tokens)[:real]]
+    return score(task.metrics, generated, truths, task.box_format), list(zip(truths, generated))
+  suffix = data_config.get("suffix_length")
+  inputs = [p for p, _, _ in prompts]
+  if task.kind == "rank":
+    labels = list(dict.fromkeys(truths))
+    candidates = [vocab.encode(t) for t in labels]
+    truth_index = [labels.index(t) for t in truths]
+  elif task.kind == "zero_shot":
+    labels = list(scenes.SHAPES)
+    candidates = [vocab.encode(f"a photo of a {s}") for s in labels]
+    truth_index = [labels.index(_single_shape(raw)) for _, raw in examples]
+  else:
+    raise ValueError(f"task {task.name!r}: unknown kind {task.kind!r}")
+  log_likelihoods = scoring.rank_candidates(model, params, inputs, candidates, stop_id,
+                                            suffix_length=suffix, batch_size=batch_size)
+  predicted = np.argmax(log_likelihoods, axis=1)
+  accuracy = float(np.mean(predicted == np.array(truth_index)))
+  samples = [(labels[t], labels[p]) for t, p in zip(truth_index, predicted)]
+  return {"accuracy": accuracy, "num_candidates": float(len(labels))}, samples
