@@ -121,8 +121,8 @@ else:
   (batch, truths), = pipeline.make_eval_batches(config.data, batch_size=1)
   params = state_lib.merge_params(state.params, state.frozen)
   with trainer.mesh_context():
-    tokens = decode.greedy_decode(trainer.model, params, batch,
-                                  max_len=config.data.suffix_length)
+    tokens = decode.generate(trainer.model, params, batch,
+                             max_len=config.data.suffix_length).tokens
     maps = run_insp.cross_attention_maps(trainer.model, params, batch, tokens)
   vocab = Vocab(config.data.vocab_path)
   image = data_insp.pixels(batch["images"][0, 0])

@@ -67,8 +67,7 @@ def load_examples(data_config, task_name: str, count: int, *, split: str = "vali
   if spec is None:
     raise ValueError(f"unknown catalog task {task_name!r} for evaluation; available: "
                      f"{sorted(catalog.TASKS)}")
-  ds = pipeline.task_dataset(spec, data_config, split, seed=0, process_index=0,
-                             process_count=1, shuffle=False)
+  ds = pipeline.task_dataset(spec, data_config, split, seed=0, shuffle=False)
   convert = processor(data_config)
   out = []
   for index in range(len(ds)):

@@ -85,7 +85,8 @@ def example_layout(batch: dict, index: int, vocab: Vocab) -> list:
   """Example `index` as display pieces in reading order: ('text', str) and
   ('image', pixels [H, W, 3], [pixel boxes], {expert name: map})."""
   images = np.asarray(batch["images"][index])
-  present = np.asarray(batch.get("image_mask", np.ones(images.shape[:1]))[index]) > 0
+  present = (np.asarray(batch["image_mask"][index]) > 0 if "image_mask" in batch
+             else np.ones(images.shape[:1], bool))  # e.g. Prismer: one image, always there
   experts = {k[len(EXPERT_PREFIX):]: expert_pixels(v[index]) for k, v in batch.items()
              if k.startswith(EXPERT_PREFIX) and not k.endswith(INSTANCES_SUFFIX)}
   if "prefix_tokens" in batch:  # PrefixLM: the encoder's prefix, then the decoder's suffix
