@@ -144,7 +144,7 @@ def render_screen(size: int, words, rng: np.random.Generator, rows: int = 3, col
           x0, y0, x1, y1 = region
           radius = min(x1 - x0, y1 - y0) * rng.uniform(0.2, 0.35)
           cx = rng.uniform(x0 + radius + 1, x1 - radius - 1)
-          scenes._draw_shape(draw, shape, cx, (y0 + y1) / 2, radius, scenes.COLOURS[colour])  # pylint: disable=protected-access
+          scenes.draw_shape(draw, shape, cx, (y0 + y1) / 2, radius, scenes.COLOURS[colour])
           return f"{colour} {shape}"
         place("icon", region, icon)
         continue

@@ -217,19 +217,9 @@ def render_scene_with_truth(groups, size, rng):
   draw = ImageDraw.Draw(canvas)
   replay.integers(235, 256)  # the background shade
   classes = []
-  for count, _, shape, position in groups:  # the geometry of scenes.render_scene
-    x0, y0, x1, y1 = (v * size for v in scenes.REGIONS[position])
-    horizontal = (x1 - x0) >= (y1 - y0)
-    step = ((x1 - x0) if horizontal else (y1 - y0)) / count
-    cell = min(step, (y1 - y0) if horizontal else (x1 - x0))
-    for i in range(count):
-      cx = x0 + (i + 0.5) * step if horizontal else (x0 + x1) / 2
-      cy = (y0 + y1) / 2 if horizontal else y0 + (i + 0.5) * step
-      r = cell * replay.uniform(0.28, 0.4)
-      jitter = cell * 0.08
-      scenes._draw_shape(draw, shape, cx + replay.uniform(-jitter, jitter),  # pylint: disable=protected-access
-                         cy + replay.uniform(-jitter, jitter), r, len(classes))
-      classes.append(shape)
+  for shape, _, x, y, r in scenes.shape_placements(groups, size, replay):
+    scenes.draw_shape(draw, shape, x, y, r, len(classes))  # the class index as the fill
+    classes.append(shape)
   return image, SceneTruth(np.asarray(canvas, np.uint8), classes, [])
 
 

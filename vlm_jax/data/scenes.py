@@ -56,7 +56,7 @@ def sample_scene(rng: np.random.Generator):
            str(rng.choice(SHAPES)), position) for position in layout]
 
 
-def _draw_shape(draw, shape, cx, cy, r, fill):
+def draw_shape(draw, shape, cx, cy, r, fill):
   if shape == "circle":
     draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
   elif shape == "square":
@@ -74,10 +74,9 @@ def _draw_shape(draw, shape, cx, cy, r, fill):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_scene(groups, size: int, rng: np.random.Generator) -> Image.Image:
-  shade = int(rng.integers(235, 256))
-  image = Image.new("RGB", (size, size), (shade, shade, shade))
-  draw = ImageDraw.Draw(image)
+def shape_placements(groups, size: int, rng: np.random.Generator):
+  """(shape, colour, cx, cy, radius) of every shape of a scene, in drawing order; draws from
+  `rng` exactly as render_scene does, so a copy of its generator reproduces the geometry."""
   for count, colour, shape, position in groups:
     x0, y0, x1, y1 = (v * size for v in REGIONS[position])
     horizontal = (x1 - x0) >= (y1 - y0)
@@ -88,8 +87,16 @@ def render_scene(groups, size: int, rng: np.random.Generator) -> Image.Image:
       cy = (y0 + y1) / 2 if horizontal else y0 + (i + 0.5) * step
       r = cell * rng.uniform(0.28, 0.4)
       jitter = cell * 0.08
-      _draw_shape(draw, shape, cx + rng.uniform(-jitter, jitter),
-                  cy + rng.uniform(-jitter, jitter), r, COLOURS[colour])
+      x = cx + rng.uniform(-jitter, jitter)
+      yield shape, colour, x, cy + rng.uniform(-jitter, jitter), r
+
+
+def render_scene(groups, size: int, rng: np.random.Generator) -> Image.Image:
+  shade = int(rng.integers(235, 256))
+  image = Image.new("RGB", (size, size), (shade, shade, shade))
+  draw = ImageDraw.Draw(image)
+  for shape, colour, x, y, r in shape_placements(groups, size, rng):
+    draw_shape(draw, shape, x, y, r, COLOURS[colour])
   return image
 
 
