@@ -56,8 +56,9 @@ def full_recompute(model, params, batch, new):
       b["loss_mask"] = jnp.ones(tokens.shape, jnp.float32)
       write = jnp.minimum(i + 1, tokens.shape[1] - 1)
     else:
-      b["token_mask"] = (jnp.arange(tokens.shape[1])[None] <= (start + i)[:, None]).astype(
-          jnp.float32)
+      # token_mask for decoder-only families, loss_mask for a decoder prompt (Prismer).
+      b["token_mask"] = b["loss_mask"] = (
+          jnp.arange(tokens.shape[1])[None] <= (start + i)[:, None]).astype(jnp.float32)
       write = start + i + 1
     logits = model.apply({"params": params}, b)
     nxt = jnp.argmax(logits[rows, start + i], axis=-1).astype(jnp.int32)
@@ -100,6 +101,8 @@ def main():
     if "prefix_tokens" in batch:
       init.update(tokens=np.zeros((args.batch, new), np.int32),
                   loss_mask=np.ones((args.batch, new), np.float32))
+    else:
+      init["loss_mask"] = batch["token_mask"]
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), init))["params"]
     cached = lambda: decode.generate(model, params, batch, new, eos_id=-1).tokens
     full = full_recompute(model, params, batch, new)

@@ -74,14 +74,14 @@ def test_decoder_matches_transformers_with_padding(saved, scan):
   params = convert.unflatten({**fresh, **loaded})
   encoded = jnp.zeros((2, 4, 16))
   with nn.intercept_methods(bypass_new_parts):
-    logits = model.apply({"params": params}, encoded, jnp.asarray(TOKENS),
-                         jnp.asarray(MASK, jnp.float32), method="decode_tokens")
+    logits = model.apply({"params": params}, encoded, None, jnp.asarray(TOKENS),
+                         jnp.asarray(MASK, jnp.float32), method="decode")
   with torch.no_grad():
     want = hf(torch.from_numpy(TOKENS), attention_mask=torch.from_numpy(MASK.astype(int))).logits
   np.testing.assert_allclose(np.asarray(logits)[MASK], want.numpy()[MASK], atol=1e-4, rtol=0)
   # Without the bypass the new (random) parts change the output: they were not overwritten.
-  plain = model.apply({"params": params}, encoded, jnp.asarray(TOKENS),
-                      jnp.asarray(MASK, jnp.float32), method="decode_tokens")
+  plain = model.apply({"params": params}, encoded, None, jnp.asarray(TOKENS),
+                      jnp.asarray(MASK, jnp.float32), method="decode")
   assert np.abs(np.asarray(plain) - np.asarray(logits)).max() > 1e-2
 
 

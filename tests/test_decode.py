@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 
 from vlm_jax import decode as decode_lib
-from vlm_jax.models import cogagent, flamingo, minigpt_v2, simvlm
+from vlm_jax.models import cogagent, flamingo, minigpt_v2, prismer, simvlm
 
 V, NEW = 64, 5
 LENGTHS = np.array([9, 13])  # prompts of different lengths in one batch (T = 16)
@@ -35,6 +35,32 @@ def _simvlm():
   init_batch = dict(batch, tokens=jnp.zeros((2, NEW), jnp.int32),
                     loss_mask=jnp.ones((2, NEW)))
   return model, batch, init_batch
+
+
+def _simvlm_decoder_prompt():
+  """T5-style relative positions and a decoder prompt per row (lengths differ): generated
+  tokens' key positions skip each row's prompt padding."""
+  model = simvlm.SimVLM(vocab_size=V, width=32, num_heads=4, mlp_dim=48, encoder_layers=1,
+                        decoder_layers=2, stem_width=8, stem_blocks=(1, 1, 1),
+                        max_text_length=24, position="relative")
+  k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+  batch = dict(_prompt_batch(k3), images=_uniform(k1, (2, 1, 32, 32, 3)),
+               image_mask=jnp.ones((2, 1)), prefix_tokens=jax.random.randint(k2, (2, 4), 4, V),
+               prefix_mask=jnp.ones((2, 4)))
+  return model, batch, dict(batch, loss_mask=batch["token_mask"])
+
+
+def _prismer():
+  """Encoder-decoder with a decoder prompt (Prismer's question before its answer)."""
+  model = prismer.Prismer(vocab_size=V, width=32, num_layers=2, num_heads=4, mlp_dim=48,
+                          max_text_length=32, vision_width=16, vision_layers=1,
+                          vision_heads=2, vision_mlp_dim=32, patch_size=8, image_size=16,
+                          experts=("depth",), num_latents=4, resampler_layers=1,
+                          resampler_heads=2)
+  k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
+  batch = dict(_prompt_batch(k3), images=_uniform(k1, (2, 1, 16, 16, 3)),
+               expert_depth=_uniform(k2, (2, 16, 16, 1)))
+  return model, batch, dict(batch, loss_mask=batch["token_mask"])
 
 
 def _minigpt():
@@ -77,7 +103,8 @@ def _flamingo():
   return model, batch, batch
 
 
-FAMILIES = {"simvlm": _simvlm, "minigpt_v2": _minigpt, "cogagent": _cogagent,
+FAMILIES = {"simvlm": _simvlm, "simvlm_decoder_prompt": _simvlm_decoder_prompt,
+            "prismer": _prismer, "minigpt_v2": _minigpt, "cogagent": _cogagent,
             "flamingo": _flamingo}
 
 
@@ -95,7 +122,7 @@ class FullForward:
 
   def __call__(self, generated):
     generated, batch = np.asarray(generated), self.batch
-    if self.name == "simvlm":
+    if "tokens" not in batch:  # encoder-decoder from BOS
       inputs = np.concatenate([np.full((2, 1), decode_lib.BOS_ID), generated[:, :-1]], axis=1)
       logits = self.apply(dict(batch, tokens=jnp.asarray(inputs),
                                loss_mask=jnp.ones(inputs.shape)))
@@ -105,8 +132,9 @@ class FullForward:
     for b, n in enumerate(LENGTHS):  # each prompt extended in place, then padding
       tokens[b, :n] = np.asarray(batch["tokens"])[b, :n]
       tokens[b, n:n + NEW] = generated[b]
-    mask = (np.arange(length)[None] < (LENGTHS + NEW)[:, None]).astype(np.float32)
-    logits = self.apply(dict(batch, tokens=jnp.asarray(tokens), token_mask=jnp.asarray(mask)))
+    mask = jnp.asarray((np.arange(length)[None] < (LENGTHS + NEW)[:, None]), jnp.float32)
+    # Decoder-only families read token_mask; encoder-decoder ones their decoder's loss_mask.
+    logits = self.apply(dict(batch, tokens=jnp.asarray(tokens), token_mask=mask, loss_mask=mask))
     rows = LENGTHS[:, None] - 1 + np.arange(NEW)[None]
     return np.asarray(jax.nn.log_softmax(np.asarray(logits)[np.arange(2)[:, None], rows]))
 

@@ -117,6 +117,28 @@ def test_few_shot_document_interleaves_support_then_query():
   assert tasks._caption(pool[2]) in text and tasks._caption(pool[0]) in text
 
 
+def test_every_eval_task_is_a_seqio_task_with_the_runners_metrics():
+  import seqio  # pylint: disable=g-import-not-at-top
+  from vlm_jax.evaluation import seqio_tasks  # pylint: disable=g-import-not-at-top
+  registered = set(seqio.TaskRegistry.names())
+  assert {seqio_tasks.seqio_name(n) for n in tasks.TASKS} <= registered
+  for name in ("simvlm_rendered_text", "prismer_zero_shot_shapes"):
+    task = seqio.get_mixture_or_task(seqio_tasks.seqio_name(name))
+    texts = [ex["text_pretokenized"].decode() for ex in task.get_dataset(
+        split="validation", sequence_length=None, shuffle=False).take(8).as_numpy_iterator()]
+    keep = tasks.TASKS[name].keep
+    assert len(texts) == 8 and all(keep({"text": t}) for t in texts)
+  # The registered metric functions are the runner's: exact match 1/2; VQA normalises "two".
+  vqa_task = seqio.get_mixture_or_task(seqio_tasks.seqio_name("minigpt_v2_vqa"))
+  merged = {}
+  for fn in vqa_task.metric_fns:
+    merged.update(fn(["two", "red"], ["2", "blue"]))
+  assert merged == {"exact_match": 0.0, "vqa_accuracy": 0.5}
+  assert merged == tasks.score(("exact_match", "vqa_accuracy"), ["2", "blue"], ["two", "red"])
+  rank = seqio.get_mixture_or_task(seqio_tasks.seqio_name("prismer_rank_captions"))
+  assert [fn(["a", "b"], ["a", "c"]) for fn in rank.metric_fns] == [{"accuracy": 0.5}]
+
+
 def test_unknown_or_mismatched_tasks_raise():
   data_config = defaults.default_data_config()
   with pytest.raises(ValueError, match="unknown evaluation task"):
@@ -137,7 +159,7 @@ def _train_with_evals(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("family", ["simvlm", "minigpt_v2", "cogagent", "flamingo"])
+@pytest.mark.parametrize("family", ["simvlm", "prismer", "minigpt_v2", "cogagent", "flamingo"])
 def test_vlm_eval_runs_every_task_of_every_family(family, tmp_path, capsys):
   """SimVLM: config.evals during training, then vlm-eval on the newest checkpoint; the other
   families: vlm-eval on freshly initialised weights."""

@@ -100,8 +100,19 @@ def test_kv_cache_step_by_step_equals_full_causal_forward(use_rotary, num_kv_hea
   assert int(cache["cache_index"]) == length
 
 
-def test_cross_attention_rejects_decode():
+def test_cross_attention_caches_keys_and_values_for_decoding():
   layer = attention.MultiHeadAttention(num_heads=2, head_dim=8)
-  x = jnp.ones((1, 2, 16))
-  with pytest.raises(ValueError, match="decode=True"):
-    layer.init(jax.random.key(0), x, x, decode=True)
+  kq, kkv, kp = jax.random.split(jax.random.key(0), 3)
+  queries, memory = jax.random.normal(kq, (2, 3, 16)), jax.random.normal(kkv, (2, 5, 16))
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:, None, None, :]
+  params = layer.init(kp, queries, memory)["params"]
+  want = layer.apply({"params": params}, queries, memory, mask=mask)
+  _, filled = layer.apply({"params": params}, queries[:, :1], memory, mask=mask, decode=True,
+                          mutable=["cache"])
+  assert filled["cache"]["cross_key"].shape == (2, 5, 2, 8)
+  # Later queries read the cached keys/values: the memory is not needed (nor re-projected).
+  got = layer.apply({"params": params, **filled}, queries, mask=mask, decode=True,
+                    kv_from_cache=True)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="kv_from_cache"):
+    layer.apply({"params": params}, queries, mask=mask, decode=True, kv_from_cache=True)

@@ -3,8 +3,10 @@
 A family plugs in through one of two small method sets (no family names here):
 
   encoder-decoder (SimVLM, Prismer): `encode(batch) -> (encoded [B, S, D], encoder_mask
-      [B, S])` and `decode(encoded, encoder_mask, tokens, positions=..., decode=True)`.
-      The encoder (image + text prefix: the prompt) runs once; the decoder starts from BOS.
+      [B, S])` and `decode(encoded, encoder_mask, tokens, positions=..., key_mask=...,
+      key_positions=..., decode=True)`. The encoder (image + SimVLM's text prefix) runs
+      once. The decoder starts from BOS, or from a decoder prompt (`tokens` + `token_mask`
+      rows as below: Prismer's question before its answer) laid out like a decoder-only one.
   decoder-only (MiniGPT-v2, CogAgent, Flamingo): `embed_inputs(batch) -> (x [B, T, D],
       token_mask [B, T], extra)`, `embed_generated(tokens [B, 1]) -> [B, 1, D]`,
       `generation_extra(extra, last [B]) -> extra` for one generated token (what it sees of
@@ -15,8 +17,9 @@ A family plugs in through one of two small method sets (no family names here):
       `length_b + i`, so a row continues exactly as if its prompt had no padding.
 
 Everything runs in one jitted program per (model, shapes, options): prefill, then a
-`lax.scan` of single-token cached steps. Cross-attention keys (encoder output, media,
-high-res features) are inputs of every step; only self-attention is cached.
+`lax.scan` of single-token cached steps. The prefill caches the self-attention keys/values
+and the cross-attention ones (of the encoder output, Flamingo's media, CogAgent's high-res
+features); the steps read both from the cache (`encoded` / the extra's media None).
 
 Outputs (`Generated`): tokens [B, L] (EOS included, then PAD), log_probs [B, L] (log-softmax
 of the model's logits at the chosen token, 0 after EOS), scores [B] (sum of log_probs; beam:
@@ -62,27 +65,43 @@ class _Adapter:
 
 class _EncoderDecoder(_Adapter):
 
-  def _decoder(self, params, cache, state, tokens, positions):
-    encoded, encoder_mask = state
+  def _decoder(self, params, cache, encoded, encoder_mask, tokens, positions, keys):
     variables = {"params": params} if cache is None else {"params": params, "cache": cache}
-    logits, mutated = self.model.apply(variables, encoded, encoder_mask, tokens,
-                                       positions=positions, decode=True, method="decode",
-                                       mutable=["cache"])
-    return logits[:, -1], mutated["cache"]
+    key_mask, key_positions = keys
+    logits, mutated = self.model.apply(
+        variables, encoded, encoder_mask, tokens, positions=positions, key_mask=key_mask,
+        key_positions=key_positions, decode=True, method="decode", mutable=["cache"])
+    return logits, mutated["cache"]
 
   def prefill(self, params, batch, max_len, bos_id):
-    state = self.model.apply({"params": params}, batch, method="encode")
-    batch_size = state[0].shape[0]
-    full = jnp.zeros((batch_size, max_len), jnp.int32)
+    encoded, encoder_mask = self.model.apply({"params": params}, batch, method="encode")
+    batch_size = encoded.shape[0]
+    if "token_mask" in batch:  # a decoder prompt per row, BOS first
+      prompt, valid = batch["tokens"].astype(jnp.int32), batch["token_mask"] > 0
+    else:
+      prompt = jnp.full((batch_size, 1), bos_id, jnp.int32)
+      valid = jnp.ones((batch_size, 1), bool)
+    length = prompt.shape[1]
+    lengths = valid.sum(axis=1).astype(jnp.int32)
+    # Generated token i of a row sits in cache slot T + i at position length_b + i; the last
+    # one is never fed back, so the cache (and a position table) needs T + max_len - 1.
+    slots = jnp.arange(length + max_len - 1, dtype=jnp.int32)
+    keys = (jnp.concatenate([valid, jnp.ones((batch_size, max_len - 1), bool)], axis=1),
+            jnp.where(slots < length, slots, slots - length + lengths[:, None]))
+    full = jnp.zeros((batch_size, length + max_len - 1), jnp.int32)
     cache = _zeros_like_shapes(jax.eval_shape(
-        lambda: self._decoder(params, None, state, full, None)[1]))
-    bos = jnp.full((batch_size, 1), bos_id, jnp.int32)
-    logits, cache = self._decoder(params, cache, state, bos, jnp.zeros_like(bos))
-    return logits, cache, state
+        lambda: self._decoder(params, None, encoded, encoder_mask, full, None, keys)[1]))
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), prompt.shape)
+    logits, cache = self._decoder(params, cache, encoded, encoder_mask, prompt, positions, keys)
+    last = jnp.maximum(lengths - 1, 0)
+    logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    return logits, cache, (encoder_mask, lengths, keys)
 
   def step(self, params, cache, state, tokens, i):
-    positions = jnp.full((tokens.shape[0], 1), i + 1, jnp.int32)
-    return self._decoder(params, cache, state, tokens[:, None], positions)
+    encoder_mask, lengths, keys = state
+    logits, cache = self._decoder(params, cache, None, encoder_mask, tokens[:, None],
+                                  (lengths + i)[:, None], keys)
+    return logits[:, -1], cache
 
 
 def _lm_cached(module, x, positions, key_mask, extra):
@@ -109,11 +128,14 @@ class _DecoderOnly(_Adapter):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch_size, length))
     last = jnp.maximum(lengths - 1, 0)
     step_extra = self.model.apply({"params": params}, extra, last, method="generation_extra")
-    # The cache-creating call sizes the buffers (only its shapes are used); the one-token
-    # extra broadcasts over its length.
+    # The cache-creating call sizes the buffers (only its shapes are used): the one-token
+    # extra broadcasts over its length, with the cross-attended inputs (None in the steps'
+    # extra: read from the cache) taken from the prompt's.
+    creation_extra = step_extra and {k: extra[k] if v is None else v
+                                     for k, v in step_extra.items()}
     full = jnp.zeros((batch_size, length + max_len) + x.shape[2:], x.dtype)
     cache = _zeros_like_shapes(jax.eval_shape(lambda: self._lm(
-        params, None, full, jnp.zeros(full.shape[:2], jnp.int32), key_mask, step_extra)[1]))
+        params, None, full, jnp.zeros(full.shape[:2], jnp.int32), key_mask, creation_extra)[1]))
     # The prompt chunk's logits at each row's last real token predict its first new token.
     variables = {"params": params, "cache": cache}
 
@@ -248,9 +270,12 @@ def _beam_search(params, batch, ids, alpha, *, adapter, max_len, beams):
     cache = _gather_beams(cache, jnp.take_along_axis(origin, keep, axis=1), batch_size, beams)
     new_alive_seq, new_alive_tok_lp = take(seq), take(tok_lp)
     new_token = jnp.take_along_axis(token, keep, axis=1).reshape(-1)
-    # Finished: the best K among the old finished and the candidates that just ended.
-    ended = jnp.where(is_eos & (top_lp > NEG_INF / 2), top_lp / length_penalty(i + 1, alpha),
-                      NEG_INF)
+    # Finished: the best K among the old finished and the candidates that just ended among
+    # the top K (as in HF transformers: an EOS ranked below them does not end a beam, so
+    # beam size 1 is greedy search).
+    in_top_k = jnp.arange(2 * beams) < beams
+    ended = jnp.where(is_eos & in_top_k & (top_lp > NEG_INF / 2),
+                      top_lp / length_penalty(i + 1, alpha), NEG_INF)
     all_score = jnp.concatenate([fin_score, ended], axis=1)
     fin_score, best = jax.lax.top_k(all_score, beams)
     pick = lambda old, new: jnp.take_along_axis(jnp.concatenate([old, new], axis=1),

@@ -28,11 +28,14 @@ def output_features():
                                 add_eos=True)}
 
 
-def _records(spec, split):
-  """Decoded records of one task in file order; bad records are skipped."""
+def _records(spec, split, keep=None):
+  """Decoded records of one task in file order; bad records, and those `keep(raw)` rejects,
+  are skipped."""
   source = catalog.make_source(spec, synthetic.default_data_dir(), split)
   for index in range(len(source)):
     raw = source[index]
+    if keep is not None and not keep(raw):
+      continue
     try:
       if spec.kind == "pairs":
         image = np.asarray(preprocessors.decode_image(raw["image"]), np.uint8)
@@ -46,18 +49,18 @@ def _records(spec, split):
       continue
 
 
-class _DatasetFn:
-  """seqio dataset_fn for one catalog task."""
+class DatasetFn:
+  """seqio dataset_fn for one catalog task (optionally only the records `keep` accepts)."""
 
-  def __init__(self, spec):
-    self.spec = spec
+  def __init__(self, spec, keep=None):
+    self.spec, self.keep = spec, keep
 
   def __call__(self, split, shuffle_files=False, seed=None):
     del shuffle_files, seed  # seqio's get_dataset shuffles examples itself
     signature = {"text": tf.TensorSpec([], tf.string), "key": tf.TensorSpec([], tf.string)}
     if self.spec.kind == "pairs":
       signature["image"] = tf.TensorSpec([None, None, 3], tf.uint8)
-    return tf.data.Dataset.from_generator(lambda: _records(self.spec, split),
+    return tf.data.Dataset.from_generator(lambda: _records(self.spec, split, self.keep),
                                           output_signature=signature)
 
 
@@ -68,7 +71,7 @@ def register_all():
       continue
     if name not in seqio.TaskRegistry.names():
       seqio.TaskRegistry.add(
-          name, source=seqio.FunctionDataSource(_DatasetFn(spec), splits=SPLITS),
+          name, source=seqio.FunctionDataSource(DatasetFn(spec), splits=SPLITS),
           preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
           output_features=output_features())
   for name, spec in catalog.MIXTURES.items():

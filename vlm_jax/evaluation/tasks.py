@@ -13,6 +13,8 @@ task whose `validation` split it reads, and what it measures:
              on single-group scenes (truth: the caption's shape)
 
 `run(task, model, params, config)` returns ({metric: value}, [(truth, generated)]).
+`vlm_jax.evaluation.seqio_tasks` registers every task with seqio (`eval:<name>`), with
+these metric functions.
 """
 import dataclasses
 from typing import Callable
@@ -80,6 +82,12 @@ def _tasks():
                shots=2),
       EvalTask("flamingo_rank_captions", "flamingo", "flamingo_pairs", kind="rank",
                keep=is_scene, num_examples=8),
+      # Prismer's decoder starts from BOS (captions) or a prompt in the decoder (VQA).
+      EvalTask("prismer_captions", "prismer", "prismer_scenes", metrics=caption),
+      EvalTask("prismer_rank_captions", "prismer", "prismer_scenes", kind="rank",
+               num_examples=16),
+      EvalTask("prismer_zero_shot_shapes", "prismer", "prismer_scenes", kind="zero_shot",
+               keep=lambda raw: _single_shape(raw) is not None, num_examples=16),
   ]
   return {t.name: t for t in tasks}
 
@@ -134,22 +142,44 @@ def _text(vocab, ids, stop_id):
   return vocab.decode(ids).strip()
 
 
+METRICS = ("exact_match", "cider", "bleu4", "vqa_accuracy", "iou@0.5", "accuracy")
+
+
+def _metric_value(name, targets, predictions, box_format):
+  if name == "exact_match":
+    return captions.exact_match(predictions, [[t] for t in targets])
+  if name == "cider":
+    return captions.cider(predictions, [[t] for t in targets])
+  if name == "bleu4":
+    return captions.bleu(predictions, [[t] for t in targets])[3]
+  if name == "vqa_accuracy":  # one synthetic answer stands for all 10 annotators
+    return vqa.mean_vqa_accuracy(predictions, [[t] * 10 for t in targets])
+  if name == "iou@0.5":
+    boxes = [grounding.first_box(t, box_format) for t in targets]
+    return grounding.iou_accuracy(predictions, boxes, box_format)
+  assert name == "accuracy", name  # closed set: the chosen candidate is the truth
+  return float(np.mean([p == t for p, t in zip(predictions, targets)]))
+
+
+def metric_fn(name: str, box_format: str = "") -> Callable:
+  """A seqio-style metric function: fn(targets, predictions) -> {name: value}."""
+  if name not in METRICS:
+    raise ValueError(f"unknown metric {name!r}; expected one of {METRICS}")
+  fn = lambda targets, predictions: {
+      name: _metric_value(name, list(targets), list(predictions), box_format)}
+  fn.__name__ = name
+  return fn
+
+
+def metric_fns(task: EvalTask) -> list[Callable]:
+  names = task.metrics if task.kind == "generate" else ("accuracy",)
+  return [metric_fn(name, task.box_format) for name in names]
+
+
 def score(metrics, generated: list[str], truths: list[str], box_format: str = "") -> dict:
   out = {}
   for name in metrics:
-    if name == "exact_match":
-      out[name] = captions.exact_match(generated, [[t] for t in truths])
-    elif name == "cider":
-      out[name] = captions.cider(generated, [[t] for t in truths])
-    elif name == "bleu4":
-      out[name] = captions.bleu(generated, [[t] for t in truths])[3]
-    elif name == "vqa_accuracy":  # one synthetic answer stands for all 10 annotators
-      out[name] = vqa.mean_vqa_accuracy(generated, [[t] * 10 for t in truths])
-    elif name == "iou@0.5":
-      boxes = [grounding.first_box(t, box_format) for t in truths]
-      out[name] = grounding.iou_accuracy(generated, boxes, box_format)
-    else:
-      raise ValueError(f"unknown metric {name!r}")
+    out.update(metric_fn(name, box_format)(truths, generated))
   return out
 
 
@@ -187,6 +217,6 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
   log_likelihoods = scoring.rank_candidates(model, params, inputs, candidates, stop_id,
                                             suffix_length=suffix, batch_size=batch_size)
   predicted = np.argmax(log_likelihoods, axis=1)
-  accuracy = float(np.mean(predicted == np.array(truth_index)))
   samples = [(labels[t], labels[p]) for t, p in zip(truth_index, predicted)]
-  return {"accuracy": accuracy, "num_candidates": float(len(labels))}, samples
+  metrics = score(("accuracy",), [p for _, p in samples], [t for t, _ in samples])
+  return dict(metrics, num_candidates=float(len(labels))), samples

@@ -74,11 +74,13 @@ class CogAgentLayer(decoder_lm.DecoderOnlyLayer):
     return visual_expert.select(context.extra["is_vision"], vision(h, deterministic),
                                 self.mlp_module()(h, deterministic))
 
-  def cross_attention_block(self, x, context, deterministic):
+  def cross_attention_block(self, x, context, deterministic, decode):
     attention = attention_lib.MultiHeadAttention(
         num_heads=self.cross_heads, head_dim=self.cross_width // self.cross_heads,
         use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="cross_attention")
-    h = attention(self.norm("pre_cross_attention_norm")(x), context.extra["high_res"])
+    high_res = context.extra["high_res"]  # None while decoding: the cached keys/values
+    h = attention(self.norm("pre_cross_attention_norm")(x), high_res, decode=decode,
+                  kv_from_cache=decode and high_res is None)
     return self.residual(x, h, deterministic)
 
   @nn.compact
@@ -90,7 +92,7 @@ class CogAgentLayer(decoder_lm.DecoderOnlyLayer):
                        f"cross_heads={self.cross_heads}.")
     x = self.self_attention_block(x, context, deterministic, decode)
     if self.cross_width:
-      x = self.cross_attention_block(x, context, deterministic)
+      x = self.cross_attention_block(x, context, deterministic, decode)
     return self.mlp_block(x, context, deterministic)
 
 
@@ -204,8 +206,12 @@ class CogAgent(nn.Module):
     return self.lm.embed(tokens)
 
   def generation_extra(self, extra: dict, last: jax.Array) -> dict:
-    """`extra` for one generated token: text (no visual expert), the same high-res keys."""
-    return dict(extra, is_vision=jnp.zeros((last.shape[0], 1), bool))
+    """`extra` for one generated token: text (no visual expert); the high-res keys/values
+    the prompt cached (high_res None)."""
+    step = dict(extra, is_vision=jnp.zeros((last.shape[0], 1), bool))
+    if "high_res" in step:
+      step["high_res"] = None
+    return step
 
   def __call__(self, batch, deterministic: bool = True):
     x, token_mask, extra = self.embed_inputs(batch)

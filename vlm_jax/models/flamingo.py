@@ -56,14 +56,13 @@ class FlamingoLayerGroup(decoder_lm.DecoderLayerGroup):
   xattn_activation: str = "gelu"
 
   def before_sublayer(self, index, x, context, deterministic, decode):
-    # Decoding needs nothing cached here: the media keys are static inputs (context.extra).
-    del deterministic, decode
+    del deterministic
     if index not in self.xattn_sublayers:
       return x
     return gated_xattn.GatedCrossAttentionDense(
         self.xattn_heads, self.xattn_head_dim, self.xattn_mlp_ratio, self.xattn_activation,
         dtype=self.dtype, param_dtype=self.param_dtype, name=f"xattn_{index}")(
-            x, context.extra["media"], context.extra["media_mask"])
+            x, context.extra["media"], context.extra["media_mask"], decode=decode)
 
 
 class Flamingo(nn.Module):
@@ -193,9 +192,10 @@ class Flamingo(nn.Module):
 
   def generation_extra(self, extra: dict, last: jax.Array) -> dict:
     """`extra` for one generated token: it sees the media the prompt's last token [B] sees
-    (a generated `<image>` brings no new media)."""
+    (a generated `<image>` brings no new media), through the keys/values the prompt cached
+    (media None)."""
     mask = jnp.take_along_axis(extra["media_mask"], last[:, None, None, None], axis=2)
-    return dict(extra, media_mask=mask)
+    return dict(extra, media_mask=mask, media=None)
 
   def __call__(self, batch, deterministic: bool = True):
     x, token_mask, extra = self.embed_inputs(batch)

@@ -233,7 +233,8 @@ class RobertaLayer(nn.Module):
     h = self._attention("self_attention")(x, mask=self_mask, decode=decode)
     x = self._post_ln(x, h, "self_attention_norm", deterministic)
     if self.cross_attention:
-      h = self._attention("cross_attention")(x, encoded, mask=cross_mask)
+      h = self._attention("cross_attention")(x, encoded, mask=cross_mask, decode=decode,
+                                             kv_from_cache=decode and encoded is None)
       x = self._post_ln(x, h, "cross_attention_norm", deterministic)
       x = adaptor_lib.Adaptor(self.adaptor_ratio, norm_late=True, norm_epsilon=self.norm_epsilon,
                               dtype=self.dtype, param_dtype=self.param_dtype, name="adaptor")(x)
@@ -347,22 +348,44 @@ class Prismer(nn.Module):
     maps, instances = self.expert_inputs(batch)
     return self.vision.embed_inputs(batch["images"][:, 0], maps, instances, deterministic)
 
-  def decode_tokens(self, encoded, tokens, token_mask=None, deterministic: bool = True):
-    """Logits [B, T, V] for decoder inputs `tokens` [B, T] attending to `encoded`."""
-    length = tokens.shape[1]
-    if length + self.position_offset > self.max_text_length:
-      raise ValueError(f"text length {length} + position_offset {self.position_offset} exceeds "
-                       f"config.model.max_text_length={self.max_text_length}.")
-    pos = self.pos_embedding()[self.position_offset:self.position_offset + length]
+  def encode(self, batch, deterministic: bool = True):
+    """(encoded [B, S, Dv], encoder_mask [B, S]): every image and latent token is valid."""
+    encoded = self.encode_images(batch, deterministic)
+    return encoded, jnp.ones(encoded.shape[:2], bool)
+
+  def decode(self, encoded, encoder_mask, tokens, token_mask=None, positions=None,
+             key_mask=None, key_positions=None, deterministic: bool = True,
+             decode: bool = False):
+    """Logits [B, T, V] for decoder inputs `tokens` [B, T] attending to `encoded`.
+
+    encoder_mask [B, S] (None: all valid); token_mask [B, T]: valid decoder inputs.
+    positions [B, T]: rows of the position table after position_offset (default 0..T-1).
+    decode=True: self-attention reads/writes the 'cache' collection (causal masking implied)
+    with key_mask [B, S] its valid slots; `encoded` None reuses the cross-attention
+    keys/values cached by an earlier decode call that passed it. key_positions: unused
+    (learned absolute positions), accepted for the decoding interface (vlm_jax/decode.py).
+    """
+    del key_positions
+    if positions is None:
+      length = tokens.shape[1]
+      if length + self.position_offset > self.max_text_length:
+        raise ValueError(f"text length {length} + position_offset {self.position_offset} "
+                         f"exceeds config.model.max_text_length={self.max_text_length}.")
+      positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    pos = jnp.take(self.pos_embedding(), positions + self.position_offset, axis=0)
     words = jnp.take(self.word_embedding, tokens, axis=0).astype(self.dtype)
     x = words + pos.astype(self.dtype) + self.token_type_embedding.astype(self.dtype)
     x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
-    self_mask = attention_lib.causal_mask(length)
-    if token_mask is not None:
-      self_mask = self_mask & attention_lib.padding_mask(None, token_mask > 0)
-    context = (encoded, self_mask, None)
-    x = self.decoder(x, context, deterministic)
-    x = self.output_layer(x, context, deterministic)
+    if decode:
+      self_mask = None if key_mask is None else attention_lib.padding_mask(None, key_mask)
+    else:
+      self_mask = attention_lib.causal_mask(tokens.shape[1])
+      if token_mask is not None:
+        self_mask = self_mask & attention_lib.padding_mask(None, token_mask > 0)
+    cross_mask = None if encoder_mask is None else attention_lib.padding_mask(None, encoder_mask)
+    context = (encoded, self_mask, cross_mask)
+    x = self.decoder(x, context, deterministic, decode)
+    x = self.output_layer(x, context, deterministic, decode)
     x = self.lm_head_norm(nn.gelu(self.lm_head_dense(x), approximate=False))
     logits = jnp.einsum("BTD,VD->BTV", x, self.word_embedding.astype(self.dtype))
     logits = logits + self.lm_head_bias.astype(self.dtype)
@@ -370,7 +393,8 @@ class Prismer(nn.Module):
 
   def __call__(self, batch, deterministic: bool = True):
     encoded = self.encode_images(batch, deterministic)
-    return self.decode_tokens(encoded, batch["tokens"], batch["loss_mask"], deterministic)
+    return self.decode(encoded, None, batch["tokens"], batch["loss_mask"],
+                       deterministic=deterministic)
 
 
 def batch_spec(data_config, batch_size: int) -> dict:

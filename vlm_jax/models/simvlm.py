@@ -158,13 +158,17 @@ class SimVLM(nn.Module):
     return self.encoder_norm(x), valid
 
   def decode(self, encoded, encoder_mask, tokens, token_mask=None, positions=None,
-             deterministic: bool = True, decode: bool = False):
+             key_mask=None, key_positions=None, deterministic: bool = True,
+             decode: bool = False):
     """Logits [B, T, V] for decoder inputs `tokens` [B, T].
 
     token_mask [B, T]: valid decoder inputs (padding is masked as keys). positions [B, T]:
     indices into the suffix position table, or the query positions of the relative bias
     (default 0..T-1; pass the step when decoding).
-    decode=True: self-attention reads/writes the 'cache' collection (masks are implied).
+    decode=True: self-attention reads/writes the 'cache' collection (causal masking implied);
+    key_mask [B, S] marks its valid slots (prompt padding off) and key_positions [B, S] their
+    positions (relative bias; default the slot indices). `encoded` None reuses the
+    cross-attention keys/values cached by an earlier decode call that passed it.
     """
     if positions is None:
       if self.position == "learned":
@@ -175,15 +179,16 @@ class SimVLM(nn.Module):
       x = x + jnp.take(self.suffix_pos_embedding(), positions, axis=0).astype(x.dtype)
     x = self.perturb("suffix_embeddings", x)
     x = self.embed_dropout(x, deterministic=deterministic)
-    self_mask = None
-    if not decode:
+    if decode:
+      self_mask = None if key_mask is None else attention.padding_mask(None, key_mask)
+    else:
       self_mask = attention.causal_mask(tokens.shape[1])
       if token_mask is not None:
         self_mask = self_mask & attention.padding_mask(None, token_mask > 0)
     cross_mask = attention.padding_mask(None, encoder_mask)
     context = (encoded, self_mask, cross_mask)
     if self.position == "relative":
-      keys = None if decode else jnp.arange(tokens.shape[1])  # None: the KV cache's slots
+      keys = key_positions if decode else jnp.arange(tokens.shape[1])  # None: cache slots
       context += (self.decoder_relative_bias(positions, keys),)
     x = self.decoder(x, context, deterministic, decode)
     x = self.decoder_norm(x)

@@ -7,10 +7,14 @@ Masks are boolean, broadcastable to [B, N, T, S]. A query row whose mask is all 
 exactly zero (softmax over nothing is defined as no contribution), never NaN and never a
 uniform average over padding.
 
-Decoding (`decode=True`, self-attention only): the first call with a `cache` collection that
-is mutable and empty creates zero buffers shaped like that call's keys (call it with the
-maximum length); later calls append their T keys at `cache_index` and attend causally over
-the cache, so a step-by-step decode equals the full causal forward.
+Decoding (`decode=True`) with a mutable `cache` collection:
+  self-attention: the first call, with the collection empty, creates zero buffers shaped like
+    that call's keys (call it with the maximum length); later calls append their T keys at
+    `cache_index` and attend causally over the cache, so a step-by-step decode equals the
+    full causal forward.
+  cross-attention: a call with `inputs_kv` stores the projected keys/values; a later call
+    with `kv_from_cache=True` (and no `inputs_kv`) attends to them, so decoding steps do not
+    re-project the encoder output or media at every token.
 """
 import math
 from typing import Any
@@ -87,8 +91,11 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, mask=None, *, positions=None,
-               decode: bool = False, bias=None):
+               decode: bool = False, bias=None, kv_from_cache: bool = False):
     """inputs_q [B, T, D]; inputs_kv [B, S, D] (None: self-attention); mask boolean.
+
+    kv_from_cache (cross-attention, decode=True): the keys/values a previous decode call
+    with `inputs_kv` stored in the cache.
 
     bias: float added to the attention logits, broadcastable to [B, N, T, S] (S = the cache
     length when decoding), e.g. T5's relative position bias.
@@ -96,21 +103,28 @@ class MultiHeadAttention(nn.Module):
     positions [B, T]: rotary positions of self-attention tokens (default 0..T-1, or the cache
     index onwards when decoding).
     """
-    self_attention = inputs_kv is None
-    if decode and not self_attention:
-      raise ValueError("decode=True is for self-attention; cross-attention keys are static.")
-    inputs_kv = inputs_q if self_attention else inputs_kv
+    self_attention = inputs_kv is None and not kv_from_cache
     batch, q_len, features = inputs_q.shape
     num_kv = self.num_kv_heads or self.num_heads
     if self.num_heads % num_kv:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={num_kv}.")
 
     q = self._proj(self.num_heads, "query")(inputs_q)  # BTNH
-    k = self._proj(num_kv, "key")(inputs_kv)  # BSKH
-    v = self._proj(num_kv, "value")(inputs_kv)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
-    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+    if kv_from_cache:
+      if not (decode and self.has_variable("cache", "cross_key")) or inputs_kv is not None:
+        raise ValueError("kv_from_cache needs decode=True, no inputs_kv, and a cache filled "
+                         "by an earlier decode call with inputs_kv.")
+      k, v = (self.get_variable("cache", n) for n in ("cross_key", "cross_value"))
+    else:
+      kv_inputs = inputs_q if self_attention else inputs_kv
+      k = self._proj(num_kv, "key")(kv_inputs)  # BSKH
+      v = self._proj(num_kv, "value")(kv_inputs)
+      k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+      v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+      if decode and not self_attention and self.is_mutable_collection("cache"):
+        self.put_variable("cache", "cross_key", k)
+        self.put_variable("cache", "cross_value", v)
 
     cache_ready = decode and self.has_variable("cache", "cached_key")
     if self.use_rotary:
@@ -122,7 +136,7 @@ class MultiHeadAttention(nn.Module):
       q = embeddings.apply_rotary(q, positions, self.rotary_max_wavelength)
       k = embeddings.apply_rotary(k, positions, self.rotary_max_wavelength)
 
-    if decode:
+    if decode and self_attention:
       k, v, mask = self._update_cache(k, v, mask, cache_ready)
 
     if mask is not None:

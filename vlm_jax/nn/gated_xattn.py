@@ -55,7 +55,10 @@ def media_attention_mask(media_positions, media_present, length: int, tokens_per
 
 
 class GatedCrossAttentionDense(nn.Module):
-  """x [B, T, D], media [B, S, Dv] (flattened visual tokens), mask [B, 1, T, S] -> [B, T, D]."""
+  """x [B, T, D], media [B, S, Dv] (flattened visual tokens), mask [B, 1, T, S] -> [B, T, D].
+
+  decode=True caches the media keys/values; media None then reuses them (decoding steps).
+  """
   num_heads: int = 8
   head_dim: int = 64
   mlp_ratio: int = 4
@@ -72,12 +75,13 @@ class GatedCrossAttentionDense(nn.Module):
     return norms.LayerNorm(self.norm_epsilon, True, self.dtype, self.param_dtype, name=name)
 
   @nn.compact
-  def __call__(self, x, media, mask):
+  def __call__(self, x, media, mask, decode: bool = False):
     width = x.shape[-1]
     h = attention_lib.MultiHeadAttention(
         self.num_heads, self.head_dim, use_bias=False, dtype=self.dtype,
         param_dtype=self.param_dtype, name="attention")(
-            self._norm("attention_norm")(x), media.astype(self.dtype), mask=mask)
+            self._norm("attention_norm")(x), None if media is None else media.astype(self.dtype),
+            mask=mask, decode=decode, kv_from_cache=decode and media is None)
     x = x + jnp.tanh(self._gate("attn_gate")).astype(x.dtype) * h.astype(x.dtype)
     h = mlp_lib.Mlp(self.mlp_ratio * width, self.mlp_activation, use_bias=False,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(

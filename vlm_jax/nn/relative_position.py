@@ -44,7 +44,7 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self, query_positions: jax.Array, key_positions: jax.Array | None) -> jax.Array:
-    """query_positions [B|1, T], key_positions [S] (ints) -> bias [B|1, N, T, S] (f32).
+    """query_positions [B|1, T], key_positions [S] or [B, S] (ints) -> bias [B|1, N, T, S].
 
     key_positions None (decoding with a KV cache): 0..S-1 over the cache, S being the length
     of the first such call, the one that creates the cache (a 'cache' variable of that shape
@@ -57,7 +57,8 @@ class RelativePositionBias(nn.Module):
     table = self.param("embedding", nn.with_logical_partitioning(
         nn.initializers.normal(1.0), (None, "heads")), (self.num_buckets, self.num_heads),
         self.param_dtype)
-    distance = key_positions[None, None, :] - query_positions[:, :, None]  # [B, T, S]
+    key_positions = jnp.asarray(key_positions).reshape((-1, key_positions.shape[-1]))
+    distance = key_positions[:, None, :] - query_positions[:, :, None]  # [B, T, S]
     buckets = relative_bucket(distance.astype(jnp.int32), self.bidirectional,
                               self.num_buckets, self.max_distance)
     bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [B, T, S, N]

@@ -96,7 +96,8 @@ class DecoderLayer(_LayerBase):
 
   context = (encoded [B, S, D], self_mask [.., T, T] or None, cross_mask [.., T, S]) and
   optionally a self-attention logits bias [.., T, T] (T5 relative positions).
-  With decode=True the self-attention uses the KV cache (it adds the causal mask itself).
+  With decode=True the self-attention uses the KV cache (it adds the causal mask itself) and
+  the cross-attention caches the encoder's keys/values; `encoded` None then reuses them.
   """
 
   @nn.compact
@@ -107,7 +108,8 @@ class DecoderLayer(_LayerBase):
         bias=self_bias)
     x = self._residual(x, h, deterministic)
     h = self._attention("cross_attention", False)(
-        self._norm("pre_cross_attention_norm")(x), encoded, mask=cross_mask)
+        self._norm("pre_cross_attention_norm")(x), encoded, mask=cross_mask, decode=decode,
+        kv_from_cache=decode and encoded is None)
     x = self._residual(x, h, deterministic)
     return self._mlp(x, deterministic)
 
