@@ -1,35 +1,41 @@
-"""What a trained captioning model generates for held-out images, beside the truth."""
-import numpy as np
-
-from vlm_jax import decode
-from vlm_jax.data import pipeline
-from vlm_jax.data import vocab as vocab_lib
-from vlm_jax.evaluation import captions
+"""What a trained model generates for held-out examples, beside the truth: the config's
+first generation task of `vlm_jax.evaluation.tasks` (captions for SimVLM, Prismer and
+Flamingo; instructions for MiniGPT-v2; OCR for CogAgent), greedy with the KV cache."""
+from vlm_jax.evaluation import tasks
 from vlm_jax.train import state as state_lib
 
 
+def generation_task(config) -> str | None:
+  """Name of the config's first zero-shot generation task, or None."""
+  names = [n for n in tasks.tasks_for(config.data)
+           if tasks.TASKS[n].kind == "generate" and not tasks.TASKS[n].shots]
+  return names[0] if names else None
+
+
 def generate_captions(trainer, state, num_examples: int) -> list[tuple[str, str]]:
-  """[(truth, generated)] for the first `num_examples` held-out images (greedy, no prefix)."""
-  config = trainer.config
-  (batch, truths), = pipeline.make_eval_batches(config.data, batch_size=num_examples)
+  """[(truth, generated)] for the first `num_examples` held-out examples of
+  `generation_task` (one batch)."""
+  name = generation_task(trainer.config)
+  if name is None:
+    raise ValueError(f"no generation task for data.converter="
+                     f"{trainer.config.data.converter!r} (vlm_jax/evaluation/tasks.py)")
   params = state_lib.merge_params(state.params, state.frozen)
   with trainer.mesh_context():
-    tokens = decode.generate(trainer.model, params, batch,
-                             max_len=config.data.suffix_length).tokens
-  vocab = vocab_lib.Vocab(config.data.vocab_path)
-  return [(truth, vocab.decode(row)) for truth, row in zip(truths, np.asarray(tokens))]
+    _, pairs = tasks.run(tasks.TASKS[name], trainer.model, params, trainer.config,
+                         num_examples=num_examples, batch_size=num_examples)
+  return pairs
 
 
 def show_generations(trainer, state, num_examples: int) -> None:
   pairs = generate_captions(trainer, state, num_examples)
+  name = generation_task(trainer.config)
   width = max(len(t) for t, _ in pairs)
-  print(f"\nCaptions for {len(pairs)} held-out images (greedy, image only):")
+  print(f"\nGenerations for {len(pairs)} held-out examples of {name} (greedy):")
   print(f"  {'truth':<{width}}   generated")
   for truth, generated in pairs:
     mark = "=" if truth == generated else " "
     print(f"  {truth:<{width}} {mark} {generated}")
   exact = sum(t == g for t, g in pairs)
-  truths, generated = [t for t, _ in pairs], [g for _, g in pairs]
-  cider = captions.cider(generated, [[t] for t in truths])
+  cider = tasks.score(("cider",), [g for _, g in pairs], [t for t, _ in pairs])["cider"]
   print(f"exact match: {exact}/{len(pairs)}; CIDEr-D {cider:.3f} (idf over these "
-        f"{len(pairs)} images; `vlm-eval` reports it on the held-out tasks)")
+        f"{len(pairs)} examples; `vlm-eval` reports it on every held-out task)")

@@ -87,7 +87,8 @@ STEP = int(os.environ.get("VLM_NB_STEP", found[-1][0]))
 
 # %% [markdown]
 # ## Generations from a checkpoint
-# Greedy captions (image only, no prefix) for held-out images beside the truth.
+# Greedy generations for held-out examples beside the truth (the config's first generation
+# task: captions for SimVLM, Prismer and Flamingo).
 
 # %%
 from vlm_jax import decode, samples
@@ -102,12 +103,8 @@ with trainer.mesh_context():
   state = trainer.checkpointer.restore(STEP, trainer.factory.abstract_with_shardings(),
                                        trainer.data)
 print(f"loaded step {int(state.step)} from {trainer.checkpointer.directory}")
-generates = hasattr(trainer.model, "encode")  # encoder-decoder families decode greedily
-if generates:
-  for truth, generated in samples.generate_captions(trainer, state, SAMPLES):
-    print(f"truth: {truth!r}\n  generated: {generated!r}")
-else:
-  print(f"{config.model.name}: no generation entry point for this family yet")
+for truth, generated in samples.generate_captions(trainer, state, SAMPLES):
+  print(f"truth: {truth!r}\n  generated: {generated!r}")
 
 # %% [markdown]
 # ## Cross-attention over the image
@@ -115,8 +112,8 @@ else:
 # (mean over heads and layers), upsampled onto the image.
 
 # %% tags=["plot"]
-if not generates:
-  print(f"{config.model.name}: cross-attention maps need an encoder-decoder model")
+if config.model.name != "simvlm":
+  print(f"{config.model.name}: these maps are of SimVLM's decoder over image + prefix")
 else:
   (batch, truths), = pipeline.make_eval_batches(config.data, batch_size=1)
   params = state_lib.merge_params(state.params, state.frozen)

@@ -60,8 +60,8 @@ def main(argv=None):
     _fail(str(e), 1)
   except preemption.Preempted as e:
     _fail(str(e), EXIT_PREEMPTED)
-  if args.num_samples and hasattr(trainer.model, "encode"):
-    from vlm_jax import samples
+  from vlm_jax import samples  # pylint: disable=g-import-not-at-top
+  if args.num_samples and samples.generation_task(config):
     # Every process decodes (the state is sharded across all of them); process 0 prints.
     with contextlib.redirect_stdout(sys.stdout if jax.process_index() == 0 else io.StringIO()):
       samples.show_generations(trainer, state, args.num_samples)
