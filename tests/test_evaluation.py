@@ -13,7 +13,8 @@ from vlm_jax import decode
 from vlm_jax.cli import eval as eval_cli
 from vlm_jax.data import flamingo as flamingo_data
 from vlm_jax.data import catalog, defaults
-from vlm_jax.evaluation import benchmarks, fewshot, heldout, runner, scoring, tasks, vqa
+from vlm_jax.evaluation import benchmarks, captions, fewshot, heldout, runner, scoring, tasks
+from vlm_jax.evaluation import vqa
 from vlm_jax.models import simvlm
 from vlm_jax.train import loop
 
@@ -137,6 +138,31 @@ def test_every_eval_task_is_a_seqio_task_with_the_runners_metrics():
   assert merged == tasks.score(("exact_match", "vqa_accuracy"), ["2", "blue"], ["two", "red"])
   rank = seqio.get_mixture_or_task(seqio_tasks.seqio_name("prismer_rank_captions"))
   assert [fn(["a", "b"], ["a", "c"]) for fn in rank.metric_fns] == [{"accuracy": 0.5}]
+
+
+def test_vlm_eval_captions_a_coco_format_benchmark(tmp_path, capsys):
+  """The fixture's image 7 is a real JPEG, image 9 is corrupt (skipped and counted), image 11
+  has no captions (not an item). CIDEr is over both of image 7's references."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.full((40, 56, 3), (200, 30, 30), np.uint8)).save(
+      tmp_path / "COCO_val2014_000000000007.jpg")
+  (tmp_path / "COCO_val2014_000000000009.jpg").write_bytes(b"not a jpeg")
+  workdir = tmp_path / "run"
+  eval_cli.main(["--config=configs/simvlm.py:tiny", "--workdir", str(workdir), "--random-init",
+                 "--coco-captions", os.path.join(FIXTURES, "coco_captions.json"),
+                 "--image-dir", str(tmp_path), "--num-samples", "1"])
+  printed = capsys.readouterr().out
+  with open(workdir / "metrics.jsonl") as f:
+    written = json.loads(f.readlines()[-1])
+  assert written["eval/coco_captions/images"] == 1
+  assert written["eval/coco_captions/skipped"] == 1
+  generated = printed.split("model: ")[1].splitlines()[0].strip("'")
+  want = captions.cider([generated], [["A cat on a mat.", "a cat"]])
+  assert written["eval/coco_captions/cider"] == pytest.approx(want)
+  with pytest.raises(SystemExit):  # CogAgent has no captioning task: a clear usage error
+    eval_cli.main(["--config=configs/cogagent.py:tiny", "--workdir", str(workdir),
+                   "--random-init", "--coco-captions", "x.json"])
+  assert "no captioning task" in capsys.readouterr().err
 
 
 def test_unknown_or_mismatched_tasks_raise():

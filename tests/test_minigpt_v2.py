@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from PIL import Image
 
 from vlm_jax import config as config_lib
 from vlm_jax import decode as decode_lib
@@ -332,6 +333,24 @@ def test_processor_writes_the_model_batch_for_every_task():
     assert ex["loss_mask"].sum() > 0
   bad = processor(0, (catalog.TASKS["minigpt_v2_vqa"], dict(raw, image=b"junk")))
   assert isinstance(bad, health.Skipped)
+
+
+def test_caption_tasks_take_any_web_image_and_object_tasks_skip_it():
+  """Stage 1's weak captions are web alt-text on photos: no scene objects to recover."""
+  data_config = defaults.default_data_config()
+  data_config.image_size, data_config.image_tokens, data_config.sequence_length = 56, 4, 128
+  processor = data_lib.ExampleProcessor(data_config, seed=0)
+  photo = io.BytesIO()
+  Image.fromarray(np.full((48, 80, 3), (90, 140, 60), np.uint8)).save(photo, format="JPEG")
+  raw = {"key": "web0", "image": photo.getvalue(), "text": "A cat on a mat."}
+  for task in data_lib.CAPTION_ONLY:
+    ex = processor(0, (catalog.TASKS[task], raw))
+    assert not isinstance(ex, health.Skipped), ex
+    answer = ex["targets"][ex["loss_mask"] > 0]
+    assert Vocab(data_config.vocab_path).decode([int(t) for t in answer[:-1]]).strip() in (
+        "A cat on a mat.", "The image shows A cat on a mat.")
+  skipped = processor(0, (catalog.TASKS["minigpt_v2_grounding"], raw))
+  assert isinstance(skipped, health.Skipped) and "no text pixels" in skipped.reason
 
 
 def test_stage_mixtures():

@@ -5,6 +5,9 @@ the config's data converter; `--task list` prints them), prints the metrics and 
 generations beside the truth, and appends eval/<task>/<metric> at the checkpoint's step to
 DIR's metrics.jsonl / TensorBoard. --random-init evaluates freshly initialised weights
 instead (a smoke test of the evaluation path: the figures mean nothing).
+
+--coco-captions FILE --image-dir DIR captions a COCO-format benchmark (captions_*.json and
+its images) instead, scored against every reference (eval/coco_captions/...).
 """
 import argparse
 import sys
@@ -26,19 +29,28 @@ def main(argv=None):
                       help="generations to print per task beside the truth")
   parser.add_argument("--random-init", action="store_true",
                       help="evaluate freshly initialised weights (no checkpoint needed)")
+  parser.add_argument("--coco-captions", default="",
+                      help="a COCO captions json (e.g. captions_val2014.json) to caption")
+  parser.add_argument("--image-dir", default="", help="the images of --coco-captions")
   config, args = common.parse_with_config(parser, argv)
 
   import absl.flags  # grain's worker processes read absl flags (DESIGN.md gotchas)
   absl.flags.FLAGS.mark_as_parsed()
   import jax
-  from vlm_jax.evaluation import runner, tasks as tasks_lib
+  from vlm_jax.evaluation import coco, runner, tasks as tasks_lib
   from vlm_jax.train import loop, metrics
 
   if args.task == ["list"]:
     print("\n".join(tasks_lib.tasks_for(config.data)))
     return
   try:
-    names = runner.task_names(config, args.task)
+    if args.coco_captions:
+      if args.task:
+        parser.error("--coco-captions replaces --task; pass one or the other")
+      coco.caption_task(config.data)
+      names = [coco.TASK_NAME]
+    else:
+      names = runner.task_names(config, args.task)
   except ValueError as e:
     parser.error(str(e))
   trainer = loop.Trainer(config, args.workdir)
@@ -58,8 +70,17 @@ def main(argv=None):
         sys.exit(1)
       state = trainer.checkpointer.restore(step, trainer.factory.abstract_with_shardings(),
                                            trainer.data)
-  scalars, samples = runner.evaluate(trainer, state, names, num_examples=args.num_examples,
-                                     batch_size=args.batch_size)
+  if args.coco_captions:
+    try:
+      scalars, samples = runner.evaluate_coco(trainer, state, args.coco_captions,
+                                              args.image_dir, num_examples=args.num_examples,
+                                              batch_size=args.batch_size)
+    except (OSError, ValueError) as e:
+      print(f"vlm-eval: error: {e}", file=sys.stderr)
+      sys.exit(1)
+  else:
+    scalars, samples = runner.evaluate(trainer, state, names, num_examples=args.num_examples,
+                                       batch_size=args.batch_size)
   if jax.process_index() == 0:
     for name in names:
       values = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith(f"eval/{name}/")}

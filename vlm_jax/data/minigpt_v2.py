@@ -323,6 +323,9 @@ TASKS = {
     "minigpt_v2_instruction": _single(instruction_turn),
     "minigpt_v2_multi_turn": multi_turn,
 }
+# Builders that read only the caption: they run on any image-text pair (web alt-text, COCO),
+# not just the synthetic scenes whose objects `scene_objects` recovers from the pixels.
+CAPTION_ONLY = ("minigpt_v2_weak_caption", "minigpt_v2_caption")
 _FINE = {"minigpt_v2_caption": 0.15, "minigpt_v2_vqa": 0.3, "minigpt_v2_grounding": 0.15,
          "minigpt_v2_refer": 0.15, "minigpt_v2_identify": 0.1, "minigpt_v2_detection": 0.15}
 MIXTURES = {
@@ -361,7 +364,8 @@ def convert(raw: dict, task: str, *, vocab: Vocab, image_size: int, image_tokens
     raise ValueError(f"MiniGPT-v2 task {task!r}: expected one of {sorted(TASKS)}")
   decoded = preprocessors.decode_image(raw["image"])
   caption = preprocessors.caption_of(raw)
-  objects = scene_objects(np.asarray(decoded, np.uint8), caption)
+  objects = ([] if task in CAPTION_ONLY
+             else scene_objects(np.asarray(decoded, np.uint8), caption))
   turns = TASKS[task](objects, caption, rng)
   example = encode_conversation(vocab, turns, image_tokens=image_tokens,
                                 sequence_length=sequence_length, loss_weight=loss_weight)
@@ -406,7 +410,8 @@ def register_seqio():
       try:
         decoded = preprocessors.decode_image(raw["image"])
         caption = preprocessors.caption_of(raw)
-        objects = scene_objects(np.asarray(decoded, np.uint8), caption)
+        objects = ([] if task in CAPTION_ONLY
+                   else scene_objects(np.asarray(decoded, np.uint8), caption))
       except preprocessors.BadRecord:
         continue
       turns = TASKS[task](objects, caption, np.random.default_rng([index]))

@@ -51,6 +51,7 @@ class EvalTask:
   box_format: str = ""
   keep: Callable | None = None
   shots: int = 0
+  captions: bool = False  # image captioning: the task `--coco-captions` runs (coco.py)
   num_examples: int = 32
   max_new_tokens: int = 24
 
@@ -58,7 +59,8 @@ class EvalTask:
 def _tasks():
   caption = ("exact_match", "cider", "bleu4")
   tasks = [
-      EvalTask("simvlm_scenes", "simvlm_prefix_lm", "synthetic_pairs", keep=is_scene),
+      EvalTask("simvlm_scenes", "simvlm_prefix_lm", "synthetic_pairs", keep=is_scene,
+               captions=True),
       EvalTask("simvlm_rendered_text", "simvlm_prefix_lm", "synthetic_pairs",
                keep=lambda raw: not is_scene(raw), num_examples=16),
       EvalTask("simvlm_rank_captions", "simvlm_prefix_lm", "synthetic_pairs", kind="rank",
@@ -66,7 +68,8 @@ def _tasks():
       EvalTask("simvlm_zero_shot_shapes", "simvlm_prefix_lm", "synthetic_pairs",
                kind="zero_shot", keep=lambda raw: _single_shape(raw) is not None,
                num_examples=16),
-      EvalTask("minigpt_v2_caption", "minigpt_v2", "minigpt_v2_caption", metrics=caption),
+      EvalTask("minigpt_v2_caption", "minigpt_v2", "minigpt_v2_caption", metrics=caption,
+               captions=True),
       EvalTask("minigpt_v2_vqa", "minigpt_v2", "minigpt_v2_vqa",
                metrics=("exact_match", "vqa_accuracy")),
       EvalTask("minigpt_v2_refer", "minigpt_v2", "minigpt_v2_refer",
@@ -77,13 +80,15 @@ def _tasks():
       EvalTask("cogagent_grounding", "cogagent", "cogagent_grounding",
                metrics=("exact_match", "iou@0.5"), box_format="cogagent"),
       EvalTask("cogagent_ocr", "cogagent", "cogagent_ocr", metrics=caption),
-      EvalTask("flamingo_captions", "flamingo", "flamingo_pairs", metrics=caption),
+      EvalTask("flamingo_captions", "flamingo", "flamingo_pairs", metrics=caption,
+               captions=True),
       EvalTask("flamingo_captions_2shot", "flamingo", "flamingo_pairs", metrics=caption,
                shots=2),
       EvalTask("flamingo_rank_captions", "flamingo", "flamingo_pairs", kind="rank",
                keep=is_scene, num_examples=8),
       # Prismer's decoder starts from BOS (captions) or a prompt in the decoder (VQA).
-      EvalTask("prismer_captions", "prismer", "prismer_scenes", metrics=caption),
+      EvalTask("prismer_captions", "prismer", "prismer_scenes", metrics=caption,
+               captions=True),
       EvalTask("prismer_rank_captions", "prismer", "prismer_scenes", kind="rank",
                num_examples=16),
       EvalTask("prismer_zero_shot_shapes", "prismer", "prismer_scenes", kind="zero_shot",
@@ -142,6 +147,19 @@ def _text(vocab, ids, stop_id):
   return vocab.decode(ids).strip()
 
 
+def generate_texts(task: EvalTask, model, params, data_config, prompts, batch_size: int):
+  """Greedy generations (text up to the stop token) for `heldout.as_prompt` triples."""
+  vocab = Vocab(data_config.vocab_path)
+  encoder_decoder = "prefix_tokens" in prompts[0][0]
+  max_len = data_config.suffix_length if encoder_decoder else task.max_new_tokens
+  stop_id = prompts[0][2]
+  generated = []
+  for chunk, real in _batches([p for p, _, _ in prompts], batch_size):
+    out = decode.generate(model, params, heldout.stack(chunk), max_len, eos_id=stop_id)
+    generated += [_text(vocab, row, stop_id) for row in np.asarray(out.tokens)[:real]]
+  return generated
+
+
 METRICS = ("exact_match", "cider", "bleu4", "vqa_accuracy", "iou@0.5", "accuracy")
 
 
@@ -195,12 +213,7 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
   truths = [_text(vocab, answer, stop) for _, answer, stop in prompts]
   stop_id = prompts[0][2]
   if task.kind == "generate":
-    encoder_decoder = "prefix_tokens" in prompts[0][0]
-    max_len = data_config.suffix_length if encoder_decoder else task.max_new_tokens
-    generated = []
-    for chunk, real in _batches([p for p, _, _ in prompts], batch_size):
-      out = decode.generate(model, params, heldout.stack(chunk), max_len, eos_id=stop_id)
-      generated += [_text(vocab, row, stop_id) for row in np.asarray(out.tokens)[:real]]
+    generated = generate_texts(task, model, params, data_config, prompts, batch_size)
     return score(task.metrics, generated, truths, task.box_format), list(zip(truths, generated))
   suffix = data_config.get("suffix_length")
   inputs = [p for p, _, _ in prompts]

@@ -1,0 +1,65 @@
+"""Captioning on a COCO-format benchmark: the annotations json and the image directory are
+paths the user gives (`vlm-eval --coco-captions FILE --image-dir DIR`).
+
+Each image becomes a pair record (its first reference as the text) of the family's
+captioning task (`captions=True` in `tasks.TASKS`; CogAgent has none), converted by
+the family's own processor exactly as held-out data is, and captioned greedily with the KV
+cache; CIDEr-D and BLEU-4 are computed against all of the image's references (CIDEr's idf
+over the evaluated images). Unreadable images and records the processor rejects are skipped
+and counted, never fatal one by one.
+"""
+from vlm_jax.data import catalog, health, pipeline
+from vlm_jax.evaluation import benchmarks, captions, heldout, tasks
+
+TASK_NAME = "coco_captions"
+
+
+def caption_task(data_config) -> tasks.EvalTask:
+  for name in tasks.tasks_for(data_config):
+    task = tasks.TASKS[name]
+    if task.captions:
+      return task
+  raise ValueError(f"data.converter={data_config.converter!r} has no captioning task "
+                   "(vlm_jax/evaluation/tasks.py), so it cannot caption a COCO benchmark.")
+
+
+def _examples(items, data_config, task):
+  pipeline.converter(data_config.converter)  # registers the family's catalog tasks
+  spec = catalog.TASKS[task.source]
+  convert = heldout.processor(data_config)
+  out, skipped = [], []
+  for index, item in enumerate(items):
+    try:
+      with open(item.image_path, "rb") as f:
+        image = f.read()
+    except OSError as e:
+      skipped.append(f"{item.image_path}: {e.strerror or e}")
+      continue
+    record = {"key": str(item.image_id), "image": image, "text": item.references[0]}
+    example = convert(index, (spec, record))
+    if isinstance(example, health.Skipped):
+      skipped.append(f"{item.image_path}: {example.reason}")
+      continue
+    out.append((heldout.as_prompt(example), item.references))
+  return out, skipped
+
+
+def evaluate(model, params, config, annotations: str, image_dir: str, *,
+             num_examples: int = 0, batch_size: int = 8):
+  """({metric: value}, [(first reference, generated)]) over the benchmark's images (the
+  first `num_examples`, 0: all)."""
+  items = benchmarks.coco_captions(annotations, image_dir)
+  if num_examples:
+    items = items[:num_examples]
+  task = caption_task(config.data)
+  examples, skipped = _examples(items, config.data, task)
+  if not examples:
+    raise ValueError(f"{annotations}: none of {len(items)} images could be used; first "
+                     f"problems: {skipped[:3]}")
+  generated = tasks.generate_texts(task, model, params, config.data,
+                                   [prompt for prompt, _ in examples], batch_size)
+  references = [refs for _, refs in examples]
+  metrics = {"cider": captions.cider(generated, references),
+             "bleu4": captions.bleu(generated, references)[3],
+             "images": float(len(examples)), "skipped": float(len(skipped))}
+  return metrics, [(refs[0], g) for refs, g in zip(references, generated)]
