@@ -1,5 +1,6 @@
 """Evaluation plumbing: benchmark readers on hand-written fixtures, prompts from held-out
 examples, likelihood scoring vs cached decoding, few-shot prompts, vlm-eval on every family."""
+import io
 import json
 import os
 
@@ -7,6 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from vlm_jax import config as config_lib
 from vlm_jax import decode
@@ -97,6 +99,27 @@ def test_support_examples_are_seeded_distinct_and_exclude_the_query():
     fewshot.choose_support(3, 0, 3, seed=0)
   features = np.array([[1.0, 0], [0.9, 0.1], [0, 1], [1, 0.05]])
   assert fewshot.nearest_support(features, 0, 2) == [3, 1]
+
+
+def test_similar_support_picks_the_images_nearest_the_query():
+  # Pixel features are centred per image: where the dark part is counts, not the brightness.
+  def dark(rows, cols, level):
+    pixels = np.full((24, 24, 3), level, np.float32)
+    pixels[rows, cols] = 0
+    return pixels
+  left, top = (slice(None), slice(0, 12)), (slice(0, 12), slice(None))
+  images = [dark(*left, 255), dark(*top, 255), dark(slice(None), slice(0, 9), 120),
+            dark(slice(0, 9), slice(None), 90), dark(slice(0, 12), slice(0, 12), 255)]
+  pool = []
+  for pixels in images:
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
+    pool.append({"image": out.getvalue()})
+  assert fewshot.support_sets(pool, 2, 1, "similar") == [[2], [3]]
+  assert fewshot.support_sets(pool, 2, 2, "random", seed=5) == [
+      fewshot.choose_support(5, q, 2, seed=5) for q in range(2)]
+  with pytest.raises(ValueError, match="support='best'"):
+    fewshot.support_sets(pool, 2, 2, "best")
 
 
 def test_few_shot_document_interleaves_support_then_query():

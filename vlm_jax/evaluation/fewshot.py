@@ -29,6 +29,29 @@ def nearest_support(features: np.ndarray, query: int, shots: int) -> list[int]:
   return [int(i) for i in np.argsort(-similarity, kind="stable")[:shots]]
 
 
+def pixel_features(pool: list[dict], size: int = 16) -> np.ndarray:
+  """[P, size*size*3] per-image pixel vectors of raw records, each centred on its own mean
+  (so a shared background does not make every pair look alike)."""
+  rows = []
+  for raw in pool:
+    image = preprocessors.decode_image(raw["image"]).convert("RGB").resize((size, size))
+    pixels = np.asarray(image, np.float32).reshape(-1)
+    rows.append(pixels - pixels.mean())
+  return np.stack(rows)
+
+
+def support_sets(pool: list[dict], queries: int, shots: int, method: str = "random",
+                 seed: int = 0) -> list[list[int]]:
+  """Support indices for each of the first `queries` pool entries: 'random' (seeded) or
+  'similar' (nearest images)."""
+  if method == "similar":
+    features = pixel_features(pool)
+    return [nearest_support(features, q, shots) for q in range(queries)]
+  if method != "random":
+    raise ValueError(f"support={method!r}: expected 'random' or 'similar'")
+  return [choose_support(len(pool), q, shots, seed) for q in range(queries)]
+
+
 def interleaved_record(pool: list[dict], support: list[int], query: int) -> dict:
   """Raw pair records -> one interleaved record (support pairs, then the query pair)."""
   texts, images = [], []

@@ -51,6 +51,7 @@ class EvalTask:
   box_format: str = ""
   keep: Callable | None = None
   shots: int = 0
+  support: str = "random"  # few-shot support: 'random' (seeded) or 'similar' (fewshot.py)
   captions: bool = False  # image captioning: the task `--coco-captions` runs (coco.py)
   num_examples: int = 32
   max_new_tokens: int = 24
@@ -84,6 +85,8 @@ def _tasks():
                captions=True),
       EvalTask("flamingo_captions_2shot", "flamingo", "flamingo_pairs", metrics=caption,
                shots=2),
+      EvalTask("flamingo_captions_2shot_similar", "flamingo", "flamingo_pairs",
+               metrics=caption, shots=2, support="similar", num_examples=16),
       EvalTask("flamingo_rank_captions", "flamingo", "flamingo_pairs", kind="rank",
                keep=is_scene, num_examples=8),
       # Prismer's decoder starts from BOS (captions) or a prompt in the decoder (VQA).
@@ -126,9 +129,9 @@ def _examples(task, data_config, count):
   raws = [raw for _, raw in pool]
   spec = catalog.TASKS[task.source]
   convert = heldout.processor(data_config)
+  supports = fewshot.support_sets(raws, min(count, len(raws)), task.shots, task.support)
   out = []
-  for query in range(min(count, len(raws))):
-    support = fewshot.choose_support(len(raws), query, task.shots, seed=0)
+  for query, support in enumerate(supports):
     record = fewshot.interleaved_record(raws, support, query)
     out.append((convert(query, (spec, record)), raws[query]))
   return out
