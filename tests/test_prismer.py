@@ -65,6 +65,13 @@ def test_each_expert_stem_brings_its_map_to_the_patch_grid(name, patch):
                      (3, 3, 384, 768)]  # w/8 -> w/4 -> w/2 -> w, then the 1x1 projection
 
 
+def test_nearest_grid_takes_cell_centres_of_numpy_or_traced_ids():
+  ids = np.arange(16, dtype=np.int32).reshape(1, 4, 4)  # numpy, as vlm-compile's example
+  want = [[[5, 7], [13, 15]]]  # the centres of the four 2x2 cells: rows/cols 1 and 3
+  assert jax.jit(lambda: model_lib.nearest_grid(ids, (2, 2)))().tolist() == want
+  assert model_lib.nearest_grid(jnp.asarray(ids), (2, 2)).tolist() == want
+
+
 def test_stem_upsamples_dense_maps_more_than_label_maps():
   grid = (4, 4)
   seen = {}

@@ -6,7 +6,8 @@ task whose `validation` split it reads, and what it measures:
   generate   greedy generation with the KV cache (`vlm_jax.decode`), then `metrics` of the
              generated answers against the truth (exact_match, cider, bleu4,
              vqa_accuracy, iou@0.5 in the family's `box_format`); `shots` > 0 builds
-             Flamingo-style few-shot prompts (`fewshot.py`)
+             Flamingo-style few-shot prompts (`fewshot.py`) with `support` examples
+             chosen at random or by image similarity
   rank       closed-set: every held-out answer is a candidate for every prompt; accuracy
              of the true one having the highest log-likelihood (`scoring.py`)
   zero_shot  classification by likelihood of "a photo of a {class}" over the scene shapes,

@@ -81,6 +81,7 @@ def frozen_patterns(mode: str) -> tuple[str, ...]:
 
 def nearest_grid(ids: jax.Array, grid: tuple[int, int]) -> jax.Array:
   """[B, H, W] ints -> [B, h, w]: the value at each output cell's centre (nearest)."""
+  ids = jnp.asarray(ids)  # numpy batches (vlm-compile's example) cannot take traced indices
   height, width = ids.shape[1:3]
   rows = ((jnp.arange(grid[0]) + 0.5) * height / grid[0]).astype(jnp.int32)
   cols = ((jnp.arange(grid[1]) + 0.5) * width / grid[1]).astype(jnp.int32)
