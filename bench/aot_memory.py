@@ -14,8 +14,8 @@ import sys
 import time
 
 GIB = 2**30
-# name: (config, mesh (data, fsdp, tensor), topology or None for --topology); sizes and
-# global batches are the configs' own.
+# name: (config, mesh (data, fsdp, tensor), topology or None for --topology[, extra flags]);
+# sizes and global batches are the configs' own.
 CONFIGS = {
     "simvlm_base": ("configs/simvlm.py:base", "(1,-1,1)", None),
     "simvlm_large": ("configs/simvlm.py:large", "(1,-1,1)", None),
@@ -28,22 +28,28 @@ CONFIGS = {
     "flamingo_of9b": ("configs/flamingo.py:of9b", "(1,-1,1)", None),
     "prismer_base": ("configs/prismer.py:base", "(1,-1,1)", None),
     "prismer_large": ("configs/prismer.py:large", "(1,-1,1)", None),
-    # batch 4608 at 1120 px: 9 examples per chip on 512 chips
-    "cogagent_18b": ("configs/cogagent.py:18b", "(1,-1,1)", "v5p:8x8x8"),
-    "minigpt_v2_7b": ("configs/minigpt_v2.py:7b", "(1,-1,1)", None),
+    # batch 4608 at 1120 px: 18 examples per chip on 256 chips, in 2 micro-batches of 9
+    # (one pass of 18 needs 148 GiB of temporaries even with remat; 512 chips take more host
+    # memory to compile than a 24 GiB machine has)
+    "cogagent_18b": ("configs/cogagent.py:18b,remat=full", "(1,-1,1)", "v5p:4x8x8",
+                     ("--config.grad_accum_steps=2",)),
+    # batch 96: 12 examples per chip on 8 chips (64 do not divide it)
+    "minigpt_v2_7b": ("configs/minigpt_v2.py:7b", "(1,-1,1)", "v5p:2x2x2"),
 }
 
 
-def compile_once(config: str, mesh: str, topology: str) -> tuple[int, dict | None, str]:
+def compile_once(config: str, mesh: str, topology: str,
+                 flags=()) -> tuple[int, dict | None, str]:
   cmd = ["vlm-compile", "--config", config, "--topology", topology,
-         f"--config.mesh.shape={mesh}", "--json"]
+         f"--config.mesh.shape={mesh}", "--json", *flags]
   print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   report = None
   for line in proc.stdout.splitlines():
     if line.startswith("{"):
       report = json.loads(line)
-  message = (proc.stderr.strip().splitlines() or [""])[-1]
+  lines = proc.stderr.strip().splitlines() or [""]
+  message = next((l for l in reversed(lines) if "error:" in l), lines[-1])
   return proc.returncode, report, message
 
 
@@ -72,14 +78,16 @@ def main():
         "peak / HBM | analytic FLOPs/device/step | compile (wall) |")
   print("|---|---|---|---|---|---|---|")
   for name in names:
-    config, mesh, topology = CONFIGS[name]
-    topology = topology or args.topology
-    for attempt in (config, config + ",remat=full"):
+    config, mesh, topology, *flags = CONFIGS[name]
+    topology, flags = topology or args.topology, tuple(flags[0]) if flags else ()
+    attempts = (config,) if "remat=" in config else (config, config + ",remat=full")
+    for attempt in attempts:
       start = time.perf_counter()
-      code, report, message = compile_once(attempt, mesh, topology)
+      code, report, message = compile_once(attempt, mesh, topology, flags)
       wall = time.perf_counter() - start
       if code == 0 and report:
-        print(row(name, attempt, mesh, topology, report, wall), flush=True)
+        print(row(name, " ".join((attempt,) + flags), mesh, topology, report, wall),
+              flush=True)
         break
       print(f"  {attempt}: exit {code}: {message}", file=sys.stderr, flush=True)
       if code != 4:

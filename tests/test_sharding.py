@@ -53,3 +53,18 @@ def test_base_config_parameters_are_sharded_as_the_rules_say():
     assert {s.data.shape for s in array.addressable_shards} == {local}, path
   sharded = sum(a.size for p, a in flat.items() if any(flat[p].sharding.spec))
   assert sharded / sum(a.size for a in flat.values()) > 0.99  # all but biases/norms/pos
+
+
+def test_a_dimension_its_mesh_axes_do_not_divide_is_replicated():
+  """fsdp 8 divides 64 but not 12 (a small stem's channels): that dimension is replicated,
+  the other keeps its axis, and the array can be placed."""
+  mesh = jax.make_mesh((1, 8, 1), sharding.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:8])
+  rules = (("embed", "fsdp"), ("mlp", "tensor"))
+  box = lambda shape: nn.Partitioned(jax.ShapeDtypeStruct(shape, "float32"), ("embed", "mlp"))
+  shardings = sharding.logical_shardings({"even": box((64, 4)), "odd": box((12, 4))}, mesh,
+                                         rules)
+  assert shardings["even"].spec == P("fsdp", "tensor")
+  assert shardings["odd"].spec == P(None, "tensor")
+  placed = jax.device_put(jax.numpy.zeros((12, 4)), shardings["odd"])
+  assert placed.addressable_shards[0].data.shape == (12, 4)

@@ -31,6 +31,10 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 _COLLECTIVE_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
 
+_ADVICE = ("shard more (config.mesh.shape), lower the batch per device (config.batch_size, "
+           "or micro-batches: config.grad_accum_steps), or set config.model.remat_policy=full.")
+
+
 class DoesNotFit(RuntimeError):
   """The step needs more memory per device than the chip's HBM."""
 
@@ -162,7 +166,7 @@ def compile_train_step(config, topology: str) -> Report:
       if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
         raise DoesNotFit(f"XLA could not fit the step into the {report.hbm_bytes / GIB:.0f} "
                          f"GiB HBM of a {kind} (mesh {report.mesh}): "
-                         f"{str(e).splitlines()[0][:500]}") from None
+                         f"{str(e).splitlines()[0][:500]}\n{_ADVICE}") from None
       raise
   report.compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -178,7 +182,5 @@ def compile_train_step(config, topology: str) -> Report:
   report.analytic_flops_per_device = analytic * config.batch_size / len(devices)
   report.collectives = _count_collectives(compiled.as_text())
   if not report.fits:
-    raise DoesNotFit("\n".join(report.lines()) + "\nthe step does not fit: shard more "
-                     "(config.mesh.shape), lower config.batch_size per device, or set "
-                     "config.model.remat_policy=full.")
+    raise DoesNotFit("\n".join(report.lines()) + f"\nthe step does not fit: {_ADVICE}")
   return report

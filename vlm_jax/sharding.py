@@ -56,9 +56,27 @@ def rules_from_config(config) -> tuple:
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules):
-  """NamedShardings for a tree of `nn.Partitioned` boxes (or ShapeDtypeStructs of them)."""
+  """NamedShardings for a tree of `nn.Partitioned` boxes (or ShapeDtypeStructs of them).
+
+  A dimension that its mesh axes do not divide (a 96-channel expert stem under fsdp 64) is
+  replicated instead: XLA cannot shard it evenly, and such parameters are small.
+  """
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+  def divisible(named: NamedSharding, shape) -> NamedSharding:
+    spec = tuple(named.spec) + (None,) * (len(shape) - len(named.spec))
+    kept = []
+    for size, axes in zip(shape, spec):
+      names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+      kept.append(axes if size % math.prod(mesh.shape[n] for n in names) == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*kept))
+
+  # Shapes without unboxing: under a mesh, unboxing applies sharding constraints.
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  shapes = jax.tree.map(lambda x: tuple((x.value if is_box(x) else x).shape), boxed_tree,
+                        is_leaf=is_box)
+  return jax.tree.map(divisible, shardings, shapes)
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
