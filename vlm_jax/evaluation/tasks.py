@@ -90,7 +90,7 @@ def _tasks():
                metrics=caption, shots=2, support="similar", num_examples=16),
       EvalTask("flamingo_rank_captions", "flamingo", "flamingo_pairs", kind="rank",
                keep=is_scene, num_examples=8),
-      # Prismer's decoder starts from BOS (captions) or a prompt in the decoder (VQA).
+      # Prismer generates from a decoder prompt: BOS here (a VQA question would follow it).
       EvalTask("prismer_captions", "prismer", "prismer_scenes", metrics=caption,
                captions=True),
       EvalTask("prismer_rank_captions", "prismer", "prismer_scenes", kind="rank",

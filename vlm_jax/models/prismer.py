@@ -377,12 +377,7 @@ class Prismer(nn.Module):
     words = jnp.take(self.word_embedding, tokens, axis=0).astype(self.dtype)
     x = words + pos.astype(self.dtype) + self.token_type_embedding.astype(self.dtype)
     x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
-    if decode:
-      self_mask = None if key_mask is None else attention_lib.padding_mask(None, key_mask)
-    else:
-      self_mask = attention_lib.causal_mask(tokens.shape[1])
-      if token_mask is not None:
-        self_mask = self_mask & attention_lib.padding_mask(None, token_mask > 0)
+    self_mask = attention_lib.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
     cross_mask = None if encoder_mask is None else attention_lib.padding_mask(None, encoder_mask)
     context = (encoded, self_mask, cross_mask)
     x = self.decoder(x, context, deterministic, decode)

@@ -179,12 +179,7 @@ class SimVLM(nn.Module):
       x = x + jnp.take(self.suffix_pos_embedding(), positions, axis=0).astype(x.dtype)
     x = self.perturb("suffix_embeddings", x)
     x = self.embed_dropout(x, deterministic=deterministic)
-    if decode:
-      self_mask = None if key_mask is None else attention.padding_mask(None, key_mask)
-    else:
-      self_mask = attention.causal_mask(tokens.shape[1])
-      if token_mask is not None:
-        self_mask = self_mask & attention.padding_mask(None, token_mask > 0)
+    self_mask = attention.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
     cross_mask = attention.padding_mask(None, encoder_mask)
     context = (encoded, self_mask, cross_mask)
     if self.position == "relative":

@@ -41,6 +41,16 @@ def padding_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> jax.Arr
   return mask
 
 
+def decoder_self_mask(length: int, token_mask=None, key_mask=None, decode: bool = False):
+  """A causal decoder's self-attention mask. Full forward: causal, padding (token_mask
+  [B, T]) masked as keys. Decoding with the KV cache (causal by construction): only the
+  cache slots' validity key_mask [B, S], or None."""
+  if decode:
+    return None if key_mask is None else padding_mask(None, key_mask)
+  mask = causal_mask(length)
+  return mask if token_mask is None else mask & padding_mask(None, token_mask > 0)
+
+
 class Projection(nn.Module):
   """x [..., *in] -> [..., *features] with kernel [*in, *features] (nn.DenseGeneral's layout).
 
