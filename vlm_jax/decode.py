@@ -229,13 +229,18 @@ def length_penalty(length, alpha: float):
 
 
 def _gather_beams(tree, beam_index, batch_size, beams):
-  """Reorders the flat [B*K, ...] batch axis of every array by beam_index [B, K]. Cache
-  arrays keep the batch axis 4th from the end ([..., B, S, heads, head_dim]); scalars
-  (cache indices) are shared."""
+  """Reorders the flat [B*K, ...] batch axis of the self-attention caches by beam_index
+  [B, K]. Cache arrays keep the batch axis 4th from the end ([..., B, S, heads, head_dim]);
+  scalars (cache indices) are shared, and the cross-attention keys/values are the same for
+  every beam of an example, so they stay where they are."""
   flat = (beam_index + jnp.arange(batch_size)[:, None] * beams).reshape(-1)
 
-  return jax.tree.map(lambda a: jnp.take(a, flat, axis=a.ndim - 4) if a.ndim >= 4 else a,
-                      tree)
+  def gather(path, a):
+    if a.ndim < 4 or getattr(path[-1], "key", None) in ("cross_key", "cross_value"):
+      return a
+    return jnp.take(a, flat, axis=a.ndim - 4)
+
+  return jax.tree_util.tree_map_with_path(gather, tree)
 
 
 @functools.partial(jax.jit, static_argnames=("adapter", "max_len", "beams"))
