@@ -88,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # none | full | dots
+  # Attention computation: xla | splash (Pallas, TPU) | cudnn (GPU, bf16); nn/fused_attention.py
+  c.model.attention_impl = "xla"
 
   c.data = data_defaults.default_data_config()
   return c

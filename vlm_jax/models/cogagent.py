@@ -58,8 +58,8 @@ class CogAgentLayer(decoder_lm.DecoderOnlyLayer):
     attention = visual_expert.ExpertAttention(
         num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
         use_bias=self.use_bias, use_rotary=self.use_rotary,
-        rotary_max_wavelength=self.rotary_max_wavelength, dtype=self.dtype,
-        param_dtype=self.param_dtype, is_vision=context.extra["is_vision"],
+        rotary_max_wavelength=self.rotary_max_wavelength, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, is_vision=context.extra["is_vision"],
         name="self_attention")
     return attention(self.norm("pre_attention_norm")(x), mask=context.mask,
                      positions=context.positions, decode=decode)
@@ -77,7 +77,8 @@ class CogAgentLayer(decoder_lm.DecoderOnlyLayer):
   def cross_attention_block(self, x, context, deterministic, decode):
     attention = attention_lib.MultiHeadAttention(
         num_heads=self.cross_heads, head_dim=self.cross_width // self.cross_heads,
-        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="cross_attention")
+        use_bias=False, attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="cross_attention")
     high_res = context.extra["high_res"]  # None while decoding: the cached keys/values
     h = attention(self.norm("pre_cross_attention_norm")(x), high_res, decode=decode,
                   kv_from_cache=decode and high_res is None)
@@ -150,13 +151,15 @@ class CogAgent(nn.Module):
   cross_heads: int = 32
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # xla | splash | cudnn (nn/fused_attention.py)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def setup(self):
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     common = dict(mlp_activation="gelu", class_token=True, scan_layers=self.scan_layers,
-                  remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype)
+                  remat_policy=self.remat_policy, attention_impl=self.attention_impl,
+                  dtype=dtype, param_dtype=param_dtype)
     self.vision = vit.ViT(patch_size=self.patch_size, width=self.vision_width,
                           depth=self.vision_layers, num_heads=self.vision_heads,
                           mlp_dim=self.vision_mlp_dim, **common)
@@ -172,8 +175,8 @@ class CogAgent(nn.Module):
         layer_cls=CogAgentLayer,
         layer_kwargs=dict(cross_width=self.cross_width if self.cross_module else 0,
                           cross_heads=self.cross_heads, visual_expert=self.visual_expert),
-        scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=dtype,
-        param_dtype=param_dtype)
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+        attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """Low-res images [B, N, h, w, C] -> [boi ; visual ; eoi] LM tokens [B, N, P + 2, D]."""

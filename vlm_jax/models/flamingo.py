@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.nn import decoder_lm, gated_xattn, resampler, vit
+from vlm_jax.nn import decoder_lm, gated_xattn, resampler, segment_mask, vit
 
 
 def openflamingo_placement(interval: int) -> tuple[int, tuple[int, ...]]:
@@ -61,7 +61,8 @@ class FlamingoLayerGroup(decoder_lm.DecoderLayerGroup):
       return x
     return gated_xattn.GatedCrossAttentionDense(
         self.xattn_heads, self.xattn_head_dim, self.xattn_mlp_ratio, self.xattn_activation,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=f"xattn_{index}")(
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=f"xattn_{index}")(
             x, context.extra["media"], context.extra["media_mask"], decode=decode)
 
 
@@ -113,6 +114,7 @@ class Flamingo(nn.Module):
   only_attend_immediate: bool = True
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # xla | splash | cudnn (nn/fused_attention.py)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -127,7 +129,7 @@ class Flamingo(nn.Module):
         num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim,
         mlp_activation=self.vision_activation, class_token=True, pre_norm=True,
         patch_bias=False, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-        dtype=dtype, param_dtype=param_dtype)
+        attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
     self.resampler = resampler.PerceiverResampler(
         num_latents=self.num_latents, num_layers=self.resampler_layers,
         num_heads=self.resampler_heads, head_dim=self.resampler_head_dim,
@@ -149,8 +151,8 @@ class Flamingo(nn.Module):
                       "xattn_heads": self.xattn_heads, "xattn_head_dim": self.xattn_head_dim,
                       "xattn_mlp_ratio": self.xattn_mlp_ratio,
                       "xattn_activation": self.xattn_activation},
-        scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def encode_media(self, images: jax.Array) -> jax.Array:
     """images [B, N, H, W, C] or [B, N, F, H, W, C] -> visual tokens [B, N, L, Dv]."""
@@ -175,13 +177,17 @@ class Flamingo(nn.Module):
 
   def embed_inputs(self, batch) -> tuple[jax.Array, jax.Array, dict]:
     """(token embeddings [B, T, D], token_mask [B, T], the layers' `extra`: flattened visual
-    tokens [B, N*L, Dv] and their mask [B, 1, T, N*L])."""
+    tokens [B, N*L, Dv] and their mask: a SegmentMask, or [B, 1, T, N*L] when every previous
+    image is visible)."""
     tokens = batch["tokens"]
     media = self.encode_media(batch["images"])
     num_media, tokens_per_media = media.shape[1:3]
-    mask = gated_xattn.media_attention_mask(
-        batch["image_positions"], batch["image_mask"], tokens.shape[1], tokens_per_media,
-        self.only_attend_immediate)
+    if self.only_attend_immediate:
+      mask = gated_xattn.media_segment_mask(batch["image_positions"], batch["image_mask"],
+                                            tokens.shape[1], tokens_per_media)
+    else:
+      mask = gated_xattn.media_attention_mask(batch["image_positions"], batch["image_mask"],
+                                              tokens.shape[1], tokens_per_media, False)
     extra = {"media": media.reshape(media.shape[0], num_media * tokens_per_media, -1),
              "media_mask": mask}
     return self.embed_tokens(tokens), batch["token_mask"], extra
@@ -194,7 +200,7 @@ class Flamingo(nn.Module):
     """`extra` for one generated token: it sees the media the prompt's last token [B] sees
     (a generated `<image>` brings no new media), through the keys/values the prompt cached
     (media None)."""
-    mask = jnp.take_along_axis(extra["media_mask"], last[:, None, None, None], axis=2)
+    mask = segment_mask.take_query_rows(extra["media_mask"], last)
     return dict(extra, media_mask=mask, media=None)
 
   def __call__(self, batch, deterministic: bool = True):

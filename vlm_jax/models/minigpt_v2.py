@@ -88,6 +88,7 @@ class MiniGPTv2(nn.Module):
   group_size: int = 4  # consecutive visual tokens concatenated per LM token
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # xla | splash | cudnn (nn/fused_attention.py)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -97,7 +98,7 @@ class MiniGPTv2(nn.Module):
         patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
         num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, mlp_activation="gelu",
         class_token=True, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-        dtype=dtype, param_dtype=param_dtype)
+        attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
     self.projection = nn.Dense(
         self.width, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
@@ -109,8 +110,8 @@ class MiniGPTv2(nn.Module):
         norm_epsilon=self.norm_epsilon, rotary_max_wavelength=self.rotary_max_wavelength,
         lora_targets=tuple(self.lora_targets), lora_rank=self.lora_rank,
         lora_alpha=self.lora_alpha, lora_dropout_rate=self.lora_dropout_rate,
-        scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=dtype,
-        param_dtype=param_dtype)
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+        attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """images [B, N, H, W, C] -> visual LM tokens [B, N, P / group_size, D]."""

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from vlm_jax.nn import adaptor as adaptor_lib
 from vlm_jax.nn import attention as attention_lib
-from vlm_jax.nn import embeddings, expert_stem, norms, resampler, transformer
+from vlm_jax.nn import embeddings, expert_stem, norms, resampler, segment_mask, transformer
 from vlm_jax.nn import mlp as mlp_lib
 
 DENSE_EXPERTS = {"depth": 1, "normal": 3, "edge": 1}  # name -> channels
@@ -172,6 +172,7 @@ class PrismerVision(nn.Module):
   dropout_rate: float = 0.0
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # nn/fused_attention.py
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -186,7 +187,8 @@ class PrismerVision(nn.Module):
         remat_policy=self.remat_policy, num_heads=self.num_heads,
         head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
         mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
-        adaptor_ratio=self.adaptor_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
+        adaptor_ratio=self.adaptor_ratio, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder_norm = norms.LayerNorm(1e-6, True, self.dtype, self.param_dtype)
 
   def embed_inputs(self, images, expert_maps: dict, instances=None, deterministic=True):
@@ -214,6 +216,7 @@ class RobertaLayer(nn.Module):
   adaptor_ratio: int = 1
   norm_epsilon: float = 1e-5
   dropout_rate: float = 0.0
+  attention_impl: str = "xla"  # nn/fused_attention.py
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -225,6 +228,7 @@ class RobertaLayer(nn.Module):
 
   def _attention(self, name):
     return attention_lib.MultiHeadAttention(self.num_heads, self.head_dim, use_bias=True,
+                                            attention_impl=self.attention_impl,
                                             dtype=self.dtype, param_dtype=self.param_dtype,
                                             name=name)
 
@@ -280,6 +284,7 @@ class Prismer(nn.Module):
   dropout_rate: float = 0.0
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # xla | splash | cudnn (nn/fused_attention.py)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -294,7 +299,8 @@ class Prismer(nn.Module):
         resampler_layers=self.resampler_layers, resampler_heads=self.resampler_heads,
         num_instance_embeddings=self.num_instance_embeddings, adaptor_ratio=self.adaptor_ratio,
         dropout_rate=self.dropout_rate, scan_layers=self.scan_layers,
-        remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype)
+        remat_policy=self.remat_policy, attention_impl=self.attention_impl, dtype=dtype,
+        param_dtype=param_dtype)
     # RoBERTa's N(0, 0.02) init (nn.Embed's is N(0, 1)): the table also gives the tied logits.
     self.word_embedding = self.param(
         "word_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
@@ -310,7 +316,8 @@ class Prismer(nn.Module):
     self.embed_dropout = nn.Dropout(self.dropout_rate)
     layer_kwargs = dict(num_heads=self.num_heads, head_dim=self.width // self.num_heads,
                         mlp_dim=self.mlp_dim, adaptor_ratio=self.adaptor_ratio,
-                        dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype)
+                        dropout_rate=self.dropout_rate, attention_impl=self.attention_impl,
+                        dtype=dtype, param_dtype=param_dtype)
     self.decoder = transformer.layer_stack(
         RobertaLayer, num_layers=self.num_layers, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, cross_attention=True, **layer_kwargs)
@@ -378,7 +385,8 @@ class Prismer(nn.Module):
     x = words + pos.astype(self.dtype) + self.token_type_embedding.astype(self.dtype)
     x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
     self_mask = attention_lib.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
-    cross_mask = None if encoder_mask is None else attention_lib.padding_mask(None, encoder_mask)
+    cross_mask = (None if encoder_mask is None
+                  else segment_mask.key_padding(encoder_mask, tokens.shape[1]))
     context = (encoded, self_mask, cross_mask)
     x = self.decoder(x, context, deterministic, decode)
     x = self.output_layer(x, context, deterministic, decode)

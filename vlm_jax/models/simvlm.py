@@ -41,7 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.nn import attention, conv_stem, embeddings, norms, relative_position, transformer
+from vlm_jax.nn import attention, conv_stem, embeddings, norms, relative_position, segment_mask
+from vlm_jax.nn import transformer
 
 POSITIONS = ("learned", "relative")
 
@@ -93,6 +94,7 @@ class SimVLM(nn.Module):
   drop_path_rate: float = 0.0  # conv stage and encoder only, as in the paper
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # xla | splash | cudnn (nn/fused_attention.py)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -101,8 +103,8 @@ class SimVLM(nn.Module):
     layer_kwargs = dict(
         num_heads=self.num_heads, head_dim=self.head_dim or self.width // self.num_heads,
         mlp_dim=self.mlp_dim, mlp_activation=self.mlp_activation, norm_type=self.norm_type,
-        use_bias=self.use_bias, dropout_rate=self.dropout_rate, dtype=dtype,
-        param_dtype=param_dtype)
+        use_bias=self.use_bias, dropout_rate=self.dropout_rate,
+        attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
     self.image_embedder = ImageEmbedder(self.width, self.stem_width, tuple(self.stem_blocks),
                                         self.drop_path_rate, dtype, param_dtype)
     self.token_embedder = embeddings.Embed(self.vocab_size, self.width, dtype, param_dtype)
@@ -150,7 +152,7 @@ class SimVLM(nn.Module):
     x = jnp.concatenate([image_tokens, prefix], axis=1)
     valid = jnp.concatenate([image_valid, batch["prefix_mask"] > 0], axis=1)
     x = self.embed_dropout(x, deterministic=deterministic)
-    context = (attention.padding_mask(None, valid),)
+    context = (segment_mask.key_padding(valid, x.shape[1]),)
     if self.position == "relative":
       order = jnp.arange(x.shape[1])
       context += (self.encoder_relative_bias(order[None], order),)
@@ -180,7 +182,7 @@ class SimVLM(nn.Module):
     x = self.perturb("suffix_embeddings", x)
     x = self.embed_dropout(x, deterministic=deterministic)
     self_mask = attention.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
-    cross_mask = attention.padding_mask(None, encoder_mask)
+    cross_mask = segment_mask.key_padding(encoder_mask, tokens.shape[1])
     context = (encoded, self_mask, cross_mask)
     if self.position == "relative":
       keys = key_positions if decode else jnp.arange(tokens.shape[1])  # None: cache slots

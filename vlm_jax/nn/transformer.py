@@ -52,6 +52,7 @@ class _LayerBase(nn.Module):
   use_rotary: bool = False
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
+  attention_impl: str = "xla"  # nn/fused_attention.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -62,8 +63,8 @@ class _LayerBase(nn.Module):
   def _attention(self, name, use_rotary):
     return attention_lib.MultiHeadAttention(
         num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
-        use_bias=self.use_bias, use_rotary=use_rotary, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+        use_bias=self.use_bias, use_rotary=use_rotary, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
   def _residual(self, x, branch, deterministic):
     branch = nn.Dropout(self.dropout_rate)(branch, deterministic=deterministic)
