@@ -54,6 +54,7 @@ class Report:
   xla_flops_per_device: float = 0.0
   analytic_flops_per_device: float = 0.0
   collectives: dict = dataclasses.field(default_factory=dict)
+  pallas_kernels: int = 0  # Mosaic custom calls: fused attention (config.model.attention_impl)
   compile_s: float = 0.0
 
   @property
@@ -83,6 +84,8 @@ class Report:
         "body once, not once per layer)",
         f"collectives in the step's HLO (static count; ops in a scanned stack run once per "
         f"layer): {ops}",
+        f"Pallas kernels in the step's HLO (fused attention; static count): "
+        f"{self.pallas_kernels}",
         f"compiled in {self.compile_s:.1f} s",
     ]
 
@@ -180,7 +183,9 @@ def compile_train_step(config, topology: str) -> Report:
   report.xla_flops_per_device = float(cost.get("flops", 0.0))
   analytic = flops_lib.flops_per_example(config.model, config.data)["train"]
   report.analytic_flops_per_device = analytic * config.batch_size / len(devices)
-  report.collectives = _count_collectives(compiled.as_text())
+  hlo = compiled.as_text()
+  report.collectives = _count_collectives(hlo)
+  report.pallas_kernels = hlo.count('custom_call_target="tpu_custom_call"')
   if not report.fits:
     raise DoesNotFit("\n".join(report.lines()) + f"\nthe step does not fit: {_ADVICE}")
   return report
