@@ -35,10 +35,11 @@ def _media_mask(length):
 
 # name: (query length, key length, key/value heads, mask builder (None: no mask))
 CASES = {
-    # ViT self-attention: no mask; 136 tokens are padded to the kernel's blocks
-    "none_self": (136, 136, N, lambda: None),
+    # ViT self-attention: no mask; 137 tokens (odd, like a class token + a square grid) are
+    # padded to splash's blocks and to cuDNN's even lengths
+    "none_self": (137, 137, N, lambda: None),
     # CogAgent's high-res cross-attention: no mask, T != S
-    "none_cross": (40, 150, N, lambda: None),
+    "none_cross": (41, 151, N, lambda: None),
     # decoder LM: causal + key padding, grouped-query; row 1 is left-padded, so its first
     # rows see nothing
     "causal_padding": (136, 136, 2, lambda: segment_mask.causal(136, _valid([(0, 100),

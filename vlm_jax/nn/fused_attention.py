@@ -83,18 +83,24 @@ def xla_attention(q, k, v, mask=None, bias=None, *, scale: float):
 def cudnn_attention(q, k, v, mask=None, bias=None, *, scale: float,
                     implementation: str | None = "cudnn"):
   """As xla_attention with mask None or a SegmentMask. `implementation` is passed to
-  jax.nn.dot_product_attention: 'cudnn' on GPU; tests run this code with 'xla' on CPU."""
-  dense, is_causal = None, False
-  if mask is not None:
-    mask = mask.with_batch(q.shape[0])
-    dense = (mask.q_segment_ids[:, :, None] == mask.kv_segment_ids[:, None, :])[:, None]
-    is_causal = mask.causal
+  jax.nn.dot_product_attention: 'cudnn' on GPU; tests run this code with 'xla' on CPU.
+  jax 0.10's cuDNN training path takes even sequence lengths only: odd ones are padded by a
+  token (a padded key is masked, which costs a [B, 1, T, S] bias)."""
+  q_len, kv_len = q.shape[1], k.shape[1]
+  causal = mask is not None and mask.causal
+  q_even, kv_even = q_len + q_len % 2, kv_len + kv_len % 2
+  q, k, v, q_ids, kv_ids, row_valid = _pad_with_ids(q, k, v, mask, q_even, kv_even)
+  dense = None if q_ids is None else (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
   if bias is not None:
     bias = jnp.asarray(bias, q.dtype)
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    grow = [(0, 0), (0, 0), (0, q_even - q_len if bias.shape[2] > 1 else 0),
+            (0, kv_even - kv_len if bias.shape[3] > 1 else 0)]
+    bias = jnp.pad(bias, grow)
   out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense, scale=scale,
-                                     is_causal=is_causal, implementation=implementation)
-  return out if mask is None else _zero_masked_rows(out, mask.row_valid())
+                                     is_causal=causal, implementation=implementation)
+  out = out[:, :q_len]
+  return out if row_valid is None else _zero_masked_rows(out, row_valid)
 
 
 def _block(length: int) -> tuple[int, int]:
@@ -119,6 +125,31 @@ def _pad_axis1(x, length: int, value):
                               (x.shape[0], pad) + x.shape[2:])
     return jnp.concatenate([x, filler.astype(x.dtype)], axis=1)
   return jnp.pad(x, widths, constant_values=value)
+
+
+def _pad_with_ids(q, k, v, mask, q_padded: int, kv_padded: int):
+  """q, k, v zero-padded along the sequence to q_padded / kv_padded, with segment ids
+  [B, q_padded] / [B, kv_padded] (None when neither a mask nor padded keys need them) under
+  which padded keys are never attended and every query row attends to something; and
+  row_valid [B, T] (None without a mask)."""
+  batch, q_len = q.shape[:2]
+  kv_len = k.shape[1]
+  q_ids = kv_ids = row_valid = None
+  if mask is not None:
+    mask = mask.with_batch(batch)
+    row_valid = mask.row_valid()
+    # Rows that see nothing attend to key 0 instead (module docstring).
+    q_ids = jnp.where(row_valid, mask.q_segment_ids, mask.kv_segment_ids[:, :1])
+    kv_ids = mask.kv_segment_ids
+  elif kv_padded != kv_len:  # padded keys need ids to be masked
+    q_ids = jnp.zeros((batch, q_len), jnp.int32)
+    kv_ids = jnp.zeros((batch, kv_len), jnp.int32)
+  if q_ids is not None:
+    kv_ids = kv_ids.astype(jnp.int32)
+    q_ids = _pad_axis1(q_ids.astype(jnp.int32), q_padded, kv_ids[:, 0])
+    kv_ids = _pad_axis1(kv_ids, kv_padded, _PAD_KEY_ID)
+  q, k, v = _pad_axis1(q, q_padded, 0), _pad_axis1(k, kv_padded, 0), _pad_axis1(v, kv_padded, 0)
+  return q, k, v, q_ids, kv_ids, row_valid
 
 
 def _platform() -> str:
@@ -175,33 +206,18 @@ def splash_attention(q, k, v, mask=None, *, scale: float, interpret: bool | None
   interpret mode unless the context mesh (or default backend) is a TPU."""
   if interpret is None:
     interpret = _platform() != "tpu"
-  batch, q_len = q.shape[:2]
-  kv_len = k.shape[1]
+  q_len, kv_len = q.shape[1], k.shape[1]
   causal = mask is not None and mask.causal
   block_q, q_padded = _block(q_len)
   block_kv, kv_padded = _block(kv_len)
   if causal:  # one square causal mask over the padded sequence
     block_q = block_kv = min(block_q, block_kv)
     q_padded = kv_padded = max(q_padded, kv_padded)
-  q_ids = kv_ids = row_valid = None
-  if mask is not None:
-    mask = mask.with_batch(batch)
-    row_valid = mask.row_valid()
-    # Rows that see nothing attend to key 0 instead (module docstring).
-    q_ids = jnp.where(row_valid, mask.q_segment_ids, mask.kv_segment_ids[:, :1])
-    kv_ids = mask.kv_segment_ids.astype(jnp.int32)
-  elif kv_padded != kv_len:  # padded keys need ids to be masked
-    q_ids = jnp.zeros((batch, q_len), jnp.int32)
-    kv_ids = jnp.zeros((batch, kv_len), jnp.int32)
-  if q_ids is not None:
-    q_ids = _pad_axis1(q_ids.astype(jnp.int32), q_padded, kv_ids[:, 0])
-    kv_ids = _pad_axis1(kv_ids, kv_padded, _PAD_KEY_ID)
+  q, k, v, q_ids, kv_ids, row_valid = _pad_with_ids(q * jnp.asarray(scale, q.dtype), k, v,
+                                                    mask, q_padded, kv_padded)
   fn = lambda q, k, v, *ids: _local_splash(q, k, v, *(ids or (None, None)), causal=causal,
                                            blocks=(block_q, block_kv), interpret=interpret)
-  arrays = (_pad_axis1(q * jnp.asarray(scale, q.dtype), q_padded, 0),
-            _pad_axis1(k, kv_padded, 0), _pad_axis1(v, kv_padded, 0))
-  if q_ids is not None:
-    arrays += (q_ids, kv_ids)
+  arrays = (q, k, v) if q_ids is None else (q, k, v, q_ids, kv_ids)
   out = _shard_over_batch_and_heads(fn, *arrays)[:, :q_len]
   return out if row_valid is None else _zero_masked_rows(out, row_valid)
 
