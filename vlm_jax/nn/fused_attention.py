@@ -204,8 +204,12 @@ def _shard_over_batch_and_heads(fn, *arrays):
 def splash_attention(q, k, v, mask=None, *, scale: float, interpret: bool | None = None):
   """As xla_attention with mask None or a SegmentMask (no bias). interpret None: Pallas
   interpret mode unless the context mesh (or default backend) is a TPU."""
+  platform = _platform()
+  if platform in ("gpu", "cuda", "rocm"):
+    raise ValueError("config.model.attention_impl='splash' is a TPU kernel (on a GPU it would "
+                     "run in Pallas interpret mode); use 'cudnn' on GPUs.")
   if interpret is None:
-    interpret = _platform() != "tpu"
+    interpret = platform != "tpu"
   q_len, kv_len = q.shape[1], k.shape[1]
   causal = mask is not None and mask.causal
   block_q, q_padded = _block(q_len)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class SegmentMask:
-  q_segment_ids: jax.Array  # [B|1, T] int32
+  q_segment_ids: jax.Array  # [B|1, T] int32, any value but int32's minimum (padding keys')
   kv_segment_ids: jax.Array  # [B|1, S] int32
   causal: bool = flax.struct.field(pytree_node=False, default=False)  # needs T == S
 
@@ -52,8 +52,10 @@ class SegmentMask:
     return SegmentMask(grow(self.q_segment_ids), grow(self.kv_segment_ids), self.causal)
 
   def take_queries(self, index: jax.Array) -> "SegmentMask":
-    """The mask of queries `index` [B, T'] only (keys unchanged; no longer causal: used to
-    give a decoding step the row of the prompt token it continues)."""
+    """The mask of queries `index` [B, T'] only, keys unchanged (a decoding step gets the row
+    of the prompt token it continues). Not for causal masks: the rows' positions are lost."""
+    if self.causal:
+      raise ValueError("SegmentMask.take_queries: a causal mask's rows need their positions.")
     return SegmentMask(jnp.take_along_axis(self.q_segment_ids, index, axis=1),
                        self.kv_segment_ids)
 
