@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from vlm_jax import config as config_lib
+from vlm_jax import sharding
 from vlm_jax.models import registry
 from vlm_jax.nn import attention, decoder_lm, fused_attention, gated_xattn, segment_mask
 
@@ -102,6 +103,30 @@ def test_forward_and_gradients_match_xla(name, implementation):
     empty = ~np.asarray(mask.with_batch(B).row_valid())
     np.testing.assert_array_equal(np.asarray(got)[empty], 0.0)
     np.testing.assert_array_equal(np.asarray(got_grads[0])[empty], 0.0)
+
+
+def test_splash_under_a_mesh_splits_batch_and_heads_and_matches_xla():
+  """The kernel runs per device (shard_map) on the batch and heads the rules shard."""
+  config = config_lib.base_config()
+  config.mesh.shape = (2, 2, 2)  # data, fsdp, tensor: batch over 4, heads over 2
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  rules = sharding.rules_from_config(config)
+  q_len, kv_len, kv_heads, make_mask = CASES["causal_padding"]
+  mask = make_mask()
+  q, k, v, cotangent = _inputs(q_len, kv_len, kv_heads)
+  grow = lambda x: jnp.concatenate([x, x[::-1]])  # batch 4, one example per batch shard
+  q, k, v, cotangent = map(grow, (q, k, v, cotangent))
+  mask = segment_mask.SegmentMask(grow(mask.q_segment_ids), grow(mask.kv_segment_ids), True)
+  xla = lambda q, k, v: fused_attention.xla_attention(q, k, v, mask, scale=SCALE)
+  fused = lambda q, k, v: fused_attention.splash_attention(q, k, v, mask, scale=SCALE)
+  want, want_grads = _value_and_grads(xla, q, k, v, cotangent)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    lowered = jax.jit(lambda *a: _value_and_grads(fused, *a)).lower(q, k, v, cotangent)
+    got, got_grads = lowered.compile()(q, k, v, cotangent)
+  assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
+  np.testing.assert_allclose(got, want, **TOL)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, **TOL)
 
 
 def test_cases_cover_fully_masked_rows():
