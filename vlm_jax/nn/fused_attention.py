@@ -27,6 +27,7 @@ with every key padded) output exactly zero on every path. The kernels must not s
 they attend to key 0 instead and their output is replaced by zero: their cotangent is then
 zero, so they add nothing to any gradient.
 """
+import functools
 import logging
 import math
 
@@ -41,6 +42,7 @@ IMPLEMENTATIONS = ("xla", "splash", "cudnn")
 _LANES = 128  # splash's sequence blocks are multiples of this
 _BLOCKS = (512, 256, 128)  # preferred first; see _block
 _PAD_KEY_ID = jnp.iinfo(jnp.int32).min  # segment id of padded keys: no query has it
+_KERNEL_OUTPUTS = "splash_attention_outputs"  # checkpoint name of its output and log-sum-exp
 _log = logging.getLogger(__name__)
 _logged = set()
 
@@ -169,7 +171,8 @@ def _local_splash(q, k, v, q_ids, kv_ids, *, causal: bool, blocks, interpret: bo
           block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
           block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
           block_q_dq=block_q, block_kv_dq=block_kv),
-      head_shards=1, q_seq_shards=1, interpret=interpret)
+      head_shards=1, q_seq_shards=1, residual_checkpoint_name=_KERNEL_OUTPUTS,
+      interpret=interpret)
   heads_first = lambda x: jnp.swapaxes(x, 0, 1)  # [T, N, H] <-> [N, T, H]
   if q_ids is None:
     one = lambda q, k, v: heads_first(kernel(heads_first(q), heads_first(k), heads_first(v)))
@@ -203,13 +206,23 @@ def _shard_over_batch_and_heads(fn, *arrays):
 
 def splash_attention(q, k, v, mask=None, *, scale: float, interpret: bool | None = None):
   """As xla_attention with mask None or a SegmentMask (no bias). interpret None: Pallas
-  interpret mode unless the context mesh (or default backend) is a TPU."""
+  interpret mode unless the context mesh (or default backend) is a TPU.
+
+  For the backward pass only q, k, v as given and the kernel's output and log-sum-exp are
+  kept; the padded, scaled, heads-first copies the kernel reads are recomputed (cheap copies;
+  kept, they would cost more memory than XLA's scores on sequences of a few hundred)."""
   platform = _platform()
   if platform in ("gpu", "cuda", "rocm"):
     raise ValueError("config.model.attention_impl='splash' is a TPU kernel (on a GPU it would "
                      "run in Pallas interpret mode); use 'cudnn' on GPUs.")
   if interpret is None:
     interpret = platform != "tpu"
+  keep_kernel_outputs = jax.checkpoint_policies.save_only_these_names(_KERNEL_OUTPUTS)
+  fn = functools.partial(_splash_attention, scale=scale, interpret=interpret)
+  return jax.checkpoint(fn, policy=keep_kernel_outputs)(q, k, v, mask)
+
+
+def _splash_attention(q, k, v, mask, *, scale: float, interpret: bool):
   q_len, kv_len = q.shape[1], k.shape[1]
   causal = mask is not None and mask.causal
   block_q, q_padded = _block(q_len)
