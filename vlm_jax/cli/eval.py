@@ -1,7 +1,7 @@
 """vlm-eval --config configs/<family>.py:<size> --workdir DIR [--task NAME ...] [--step N]
 
 Evaluates the newest (or --step) checkpoint in DIR on held-out tasks (default: every task of
-the config's data converter; `--task list` prints them), prints the metrics and a few
+the config's family; `--task list` prints them), prints the metrics and a few
 generations beside the truth, and appends eval/<task>/<metric> at the checkpoint's step to
 DIR's metrics.jsonl / TensorBoard. --random-init evaluates freshly initialised weights
 instead (a smoke test of the evaluation path: the figures mean nothing).
@@ -41,13 +41,13 @@ def main(argv=None):
   from vlm_jax.train import loop, metrics
 
   if args.task == ["list"]:
-    print("\n".join(tasks_lib.tasks_for(config.data)))
+    print("\n".join(tasks_lib.tasks_for(config)))
     return
   try:
     if args.coco_captions:
       if args.task:
         parser.error("--coco-captions replaces --task; pass one or the other")
-      coco.caption_task(config.data)
+      coco.caption_task(config)
       names = [coco.TASK_NAME]
     else:
       names = runner.task_names(config, args.task)
