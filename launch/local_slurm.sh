@@ -39,7 +39,10 @@ install_packages() {
   ) 9>/var/lock/vlm_jax_local_slurm_install.lock
 }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])'
+}
 
 wait_for() {  # wait_for SECONDS WHAT COMMAND...: until COMMAND succeeds
   local deadline=$((SECONDS + $1)) what=$2; shift 2

@@ -77,11 +77,11 @@ class SlurmTarget:
   def __post_init__(self):
     if self.nodes < 1:
       raise ValueError(f"--nodes={self.nodes} must be >= 1.")
+    if self.gpus_per_node < 0 or self.cpu_devices_per_task < 0:
+      raise ValueError("--gpus-per-node and --cpu-devices-per-task must be >= 1.")
     if (self.gpus_per_node > 0) == (self.cpu_devices_per_task > 0):
       raise ValueError("give either --gpus-per-node (GPU nodes) or --cpu-devices-per-task "
                        "(CPU nodes), not both or neither.")
-    if self.gpus_per_node < 0 or self.cpu_devices_per_task < 0:
-      raise ValueError("--gpus-per-node and --cpu-devices-per-task must be >= 1.")
     if self.gpus_per_node and self.tasks_per_node:
       raise ValueError(f"--tasks-per-node={self.tasks_per_node}: GPU nodes run one task per "
                        "GPU (--gpus-per-node); --tasks-per-node is for CPU nodes.")
