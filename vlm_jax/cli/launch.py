@@ -7,6 +7,7 @@ One command line for every target; arguments the launcher does not know go to vl
   vlm-launch tpu --name my-v5p --zone us-east5-a --accelerator-type v5p-32 \\
       --runtime-version v2-alpha-tpuv5 --config configs/simvlm.py:large --workdir /mnt/runs/a
   vlm-launch slurm --nodes 2 --gpus-per-node 8 --partition gpu --config ... --workdir ...
+  vlm-launch slurm --nodes 1 --tasks-per-node 2 --cpu-devices-per-task 2 --config ... --workdir ...
 
 --dry-run prints exactly what would run (commands, environment, the sbatch script) and runs
 nothing. Docs: docs/launch.md.
@@ -55,10 +56,16 @@ def _parser() -> argparse.ArgumentParser:
   tp.add_argument("--delete", action="store_true", help="delete the slice at the end")
   tp.add_argument("--env", action="append", default=[], help="KEY=VALUE for vlm-train")
 
-  sl = target("slurm", "a SLURM GPU cluster: sbatch, one task per GPU")
+  sl = target("slurm", "a SLURM cluster: sbatch, one task per GPU (or N CPU tasks per node)")
   sl.add_argument("--nodes", type=int, required=True)
-  sl.add_argument("--gpus-per-node", type=int, required=True)
+  sl.add_argument("--gpus-per-node", type=int, default=0, help="GPU nodes: one task per GPU")
+  sl.add_argument("--tasks-per-node", type=int, default=0, help="CPU nodes: tasks per node")
+  sl.add_argument("--cpu-devices-per-task", type=int, default=0,
+                  help="CPU nodes: jax CPU devices per task (JAX_PLATFORMS=cpu)")
   sl.add_argument("--time", default="24:00:00")
+  sl.add_argument("--signal", default="USR1@300",
+                  help="SIGNAL@SECONDS: SLURM's notice this long before --time; the job then "
+                  "saves a checkpoint and requeues itself")
   sl.add_argument("--job-name", default="vlm_jax")
   sl.add_argument("--partition", default="")
   sl.add_argument("--account", default="")
@@ -142,7 +149,8 @@ def _tpu(args, train_args) -> int:
 
 def _slurm(args, train_args, workdir) -> int:
   target = slurm.SlurmTarget(
-      nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+      nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+      cpu_devices_per_task=args.cpu_devices_per_task, time=args.time, signal=args.signal,
       job_name=args.job_name, partition=args.partition, account=args.account,
       cpus_per_task=args.cpus_per_task, setup=tuple(args.setup), env=tuple(args.env))
   text = slurm.script(target, train_args, os.path.abspath(workdir), REPO_ROOT)
