@@ -126,6 +126,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.bad_window = 1000
   d.max_bad_fraction = 0.1
   d.warn_every_s = 10.0
+  # Sequence packing (data/packing.py; families whose data module declares PACKING): several
+  # examples per row with segment ids; packed_images image slots per row; packing_bins rows
+  # the best-fit packer fills at once (more: less padding, more examples in flight).
+  d.packing = False
+  d.packed_images = 4
+  d.packing_bins = 16
   return d
 
 

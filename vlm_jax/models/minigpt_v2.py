@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models import registry
-from vlm_jax.nn import decoder_lm, embeddings, vit
+from vlm_jax.nn import decoder_lm, embeddings, segment_mask, vit
 from vlm_jax.nn import flops as F
 
 
@@ -101,8 +101,19 @@ class MiniGPTv2(nn.Module):
 
   def __call__(self, batch, deterministic: bool = True):
     x, token_mask, _ = self.embed_inputs(batch)
-    hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic)
+    hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic,
+                           **packed_context(batch))
     return self.lm.logits(hidden)
+
+
+def packed_context(batch) -> dict:
+  """trunk's mask and positions for packed rows (`segment_ids`, `positions`: data/packing.py):
+  causal attention inside each example, rotary positions restarting per example; {} when the
+  batch is not packed."""
+  if "segment_ids" not in batch:
+    return {}
+  return {"attention_mask": segment_mask.packed(batch["segment_ids"]),
+          "positions": batch["positions"]}
 
 
 def build(model_config) -> MiniGPTv2:
@@ -121,16 +132,23 @@ def frozen_patterns() -> tuple[str, ...]:
 def batch_spec(data_config, batch_size: int) -> dict:
   """ShapeDtypeStructs of a batch (eval_shape, ahead-of-time compilation, dummy data).
 
-  `data_config.sequence_length` is T (visual slots included); one image per example.
+  `data_config.sequence_length` is T (visual slots included); one image per example, or
+  with `data_config.packing` `packed_images` per row, per-token weights, segment ids and
+  positions (data/packing.py).
   """
   f32, i32 = jnp.float32, jnp.int32
   size, length = data_config.image_size, data_config.sequence_length
+  packed = data_config.get("packing", False)
+  images = data_config.packed_images if packed else 1
   shapes = {
-      "images": ((batch_size, 1, size, size, 3), f32), "image_mask": ((batch_size, 1), f32),
+      "images": ((batch_size, images, size, size, 3), f32),
+      "image_mask": ((batch_size, images), f32), "image_positions": ((batch_size, images), i32),
       "tokens": ((batch_size, length), i32), "targets": ((batch_size, length), i32),
       "loss_mask": ((batch_size, length), f32), "token_mask": ((batch_size, length), f32),
-      "image_positions": ((batch_size, 1), i32), "loss_weight": ((batch_size,), f32),
+      "loss_weight": ((batch_size, length) if packed else (batch_size,), f32),
   }
+  if packed:
+    shapes.update(segment_ids=((batch_size, length), i32), positions=((batch_size, length), i32))
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 

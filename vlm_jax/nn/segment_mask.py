@@ -78,6 +78,12 @@ def causal(length: int, token_valid: jax.Array | None = None) -> SegmentMask:
   return key_padding(token_valid, length, causal=True)
 
 
+def packed(segment_ids: jax.Array) -> SegmentMask:
+  """Causal self-attention inside each example of packed rows (segment_ids [B, T], 0 for
+  padding: padding attends only padding, and no example sees another; data/packing.py)."""
+  return SegmentMask(segment_ids, segment_ids, causal=True)
+
+
 def take_query_rows(mask, index: jax.Array):
   """Rows `index` [B] of a dense [B, 1, T, S] mask or a SegmentMask, as a one-query mask."""
   if isinstance(mask, SegmentMask):
