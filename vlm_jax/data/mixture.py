@@ -303,6 +303,14 @@ def resolve(data_config, family: str) -> catalog.Mixture:
                                      sources(data_config, family)))
 
 
+def has_split(spec, split: str) -> bool:
+  """Whether a TFDS or seqio source has the pipeline split `split` (its mapped name)."""
+  args, name = dict(spec.args), catalog.source_split(spec, split)
+  if spec.format == "tfds":
+    return tfds_source.has_split(spec.pattern, args["data_dir"], name)
+  return seqio_stream.has_split(spec.pattern, args["tasks_module"], name)
+
+
 # ----------------------------------------------------------------------------------------
 # Validation before training
 # ----------------------------------------------------------------------------------------

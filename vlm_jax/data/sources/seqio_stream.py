@@ -9,7 +9,8 @@ Element j of the source is element j of `task.get_dataset(split, shuffle=True, s
 num_epochs=None)` for training (seqio shuffles and repeats it; grain must not), or of one
 pass in order for evaluation. Examples become raw records by `features.py`'s mapping (images
 kept). Reads go forward; the last `window` elements are kept for grain's out-of-order
-prefetch threads. A position behind them restarts the stream and skips to it: after a resume
+prefetch threads. A position behind them (or far ahead) restarts the stream and skips to it
+(`tf.data.Dataset.skip`, which still runs the task's preprocessing): after a resume
 (the grain iterator restored from a checkpoint) the stream is replayed from its start to the
 restored position, so a resumed run sees exactly the examples of an uninterrupted one (seqio's
 shuffle is seeded and tf.data is deterministic), at the cost of re-reading every element of
@@ -88,8 +89,10 @@ def tasks_and_rates(provider) -> list:
 
 
 def _dataset(task, split: str, seed: int, shuffle: bool):
+  # In-memory caching only pays for a stream read again and again (training's).
   return task.get_dataset(None, split=split, shuffle=shuffle, seed=seed if shuffle else None,
-                          num_epochs=None if shuffle else 1, trim_output_features=False)
+                          num_epochs=None if shuffle else 1, trim_output_features=False,
+                          try_in_mem_cache=shuffle)
 
 
 def describe(task_name: str, module: str, split: str, require_examples: bool = False) -> list:
@@ -152,8 +155,8 @@ class SeqioStream:
     self._make = features.RecordMaker(self.kind, names, self.fields,
                                       f"{PREFIX}{self.task_name}/{self.split}", decoders)
     if position:
-      logging.info("seqio task %s: replaying %d examples to reach position %d",
-                   self.task_name, position, position)
+      logging.warning("seqio task %s: replaying its stream from the start to position %d "
+                      "(a tf.data source has no random access)", self.task_name, position)
       self.replayed += position
     self._iterator = dataset.skip(position).as_numpy_iterator()
     self._next, self._recent = position, collections.OrderedDict()
@@ -168,8 +171,10 @@ class SeqioStream:
 
   def __getitem__(self, index: int):
     with self._lock:
-      if self._iterator is None or index < self._next - len(self._recent):
-        self._start(index)
+      behind = self._iterator is None or index < self._next - len(self._recent)
+      if behind or index - self._next > self.window:  # skip rather than make records
+        # Start a little before `index`: prefetch threads ask for nearby positions too.
+        self._start(max(0, index - self.window // 4))
       while self._next <= index:
         self._recent[self._next] = self._make(next(self._iterator), self._next)
         self._next += 1
