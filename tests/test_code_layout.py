@@ -124,8 +124,7 @@ def test_the_top_level_of_data_is_its_core():
                                                                 "__init__.py"))}
   assert top == {"__init__.py", "vocab.py", "records.py", "preprocessors.py", "processor.py",
                  "health.py", "catalog.py", "mixture.py", "pipeline.py", "seqio_tasks.py",
-                 "boxes",
-                 "sources", "ingest", "families", "synthetic"}
+                 "boxes", "sources", "ingest", "families", "synthetic"}
 
 
 def test_no_file_over_400_lines():

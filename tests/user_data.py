@@ -8,6 +8,8 @@ with boxed phrases for grounding.
 
   vlm_test_captions   image (jpeg) + text
   vlm_test_grounding  image (jpeg) + text + objects {bbox: TFDS BBox, phrase: text}
+  vlm_test_ref_coco   TFDS ref_coco's layout: image + objects {bbox, label,
+                      refexp {refexp_id, raw}} (configs/examples/refcoco_tasks.py reads it)
 
 The boxes are the scene groups' pixel extents (`synthetic.scene_objects`), so a model can
 learn them. `prepare(builder, data_dir, file_format)` writes train and validation splits:
@@ -73,6 +75,27 @@ class VlmTestGrounding(tfds.core.GeneratorBasedBuilder):
           "phrase": [o.phrase for o in objects]}}
 
 
+class VlmTestRefCoco(VlmTestGrounding):
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(SIZE, SIZE, 3), encoding_format="jpeg"),
+        "objects": tfds.features.Sequence({
+            "bbox": tfds.features.BBoxFeature(), "label": np.int64,
+            "refexp": tfds.features.Sequence({"refexp_id": np.int64,
+                                              "raw": tfds.features.Text()})})}))
+
+  def _generate_examples(self, split, count):
+    for index, example in super()._generate_examples(split, count):
+      objects = example["objects"]
+      yield index, {"image": example["image"], "objects": [
+          {"bbox": box, "label": number, "refexp": [
+              {"refexp_id": 2 * number, "raw": phrase},
+              {"refexp_id": 2 * number + 1, "raw": f"the {phrase}"}]}
+          for number, (box, phrase) in enumerate(zip(objects["bbox"], objects["phrase"]))]}
+
+
 def prepare(builder_class, data_dir: str, file_format: str = "array_record"):
   builder = builder_class(data_dir=data_dir, file_format=file_format)
   builder.download_and_prepare()
@@ -126,16 +149,18 @@ SAMPLE = sample_data.SyntheticSizes(train_pairs=200, validation_pairs=16, train_
 
 def make(root: str) -> types.SimpleNamespace:
   """Everything under `root`: tfds (ArrayRecord), tfds_tfrecord, tasks_module (a .py file),
-  laion (ingested img2dataset pairs), mmc4 (ingested MMC4 documents)."""
+  laion (ingested img2dataset pairs), mmc4 (ingested MMC4 documents), c4 (ingested text)."""
   paths = types.SimpleNamespace(**{name: os.path.join(root, name) for name in (
-      "tfds", "tfds_tfrecord", "laion", "mmc4")})
+      "tfds", "tfds_tfrecord", "laion", "mmc4", "c4")})
   for builder in (VlmTestCaptions, VlmTestGrounding):
     prepare(builder, paths.tfds, "array_record")
     prepare(builder, paths.tfds_tfrecord, "tfrecord")
+  prepare(VlmTestRefCoco, paths.tfds_tfrecord, "tfrecord")
   paths.tasks_module = os.path.join(root, "user_tasks.py")
   with open(paths.tasks_module, "w") as f:
     f.write(TASKS_MODULE.format(tfds_dir=paths.tfds_tfrecord))
   synthetic = sample_data.ensure_sample_data(os.path.join(root, "downloads"), SAMPLE)
   ingest.run("img2dataset", os.path.join(synthetic, "pairs", "train", "*.tar"), paths.laion)
   ingest.run("mmc4", os.path.join(synthetic, "interleaved", "train", "mmc4.jsonl"), paths.mmc4)
+  ingest.run("text", os.path.join(synthetic, "text", "train", "*.jsonl"), paths.c4)
   return paths
