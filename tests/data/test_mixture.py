@@ -1,6 +1,7 @@
 """config.data.mixture as a list of sources (vlm_jax/data/mixture.py): the three ways to
-write it, TFDS and seqio sources read as raw records, realised rates and loss weights, and
-each bad mixture as one line naming the field (vlm-train: exit 2, before compiling)."""
+write it, TFDS and seqio sources read as raw records, realised rates and loss weights, each
+bad mixture as one line naming the field (vlm-train: exit 2, before compiling), and the
+family templates that read real boxes."""
 import json
 import os
 
@@ -10,9 +11,10 @@ import pytest
 from vlm_jax import config as config_lib
 from vlm_jax.cli import data as data_cli
 from vlm_jax.cli import train as train_cli
-from vlm_jax.data import catalog, ingest, mixture, pipeline
+from vlm_jax.data import catalog, health, ingest, mixture, pipeline
 from vlm_jax.data.ingest import filters
 from vlm_jax.data.sources import seqio_stream, tfds_source
+from vlm_jax.data.vocab import Vocab
 
 FLAMINGO = "configs/flamingo.py:tiny"
 CAPTIONS, GROUNDING = "tfds:vlm_test_captions:1.0.0", "tfds:vlm_test_grounding:1.0.0"
@@ -191,3 +193,48 @@ def test_the_seqio_metric_functions_come_with_the_task(user_data):
   fns, post = seqio_stream.metric_functions("user_captions", user_data.tasks_module)
   assert [f.__name__ for f in fns] == ["exact"] and post("a b", True) == "a b"
   assert json.loads(json.dumps(fns[0](["a", "b"], ["a", "c"]))) == {"exact": 50.0}
+
+
+# ----------------------------------------------------------------------------------------
+# Templates for real data: boxes from the record, text-only Flamingo documents.
+# ----------------------------------------------------------------------------------------
+BOXED = {"kind": "grounding", "key": "k", "source": "s", "text": None,
+         "image": np.full((40, 80, 3), 200, np.uint8),  # decoded pixels, as TFDS/seqio give
+         "objects": [{"phrase": "the red circle", "box": [0.1, 0.2, 0.5, 0.6]}]}
+
+
+def _turn(family, template, raw=BOXED):
+  """(prompt text, answer text) of `raw` converted by the family's processor."""
+  data = config_lib.load_config(f"configs/{family}.py:tiny").data
+  spec = catalog.TaskSpec("real", "grounding", "tfds", "x", template=template)
+  example = pipeline.make_processor(data, family, 0)(0, (spec, raw))
+  vocab = Vocab(data.vocab_path)
+  answer = example["loss_mask"] > 0
+  prompt = (example["token_mask"] > 0) & ~np.roll(answer, 1)
+  return vocab.decode(example["tokens"][prompt]), vocab.decode(example["targets"][answer])
+
+
+def test_minigpt_v2_box_templates_read_the_record_s_boxes():
+  box = "{<10><20><50><60>}"  # percent of the image's width and height
+  prompt, answer = _turn("minigpt_v2", "refer")
+  assert "[refer] Where is the red circle?" in prompt and answer == box
+  prompt, answer = _turn("minigpt_v2", "identify")
+  assert f"[identify] What is in {box}?" in prompt and answer == "the red circle"
+  assert _turn("minigpt_v2", "detection")[1] == f"<p>the red circle</p>{box}"
+  assert _turn("minigpt_v2", "grounding")[1] == f"<p>the red circle</p>{box}"
+
+
+def test_cogagent_grounding_templates_read_the_record_s_boxes():
+  box = "[[100,200,500,600]]"  # x1000, three digits
+  prompt, answer = _turn("cogagent", "grounding")
+  assert "Where is the red circle? Give its box." in prompt and answer == box
+  prompt, answer = _turn("cogagent", "refer_gen")
+  assert f"What is the element at {box}?" in prompt and answer == "the red circle"
+
+
+def test_a_record_with_a_bad_box_is_skipped_not_trained():
+  raw = dict(BOXED, objects=[{"phrase": "x", "box": [0.5, 0.2, 0.1, 0.6]}])
+  data = config_lib.load_config("configs/minigpt_v2.py:tiny").data
+  spec = catalog.TaskSpec("real", "grounding", "tfds", "x", template="refer")
+  out = pipeline.make_processor(data, "minigpt_v2", 0)(0, (spec, raw))
+  assert isinstance(out, health.Skipped) and "not (x0, y0, x1, y1) within [0, 1]" in out.reason

@@ -64,10 +64,11 @@ def task_dataset(spec, data_config, split, *, seed, shuffle=True) -> grain.MapDa
   return ds.map(_Tagged(spec))
 
 
-def mixed_records(data_config, family: str, *, seed, split="train") -> grain.MapDataset:
+def mixed_records(data_config, family: str, *, seed, split="train",
+                  mixture=None) -> grain.MapDataset:
   """The endless, shuffled, mixed stream of (task spec, raw record); the same in every
-  process."""
-  mixture = resolve(data_config, family)
+  process. `mixture`: `resolve(data_config, family)` when the caller has it."""
+  mixture = mixture or resolve(data_config, family)
   tasks = [task_dataset(spec, data_config, split, seed=_task_seed(seed, i))
            for i, (spec, _) in enumerate(mixture.tasks)]
   rates = [rate for _, rate in mixture.tasks]
@@ -122,9 +123,10 @@ def make_dataset(data_config, family: str, *, global_batch_size, seed, split="tr
                      f"{process_count} processes")
   seed = int(np.random.SeedSequence([seed, data_config.seed]).generate_state(1)[0])
   per_process = global_batch_size // process_count
-  tasks = [spec.name for spec, _ in resolve(data_config, family).tasks]
-  ds = ProcessRows(mixed_records(data_config, family, seed=seed, split=split), per_process,
-                   process_index, process_count)
+  mixture = resolve(data_config, family)
+  tasks = [spec.name for spec, _ in mixture.tasks]
+  ds = ProcessRows(mixed_records(data_config, family, seed=seed, split=split, mixture=mixture),
+                   per_process, process_index, process_count)
   # Threads overlap file reads and PIL work (which releases the GIL); the buffer is in
   # examples, so keep it near a batch: at 224 px each example is 0.6 MB of float32.
   read_options = grain.ReadOptions(num_threads=data_config.read_threads,
