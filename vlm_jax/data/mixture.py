@@ -223,27 +223,35 @@ def _kind(entry: Entry, names) -> str:
   return kind
 
 
-def _entry_specs(entry: Entry, module, data_config) -> list:
-  """[(TaskSpec, rate within the entry)] of one entry, before its overrides."""
+def _catalog_specs(entry: Entry, module) -> list | None:
+  """A task or mixture of the family, or an ingested directory; None if it is none."""
   source = entry.source
-  if source.startswith(tfds_source.PREFIX):
-    return _tfds_specs(entry, data_config)
-  named = source.startswith(seqio_stream.PREFIX)
-  if not named and any(getattr(entry, key) for key in NAMED_ONLY):
-    key = next(key for key in NAMED_ONLY if getattr(entry, key))
-    raise MixtureError(f"{entry.at(key)}: only TFDS datasets and seqio tasks take {key!r}")
   known, declared = catalog.tasks(module), catalog.mixtures(module)
-  if not named and source in known:
+  if source in known:
     return [(known[source], 1.0)]
-  if not named and source in declared:
+  if source in declared:
     return [(known[task], rate) for task, rate in declared[source]]
-  if not named and catalog.is_ingested(source):
+  if catalog.is_ingested(source):
     spec = catalog.task_from_directory(source)
     return [(dataclasses.replace(spec, name=os.path.basename(os.path.normpath(source))), 1.0)]
-  if not named and os.path.isdir(source):
+  if os.path.isdir(source):
     raise MixtureError(f"{entry.at('source')}={source!r}: a directory without "
                        f"{records.MANIFEST}; write it with `vlm-data ingest`")
-  if named or data_config.get("tasks_module", ""):
+  return None
+
+
+def _entry_specs(entry: Entry, module, data_config) -> list:
+  """[(TaskSpec, rate within the entry)] of one entry, before its overrides."""
+  if entry.source.startswith(tfds_source.PREFIX):
+    return _tfds_specs(entry, data_config)
+  forced_seqio = entry.source.startswith(seqio_stream.PREFIX)
+  specs = None if forced_seqio else _catalog_specs(entry, module)
+  if specs is not None:
+    key = next((key for key in NAMED_ONLY if getattr(entry, key)), None)
+    if key:
+      raise MixtureError(f"{entry.at(key)}: only TFDS datasets and seqio tasks take {key!r}")
+    return specs
+  if forced_seqio or data_config.get("tasks_module", ""):
     specs = _seqio_specs(entry, data_config)
     if specs:
       return specs
