@@ -189,8 +189,9 @@ class Trainer:
     scalars = {k: float(np.mean([m[k] for m in good])) for k in host[0]}
     scalars["nonfinite"] = float(sum(m["nonfinite"] for m in host))
     scalars.update(progress.update(step))
-    # This process's totals (bad records are skipped where they are read, per process).
-    scalars.update({f"data/{k}": v for k, v in pipeline.skipped_record_counts(self.data).items()})
+    # The job's totals: each process counts the records it reads and skips.
+    counts = pipeline.with_rates(distributed.sum_over_processes(self.data.counters))
+    scalars.update({f"data/{k}": v for k, v in counts.items()})
     writer.write(step, scalars)
     _log(progress.line(step, scalars))
 
