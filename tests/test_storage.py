@@ -164,3 +164,9 @@ def test_permission_denied_names_the_bucket(gcs, monkeypatch):
       storage.check_writable("gs://vlm-test/run")
   finally:
     server.shutdown()
+
+
+def test_abspath_keeps_gcs_paths_and_anchors_local_ones(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert storage.abspath("gs://bucket/run") == "gs://bucket/run"  # os.path: "<cwd>/gs:/bucket/run"
+  assert storage.abspath("run") == str(tmp_path / "run")
