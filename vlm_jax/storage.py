@@ -10,7 +10,7 @@ the compilation cache and our own files all go through the same GCS client:
 - gcsfs's directory-listing cache is off: a listing cached in one process never sees the
   objects another process (another host of the pod) wrote since, e.g. a new checkpoint step.
 - GCS has no append and no rename. gcsfs's mode "a" silently overwrites, so `open` refuses it
-  and `append` composes the new bytes onto the object (one compose request); `move` copies
+  and `append` uploads the new bytes beside the object and composes the two; `move` copies
   then deletes each object (not atomic); an object appears whole when its upload completes,
   which is the atomic write GCS offers (`write_atomic`).
 - Libraries that need a real local file (ArrayRecordWriter, sentencepiece, torch.load) get
@@ -98,6 +98,7 @@ def isdir(path) -> bool:
 
 
 def size(path) -> int:
+  path = validate(path)
   return _gcs().size(path) if is_gcs(path) else os.path.getsize(path)
 
 
