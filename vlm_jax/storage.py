@@ -66,6 +66,15 @@ def abspath(path) -> str:
   return path if is_gcs(path) else os.path.abspath(path)
 
 
+def join(path, *parts) -> str:
+  """os.path.join for local and gs:// paths: a part that is absolute (/..., gs://...) starts
+  the path over, as os.path.join does for /... (it would append gs://... as a name)."""
+  path = os.fspath(path)
+  for part in map(os.fspath, parts):
+    path = part if is_gcs(part) else os.path.join(path, part)
+  return path
+
+
 def bucket(path) -> str:
   return validate(path)[len(GCS):].split("/", 1)[0]
 
@@ -132,6 +141,24 @@ def rmtree(path, missing_ok: bool = True) -> None:
     _gcs().rm(path, recursive=True)
   else:
     shutil.rmtree(path)
+
+
+def read_range(path, offset: int, length: int) -> bytes:
+  """`length` bytes from `offset` (one ranged GET on GCS); fewer only at the end of the file."""
+  path = validate(path)
+  if is_gcs(path):
+    return _gcs().cat_file(path, start=offset, end=offset + length)
+  with builtins.open(path, "rb") as f:
+    return os.pread(f.fileno(), length, offset)
+
+
+def tree_size(path) -> int:
+  """Bytes of every file under directory `path`."""
+  path = validate(path)
+  if is_gcs(path):
+    return _gcs().du(path, total=True)
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
 
 
 def read_bytes(path) -> bytes:
@@ -217,6 +244,15 @@ def copy(src, dst) -> None:
   """Copies one file between any two paths (local or gs://)."""
   with open(src, "rb") as fin, open(dst, "wb") as fout:
     shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def put_tree(local_dir, dst, last=()) -> None:
+  """Copies every file under the local directory `local_dir` to the same place under `dst`;
+  the files named in `last` (commit markers: a manifest) after all the others."""
+  names = sorted(os.path.relpath(os.path.join(root, name), local_dir)
+                 for root, _, files in os.walk(local_dir) for name in files)
+  for name in sorted(names, key=lambda n: os.path.basename(n) in last):
+    copy(os.path.join(local_dir, name), join(dst, name))
 
 
 @contextlib.contextmanager
