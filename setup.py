@@ -40,8 +40,9 @@ EXTRAS = {
     "tpu": ["jax[tpu]"],
     "notebooks": ["jupyter", "nbclient", "nbformat", "matplotlib"],
     # `vlm-data ingest --runner beam`. Beam needs protobuf<7; the pins above
-    # (sentencepiece==0.2.1) keep the rest importable on protobuf 6 (DESIGN.md).
-    "beam": ["apache-beam==2.77.0", "protobuf>=6.33,<7"],
+    # (sentencepiece==0.2.1) keep the rest importable on protobuf 6 (DESIGN.md). [gcp]: the
+    # DataflowRunner (and its --dry-run) and Beam's gcsio.
+    "beam": ["apache-beam[gcp]==2.77.0", "protobuf>=6.33,<7"],
 }
 
 setuptools.setup(
