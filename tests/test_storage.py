@@ -2,7 +2,6 @@
 and one-line errors for paths that cannot be used."""
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
