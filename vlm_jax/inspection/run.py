@@ -17,15 +17,16 @@ BOS_ID = 3  # docs/architecture.md
 
 
 def read_metrics(workdir: str) -> dict:
-  """{metric: ([steps], [values])} from metrics.jsonl; a step logged twice (replayed after a
-  resume) keeps its last value."""
+  """{metric: ([steps], [values])} from metrics.jsonl; a metric logged twice at a step
+  (replayed after a resume) keeps its last value; lines of one step (training, then
+  vlm-eval's) are merged."""
   path = storage.join(workdir, "metrics.jsonl")
   if not storage.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir!r} a training workdir?")
   by_step = {}
   for line in storage.read_text(path).splitlines():
     record = json.loads(line)
-    by_step[record.pop("step")] = record
+    by_step.setdefault(record.pop("step"), {}).update(record)
   series = {}
   for step in sorted(by_step):
     for key, value in by_step[step].items():
