@@ -2,7 +2,6 @@
 import contextlib
 import logging
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -12,10 +11,12 @@ import numpy as np
 from vlm_jax import distributed
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
+from vlm_jax import storage
 from vlm_jax.data import pipeline
 from vlm_jax.evaluation import runner as eval_runner
 from vlm_jax.models import registry
 from vlm_jax.train import checkpoint as checkpoint_lib
+from vlm_jax.train import compilation_cache
 from vlm_jax.train import init_from as init_from_lib
 from vlm_jax.train import init_weights
 from vlm_jax.train import metrics as metrics_lib
@@ -51,6 +52,8 @@ class Trainer:
     validate.check_config(config, len(devices if devices is not None else jax.devices()),
                           jax.process_count())
     validate.check_workdir_writable(workdir)
+    cache = compilation_cache.configure(config, workdir)
+    _log(f"Persistent compilation cache: {cache or 'off'}")
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config)
     self.model = registry.build(config.model)
@@ -202,6 +205,6 @@ def _nbytes(abstract_tree) -> int:
 
 def train(config, workdir: str, devices=None):
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the state."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   logging.getLogger("absl").setLevel(logging.WARNING)
   return Trainer(config, workdir, devices).run()
