@@ -25,7 +25,7 @@ TINY = dict(lm=dict(vocab_size=VOCAB, width=32, num_layers=2, num_heads=4, mlp_d
                         class_token=True), group_size=4)
 
 
-def _example(seed, valid, image_at, weight):
+def _example(seed, valid, image_at, weight, task):
   """One processed example as the MiniGPT-v2 processor lays it out (padded to LENGTH)."""
   rng = np.random.default_rng(seed)
   mask = (np.arange(LENGTH) < valid).astype(np.float32)
@@ -34,28 +34,31 @@ def _example(seed, valid, image_at, weight):
           "image_mask": np.ones(1, np.float32), "image_positions": np.array([image_at], np.int32),
           "tokens": tokens, "targets": np.roll(tokens, -1) * mask.astype(np.int32),
           "loss_mask": mask * (np.arange(LENGTH) > image_at + SLOT), "token_mask": mask,
-          "loss_weight": np.float32(weight), health.SKIPPED_KEY: np.int32(0)}
+          "loss_weight": np.float32(weight), health.SKIPPED_KEY: np.int32(0),
+          health.TASK_KEY: np.int32(task)}
 
 
-EXAMPLES = [_example(0, 11, 1, 1.0), _example(1, 9, 2, 0.5), _example(2, 13, 1, 2.0)]
+EXAMPLES = [_example(0, 11, 1, 1.0, task=0), _example(1, 9, 2, 0.5, task=1),
+            _example(2, 13, 1, 2.0, task=0)]
+COUNTERS = (health.SKIPPED_KEY, health.TASK_KEY)
+
+
+def _pack(examples, images=2) -> grain.IterDataset:
+  config = ml_collections.ConfigDict(dict(sequence_length=LENGTH, packed_images=images,
+                                          packing_bins=2))
+  return packing.pack(grain.MapDataset.source(examples).to_iter_dataset(), packing.Layout(),
+                      config, seed=0)
 
 
 def _packed_rows(examples, images=2):
-  config = ml_collections.ConfigDict(dict(sequence_length=LENGTH, packed_images=images,
-                                          packing_bins=2))
-  ds = packing.pack(grain.MapDataset.source(examples).to_iter_dataset(), packing.Layout(),
-                    config, seed=0)
-  rows = list(ds)
-  for row in rows:
-    row.pop(health.SKIPPED_KEY)
+  rows = [{k: v for k, v in row.items() if k not in COUNTERS} for row in _pack(examples, images)]
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 @pytest.fixture(scope="module")
 def tiny():
   model = builders.build("minigpt_v2", **TINY)
-  unpacked = {k: np.stack([e[k] for e in EXAMPLES]) for k in EXAMPLES[0]}
-  unpacked.pop(health.SKIPPED_KEY)
+  unpacked = {k: np.stack([e[k] for e in EXAMPLES]) for k in EXAMPLES[0] if k not in COUNTERS}
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), unpacked))["params"]
   return model, params, unpacked, _packed_rows(EXAMPLES)
 
@@ -70,6 +73,16 @@ def test_rows_hold_each_example_with_its_image_at_its_own_slots(tiny):
   np.testing.assert_array_equal(packed["tokens"][0, 11:20], EXAMPLES[1]["tokens"][:9])
   np.testing.assert_array_equal(packed["images"][0, 1], EXAMPLES[1]["images"][0])
   np.testing.assert_array_equal(packed["loss_weight"][0, :12], [1.0] * 11 + [0.5])
+
+
+def test_counters_count_examples_tasks_and_skipped_records_not_rows():
+  examples = [dict(e) for e in EXAMPLES]
+  examples[1][health.SKIPPED_KEY] = np.int32(3)
+  counted = iter(health.CountSkipped(_pack(examples).batch(2), ["a", "b"]))
+  batch = next(counted)
+  assert len(batch["tokens"]) == 2 and not set(COUNTERS) & set(batch)
+  assert counted.counters == {"examples": 3, "skipped_records": 3, "examples/a": 2,
+                              "examples/b": 1}
 
 
 def test_packed_loss_equals_the_unpacked_examples_loss(tiny):
@@ -130,5 +143,11 @@ def test_packed_pipeline_resumes_exactly_and_fills_rows(tmp_path):
   for a, b in zip(got, want):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   assert packing.efficiency(first + want) > 0.8
+  # the counters count examples (one per segment) and their tasks, and resume with the rows
+  assert resumed.counters == it.counters
+  per_task = [v for k, v in it.counters.items() if k.startswith("examples/")]
+  assert it.counters["examples"] == sum(int(b["segment_ids"].max(1).sum())
+                                        for b in first + want) == sum(per_task) > 5 * 4
+  assert np.count_nonzero(per_task) >= 2, it.counters
   assert set(first[0]) == set(data_lib.PACKING.text_keys + data_lib.PACKING.image_keys) | {
       "image_positions", "loss_weight", "segment_ids", "positions"}

@@ -18,9 +18,11 @@ row (T = `sequence_length` tokens, K = `packed_images` image slots) holds:
 Attention never crosses segments: the model builds its masks from `segment_ids` (causal and
 equal ids, `segment_mask.SegmentMask`), and each image is spliced into its own example's
 slots. The loss is the sum of the unpacked examples' losses (the same target tokens, each
-with its example's weight). The iterator's `examples` counter (health.py) counts rows when
-packing. Packing happens in each process on its own rows, so the packed
-global batch depends on the number of processes (unpacked batches do not).
+with its example's weight). Each row also carries its examples' task numbers
+(`health.TASK_KEY` [T]: task + 1 on each example's first token), so the iterator's
+`examples` and `examples/<task>` counters (health.py) count examples, not rows. Packing
+happens in each process on its own rows, so the packed global batch depends on the number
+of processes (unpacked batches do not).
 
 Families whose examples are one image plus text in a single causal LM (MiniGPT-v2) declare a
 Layout; the others do not yet (the issue-24 report says why and what each needs).
@@ -53,6 +55,12 @@ def layout_of(family_module, family: str) -> Layout:
   return layout
 
 
+def _on_first_token(value, length: int) -> np.ndarray:
+  out = np.zeros(length, np.int32)
+  out[0] = value
+  return out
+
+
 class _Trim:
   """An example cut to its real tokens, its weight spread over them (picklable)."""
 
@@ -64,10 +72,10 @@ class _Trim:
     length = int(valid[-1]) + 1 if valid.size else 1
     out = {k: np.asarray(example[k])[:length] for k in self.layout.text_keys}
     out["loss_weight"] = np.full(length, example["loss_weight"], np.float32)
-    # health.py's count of records skipped before this example, on its first token
-    skipped = np.zeros(length, np.int32)
-    skipped[0] = example[health.SKIPPED_KEY]
-    out[health.SKIPPED_KEY] = skipped
+    # health.py's count of records skipped before this example and its task number + 1 (0
+    # marks no example: health.TASK_KEY), on its first token, so a row keeps all its examples'
+    out[health.SKIPPED_KEY] = _on_first_token(example[health.SKIPPED_KEY], length)
+    out[health.TASK_KEY] = _on_first_token(example[health.TASK_KEY] + 1, length)
     for key in self.layout.image_keys + (self.layout.image_positions_key,):
       out[key] = np.asarray(example[key])
     return out
@@ -87,6 +95,7 @@ class _Finish:
     out.update({k: packed[k] for k in self.layout.image_keys})
     out[SEGMENT_IDS] = segments
     out[health.SKIPPED_KEY] = np.int32(packed[health.SKIPPED_KEY].sum())
+    out[health.TASK_KEY] = packed[health.TASK_KEY].astype(np.int32)
     out[POSITIONS] = packed[f"{text}_positions"].astype(np.int32)
     # Row index where each segment starts; an image slot of segment s is offset by it.
     first = {s: int(np.argmax(segments == s)) for s in np.unique(segments) if s}
@@ -103,7 +112,8 @@ def pack(ds: grain.IterDataset, layout: Layout, data_config, *, seed: int) -> gr
     raise ValueError(f"config.data.packed_images={data_config.packed_images}: need >= 1 image "
                      "slot per packed row.")
   length = data_config.sequence_length
-  lengths = {k: length for k in layout.text_keys + ("loss_weight", health.SKIPPED_KEY)}
+  lengths = {k: length for k in layout.text_keys + ("loss_weight", health.SKIPPED_KEY,
+                                                    health.TASK_KEY)}
   lengths.update({k: data_config.packed_images
                   for k in layout.image_keys + (layout.image_positions_key,)})
   ds = ds.map(_Trim(layout))
