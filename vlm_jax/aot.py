@@ -90,6 +90,11 @@ class Report:
     ]
 
 
+def out_of_memory(error: Exception) -> bool:
+  """Whether a compile error is XLA's: the program does not fit the device's memory."""
+  return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
 def topology_devices(topology: str):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
@@ -166,7 +171,7 @@ def compile_train_step(config, topology: str) -> Report:
     try:
       compiled = step.lower(abstract_state, abstract_batch, rng).compile()
     except Exception as e:  # pylint: disable=broad-except
-      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      if out_of_memory(e):
         raise DoesNotFit(f"XLA could not fit the step into the {report.hbm_bytes / GIB:.0f} "
                          f"GiB HBM of a {kind} (mesh {report.mesh}): "
                          f"{str(e).splitlines()[0][:500]}\n{_ADVICE}") from None
