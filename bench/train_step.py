@@ -31,6 +31,10 @@ def random_batch(spec: dict, vocab_size: int, rng: np.random.Generator) -> dict:
   for key, s in spec.items():
     if np.issubdtype(s.dtype, np.integer):
       batch[key] = rng.integers(4, vocab_size, s.shape).astype(s.dtype)
+    elif key == "segment_ids":  # packed rows: one example per row is the same XLA work
+      batch[key] = np.ones(s.shape, s.dtype)
+    elif key == "positions":
+      batch[key] = np.broadcast_to(np.arange(s.shape[-1], dtype=s.dtype), s.shape)
     elif "mask" in key or key == "loss_weight":
       batch[key] = np.ones(s.shape, s.dtype)
     else:

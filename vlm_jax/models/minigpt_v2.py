@@ -153,17 +153,20 @@ def batch_spec(data_config, batch_size: int) -> dict:
 
 
 def flops_parts(config, causal_half=True) -> dict:
+  """Per row: one example, or with data.packing several sharing the row's T tokens and its
+  `packed_images` image slots, each of which the ViT and projection process (empty or not)."""
   lm, vision, data = config.model.lm, config.model.vision, config.data
   patches = (data.image_size // vision.patch_size) ** 2
+  images = data.packed_images if data.get("packing", False) else 1
   t, width, heads = data.sequence_length, lm.width, lm.num_heads
   head_dim, kv_heads = width // heads, lm.get("num_kv_heads") or heads
   group = config.model.group_size
   lora_layer = sum(F.dense(t, width, lm.lora_rank)
                    + F.dense(t, lm.lora_rank, (heads if n == "query" else kv_heads) * head_dim)
                    for n in lm.lora_targets)
-  return {"vision": F.vit(data.image_size, vision.patch_size, vision.width, vision.depth,
-                          vision.num_heads, vision.mlp_dim),
-          "projection": F.dense(patches // group, group * vision.width, width),
+  return {"vision": images * F.vit(data.image_size, vision.patch_size, vision.width,
+                                   vision.depth, vision.num_heads, vision.mlp_dim),
+          "projection": images * F.dense(patches // group, group * vision.width, width),
           "lm": lm.num_layers * F.decoder_lm_layer(t, lm, causal_half),
           "lora": lm.num_layers * lora_layer,
           "logits": F.dense(t, width, lm.vocab_size)}
