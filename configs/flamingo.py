@@ -25,8 +25,8 @@ cross-attention placement / heads x head dim / FFW activation:
   of4b   RedPajama-3B 2560/32/32/10240/50432 (neox) as of3b  as of3b         every 2nd   8x64 gelu
   of9b   MPT-7B 4096/32/32/16384/50432 as of3b                as of3b         every 4th   8x64 gelu
 
-Styles: mpt = LayerNorm without bias, GELU MLP, tied embeddings (ALiBi approximated by
-rotary, see nn/decoder_lm.py); neox = LayerNorm with bias, biased GELU MLP, parallel
+Styles: mpt = LayerNorm without bias, GELU MLP, tied embeddings, ALiBi (MPT-7B's layout;
+MPT-1B-RedPajama adds QK LayerNorm and biases, which we do not have); neox = LayerNorm with bias, biased GELU MLP, parallel
 residual, untied; chin (Chinchilla-like, the paper's LMs) = RMSNorm, GELU MLP, no bias,
 untied. The paper's NFNet-F6 (435M) is stood in for by a ViT of similar size (425M, width
 1536 = the resampler width the paper reports). Placement: OpenFlamingo inserts a block before
@@ -44,7 +44,7 @@ DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (data/tokenizer)
 
 LM_STYLES = {
     "mpt": dict(norm_type="layernorm", use_bias=False, mlp_activation="gelu",
-                tie_embeddings=True),
+                tie_embeddings=True, position="alibi"),
     "neox": dict(norm_type="layernorm", use_bias=True, mlp_activation="gelu",
                  parallel_residual=True),
     "chin": dict(norm_type="rmsnorm", use_bias=False, mlp_activation="gelu"),

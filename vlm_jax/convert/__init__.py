@@ -8,10 +8,10 @@ Python API (see docs/weights.md):
     convert.export_hf(params, module, "out/dir")                    # LoRA merged, config.json
 
 `target` maps '/'-paths (relative to the sub-tree being filled) to ShapeDtypeStructs whose
-`sharding` is where each array lands. One module per source architecture holds the name/shape
-mapping (`llama`, `gpt_neox`, `clip`, ...): NAME, MODEL_TYPES (config.json `model_type`s it
-reads), IGNORE (checkpoint tensors dropped on purpose), `slots(paths, names)`, `build(config)`
-and `hf_config(module, shapes)`.
+`sharding` is where each array lands. One module per source architecture holds the
+name/shape mapping (`llama`, `gpt_neox`, `mpt`, `clip`, ...): NAME, MODEL_TYPES (config.json
+`model_type`s it reads), IGNORE (checkpoint tensors dropped on purpose), `slots(paths,
+names)`, `build(config)` and `hf_config(module, shapes)`.
 """
 import json
 import os
@@ -22,12 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.convert import clip, gpt_neox, llama, roberta, t5, transfer
+from vlm_jax.convert import clip, gpt_neox, llama, mpt, roberta, t5, transfer
 from vlm_jax.convert.checkpoint import Checkpoint, ConversionError
 from vlm_jax.convert.transfer import flatten, unflatten
 from vlm_jax.nn import lora
 
-ARCHS = {m.NAME: m for m in (llama, gpt_neox, clip, roberta, t5)}
+ARCHS = {m.NAME: m for m in (llama, gpt_neox, mpt, clip, roberta, t5)}
 # Our parameters that no HF checkpoint has; they keep their initialisation on import.
 ALWAYS_NEW = (r"(.*/)?lora_[ab]",)
 
@@ -89,8 +89,8 @@ def export_hf(params: Mapping, module, directory: str, *, arch: str | None = Non
               dtype=None, max_shard_bytes: int = 2 << 30, drop: tuple[str, ...] = ()) -> list[str]:
   """Writes `params` of `module` (a DecoderLM, ViT, ...) as an HF checkpoint in `directory`:
   safetensors shards + config.json, LoRA merged into the base weights first. `arch` defaults
-  to the module's usual source ('llama' for a DecoderLM with RMSNorm, 'gpt_neox' with
-  LayerNorm, 'clip' for a ViT). `drop`: fullmatch regexes of params the HF model has no
+  to the module's usual source ('llama' for a DecoderLM with RMSNorm, 'mpt' with ALiBi,
+  'gpt_neox' with LayerNorm, 'clip' for a ViT). `drop`: fullmatch regexes of params the HF model has no
   place for (parts new to our model). Returns the tensor names written."""
   dropped = [re.compile(p) for p in drop]
   params = unflatten({p: a for p, a in flatten(params).items()
@@ -113,6 +113,8 @@ def export_hf(params: Mapping, module, directory: str, *, arch: str | None = Non
 def _default_arch(module):
   name = type(module).__name__
   if name == "DecoderLM":
+    if module.position == "alibi":
+      return mpt
     return llama if module.norm_type == "rmsnorm" else gpt_neox
   if name == "ViT":
     return clip

@@ -62,6 +62,26 @@ def dense(target: str, source: str, in_axes: int = 1) -> Rule:
   return Rule((target,), (source,), lambda w, shapes: (w.T.reshape(shapes[0]),), to_hf)
 
 
+def fused(targets: tuple[str, ...], source: str) -> Rule:
+  """One nn.Linear weight whose output rows are the parts one after the other (MPT's Wqkv,
+  torch MultiheadAttention's in_proj_weight: [q; k; v], each (heads, head_dim)) <-> one of
+  our kernels [D, *out] per part."""
+  def to_ours(w, shapes):
+    return tuple(p.T.reshape(s) for p, s in zip(jnp.split(w, len(targets)), shapes))
+
+  def to_hf(*kernels):
+    return (jnp.concatenate([k.reshape(k.shape[0], -1).T for k in kernels]),)
+  return Rule(tuple(targets), (source,), to_ours, to_hf)
+
+
+def fused_vector(targets: tuple[str, ...], source: str) -> Rule:
+  """The bias of a `fused` projection [parts * N*H] <-> one [N, H] (or any shape) per part."""
+  def to_ours(b, shapes):
+    return tuple(p.reshape(s) for p, s in zip(jnp.split(b, len(targets)), shapes))
+  return Rule(tuple(targets), (source,), to_ours,
+              lambda *parts: (jnp.concatenate([p.reshape(-1) for p in parts]),))
+
+
 def conv(target: str, source: str) -> Rule:
   """nn.Conv2d weight [out, in, kh, kw] <-> flax Conv kernel [kh, kw, in, out]."""
   return Rule((target,), (source,), lambda w, shapes: (jnp.transpose(w, (2, 3, 1, 0)),),
