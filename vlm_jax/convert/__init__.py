@@ -90,8 +90,8 @@ def export_hf(params: Mapping, module, directory: str, *, arch: str | None = Non
   """Writes `params` of `module` (a DecoderLM, ViT, ...) as an HF checkpoint in `directory`:
   safetensors shards + config.json, LoRA merged into the base weights first. `arch` defaults
   to the module's usual source ('llama' for a DecoderLM with RMSNorm, 'mpt' with ALiBi,
-  'gpt_neox' with LayerNorm, 'clip' for a ViT). `drop`: fullmatch regexes of params the HF model has no
-  place for (parts new to our model). Returns the tensor names written."""
+  'gpt_neox' with LayerNorm, 'clip' for a ViT). `drop`: fullmatch regexes of params the HF
+  model has no place for (parts new to our model). Returns the tensor names written."""
   dropped = [re.compile(p) for p in drop]
   params = unflatten({p: a for p, a in flatten(params).items()
                       if not any(r.fullmatch(p) for r in dropped)})

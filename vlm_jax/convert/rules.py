@@ -62,6 +62,16 @@ def dense(target: str, source: str, in_axes: int = 1) -> Rule:
   return Rule((target,), (source,), lambda w, shapes: (w.T.reshape(shapes[0]),), to_hf)
 
 
+def layer_norm(ours: str, hf: str) -> list[Rule]:
+  """nn.LayerNorm `hf`.{weight,bias} <-> our `ours`/{scale,bias}."""
+  return [copy(f"{ours}/scale", f"{hf}.weight"), copy(f"{ours}/bias", f"{hf}.bias")]
+
+
+def linear(ours: str, hf: str, in_axes: int = 1) -> list[Rule]:
+  """nn.Linear `hf`.{weight,bias} <-> our `ours`/{kernel,bias}."""
+  return [dense(f"{ours}/kernel", f"{hf}.weight", in_axes), vector(f"{ours}/bias", f"{hf}.bias")]
+
+
 def fused(targets: tuple[str, ...], source: str) -> Rule:
   """One nn.Linear weight whose output rows are the parts one after the other (MPT's Wqkv,
   torch MultiheadAttention's in_proj_weight: [q; k; v], each (heads, head_dim)) <-> one of
@@ -91,6 +101,24 @@ def conv(target: str, source: str) -> Rule:
 def prefixed(rules: list[Rule], prefix: str) -> list[Rule]:
   """The same rules with `prefix` before every HF name (e.g. 'model.')."""
   return [dataclasses.replace(r, sources=tuple(prefix + s for s in r.sources)) for r in rules]
+
+
+def under(slots: list["Slot"], path_prefix: str, name_prefix: str) -> list["Slot"]:
+  """Slots made for a sub-tree and one checkpoint of several, re-rooted: our paths under
+  `path_prefix` (e.g. 'vision/'), tensor names under `name_prefix` (e.g. 'vision:')."""
+  return [dataclasses.replace(s, targets=tuple(path_prefix + t for t in s.targets),
+                              sources=tuple(name_prefix + n for n in s.sources))
+          for s in slots]
+
+
+def subtree(items, prefix: str):
+  """The entries of a dict (our paths -> shapes) or a set (tensor names) under `prefix`, the
+  prefix removed; None (export: no checkpoint names) stays None."""
+  if items is None:
+    return None
+  if isinstance(items, dict):
+    return {k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix)}
+  return {k[len(prefix):] for k in items if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------

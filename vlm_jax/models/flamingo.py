@@ -95,6 +95,7 @@ class Flamingo(nn.Module):
   vision_mlp_dim: int = 4096
   patch_size: int = 14
   vision_activation: str = "quick_gelu"
+  vision_post_norm: str = "all"  # 'class': tokens before ln_post, as OpenFlamingo (nn/vit.py)
   # Perceiver Resampler (trainable), in the vision width
   resampler_layers: int = 6
   num_latents: int = 64
@@ -126,8 +127,8 @@ class Flamingo(nn.Module):
         patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
         num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim,
         mlp_activation=self.vision_activation, class_token=True, pre_norm=True,
-        patch_bias=False, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-        dtype=dtype, param_dtype=param_dtype)
+        patch_bias=False, post_norm=self.vision_post_norm, scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype)
     self.resampler = resampler.PerceiverResampler(
         num_latents=self.num_latents, num_layers=self.resampler_layers,
         num_heads=self.resampler_heads, head_dim=self.resampler_head_dim,

@@ -1,0 +1,98 @@
+"""The seed systems' released checkpoints: a family's published files imported into our
+model in one step, and exported back in the same layout (docs/weights.md).
+
+A release module (`openflamingo`, `minigpt_v2_release`, `prismer_release`,
+`cogagent_release`) declares
+    NAME, SOURCES        the named inputs; the first is the published checkpoint file
+    build(checkpoint, **overrides) -> (model, example batch)
+                         our model with the files' hyperparameters (`checkpoint` is a
+                         `sources.Combined` whose tensors are named '<source>:<name>')
+    layout(model, checkpoint) -> Layout
+                         the rules between our whole parameter tree and the checkpoint's
+                         tensors (checkpoint None: export)
+    hf_configs(model, params) -> {source: config.json dict} for the sources that have one
+Import checks every tensor before reading any (transfer.plan_import): each published tensor
+is used by exactly one of our parameters or ignored on purpose (IGNORE, with the reason in
+the module), and each of our parameters comes from the files.
+"""
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+
+import flax.linen as nn
+import jax
+
+from vlm_jax.convert import checkpoint as ckpt_lib
+from vlm_jax.convert import sources, transfer
+from vlm_jax.convert.checkpoint import ConversionError
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What `transfer` needs of an architecture: NAME, IGNORE and slots(paths, names)."""
+  NAME: str
+  IGNORE: tuple[str, ...]
+  slots: Callable
+
+
+def open_sources(release, paths: Mapping[str, str], keys: Mapping[str, str] = None):
+  """The release's files as one checkpoint; `paths` maps each of release.SOURCES to a file
+  or directory (torch files are read with weights_only=True, see sources.py)."""
+  keys = keys or {}
+  missing = [s for s in release.SOURCES if not paths.get(s)]
+  if missing:
+    raise ConversionError(f"{release.NAME}: sources {missing} are missing (it reads "
+                          f"{list(release.SOURCES)}).")
+  unknown = sorted(set(paths) - set(release.SOURCES))
+  if unknown:
+    raise ConversionError(f"{release.NAME}: unknown sources {unknown} (it reads "
+                          f"{list(release.SOURCES)}).")
+  return sources.Combined({s: sources.open_checkpoint(paths[s], keys.get(s))
+                           for s in release.SOURCES})
+
+
+def target_of(model, batch) -> dict:
+  """'/'-path -> ShapeDtypeStruct of the model's parameters (nothing is allocated)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
+  return transfer.flatten(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                       nn.meta.unbox(shapes)))
+
+
+def load(release, checkpoint, model, target: Mapping, log=print) -> dict:
+  """'/'-path -> array (in each target's sharding) for the whole model."""
+  plan = transfer.plan_import(checkpoint, release.layout(model, checkpoint), target)
+  with checkpoint:
+    loaded = dict(transfer.load(plan))
+  log(f"Imported {transfer.describe(plan)}")
+  return loaded
+
+
+def import_released(release, paths: Mapping[str, str], *, log=print, **overrides):
+  """(our model, its params) from a release's files: `paths` maps each source to a path;
+  `overrides` set model fields the files do not determine."""
+  checkpoint = open_sources(release, paths)
+  model, batch = release.build(checkpoint, **overrides)
+  return model, transfer.unflatten(load(release, checkpoint, model, target_of(model, batch),
+                                        log))
+
+
+def export_released(release, params: Mapping, model, directory: str, *, dtype=None,
+                    max_shard_bytes: int = 2 << 30) -> dict[str, list[str]]:
+  """Writes `params` in the release's layout: one sub-directory per source holding its
+  tensors as safetensors (shards + index when large) and, where the source has one, its
+  config.json. Returns source -> tensor names."""
+  writers, names = {}, {}
+  for name, tensor in transfer.export_tensors(params, release.layout(model, None), dtype):
+    source, _, inner = name.partition(":")
+    if source not in writers:
+      writers[source] = ckpt_lib.ShardWriter(os.path.join(directory, source), max_shard_bytes)
+      names[source] = []
+    writers[source].add(inner, tensor)
+    names[source].append(inner)
+  for writer in writers.values():
+    writer.close()
+  for source, config in release.hf_configs(model, params).items():
+    with open(os.path.join(directory, source, ckpt_lib.CONFIG), "w") as f:
+      json.dump(config, f, indent=2)
+  return names
