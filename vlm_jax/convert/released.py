@@ -96,3 +96,17 @@ def export_released(release, params: Mapping, model, directory: str, *, dtype=No
     with open(os.path.join(directory, source, ckpt_lib.CONFIG), "w") as f:
       json.dump(config, f, indent=2)
   return names
+
+
+def consumers(release, checkpoint, model, target: Mapping) -> dict[str, list[tuple]]:
+  """tensor name -> the target tuples of the rules that read it (after the import checks):
+  which of our parameters each published tensor feeds."""
+  plan = transfer.plan_import(checkpoint, release.layout(model, checkpoint), target)
+  used, seen = {}, set()
+  for entries in plan.by_leaf.values():
+    for slot, _ in entries:
+      if id(slot) not in seen:
+        seen.add(id(slot))
+        for name in slot.sources:
+          used.setdefault(name, []).append(slot.targets)
+  return used

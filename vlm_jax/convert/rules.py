@@ -72,6 +72,13 @@ def linear(ours: str, hf: str, in_axes: int = 1) -> list[Rule]:
   return [dense(f"{ours}/kernel", f"{hf}.weight", in_axes), vector(f"{ours}/bias", f"{hf}.bias")]
 
 
+def constant(fills: dict[str, Callable]) -> Rule:
+  """Our params that no file holds because the reference fixes them (e.g. a LayerNorm left
+  at its initialisation): path -> fill(shape) on import, never written."""
+  return Rule(tuple(fills), (), lambda shapes: tuple(f(s) for f, s in zip(fills.values(), shapes)),
+              lambda *ours: ())
+
+
 def fused(targets: tuple[str, ...], source: str) -> Rule:
   """One nn.Linear weight whose output rows are the parts one after the other (MPT's Wqkv,
   torch MultiheadAttention's in_proj_weight: [q; k; v], each (heads, head_dim)) <-> one of
