@@ -11,6 +11,8 @@ A release module (`openflamingo`, `minigpt_v2_release`, `prismer_release`,
                          the rules between our whole parameter tree and the checkpoint's
                          tensors (checkpoint None: export)
     hf_configs(model, params) -> {source: config.json dict} for the sources that have one
+    NEW (optional)       {fullmatch regex: reason} for our params the release cannot provide
+                         (they keep their initialisation; the import log warns with the reason)
 Import checks every tensor before reading any (transfer.plan_import): each published tensor
 is used by exactly one of our parameters or ignored on purpose (IGNORE, with the reason in
 the module), and each of our parameters comes from the files.
@@ -18,6 +20,7 @@ the module), and each of our parameters comes from the files.
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -60,28 +63,50 @@ def target_of(model, batch) -> dict:
 
 
 def load(release, checkpoint, model, target: Mapping, log=print) -> dict:
-  """'/'-path -> array (in each target's sharding) for the whole model."""
-  plan = transfer.plan_import(checkpoint, release.layout(model, checkpoint), target)
+  """'/'-path -> array (in each target's sharding) for every parameter the files provide;
+  those the release cannot provide (`release.NEW`, with its reason in the module) are left
+  out and named in the log."""
+  new = getattr(release, "NEW", {})
+  plan = transfer.plan_import(checkpoint, release.layout(model, checkpoint), target, tuple(new))
   with checkpoint:
     loaded = dict(transfer.load(plan))
   log(f"Imported {transfer.describe(plan)}")
+  for pattern, reason in new.items():
+    count = sum(bool(re.fullmatch(pattern, p)) for p in plan.kept)
+    if count:
+      log(f"WARNING: {count} parameter arrays {pattern} keep their initialisation: {reason}")
   return loaded
+
+
+def initialise(model, batch, paths) -> dict:
+  """'/'-path -> array: the model's initialisation of `paths` only (jit drops the rest)."""
+  def init():
+    params = transfer.flatten(nn.meta.unbox(model.init(jax.random.key(0), batch)["params"]))
+    return {p: params[p] for p in paths}
+  return jax.jit(init)()
 
 
 def import_released(release, paths: Mapping[str, str], *, log=print, **overrides):
   """(our model, its params) from a release's files: `paths` maps each source to a path;
-  `overrides` set model fields the files do not determine."""
+  `overrides` set model fields the files do not determine. Parameters the release cannot
+  provide keep the model's initialisation (the log names them)."""
   checkpoint = open_sources(release, paths)
   model, batch = release.build(checkpoint, **overrides)
-  return model, transfer.unflatten(load(release, checkpoint, model, target_of(model, batch),
-                                        log))
+  target = target_of(model, batch)
+  loaded = load(release, checkpoint, model, target, log)
+  missing = sorted(set(target) - set(loaded))
+  return model, transfer.unflatten({**loaded, **initialise(model, batch, missing)})
 
 
 def export_released(release, params: Mapping, model, directory: str, *, dtype=None,
                     max_shard_bytes: int = 2 << 30) -> dict[str, list[str]]:
   """Writes `params` in the release's layout: one sub-directory per source holding its
   tensors as safetensors (shards + index when large) and, where the source has one, its
-  config.json. Returns source -> tensor names."""
+  config.json. Params the release has no place for (`release.NEW`) are left out. Returns
+  source -> tensor names."""
+  new = [re.compile(p) for p in getattr(release, "NEW", {})]
+  params = transfer.unflatten({p: a for p, a in transfer.flatten(params).items()
+                               if not any(r.fullmatch(p) for r in new)})
   writers, names = {}, {}
   for name, tensor in transfer.export_tensors(params, release.layout(model, None), dtype):
     source, _, inner = name.partition(":")
@@ -101,7 +126,8 @@ def export_released(release, params: Mapping, model, directory: str, *, dtype=No
 def consumers(release, checkpoint, model, target: Mapping) -> dict[str, list[tuple]]:
   """tensor name -> the target tuples of the rules that read it (after the import checks):
   which of our parameters each published tensor feeds."""
-  plan = transfer.plan_import(checkpoint, release.layout(model, checkpoint), target)
+  plan = transfer.plan_import(checkpoint, release.layout(model, checkpoint), target,
+                              tuple(getattr(release, "NEW", {})))
   used, seen = {}, set()
   for entries in plan.by_leaf.values():
     for slot, _ in entries:

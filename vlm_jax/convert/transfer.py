@@ -179,7 +179,9 @@ def export_tensors(params: Mapping, arch, dtype=None) -> Iterator[tuple[str, np.
       ours = [_host(flat[p], slot.index) for p in slot.targets]
       for name, tensor in zip(slot.sources, slot.rule.to_hf(*ours)):
         tensor = np.asarray(tensor)
-        yield name, np.ascontiguousarray(tensor.astype(dtype or tensor.dtype))
+        if dtype and jax.numpy.issubdtype(tensor.dtype, jax.numpy.floating):  # not ints
+          tensor = tensor.astype(dtype)
+        yield name, np.ascontiguousarray(tensor)
 
 
 def export(params: Mapping, arch, directory: str, *, dtype=None,
