@@ -85,3 +85,81 @@ def test_export_of_a_run_merges_lora_and_transformers_reproduces_the_lm(tmp_path
   ours = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask, jnp.float32),
                      method=lambda m, t, k: m.lm(t, token_mask=k))
   np.testing.assert_allclose(np.asarray(ours)[mask], want.numpy()[mask], atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# A released layout (MiniGPT-v2's) into the tiny config's model, sharded, from the CLI
+# ----------------------------------------------------------------------------------------
+def _eva(width, layers, patch, size):
+  g = torch.Generator().manual_seed(2)
+  r = lambda *s: 0.1 * torch.randn(*s, generator=g)
+  state = {"cls_token": r(1, 1, width), "pos_embed": r(1, 1 + (size // patch) ** 2, width),
+           "patch_embed.proj.weight": r(width, 3, patch, patch),
+           "patch_embed.proj.bias": r(width)}
+  for i in range(layers):
+    b = f"blocks.{i}."
+    for name, shape in (("norm1", (width,)), ("norm2", (width,)),
+                        ("attn.proj", (width, width)), ("mlp.fc1", (4 * width, width)),
+                        ("mlp.fc2", (width, 4 * width))):
+      state[b + name + ".weight"], state[b + name + ".bias"] = r(*shape), r(shape[0])
+    state[b + "attn.qkv.weight"] = r(3 * width, width)
+    state[b + "attn.q_bias"], state[b + "attn.v_bias"] = r(width), r(width)
+  return state
+
+
+def test_import_of_a_released_layout_into_the_configs_sharded_model(tiny_llama, tmp_path,
+                                                                     capsys):
+  import peft  # pylint: disable=g-import-not-at-top  (test extra)
+  model, lm_path = tiny_llama
+  config = config_lib.load_config(CONFIG)
+  lora = peft.get_peft_model(transformers.LlamaForCausalLM(model.config), peft.LoraConfig(
+      r=config.model.lora_rank, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+  vision, lm_width = config.model.vision_width, config.model.width
+  state = {"llama_model." + k: v for k, v in lora.state_dict().items() if "lora_" in k}
+  state["llama_proj.weight"] = torch.randn(lm_width, 4 * vision)
+  state["llama_proj.bias"] = torch.randn(lm_width)
+  torch.save({"model": state}, tmp_path / "minigptv2_checkpoint.pth")
+  torch.save(_eva(vision, config.model.vision_layers + 1, 14, config.data.image_size),
+             tmp_path / "eva_vit_g.pth")
+  cli.main(["import", str(tmp_path / "minigptv2_checkpoint.pth"), "--layout", "minigpt_v2",
+            "--lm", lm_path, "--vision", str(tmp_path / "eva_vit_g.pth"), "--config", CONFIG,
+            "--out", str(tmp_path / "params")])
+  assert "Imported" in capsys.readouterr().out
+  with ocp.StandardCheckpointer() as reader:
+    params = reader.restore(tmp_path / "params")
+  np.testing.assert_array_equal(params["projection"]["kernel"], state["llama_proj.weight"].T)
+  lora_a = state["llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_A.default.weight"]
+  np.testing.assert_array_equal(
+      params["lm"]["layers"]["layers"]["self_attention"]["value"]["lora_a"][1], lora_a.T)
+  np.testing.assert_array_equal(params["lm"]["embed"]["embedding"],
+                                model.model.embed_tokens.weight.detach().numpy())
+
+
+def test_a_released_layout_with_a_missing_file_exits_with_a_message(tiny_llama, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["import", tiny_llama[1], "--layout", "openflamingo", "--lm", tiny_llama[1]])
+  assert e.value.code == 2
+  assert "openflamingo: sources ['vision'] are missing" in capsys.readouterr().err
+
+
+def test_export_of_a_run_in_a_released_layout_imports_back(tmp_path):
+  from vlm_jax.convert import minigpt_v2, released  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(CONFIG)
+  model = registry.build(config.model)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), registry.dummy_batch(config, 1)))
+  params = params["params"]
+  trainable, frozen = state_lib.split_frozen(params, config.frozen)
+  workdir = tmp_path / "run"
+  with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state",)) as manager:
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        {"step": jnp.array(3), "params": trainable, "frozen": frozen})))
+  out = tmp_path / "release"
+  cli.main(["export", "--config", CONFIG, "--workdir", str(workdir), "--layout", "minigpt_v2",
+            "--out", str(out)])
+  assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "lm", "vision"]
+  m = config.model
+  _, again = released.import_released(
+      minigpt_v2, {s: str(out / s) for s in minigpt_v2.SOURCES}, lora_alpha=m.lora_alpha,
+      vision_heads=m.vision_heads, vision_layers=m.vision_layers, log=lambda _: None)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

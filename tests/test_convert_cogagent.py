@@ -138,3 +138,16 @@ def test_export_reproduces_the_imported_tensors(release, tmp_path):
     np.testing.assert_array_equal(value, state[name], err_msg=name)
   config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
   assert (config["cross_compute_hidden_size"], config["num_hidden_layers"]) == (CROSS, LAYERS)
+
+
+def test_command_line_import(release, tmp_path, capsys):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
+  state, path = release
+  cli.main(["import", path, "--layout", "cogagent", "--set", "high_res_layers=1", "--set",
+            "high_res_heads=2", "--set", "high_res_mlp_dim=32", "--out", str(tmp_path / "p")])
+  assert "keep their initialisation" in capsys.readouterr().out
+  with ocp.StandardCheckpointer() as reader:
+    params = reader.restore(tmp_path / "p")
+  np.testing.assert_array_equal(params["lm"]["embed"]["embedding"],
+                                state["model.embed_tokens.weight"])

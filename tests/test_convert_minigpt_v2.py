@@ -159,3 +159,17 @@ def test_peft_before_0_3_names_are_read(release, imported, tmp_path):
       vision_heads=2, log=lambda _: None)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(imported[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_command_line_import(release, imported, tmp_path, capsys):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
+  _, paths, _, _ = release
+  cli.main(["import", paths["checkpoint"], "--layout", "minigpt_v2", "--lm", paths["lm"],
+            "--vision", paths["vision"], "--set", "lora_alpha=8.0", "--set", "vision_heads=2",
+            "--out", str(tmp_path / "params")])
+  assert "Imported" in capsys.readouterr().out
+  with ocp.StandardCheckpointer() as reader:
+    params = reader.restore(tmp_path / "params")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(imported[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

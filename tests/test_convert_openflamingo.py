@@ -282,3 +282,17 @@ def test_a_checkpoint_that_needs_arbitrary_objects_is_refused(release, tmp_path)
     released.import_released(openflamingo, dict(paths, checkpoint=str(tmp_path / "bad.pt")))
   with pytest.raises(released.ConversionError, match=r"sources \['vision'\] are missing"):
     released.import_released(openflamingo, {"checkpoint": paths["checkpoint"], "lm": paths["lm"]})
+
+
+def test_command_line_import(release, imported, tmp_path, capsys):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
+  _, paths, _, _, _ = release
+  cli.main(["import", paths["checkpoint"], "--layout", "openflamingo", "--lm", paths["lm"],
+            "--vision", paths["vision"], "--set", "vision_heads=4", "--out",
+            str(tmp_path / "params")])
+  assert "Saved the imported parameters" in capsys.readouterr().out
+  with ocp.StandardCheckpointer() as reader:
+    params = reader.restore(tmp_path / "params")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(imported[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -157,3 +157,16 @@ def test_checkpoints_with_batchnorm_expert_stems_are_refused(tmp_path):
                            r"conv1\.depth\.11\.running_mean, \.\.\. 8 in all\), ours with "
                            r"LayerNorm"):
     prismer.layout(model, checkpoint)
+
+
+def test_command_line_import(prismerz, tmp_path, capsys):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
+  state, path = prismerz
+  cli.main(["import", path, "--layout", "prismer", "--set", "num_heads=4", "--set",
+            "vision_heads=4", "--out", str(tmp_path / "params")])
+  assert "Imported" in capsys.readouterr().out
+  with ocp.StandardCheckpointer() as reader:
+    params = reader.restore(tmp_path / "params")
+  np.testing.assert_array_equal(params["word_embedding"],
+                                state["text_decoder.roberta.embeddings.word_embeddings.weight"])

@@ -2,18 +2,26 @@
 
   vlm-convert inspect CKPT
       architecture, tensor count, parameters, dtypes and files of an HF checkpoint (headers
-      only).
+      only) or of a torch state-dict file (read with weights_only=True).
   vlm-convert import CKPT [--config configs/<family>.py:<size> --part lm|vision] [--out DIR]
       checks CKPT against the family's part (or, without --config, against our module built
       from CKPT's config.json), imports it into the config's mesh shardings and reports what
       was converted and what keeps its initialisation; --out saves the imported params
       (orbax). Training uses the same import through --config.init.lm / --config.init.vision.
+  vlm-convert import CKPT --layout openflamingo|minigpt_v2|prismer|cogagent [--lm DIR]
+      [--vision PATH] [--set FIELD=VALUE ...] [--config ...] [--out DIR]
+      a seed system's released checkpoint (CKPT: its published file or directory; --lm /
+      --vision: the other files the release consists of, see docs/weights.md) into our whole
+      model: built from the files (--set: model fields the files do not determine) or the
+      --config's model, in its mesh shardings.
   vlm-convert export --config configs/<family>.py:<size> --workdir RUN --part lm --out DIR
-      [--step N] [--dtype bfloat16] [--arch llama|gpt_neox|clip|roberta]
+      [--step N] [--dtype bfloat16] [--arch llama|gpt_neox|mpt|clip|roberta] [--layout NAME]
       the run's newest (or step N) parameters of that part, LoRA merged, as an HF checkpoint
       (safetensors shards + config.json) that transformers' from_pretrained loads. Params
       the family declares new in that part (Flamingo's gated cross-attention, Prismer's
       cross-attention and adaptors) have no place in the HF model and are left out.
+      --layout NAME writes the whole model in that release's layout instead (one
+      sub-directory per file of the release).
 """
 import argparse
 import json
@@ -25,7 +33,7 @@ from vlm_jax import config as config_lib
 
 def _inspect(args):
   from vlm_jax import convert
-  checkpoint = convert.Checkpoint(args.checkpoint)
+  checkpoint = convert.sources.open_checkpoint(args.checkpoint)
   try:
     arch = convert.arch_for(checkpoint).NAME
   except convert.ConversionError as e:
@@ -40,20 +48,16 @@ def _inspect(args):
                     "files": sorted({checkpoint.file(n) for n in checkpoint.tensors})}, indent=2))
 
 
-def _family_target(config, part: str):
-  """(model, part root, '/'-path -> ShapeDtypeStruct with sharding, new regexes)."""
+def _sharded_params(config):
+  """(model, '/'-path -> ShapeDtypeStruct with its sharding for every param, batch, mesh)."""
   import jax
   from flax import traverse_util
 
-  from vlm_jax import convert, sharding
+  from vlm_jax import sharding
   from vlm_jax.models import registry
-  from vlm_jax.train import init_weights, state as state_lib
+  from vlm_jax.train import state as state_lib
 
   model = registry.build(config.model)
-  parts = init_weights.pretrained_parts(model)
-  if part not in parts:
-    raise convert.ConversionError(f"--part {part}: {type(model).__name__} declares "
-                                  f"{sorted(parts) or 'no'} parts (PRETRAINED_PARTS).")
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   batch = registry.dummy_batch(config, 1)
@@ -65,13 +69,68 @@ def _family_target(config, part: str):
   shapes = traverse_util.flatten_dict(state_lib.strip_boxes(boxed), sep="/")
   full = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[p])
           for p, s in shapes.items()}
+  return model, full, batch, mesh
+
+
+def _family_target(config, part: str):
+  """(model, part root, '/'-path -> ShapeDtypeStruct with sharding, new regexes, mesh)."""
+  from vlm_jax import convert
+  from vlm_jax.train import init_weights
+
+  model, full, _, mesh = _sharded_params(config)
+  parts = init_weights.pretrained_parts(model)
+  if part not in parts:
+    raise convert.ConversionError(f"--part {part}: {type(model).__name__} declares "
+                                  f"{sorted(parts) or 'no'} parts (PRETRAINED_PARTS).")
   root, target, new = init_weights.part_target(parts[part], full)
   return model, root, target, new, mesh
 
 
+def _model_fields(assignments) -> dict:
+  """--set FIELD=VALUE (VALUE a Python literal, else a string) -> {field: value}."""
+  import ast
+
+  from vlm_jax import convert
+  fields = {}
+  for item in assignments:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise convert.ConversionError(f"--set {item!r}: expected FIELD=VALUE.")
+    try:
+      fields[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      fields[key] = value
+  return fields
+
+
+def _import_released(args, config):
+  """A released checkpoint into our whole model (built from the files, or the config's)."""
+  import jax
+
+  from vlm_jax import convert
+  release = convert.RELEASES[args.layout]
+  paths = {"checkpoint": args.checkpoint, "lm": args.lm, "vision": args.vision}
+  paths = {k: v for k, v in paths.items() if k in release.SOURCES or v}
+  if config is None:
+    _, params = convert.released.import_released(release, paths, **_model_fields(args.set))
+    return params
+  if args.set:
+    raise convert.ConversionError("--set sets fields of a model built from the files; with "
+                                  "--config, override --config.model.FIELD instead.")
+  model, target, batch, mesh = _sharded_params(config)
+  checkpoint = convert.released.open_sources(release, paths)
+  with jax.set_mesh(mesh):
+    loaded = convert.released.load(release, checkpoint, model, target)
+    missing = sorted(set(target) - set(loaded))
+    loaded.update(convert.released.initialise(model, batch, missing))
+  return convert.unflatten(loaded)
+
+
 def _import(args, config):
   from vlm_jax import convert
-  if config is None:
+  if args.layout:
+    params = _import_released(args, config)
+  elif config is None:
     _, params = convert.import_hf(args.checkpoint, arch=args.arch)
   else:
     _, _, target, new, _ = _family_target(config, args.part)
@@ -118,11 +177,29 @@ def _restore_params(workdir: str, step, target: dict) -> tuple[dict, int]:
   return {p: a for side in restored for p, a in convert.flatten(restored[side]).items()}, step
 
 
+def _export_released(args, config):
+  """The run's whole model in a release's layout."""
+  import jax
+
+  from vlm_jax import convert
+  model, target, _, mesh = _sharded_params(config)
+  with jax.set_mesh(mesh):
+    flat, step = _restore_params(args.workdir, args.step, target)
+  written = convert.released.export_released(convert.RELEASES[args.layout],
+                                             convert.unflatten(flat), model, args.out,
+                                             dtype=args.dtype)
+  print(f"Exported the model (step {step}) as {args.layout}: "
+        + ", ".join(f"{len(names)} tensors in {args.out}/{source}"
+                    for source, names in written.items()) + ".")
+
+
 def _export(args, config):
   import jax
 
   from vlm_jax import convert
   from vlm_jax.train import init_weights
+  if args.layout:
+    return _export_released(args, config)
   model, root, target, new, mesh = _family_target(config, args.part)
   with jax.set_mesh(mesh):
     flat, step = _restore_params(args.workdir, args.step,
@@ -149,6 +226,14 @@ def main(argv=None):
   imp.add_argument("--part", default="lm", help="the family's part (with --config)")
   imp.add_argument("--arch", default=None, help="override config.json's model_type")
   imp.add_argument("--out", default="", help="save the imported params here (orbax)")
+  layouts = ["openflamingo", "minigpt_v2", "prismer", "cogagent"]  # convert.RELEASES (a
+  # literal: --help does not import jax)
+  imp.add_argument("--layout", default=None, choices=layouts,
+                   help="CKPT is this seed system's released checkpoint (docs/weights.md)")
+  imp.add_argument("--lm", default=None, help="--layout: the release's language model (HF dir)")
+  imp.add_argument("--vision", default=None, help="--layout: the release's vision tower file")
+  imp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="--layout without --config: a model field the files do not determine")
   exp = commands.add_parser("export", help="a run's part as an HF checkpoint")
   exp.add_argument("--workdir", required=True)
   exp.add_argument("--part", default="lm")
@@ -156,8 +241,10 @@ def main(argv=None):
   exp.add_argument("--step", type=int, default=None)
   exp.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as trained)")
   exp.add_argument("--arch", default=None, help="default: the part's declared 'arch', else "
-                   "from the module (llama for an RMSNorm DecoderLM, gpt_neox for a LayerNorm "
-                   "one, clip for a ViT)")
+                   "from the module (llama for an RMSNorm DecoderLM, mpt for an ALiBi one, "
+                   "gpt_neox for a LayerNorm one, clip for a ViT)")
+  exp.add_argument("--layout", default=None, choices=layouts,
+                   help="write the whole model in this release's layout (not --part)")
   try:
     spec, overrides, rest = config_lib.parse_config_args(argv)
     args = parser.parse_args(rest)

@@ -6,12 +6,16 @@ Python API (see docs/weights.md):
     module, params = convert.import_hf("path/to/llama")            # module built from config.json
     flat = convert.load_part("path/to/llama", target)               # into given shardings
     convert.export_hf(params, module, "out/dir")                    # LoRA merged, config.json
+    model, params = convert.released.import_released(convert.openflamingo, {
+        "checkpoint": "checkpoint.pt", "lm": "mpt-7b/", "vision": "open_clip_pytorch_model.bin"})
 
 `target` maps '/'-paths (relative to the sub-tree being filled) to ShapeDtypeStructs whose
 `sharding` is where each array lands. One module per source architecture holds the
 name/shape mapping (`llama`, `gpt_neox`, `mpt`, `clip`, ...): NAME, MODEL_TYPES (config.json
 `model_type`s it reads), IGNORE (checkpoint tensors dropped on purpose), `slots(paths,
-names)`, `build(config)` and `hf_config(module, shapes)`.
+names)`, `build(config)` and `hf_config(module, shapes)`. The seed systems' released
+checkpoints (OpenFlamingo, MiniGPT-v2, Prismer, CogAgent: several files, torch pickles read
+with weights_only=True) have one module each in RELEASES (see released.py).
 """
 import json
 import os
@@ -22,17 +26,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.convert import clip, gpt_neox, llama, mpt, roberta, t5, transfer
+from vlm_jax.convert import clip, cogagent, gpt_neox, llama, minigpt_v2, mpt, open_clip
+from vlm_jax.convert import openflamingo, prismer, released, roberta, sources, t5, transfer
 from vlm_jax.convert.checkpoint import Checkpoint, ConversionError
 from vlm_jax.convert.transfer import flatten, unflatten
 from vlm_jax.nn import lora
 
-ARCHS = {m.NAME: m for m in (llama, gpt_neox, mpt, clip, roberta, t5)}
+ARCHS = {m.NAME: m for m in (llama, gpt_neox, mpt, clip, open_clip, roberta, t5)}
+# The seed systems' released checkpoints (whole models from their published files).
+RELEASES = {m.NAME: m for m in (openflamingo, minigpt_v2, prismer, cogagent)}
 # Our parameters that no HF checkpoint has; they keep their initialisation on import.
 ALWAYS_NEW = (r"(.*/)?lora_[ab]",)
 
-__all__ = ["ARCHS", "Checkpoint", "ConversionError", "arch_for", "plan", "load_part",
-           "import_hf", "export_hf", "flatten", "unflatten"]
+__all__ = ["ARCHS", "RELEASES", "Checkpoint", "ConversionError", "arch_for", "plan",
+           "load_part", "import_hf", "export_hf", "flatten", "unflatten"]
 
 
 def arch_for(checkpoint: Checkpoint, arch: str | None = None):
@@ -53,7 +60,7 @@ def arch_for(checkpoint: Checkpoint, arch: str | None = None):
 def plan(path: str, target: Mapping, *, arch: str | None = None,
          new: tuple[str, ...] = ()) -> transfer.ImportPlan:
   """Opens and checks the checkpoint at `path` against `target`; nothing is read yet."""
-  checkpoint = Checkpoint(path)
+  checkpoint = sources.open_checkpoint(path)
   return transfer.plan_import(checkpoint, arch_for(checkpoint, arch), target,
                               tuple(new) + ALWAYS_NEW)
 

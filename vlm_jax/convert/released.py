@@ -91,7 +91,10 @@ def import_released(release, paths: Mapping[str, str], *, log=print, **overrides
   `overrides` set model fields the files do not determine. Parameters the release cannot
   provide keep the model's initialisation (the log names them)."""
   checkpoint = open_sources(release, paths)
-  model, batch = release.build(checkpoint, **overrides)
+  try:
+    model, batch = release.build(checkpoint, **overrides)
+  except TypeError as e:  # an override that is not a field of the model
+    raise ConversionError(f"{release.NAME}: {e}") from e
   target = target_of(model, batch)
   loaded = load(release, checkpoint, model, target, log)
   missing = sorted(set(target) - set(loaded))

@@ -18,7 +18,11 @@ import math
 import re
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.convert.checkpoint import ConversionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +78,16 @@ def linear(ours: str, hf: str, in_axes: int = 1) -> list[Rule]:
 
 def constant(fills: dict[str, Callable]) -> Rule:
   """Our params that no file holds because the reference fixes them (e.g. a LayerNorm left
-  at its initialisation): path -> fill(shape) on import, never written."""
+  at its initialisation): path -> fill(shape) on import; on export they must still hold
+  that value (the format has no place for another) and nothing is written."""
+  def to_hf(*ours):
+    for (path, fill), value in zip(fills.items(), ours):
+      if not isinstance(value, jax.core.Tracer) and not np.array_equal(value, fill(value.shape)):
+        raise ConversionError(f"{path} differs from the value the format fixes; the export has "
+                              "no place for it.")
+    return ()
   return Rule(tuple(fills), (), lambda shapes: tuple(f(s) for f, s in zip(fills.values(), shapes)),
-              lambda *ours: ())
+              to_hf)
 
 
 def fused(targets: tuple[str, ...], source: str) -> Rule:
