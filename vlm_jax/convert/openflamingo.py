@@ -1,7 +1,8 @@
 """OpenFlamingo's released checkpoints <-> `vlm_jax.models.flamingo.Flamingo`.
 
-A release (huggingface.co/openflamingo/OpenFlamingo-{3B-vitl-mpt1b,4B-vitl-rpj3b,
-9B-vitl-mpt7b}[-langinstruct]) is three sources:
+A release (huggingface.co/openflamingo/OpenFlamingo-{4B-vitl-rpj3b,9B-vitl-mpt7b}
+[-langinstruct], the deprecated LLaMA OpenFlamingo-9B; OpenFlamingo-3B's MPT-1B is MosaicGPT
+with QK LayerNorm, which we do not have: its LM is refused) is three sources:
 
     checkpoint  `checkpoint.pt`: the trainable part, a flat state dict (read with
                 torch.load(weights_only=True)), as open_flamingo's
@@ -20,6 +21,8 @@ A release (huggingface.co/openflamingo/OpenFlamingo-{3B-vitl-mpt1b,4B-vitl-rpj3b
             new_token_ids, new_token_embedding
         lang_encoder.embed_out.weight (GPT-NeoX: kept by the filter, "embed" is in its
             name)                              -> lm/logits_projection/kernel
+        lang_encoder.lm_head.weight of a tied LM (transformers' MPT lists the table twice):
+            ignored
     lm          the language model's HF directory (MPT-7B, RedPajama-INCITE-3B (GPT-NeoX),
                 LLaMA): every layer, the final norm, an untied head (LLaMA) -> lm/...;
                 its own embedding (pre-training, not resized) is ignored: the checkpoint's

@@ -39,10 +39,9 @@ class Layout:
   slots: Callable
 
 
-def open_sources(release, paths: Mapping[str, str], keys: Mapping[str, str] = None):
+def open_sources(release, paths: Mapping[str, str]):
   """The release's files as one checkpoint; `paths` maps each of release.SOURCES to a file
   or directory (torch files are read with weights_only=True, see sources.py)."""
-  keys = keys or {}
   missing = [s for s in release.SOURCES if not paths.get(s)]
   if missing:
     raise ConversionError(f"{release.NAME}: sources {missing} are missing (it reads "
@@ -51,8 +50,7 @@ def open_sources(release, paths: Mapping[str, str], keys: Mapping[str, str] = No
   if unknown:
     raise ConversionError(f"{release.NAME}: unknown sources {unknown} (it reads "
                           f"{list(release.SOURCES)}).")
-  return sources.Combined({s: sources.open_checkpoint(paths[s], keys.get(s))
-                           for s in release.SOURCES})
+  return sources.Combined({s: sources.open_checkpoint(paths[s]) for s in release.SOURCES})
 
 
 def target_of(model, batch) -> dict:

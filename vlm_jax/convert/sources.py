@@ -36,10 +36,10 @@ def _torch():
 
 
 class TorchCheckpoint:
-  """The tensors of a torch state-dict file; `key` selects a nested dict (default: the file
-  itself when it holds tensors, else the first of NESTED_KEYS that does)."""
+  """The tensors of a torch state-dict file: the file's dict itself when it holds tensors,
+  else the first of NESTED_KEYS that does (a training script's `{"model": ..., ...}`)."""
 
-  def __init__(self, path: str, key: str | None = None):
+  def __init__(self, path: str):
     torch = _torch()
     self.path = self.source = os.path.abspath(path)
     self.directory = os.path.dirname(self.path)
@@ -53,19 +53,14 @@ class TorchCheckpoint:
     except pickle.UnpicklingError as e:
       raise ConversionError(f"{self.path}: not a plain state dict; torch's safe loader "
                             f"(weights_only=True) refused it: {str(e).splitlines()[0]}") from e
-    self._state = self._select(data, key, torch)
+    self._state = self._select(data, torch)
     self.tensors = {name: (self.path, tuple(t.shape), str(t.dtype).removeprefix("torch."))
                     for name, t in self._state.items()}
 
-  def _select(self, data, key, torch) -> dict:
+  def _select(self, data, torch) -> dict:
     def tensors_of(d):
       return isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
-    if key is not None:
-      if not isinstance(data, dict) or key not in data:
-        keys = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
-        raise ConversionError(f"{self.path}: no {key!r} entry (top-level keys: {keys}).")
-      data = data[key]
-    elif not tensors_of(data) and isinstance(data, dict):
+    if not tensors_of(data) and isinstance(data, dict):
       data = next((data[k] for k in NESTED_KEYS if tensors_of(data.get(k))), data)
     if not tensors_of(data):
       keys = sorted(data)[:8] if isinstance(data, dict) else "-"
@@ -102,10 +97,10 @@ class TorchCheckpoint:
     self.close()
 
 
-def open_checkpoint(path: str, key: str | None = None):
+def open_checkpoint(path: str):
   """A torch state-dict file by its suffix, else an HF safetensors checkpoint."""
   if os.path.isfile(path) and path.endswith(TORCH_SUFFIXES):
-    return TorchCheckpoint(path, key)
+    return TorchCheckpoint(path)
   return ckpt_lib.Checkpoint(path)
 
 
