@@ -26,13 +26,14 @@ cross-attention placement / heads x head dim / FFW activation:
   of9b   MPT-7B 4096/32/32/16384/50432 as of3b                as of3b         every 4th   8x64 gelu
 
 Styles: mpt = LayerNorm without bias, GELU MLP, tied embeddings, ALiBi (MPT-7B's layout;
-MPT-1B-RedPajama adds QK LayerNorm and biases, which we do not have); neox = LayerNorm with bias, biased GELU MLP, parallel
-residual, untied; chin (Chinchilla-like, the paper's LMs) = RMSNorm, GELU MLP, no bias,
-untied. The paper's NFNet-F6 (435M) is stood in for by a ViT of similar size (425M, width
-1536 = the resampler width the paper reports). The of* sizes feed the resampler the ViT's
-tokens before its final LayerNorm (`vision_post_norm='class'`), as OpenFlamingo did with
-open_clip < 2.23, so the released weights import unchanged (docs/weights.md). Placement: OpenFlamingo inserts a block before
-layer i when (i+1) % interval == 0; the paper's every-7th for 80 layers is not periodic in
+MPT-1B-RedPajama adds QK LayerNorm and biases, which we do not have); neox = LayerNorm with
+bias, biased GELU MLP, parallel residual, untied; chin (Chinchilla-like, the paper's LMs) =
+RMSNorm, GELU MLP, no bias, untied. The paper's NFNet-F6 (435M) is stood in for by a ViT of
+similar size (425M, width 1536 = the resampler width the paper reports). The of* sizes feed
+the resampler the ViT's tokens before its final LayerNorm (`vision_post_norm='class'`), as
+OpenFlamingo did with open_clip < 2.23, so the released weights import unchanged
+(docs/weights.md). Placement: OpenFlamingo inserts a block before layer i when
+(i+1) % interval == 0; the paper's every-7th for 80 layers is not periodic in
 units of 7 (80 % 7 != 0), so 80b scans units of 20 layers with blocks before sublayers 6, 13
 and 19 (12 blocks, gaps 7/6). Param counts vs published: docs/models.md.
 """

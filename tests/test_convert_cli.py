@@ -128,7 +128,8 @@ def test_import_of_a_released_layout_into_the_configs_sharded_model(tiny_llama, 
   with ocp.StandardCheckpointer() as reader:
     params = reader.restore(tmp_path / "params")
   np.testing.assert_array_equal(params["projection"]["kernel"], state["llama_proj.weight"].T)
-  lora_a = state["llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_A.default.weight"]
+  lora_a = state["llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_A."
+                 "default.weight"]
   np.testing.assert_array_equal(
       params["lm"]["layers"]["layers"]["self_attention"]["value"]["lora_a"][1], lora_a.T)
   np.testing.assert_array_equal(params["lm"]["embed"]["embedding"],

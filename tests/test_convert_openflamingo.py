@@ -14,13 +14,13 @@ dependencies at import time (open_clip, torchvision), so their model files are l
 the installed packages without the package `__init__` (DESIGN.md).
 """
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -36,37 +36,34 @@ WIDTH, VISION, SIZE, PATCH = 32, 32, 16, 8
 LENGTH, MEDIA = 12, 2
 
 
-def _package(name: str, spec_name: str, stubs: dict | None = None) -> str:
-  """Registers `name` as a package over the installed `spec_name` directory without running
-  its __init__ (plus stub submodules); returns the directory."""
+def _package(name: str, spec_name: str, subdirectory: str = "", stubs: dict | None = None):
+  """Registers `name` as a package over the installed `spec_name` package's `subdirectory`
+  without running any __init__, plus stub submodules."""
   spec = importlib.util.find_spec(spec_name)
   assert spec is not None, f"{spec_name} is a test dependency (README's test command)"
-  directory = os.path.dirname(spec.origin)
   package = types.ModuleType(name)
-  package.__path__ = [directory]
+  package.__path__ = [os.path.join(os.path.dirname(spec.origin), subdirectory)]
   sys.modules[name] = package
   for sub, module in (stubs or {}).items():
     sys.modules[f"{name}.{sub}"] = module
-  return directory
 
 
 @pytest.fixture(scope="module")
 def reference():
-  """(open_flamingo's src modules, open_clip's transformer module)."""
-  _package("_open_flamingo_pkg", "open_flamingo")
-  sys.modules["_open_flamingo_pkg"].__path__ = [
-      os.path.join(sys.modules["_open_flamingo_pkg"].__path__[0], "src")]
-  flamingo = importlib.import_module("_open_flamingo_pkg.flamingo")
-  flamingo_lm = importlib.import_module("_open_flamingo_pkg.flamingo_lm")
-  utils = importlib.import_module("_open_flamingo_pkg.utils")
+  """open_flamingo's src modules and open_clip's transformer module."""
+  # OpenFlamingo was trained on open_clip < 2.23's token output (no ln_post on the tokens).
+  assert importlib.metadata.version("open_clip_torch") == "2.20.0", "README's test command"
+  _package("_open_flamingo_src", "open_flamingo", "src")
   # open_clip/utils.py imports torchvision for a BatchNorm helper; transformer.py needs only
   # its to_2tuple.
   stub = types.ModuleType("_open_clip_pkg.utils")
   stub.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
-  _package("_open_clip_pkg", "open_clip", {"utils": stub})
-  open_clip = importlib.import_module("_open_clip_pkg.transformer")
-  return types.SimpleNamespace(flamingo=flamingo, flamingo_lm=flamingo_lm, utils=utils,
-                               open_clip=open_clip)
+  _package("_open_clip_pkg", "open_clip", stubs={"utils": stub})
+  return types.SimpleNamespace(
+      flamingo=importlib.import_module("_open_flamingo_src.flamingo"),
+      flamingo_lm=importlib.import_module("_open_flamingo_src.flamingo_lm"),
+      utils=importlib.import_module("_open_flamingo_src.utils"),
+      open_clip=importlib.import_module("_open_clip_pkg.transformer"))
 
 
 def _lm(style: str):

@@ -39,7 +39,8 @@ RELEASES = {m.NAME: m for m in (openflamingo, minigpt_v2, prismer, cogagent)}
 ALWAYS_NEW = (r"(.*/)?lora_[ab]",)
 
 __all__ = ["ARCHS", "RELEASES", "Checkpoint", "ConversionError", "arch_for", "plan",
-           "load_part", "import_hf", "export_hf", "flatten", "unflatten"]
+           "load_part", "import_hf", "export_hf", "flatten", "unflatten", "released",
+           "sources"]
 
 
 def arch_for(checkpoint: Checkpoint, arch: str | None = None):
