@@ -47,7 +47,7 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
   model = registry.build(config.model)
   tx = optimizer_lib.make_optimizer(config)
   batch_spec = registry.batch_spec(config, config.batch_size)
-  batch = random_batch(batch_spec, config.model.vocab_size, np.random.default_rng(0))
+  batch = random_batch(batch_spec, config.model.lm.vocab_size, np.random.default_rng(0))
   import flax.linen as nn
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     example = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}
@@ -69,8 +69,7 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
       state, metrics = compiled(state, batch, rng)
       metrics["loss"].block_until_ready()
       times.append(time.perf_counter() - start)
-  analytic = flops_lib.flops_per_example(config.model, config.data,
-                                        flops_lib.config_treatment(config))
+  analytic = flops_lib.flops_per_example(config, flops_lib.config_treatment(config))
   step_flops = analytic["train"] * config.batch_size
   median = statistics.median(times)
   return {

@@ -14,7 +14,7 @@ import transformers
 from vlm_jax import config as config_lib
 from vlm_jax.cli import convert as cli
 from vlm_jax.models import registry
-from vlm_jax.train import state as state_lib
+from vlm_jax import params as state_lib
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "minigpt_v2.py") + ":tiny"
 
@@ -64,12 +64,12 @@ def test_export_of_a_run_merges_lora_and_transformers_reproduces_the_lm(tmp_path
   model = registry.build(config.model)
   batch = registry.dummy_batch(config, 1)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch))["params"]
-  flat = state_lib.traverse_util.flatten_dict(params, sep="/")
+  flat = state_lib.flatten(params)
   rng = np.random.default_rng(0)
   for path in flat:  # a trained-looking LoRA
     if path.endswith("lora_b"):
       flat[path] = jnp.asarray(0.05 * rng.standard_normal(flat[path].shape), jnp.float32)
-  params = state_lib.traverse_util.unflatten_dict(flat, sep="/")
+  params = state_lib.unflatten(flat)
   trainable, frozen = state_lib.split_frozen(params, config.frozen)
   workdir = tmp_path / "run"
   with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state",)) as manager:
@@ -113,13 +113,13 @@ def test_import_of_a_released_layout_into_the_configs_sharded_model(tiny_llama, 
   model, lm_path = tiny_llama
   config = config_lib.load_config(CONFIG)
   lora = peft.get_peft_model(transformers.LlamaForCausalLM(model.config), peft.LoraConfig(
-      r=config.model.lora_rank, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-  vision, lm_width = config.model.vision_width, config.model.width
+      r=config.model.lm.lora_rank, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+  vision, lm_width = config.model.vision.width, config.model.lm.width
   state = {"llama_model." + k: v for k, v in lora.state_dict().items() if "lora_" in k}
   state["llama_proj.weight"] = torch.randn(lm_width, 4 * vision)
   state["llama_proj.bias"] = torch.randn(lm_width)
   torch.save({"model": state}, tmp_path / "minigptv2_checkpoint.pth")
-  torch.save(_eva(vision, config.model.vision_layers + 1, 14, config.data.image_size),
+  torch.save(_eva(vision, config.model.vision.depth + 1, 14, config.data.image_size),
              tmp_path / "eva_vit_g.pth")
   cli.main(["import", str(tmp_path / "minigptv2_checkpoint.pth"), "--layout", "minigpt_v2",
             "--lm", lm_path, "--vision", str(tmp_path / "eva_vit_g.pth"), "--config", CONFIG,
@@ -160,7 +160,8 @@ def test_export_of_a_run_in_a_released_layout_imports_back(tmp_path):
   assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "lm", "vision"]
   m = config.model
   _, again = released.import_released(
-      minigpt_v2, {s: str(out / s) for s in minigpt_v2.SOURCES}, lora_alpha=m.lora_alpha,
-      vision_heads=m.vision_heads, vision_layers=m.vision_layers, log=lambda _: None)
+      minigpt_v2, {s: str(out / s) for s in minigpt_v2.SOURCES},
+      {"lm.lora_alpha": m.lm.lora_alpha, "vision.num_heads": m.vision.num_heads,
+       "vision.depth": m.vision.depth}, log=lambda _: None)
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

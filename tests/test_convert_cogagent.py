@@ -16,6 +16,7 @@ CROSS, CROSS_IN = 32, 24  # cross_compute_hidden_size, cross_hidden_size
 VISION = dict(hidden_size=16, num_hidden_layers=2, num_heads=2, intermediate_size=32,
               patch_size=4, image_size=8, in_channels=3, num_positions=5, hidden_act="gelu",
               layer_norm_eps=1e-6, dropout_prob=0.0)
+HIGH_RES = {"high_res.depth": 1, "high_res.num_heads": 2, "high_res.mlp_dim": 32}
 
 
 def _reference_state() -> dict:
@@ -87,16 +88,16 @@ def release(tmp_path_factory):
 
 
 def _import(path, log=lambda _: None):
-  return released.import_released(cogagent, {"checkpoint": path}, high_res_layers=1,
-                                   high_res_heads=2, high_res_mlp_dim=32, log=log)
+  return released.import_released(cogagent, {"checkpoint": path}, HIGH_RES, log=log)
 
 
 def test_every_lm_and_adapter_key_is_consumed_once_and_the_towers_are_named(release):
   state, path = release
   checkpoint = released.open_sources(cogagent, {"checkpoint": path})
-  model, batch = cogagent.build(checkpoint, high_res_layers=1, high_res_heads=2,
-                                high_res_mlp_dim=32)
-  assert (model.visual_expert, model.cross_module, model.cross_heads) == (True, True, HEADS)
+  model, batch = released.build(cogagent, checkpoint, HIGH_RES)
+  layer = model.lm.layer_kwargs
+  assert (layer["visual_expert"], model.high_res is not None, layer["cross_heads"]) == (
+      True, True, HEADS)
   used = released.consumers(cogagent, checkpoint, model, released.target_of(model, batch))
   assert all(len(targets) == 1 for targets in used.values())
   towers = {k for k in state if k.startswith(("model.vision.patch_embedding.",
@@ -144,8 +145,8 @@ def test_command_line_import(release, tmp_path, capsys):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
   state, path = release
-  cli.main(["import", path, "--layout", "cogagent", "--set", "high_res_layers=1", "--set",
-            "high_res_heads=2", "--set", "high_res_mlp_dim=32", "--out", str(tmp_path / "p")])
+  cli.main(["import", path, "--layout", "cogagent", "--set", "high_res.depth=1", "--set",
+            "high_res.num_heads=2", "--set", "high_res.mlp_dim=32", "--out", str(tmp_path / "p")])
   assert "keep their initialisation" in capsys.readouterr().out
   with ocp.StandardCheckpointer() as reader:
     params = reader.restore(tmp_path / "p")

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 from vlm_jax.convert import minigpt_v2, released
 
 VISION, EVA_LAYERS, PATCH, SIZE = 16, 3, 4, 16  # EVA file: 3 blocks, the model uses 2
+OVERRIDES = {"lm.lora_alpha": 8.0, "vision.num_heads": 2}  # not in the files
 TOKENS = np.array([[1, 5, 9, 20, 31, 7, 0, 0], [0, 0, 0, 3, 4, 5, 6, 8],
                    [11, 12, 13, 14, 15, 16, 17, 18]])
 MASK = (np.arange(8)[None] < [[6], [8], [8]]) & (np.arange(8)[None] >= [[0], [3], [0]])
@@ -80,14 +81,14 @@ def release(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(release):
   _, paths, _, _ = release
-  return released.import_released(minigpt_v2, paths, lora_alpha=8.0, vision_heads=2,
-                                  log=lambda _: None)
+  return released.import_released(minigpt_v2, paths, OVERRIDES, log=lambda _: None)
 
 
 def test_lm_with_lora_matches_transformers_and_peft(release, imported):
   reference, _, state, _ = release
   model, params = imported
-  assert (model.lora_targets, model.lora_rank, model.vision_layers) == (("query", "value"), 4, 2)
+  assert (model.lm.lora_targets, model.lm.lora_rank, model.vision.depth) == (
+      ("query", "value"), 4, 2)
   assert any(".lora_A.default." in k for k in state)  # PEFT >= 0.3 names
   with torch.no_grad():
     want = reference(input_ids=torch.from_numpy(TOKENS),
@@ -108,7 +109,7 @@ def test_lm_with_lora_matches_transformers_and_peft(release, imported):
 def test_every_published_tensor_is_consumed_once(release):
   _, paths, _, _ = release
   checkpoint = released.open_sources(minigpt_v2, paths)
-  model, batch = minigpt_v2.build(checkpoint, lora_alpha=8.0, vision_heads=2)
+  model, batch = released.build(minigpt_v2, checkpoint, OVERRIDES)
   used = released.consumers(minigpt_v2, checkpoint, model, released.target_of(model, batch))
   assert all(len(targets) == 1 for targets in used.values())
   last = f"vision:blocks.{EVA_LAYERS - 1}."
@@ -155,8 +156,8 @@ def test_peft_before_0_3_names_are_read(release, imported, tmp_path):
   old = {k.replace(".default.", "."): torch.from_numpy(v) for k, v in state.items()}
   torch.save({"model": old}, tmp_path / "old.pth")
   _, params = released.import_released(
-      minigpt_v2, dict(paths, checkpoint=str(tmp_path / "old.pth")), lora_alpha=8.0,
-      vision_heads=2, log=lambda _: None)
+      minigpt_v2, dict(paths, checkpoint=str(tmp_path / "old.pth")), OVERRIDES,
+      log=lambda _: None)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(imported[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -166,7 +167,7 @@ def test_command_line_import(release, imported, tmp_path, capsys):
   from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
   _, paths, _, _ = release
   cli.main(["import", paths["checkpoint"], "--layout", "minigpt_v2", "--lm", paths["lm"],
-            "--vision", paths["vision"], "--set", "lora_alpha=8.0", "--set", "vision_heads=2",
+            "--vision", paths["vision"], "--set", "lm.lora_alpha=8.0", "--set", "vision.num_heads=2",
             "--out", str(tmp_path / "params")])
   assert "Imported" in capsys.readouterr().out
   with ocp.StandardCheckpointer() as reader:

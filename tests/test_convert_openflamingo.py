@@ -34,6 +34,7 @@ V = V_LM + ADDED
 EOC, IMAGE, PAD = V - 3, V - 2, V - 1
 WIDTH, VISION, SIZE, PATCH = 32, 32, 16, 8
 LENGTH, MEDIA = 12, 2
+VISION_HEADS = {"vision.num_heads": 4}  # open_clip head width 64 would give 0 here
 
 
 def _package(name: str, spec_name: str, subdirectory: str = "", stubs: dict | None = None):
@@ -177,7 +178,7 @@ def release(request, reference, tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(release):
   _, paths, _, _, _ = release
-  return released.import_released(openflamingo, paths, vision_heads=4, log=lambda _: None)
+  return released.import_released(openflamingo, paths, VISION_HEADS, log=lambda _: None)
 
 
 def test_released_checkpoint_holds_the_trainable_part(release):
@@ -193,7 +194,7 @@ def test_released_checkpoint_holds_the_trainable_part(release):
 def test_whole_model_logits_match_open_flamingo(release, imported):
   reference, _, _, _, style = release
   model, params = imported
-  assert (model.vision_post_norm, model.new_token_ids) == ("class", (IMAGE, EOC))
+  assert (model.vision.post_norm, model.new_token_ids) == ("class", (IMAGE, EOC))
   batch, pixels = _documents()
   with torch.no_grad():
     want = reference(vision_x=torch.from_numpy(pixels)[:, :, None],
@@ -239,7 +240,7 @@ def test_export_reproduces_the_released_files(release, imported, tmp_path):
       np.testing.assert_array_equal(value.detach().numpy(), original_lm[name].numpy(),
                                     err_msg=name)
   again = released.import_released(
-      openflamingo, {s: str(tmp_path / s) for s in openflamingo.SOURCES}, vision_heads=4,
+      openflamingo, {s: str(tmp_path / s) for s in openflamingo.SOURCES}, VISION_HEADS,
       log=lambda _: None)[1]
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -260,7 +261,7 @@ def test_deprecated_release_names_and_buffers_are_read(release, imported, tmp_pa
     torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()},
                tmp_path / file)
     _, params = released.import_released(
-        openflamingo, dict(paths, checkpoint=str(tmp_path / file)), vision_heads=4,
+        openflamingo, dict(paths, checkpoint=str(tmp_path / file)), VISION_HEADS,
         log=lambda _: None)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(imported[1])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -286,7 +287,7 @@ def test_command_line_import(release, imported, tmp_path, capsys):
   from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
   _, paths, _, _, _ = release
   cli.main(["import", paths["checkpoint"], "--layout", "openflamingo", "--lm", paths["lm"],
-            "--vision", paths["vision"], "--set", "vision_heads=4", "--out",
+            "--vision", paths["vision"], "--set", "vision.num_heads=4", "--out",
             str(tmp_path / "params")])
   assert "Saved the imported parameters" in capsys.readouterr().out
   with ocp.StandardCheckpointer() as reader:

@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 from vlm_jax.convert import prismer, released
 
 TEXT, VISION, LAYERS, VOCAB, POSITIONS, PATCH, SIZE = 32, 32, 2, 50, 20, 8, 32
+HEADS = {"lm.num_heads": 4, "vision.num_heads": 4}  # width / 64 would give 0 here
 
 
 def _reference_state(experts: dict[str, int]) -> dict:
@@ -117,9 +118,9 @@ def prismerz(tmp_path_factory):
 def test_every_key_is_consumed_once(prismerz):
   state, path = prismerz
   checkpoint = released.open_sources(prismer, {"checkpoint": path})
-  model, batch = prismer.build(checkpoint, num_heads=4, vision_heads=4)
-  assert (model.num_layers, model.vision_layers, model.image_size, model.experts) == (
-      LAYERS, LAYERS, SIZE, ())
+  model, batch = released.build(prismer, checkpoint, HEADS)
+  assert (model.lm.num_layers, model.vision.depth, model.vision.image_size,
+          model.vision.experts) == (LAYERS, LAYERS, SIZE, ())
   used = released.consumers(prismer, checkpoint, model, released.target_of(model, batch))
   assert all(len(targets) == 1 for targets in used.values())
   duplicates = {"text_decoder.lm_head.decoder.weight", "text_decoder.lm_head.decoder.bias",
@@ -131,8 +132,8 @@ def test_every_key_is_consumed_once(prismerz):
 
 def test_values_land_and_the_export_reproduces_the_file(prismerz, tmp_path):
   state, path = prismerz
-  model, params = released.import_released(prismer, {"checkpoint": path}, num_heads=4,
-                                           vision_heads=4, log=lambda _: None)
+  model, params = released.import_released(prismer, {"checkpoint": path}, HEADS,
+                                           log=lambda _: None)
   np.testing.assert_array_equal(
       np.asarray(params["vision"]["embedder"]["pos_embedding"]["pos_embedding"]),
       state["expert_encoder.positional_embedding"].reshape(4, 4, VISION))
@@ -150,8 +151,8 @@ def test_values_land_and_the_export_reproduces_the_file(prismerz, tmp_path):
 def test_checkpoints_with_batchnorm_expert_stems_are_refused(tmp_path):
   torch.save(_reference_state({"depth": 1, "seg": 64}), tmp_path / "pytorch_model.bin")
   checkpoint = released.open_sources(prismer, {"checkpoint": str(tmp_path / "pytorch_model.bin")})
-  model, _ = prismer.build(checkpoint, num_heads=4, vision_heads=4, resampler_heads=4)
-  assert model.experts == ("depth", "seg")
+  model, _ = released.build(prismer, checkpoint, dict(HEADS, **{"vision.resampler_heads": 4}))
+  assert model.vision.experts == ("depth", "seg")
   with pytest.raises(released.ConversionError,
                      match=r"expert stems normalise with BatchNorm \(checkpoint:expert_encoder\."
                            r"conv1\.depth\.11\.running_mean, \.\.\. 8 in all\), ours with "
@@ -163,8 +164,8 @@ def test_command_line_import(prismerz, tmp_path, capsys):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
   state, path = prismerz
-  cli.main(["import", path, "--layout", "prismer", "--set", "num_heads=4", "--set",
-            "vision_heads=4", "--out", str(tmp_path / "params")])
+  cli.main(["import", path, "--layout", "prismer", "--set", "lm.num_heads=4", "--set",
+            "vision.num_heads=4", "--out", str(tmp_path / "params")])
   assert "Imported" in capsys.readouterr().out
   with ocp.StandardCheckpointer() as reader:
     params = reader.restore(tmp_path / "params")

@@ -48,40 +48,19 @@ def _inspect(args):
                     "files": sorted({checkpoint.file(n) for n in checkpoint.tensors})}, indent=2))
 
 
-def _sharded_params(config):
-  """(model, '/'-path -> ShapeDtypeStruct with its sharding for every param, batch, mesh)."""
-  import jax
-  from flax import traverse_util
-
-  from vlm_jax import sharding
-  from vlm_jax.models import registry
-  from vlm_jax.train import state as state_lib
-
-  model = registry.build(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config)
-  batch = registry.dummy_batch(config, 1)
-  boxed = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, batch,
-      deterministic=True)["params"])
-  shardings = traverse_util.flatten_dict(sharding.logical_shardings(boxed, mesh, rules),
-                                         sep="/")
-  shapes = traverse_util.flatten_dict(state_lib.strip_boxes(boxed), sep="/")
-  full = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[p])
-          for p, s in shapes.items()}
-  return model, full, batch, mesh
-
-
 def _family_target(config, part: str):
   """(model, part root, '/'-path -> ShapeDtypeStruct with sharding, new regexes, mesh)."""
-  from vlm_jax import convert
+  from vlm_jax import convert, params, sharding
+  from vlm_jax.models import registry
   from vlm_jax.train import init_weights
 
-  model, full, _, mesh = _sharded_params(config)
+  model = registry.build(config.model)
   parts = init_weights.pretrained_parts(model)
   if part not in parts:
     raise convert.ConversionError(f"--part {part}: {type(model).__name__} declares "
                                   f"{sorted(parts) or 'no'} parts (PRETRAINED_PARTS).")
+  mesh = sharding.make_mesh(config.mesh)
+  full = params.abstract_with_shardings(config, mesh, model)
   root, target, new = init_weights.part_target(parts[part], full)
   return model, root, target, new, mesh
 
@@ -107,17 +86,20 @@ def _import_released(args, config):
   """A released checkpoint into our whole model (built from the files, or the config's)."""
   import jax
 
-  from vlm_jax import convert
+  from vlm_jax import convert, params, sharding
+  from vlm_jax.models import registry
   release = convert.RELEASES[args.layout]
   paths = {"checkpoint": args.checkpoint, "lm": args.lm, "vision": args.vision}
   paths = {k: v for k, v in paths.items() if k in release.SOURCES or v}
   if config is None:
-    _, params = convert.released.import_released(release, paths, **_model_fields(args.set))
-    return params
+    return convert.released.import_released(release, paths, _model_fields(args.set))[1]
   if args.set:
     raise convert.ConversionError("--set sets fields of a model built from the files; with "
                                   "--config, override --config.model.FIELD instead.")
-  model, target, batch, mesh = _sharded_params(config)
+  model = registry.build(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  target = params.abstract_with_shardings(config, mesh, model)
+  batch = registry.dummy_batch(config, 1)
   checkpoint = convert.released.open_sources(release, paths)
   with jax.set_mesh(mesh):
     loaded = convert.released.load(release, checkpoint, model, target)
@@ -143,48 +125,31 @@ def _import(args, config):
     print(f"Saved the imported parameters to {args.out} (orbax).")
 
 
-def _restore_params(workdir: str, step, target: dict) -> tuple[dict, int]:
-  """('/'-path -> array for the paths in `target`, step) from the run's `state` item (its
-  trainable `params` or `frozen` side, whichever holds each)."""
-  import os
-
-  import grain
-  import orbax.checkpoint as ocp
-
-  from vlm_jax import convert
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                 "data": grain.checkpoint.CheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise convert.ConversionError(f"--workdir {workdir}: no finished checkpoint in {directory}.")
-  saved = manager.item_metadata(step)["state"]
-  saved = getattr(saved, "tree", saved)
-  item = {}
-  for side in ("params", "frozen"):
-    for path in convert.flatten(saved.get(side) or {}):
-      if path in target:
-        item.setdefault(side, {})[path] = target[path]
-  missing = sorted(set(target) - {p for flat in item.values() for p in flat})
+def _read_run(workdir: str, step, wanted: dict) -> tuple[dict, int]:
+  """('/'-path -> array for every path of `wanted`, step) from a run's checkpoint."""
+  from vlm_jax import convert, params
+  try:
+    flat, step = params.read_checkpoint(workdir, wanted, step)
+  except params.CheckpointParamsError as e:
+    raise convert.ConversionError(f"--workdir {e}") from None
+  missing = sorted(set(wanted) - set(flat))
   if missing:
-    raise convert.ConversionError(f"{directory} step {step} lacks {missing[:3]} (another config?).")
-  item = {side: convert.unflatten(flat) for side, flat in item.items()}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))["state"]
-  manager.close()
-  return {p: a for side in restored for p, a in convert.flatten(restored[side]).items()}, step
+    raise convert.ConversionError(f"--workdir {workdir} step {step} lacks {missing[:3]} "
+                                  "(another config?).")
+  return flat, step
 
 
 def _export_released(args, config):
   """The run's whole model in a release's layout."""
   import jax
 
-  from vlm_jax import convert
-  model, target, _, mesh = _sharded_params(config)
+  from vlm_jax import convert, params, sharding
+  from vlm_jax.models import registry
+  model = registry.build(config.model)
+  mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    flat, step = _restore_params(args.workdir, args.step, target)
+    flat, step = _read_run(args.workdir, args.step,
+                           params.abstract_with_shardings(config, mesh, model))
   written = convert.released.export_released(convert.RELEASES[args.layout],
                                              convert.unflatten(flat), model, args.out,
                                              dtype=args.dtype)
@@ -202,8 +167,7 @@ def _export(args, config):
     return _export_released(args, config)
   model, root, target, new, mesh = _family_target(config, args.part)
   with jax.set_mesh(mesh):
-    flat, step = _restore_params(args.workdir, args.step,
-                                 {root + p: s for p, s in target.items()})
+    flat, step = _read_run(args.workdir, args.step, {root + p: s for p, s in target.items()})
   module = model.bind({})
   for name in filter(None, root.split("/")):
     module = getattr(module, name)

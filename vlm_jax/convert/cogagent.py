@@ -38,8 +38,11 @@ from vlm_jax.convert import llama, released
 from vlm_jax.convert import rules as R
 from vlm_jax.convert.checkpoint import ConversionError
 from vlm_jax.models import cogagent
+from vlm_jax.nn import vit
 
 NAME = "cogagent"
+FAMILY = "cogagent"
+VIT_LAYOUT = dict(mlp_activation="gelu", class_token=True)  # as configs/cogagent.py
 SOURCES = ("checkpoint",)
 NEW = {r"vision/.*": "CogAgent's low-res EVA2-CLIP-E normalises each branch's output "
                     "(x + LN(Attn(x))); our ViT is pre-LN (vlm_jax/convert/cogagent.py)",
@@ -109,13 +112,13 @@ ADAPTER = [R.dense("adapter/linear_proj/kernel", _GLU + "linear_proj.weight"),
 
 def layout(model, checkpoint=None) -> released.Layout:
   """Rules between `model`'s parameters and the checkpoint (None: export)."""
-  cross = model.cross_module
+  cross = model.high_res is not None
 
   def slots(paths, names):
     plain = [R.copy("lm/embed/embedding", "model.embed_tokens.weight"),
              R.copy("lm/final_norm/scale", "model.norm.weight"),
              R.dense("lm/logits_projection/kernel", "lm_head.weight"), *ADAPTER]
-    layer = _layer(model.visual_expert, cross, exporting=names is None)
+    layer = _layer(model.lm.layer_kwargs["visual_expert"], cross, exporting=names is None)
     return R.under(R.expand(paths, plain, [("lm/layers", layer)]), "", "checkpoint:")
 
   del checkpoint
@@ -123,51 +126,54 @@ def layout(model, checkpoint=None) -> released.Layout:
   return released.Layout(NAME, tuple("checkpoint:" + p for p in (*TOWERS, buffers)), slots)
 
 
-def build(checkpoint, **overrides):
-  """(CogAgent, example batch) from the release's config.json; `overrides` set other fields
-  (the high-res tower's sizes are not in config.json: ours default to EVA-02-L's)."""
+def model_config(checkpoint) -> dict:
+  """config.model's CogAgent fields from the release's config.json (the high-res tower's
+  sizes are not in it: ours default to EVA-02-L's; override high_res.* otherwise)."""
   config = checkpoint.config("checkpoint")
-  vision = config.get("vision_config") or {}
-  low = overrides.pop("image_size", vision.get("image_size", 224))
-  high = overrides.pop("high_res_image_size", config.get("cross_image_size", 1120))
   if config.get("model_type") not in ("cogagent", "cogvlm"):
     raise ConversionError(f"{NAME}: config.json has model_type={config.get('model_type')!r}; "
                           "expected 'cogagent' (CogAgentForCausalLM).")
-  lm = llama.module_kwargs({**config, "model_type": "llama"})
+  hf_lm = llama.module_kwargs({**config, "model_type": "llama"})
   names = set(checkpoint.tensors)
+  lm = {k: hf_lm[k] for k in ("vocab_size", "width", "num_layers", "num_heads", "mlp_dim",
+                              "norm_epsilon", "rotary_max_wavelength")}
+  theirs = config.get("vision_config") or {}
+  vision = dict(vit.variant("E/14", depth=63), **VIT_LAYOUT)  # EVA2-CLIP-E less its last layer
+  for ours, key in (("width", "hidden_size"), ("depth", "num_hidden_layers"),
+                    ("num_heads", "num_heads"), ("mlp_dim", "intermediate_size"),
+                    ("patch_size", "patch_size")):
+    if key in theirs:
+      vision[ours] = theirs[key]
   cross = "checkpoint:model.layers.0.cross_attn.query.weight" in names
-  kwargs = dict(
-      vocab_size=lm["vocab_size"], width=lm["width"], num_layers=lm["num_layers"],
-      num_heads=lm["num_heads"], mlp_dim=lm["mlp_dim"], norm_epsilon=lm["norm_epsilon"],
-      rotary_max_wavelength=lm["rotary_max_wavelength"],
+  return dict(
+      name=FAMILY, lm=lm, vision=vision,
+      adapter=dict(mlp_dim=checkpoint.shape(f"checkpoint:{_GLU}gate_proj.weight")[0]),
+      high_res=dict(vit.variant("L/14"), **VIT_LAYOUT,
+                    width=config.get("cross_hidden_size", 1024)),
+      cross=dict(width=config.get("cross_compute_hidden_size", 1024), heads=lm["num_heads"]),
       visual_expert="checkpoint:model.layers.0.mlp.vision_mlp.up_proj.weight" in names,
-      adapter_mlp_dim=checkpoint.shape(f"checkpoint:{_GLU}gate_proj.weight")[0],
       cross_module=cross)
-  for ours, theirs in (("vision_width", "hidden_size"), ("vision_layers", "num_hidden_layers"),
-                       ("vision_heads", "num_heads"), ("vision_mlp_dim", "intermediate_size"),
-                       ("patch_size", "patch_size")):
-    if theirs in vision:
-      kwargs[ours] = vision[theirs]
-  if cross:
-    kwargs.update(cross_width=config.get("cross_compute_hidden_size", 1024),
-                  cross_heads=lm["num_heads"],
-                  high_res_width=config.get("cross_hidden_size", 1024))
-  model = cogagent.CogAgent(**{**kwargs, **overrides})
-  batch = {"images": jnp.zeros((1, 1, low, low, 3)), "image_mask": jnp.ones((1, 1)),
-           "high_res_images": jnp.zeros((1, 1, high, high, 3)),
-           "image_positions": jnp.zeros((1, 1), jnp.int32),
-           "tokens": jnp.zeros((1, cogagent.image_tokens(low, model.patch_size)), jnp.int32),
-           "token_mask": jnp.ones((1, cogagent.image_tokens(low, model.patch_size)))}
-  return model, batch
+
+
+def example_batch(checkpoint, model) -> dict:
+  config = checkpoint.config("checkpoint")
+  low = (config.get("vision_config") or {}).get("image_size", 224)
+  high = config.get("cross_image_size", 1120)
+  tokens = cogagent.image_tokens(low, model.vision.patch_size)
+  return {"images": jnp.zeros((1, 1, low, low, 3)), "image_mask": jnp.ones((1, 1)),
+          "high_res_images": jnp.zeros((1, 1, high, high, 3)),
+          "image_positions": jnp.zeros((1, 1), jnp.int32),
+          "tokens": jnp.zeros((1, tokens), jnp.int32), "token_mask": jnp.ones((1, tokens))}
 
 
 def hf_configs(model, params) -> dict:
   """The LM's part of config.json (the release's own config.json also describes the towers)."""
   del params
+  lm = model.lm
   return {"checkpoint": {
       "architectures": ["CogAgentForCausalLM"], "model_type": "cogagent",
-      "vocab_size": model.vocab_size, "hidden_size": model.width,
-      "intermediate_size": model.mlp_dim, "num_hidden_layers": model.num_layers,
-      "num_attention_heads": model.num_heads, "rms_norm_eps": model.norm_epsilon,
-      "hidden_act": "silu", "cross_compute_hidden_size": model.cross_width,
-      "cross_hidden_size": model.high_res_width}}
+      "vocab_size": lm.vocab_size, "hidden_size": lm.width,
+      "intermediate_size": lm.mlp_dim, "num_hidden_layers": lm.num_layers,
+      "num_attention_heads": lm.num_heads, "rms_norm_eps": lm.norm_epsilon,
+      "hidden_act": "silu", "cross_compute_hidden_size": lm.layer_kwargs["cross_width"],
+      "cross_hidden_size": model.high_res.width if model.high_res else 1024}}

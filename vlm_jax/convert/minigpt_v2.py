@@ -21,15 +21,15 @@ stage-3 chat model, and the stage-2 `minigptv2_stage2.pth`) is three sources:
                                                        {kernel,bias} (key bias 0)
         blocks.{i}.attn.proj, mlp.fc1, mlp.fc2      -> <stack>/self_attention/out, mlp/wi, mlp/wo
         MiniGPT-v2 (as BLIP-2) builds the ViT with one layer fewer than the file holds and
-        loads it with strict=False: the last block is ignored (`vision_layers` = blocks - 1).
+        loads it with strict=False: the last block is ignored (`vision.depth` = blocks - 1).
 
 `ln_vision`, the LayerNorm after the ViT, is frozen at its initialisation (scale 1, bias 0)
 and in none of the files: our `vision/encoder_norm` is set to that and not exported.
 LoRA scale alpha / r: r is read from the tensors, alpha is not stored (MiniGPT-v2: 16;
-pass lora_alpha=). EVA ViT-g's heads (16 of width 88) cannot be read from shapes either:
-vision_heads defaults to width / 88. The position embedding is imported at the file's grid
-(224 px for eva_vit_g.pth; MiniGPT-v2 interpolates it to 448 px with torch's bicubic, which
-we do not reproduce: import at the file's resolution and resize with
+override lm.lora_alpha). EVA ViT-g's heads (16 of width 88) cannot be read from shapes
+either: vision.num_heads defaults to width / 88. The position embedding is imported at the
+file's grid (224 px for eva_vit_g.pth; MiniGPT-v2 interpolates it to 448 px with torch's
+bicubic, which we do not reproduce: import at the file's resolution and resize with
 `embeddings.resize_2d_pos_embedding` if needed).
 """
 import re
@@ -41,9 +41,9 @@ import numpy as np
 from vlm_jax.convert import llama, released, transfer
 from vlm_jax.convert import rules as R
 from vlm_jax.convert.checkpoint import ConversionError
-from vlm_jax.models import minigpt_v2
 
 NAME = "minigpt_v2"
+FAMILY = "minigpt_v2"
 SOURCES = ("checkpoint", "lm", "vision")
 PEFT = "checkpoint:llama_model.base_model.model."
 LORA_PROJ = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
@@ -106,7 +106,7 @@ def layout(model, checkpoint=None) -> released.Layout:
   """Rules between `model`'s parameters and the three sources (checkpoint None: export)."""
   names = None if checkpoint is None else set(checkpoint.tensors)
   adapter = _adapter(names)
-  lora = [r for t in model.lora_targets for r in _lora(t, adapter)]
+  lora = [r for t in model.lm.lora_targets for r in _lora(t, adapter)]
 
   def slots(paths, names):
     lm_paths = R.subtree(paths, "lm/")
@@ -124,9 +124,9 @@ def layout(model, checkpoint=None) -> released.Layout:
   return released.Layout(NAME, ignore, slots)
 
 
-def build(checkpoint, **overrides):
-  """(MiniGPTv2, example batch) with the hyperparameters of the three sources; `overrides`
-  set other fields (lora_alpha, vision_heads, vision_layers, scan_layers, ...)."""
+def model_config(checkpoint) -> dict:
+  """config.model's MiniGPT-v2 fields with the hyperparameters of the three sources
+  (override lm.lora_alpha, vision.num_heads where they differ, see the module docstring)."""
   names = set(checkpoint.tensors)
   lm = llama.module_kwargs(checkpoint.config("lm"))
   if lm.pop("tie_embeddings") or lm.pop("head_dim") != lm["width"] // lm["num_heads"]:
@@ -139,22 +139,24 @@ def build(checkpoint, **overrides):
     raise ConversionError(f"{NAME}: {checkpoint.parts['checkpoint'].source} holds no LoRA "
                           "weights (…self_attn.q_proj.lora_A[.default].weight).")
   lora_a = next(n for n in names if f".{LORA_PROJ[targets[0]]}.lora_A" in n)
+  lm.update(lora_targets=targets, lora_rank=checkpoint.shape(lora_a)[0], lora_alpha=LORA_ALPHA)
   width, _, patch, _ = checkpoint.shape("vision:patch_embed.proj.weight")
   blocks = len({m.group(1) for n in names if (m := re.match(r"vision:blocks\.(\d+)\.", n))})
-  proj_in = checkpoint.shape("checkpoint:llama_proj.weight")[1]
-  kwargs = dict(
-      lm, lora_targets=targets, lora_rank=checkpoint.shape(lora_a)[0], lora_alpha=LORA_ALPHA,
-      vision_width=width, vision_layers=blocks - 1, vision_heads=width // EVA_HEAD_WIDTH,
-      vision_mlp_dim=checkpoint.shape("vision:blocks.0.mlp.fc1.weight")[0], patch_size=patch,
-      group_size=proj_in // width)
-  model = minigpt_v2.MiniGPTv2(**{**kwargs, **overrides})
+  vision = dict(width=width, depth=blocks - 1, num_heads=width // EVA_HEAD_WIDTH,
+                mlp_dim=checkpoint.shape("vision:blocks.0.mlp.fc1.weight")[0],
+                patch_size=patch, class_token=True, mlp_activation="gelu")
+  group = checkpoint.shape("checkpoint:llama_proj.weight")[1] // width
+  return dict(name=FAMILY, lm=lm, vision=vision, group_size=group)
+
+
+def example_batch(checkpoint, model) -> dict:
   grid = round((checkpoint.shape("vision:pos_embed")[1] - 1) ** 0.5)
+  size = grid * model.vision.patch_size
   slots_per_image = grid * grid // model.group_size
-  batch = {"images": jnp.zeros((1, 1, grid * patch, grid * patch, 3)),
-           "image_mask": jnp.ones((1, 1)), "image_positions": jnp.zeros((1, 1), jnp.int32),
-           "tokens": jnp.zeros((1, slots_per_image + 1), jnp.int32),
-           "token_mask": jnp.ones((1, slots_per_image + 1))}
-  return model, batch
+  return {"images": jnp.zeros((1, 1, size, size, 3)), "image_mask": jnp.ones((1, 1)),
+          "image_positions": jnp.zeros((1, 1), jnp.int32),
+          "tokens": jnp.zeros((1, slots_per_image + 1), jnp.int32),
+          "token_mask": jnp.ones((1, slots_per_image + 1))}
 
 
 def hf_configs(model, params) -> dict:

@@ -44,7 +44,7 @@ zero: OpenFlamingo leaves them at a random initialisation after `resize_token_em
 
 Vision. OpenFlamingo's resampler reads open_clip's token output, which before open_clip
 2.23 is the last layer's output without `ln_post`: the model is built with
-`vision_post_norm='class'`. The image-text projection `visual.proj` is not used.
+`vision.post_norm='class'`. The image-text projection `visual.proj` is not used.
 Heads: OpenFlamingo's perceiver and gated blocks use dim_head 64 and open_clip's ViTs head
 width 64, so head counts are widths / 64. Token ids of `<image>` and `<|endofchunk|>`
 default to V-2 and V-3 of the V-row table (open_flamingo adds `<|endofchunk|>`, `<image>`,
@@ -60,9 +60,9 @@ from vlm_jax.convert import gpt_neox, llama, mpt, open_clip, released, transfer
 from vlm_jax.convert import rules as R
 from vlm_jax.convert.checkpoint import ConversionError
 from vlm_jax.models import flamingo
-from vlm_jax.nn import decoder_lm
 
 NAME = "openflamingo"
+FAMILY = "flamingo"
 SOURCES = ("checkpoint", "lm", "vision")
 LM_ARCHS = {m.NAME: m for m in (mpt, gpt_neox, llama)}
 DECODER_LAYERS = {"mpt": "transformer.blocks", "gpt_neox": "gpt_neox.layers",
@@ -164,9 +164,9 @@ def _lm_head(rows: int | None) -> R.Rule:
 
 def lm_arch(model):
   """The HF architecture of a Flamingo model's LM (MPT, GPT-NeoX or LLaMA layout)."""
-  if model.position == "alibi":
+  if model.lm.position == "alibi":
     return mpt
-  return llama if model.norm_type == "rmsnorm" else gpt_neox
+  return llama if model.lm.norm_type == "rmsnorm" else gpt_neox
 
 
 def _copies(target: str, count: int) -> R.Rule:
@@ -217,7 +217,7 @@ def layout(model, checkpoint=None) -> released.Layout:
             # replaced by the checkpoint's trained copies (see the module docstring)
             re.escape("lm:" + embed), *((re.escape("lm:" + head),) if head_in_checkpoint else ()),
             # a tied LM's state dict also lists the embedding as its output projection
-            *((r"checkpoint:lang_encoder\.lm_head\.weight",) if model.tie_embeddings else ()))
+            *((r"checkpoint:lang_encoder\.lm_head\.weight",) if model.lm.tie_embeddings else ()))
   return released.Layout(NAME, ignore, slots)
 
 
@@ -225,9 +225,9 @@ def _count(names, pattern: str) -> int:
   return len(_indices(names, pattern))
 
 
-def build(checkpoint, **overrides):
-  """(Flamingo, example batch) with the hyperparameters of the release's three sources;
-  `overrides` set other Flamingo fields (e.g. new_token_ids, scan_layers)."""
+def model_config(checkpoint) -> dict:
+  """config.model's Flamingo fields with the hyperparameters of the release's three sources
+  (override new_token_ids when the tokenizer's added ids differ, see the module docstring)."""
   names = set(checkpoint.tensors)
   lm_config = checkpoint.config("lm")
   arch = next((m for m in LM_ARCHS.values() if lm_config.get("model_type") in m.MODEL_TYPES),
@@ -236,11 +236,6 @@ def build(checkpoint, **overrides):
     raise ConversionError(f"{NAME}: the LM's model_type={lm_config.get('model_type')!r} is not "
                           f"one of OpenFlamingo's layouts we read ({sorted(LM_ARCHS)}).")
   lm = arch.module_kwargs(lm_config)
-  for field, default in (("rotary_max_wavelength", decoder_lm.DecoderLM.rotary_max_wavelength),
-                         ("alibi_bias_max", decoder_lm.DecoderLM.alibi_bias_max)):
-    if lm.pop(field, default) != default:
-      raise ConversionError(f"{NAME}: the LM's {field} is not {default}, which Flamingo's LM "
-                            "uses (models/flamingo.py has no field for it).")
   embed = "checkpoint:lang_encoder." + LM_TABLES[arch.NAME][0]
   if embed not in names:
     raise ConversionError(f"{NAME}: {checkpoint.parts['checkpoint'].source} has no {embed[11:]} "
@@ -248,10 +243,8 @@ def build(checkpoint, **overrides):
   vocab = checkpoint.shape(embed)[0]
   lm["vocab_size"] = vocab
 
-  visual = "vision:" + (open_clip.PREFIX if any(n.startswith("vision:" + open_clip.PREFIX)
-                                                 for n in names) else "")
+  visual = _visual_prefix(names)
   width, _, patch, _ = checkpoint.shape(visual + "conv1.weight")
-  grid = round((checkpoint.shape(visual + "positional_embedding")[0] - 1) ** 0.5)
   layers = f"lang_encoder.{DECODER_LAYERS[arch.NAME]}"
   blocks = _indices(names, _blocks_pattern(layers))
   blocks = blocks or _indices(names, rf"checkpoint:{re.escape(V1_BLOCKS)}\.(\d+)\.")
@@ -262,26 +255,39 @@ def build(checkpoint, **overrides):
   block = (f"checkpoint:{layers}.{interval - 1}.gated_cross_attn_layer."
            if f"checkpoint:{layers}.{interval - 1}.gated_cross_attn_layer.attn_gate" in names
            else f"checkpoint:{V1_BLOCKS}.{interval - 1}.")
-  kwargs = dict(
-      lm, vision_width=width, patch_size=patch, vision_heads=width // HEAD_DIM,
-      vision_layers=_count(names, rf"{re.escape(visual)}transformer\.resblocks\.(\d+)\.ln_1\."),
-      vision_mlp_dim=checkpoint.shape(visual + "transformer.resblocks.0.mlp.c_fc.weight")[0],
-      vision_post_norm="class",
-      resampler_layers=_count(names, r"checkpoint:perceiver\.layers\.(\d+)\.0\.to_q\."),
+  vision = dict(
+      width=width, patch_size=patch, num_heads=width // HEAD_DIM,
+      depth=_count(names, rf"{re.escape(visual)}transformer\.resblocks\.(\d+)\.ln_1\."),
+      mlp_dim=checkpoint.shape(visual + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+      mlp_activation="quick_gelu", class_token=True, pre_norm=True, patch_bias=False,
+      norm_epsilon=1e-5, post_norm="class")
+  resampler = dict(
+      num_layers=_count(names, r"checkpoint:perceiver\.layers\.(\d+)\.0\.to_q\."),
       num_latents=checkpoint.shape("checkpoint:perceiver.latents")[0],
-      resampler_heads=checkpoint.shape("checkpoint:perceiver.layers.0.0.to_q.weight")[0]
-      // HEAD_DIM, resampler_head_dim=HEAD_DIM,
-      xattn_heads=checkpoint.shape(block + "attn.to_q.weight")[0] // HEAD_DIM,
-      xattn_head_dim=HEAD_DIM, new_token_ids=(vocab - 2, vocab - 3))
+      num_heads=checkpoint.shape("checkpoint:perceiver.layers.0.0.to_q.weight")[0] // HEAD_DIM,
+      head_dim=HEAD_DIM, mlp_ratio=4, mlp_activation="gelu")
   if "checkpoint:perceiver.frame_embs" in names:
-    kwargs["max_frames"] = checkpoint.shape("checkpoint:perceiver.frame_embs")[0]
-  kwargs["xattn_group"], kwargs["xattn_sublayers"] = flamingo.openflamingo_placement(interval)
-  model = flamingo.Flamingo(**{**kwargs, **overrides})
-  size = grid * patch
-  batch = {"images": jnp.zeros((1, 1, size, size, 3)), "image_mask": jnp.ones((1, 1)),
-           "image_positions": jnp.zeros((1, 1), jnp.int32),
-           "tokens": jnp.zeros((1, 2), jnp.int32), "token_mask": jnp.ones((1, 2))}
-  return model, batch
+    resampler["num_frames"] = checkpoint.shape("checkpoint:perceiver.frame_embs")[0]
+  xattn = dict(num_heads=checkpoint.shape(block + "attn.to_q.weight")[0] // HEAD_DIM,
+               head_dim=HEAD_DIM, mlp_ratio=4, mlp_activation="gelu")
+  group, sublayers = flamingo.openflamingo_placement(interval)
+  return dict(name=FAMILY, lm=lm, vision=vision, resampler=resampler, xattn=xattn,
+              xattn_group=group, xattn_sublayers=sublayers, only_attend_immediate=True,
+              new_token_ids=(vocab - 2, vocab - 3))
+
+
+def _visual_prefix(names) -> str:
+  return "vision:" + (open_clip.PREFIX if any(n.startswith("vision:" + open_clip.PREFIX)
+                                               for n in names) else "")
+
+
+def example_batch(checkpoint, model) -> dict:
+  grid = round((checkpoint.shape(_visual_prefix(checkpoint.tensors) + "positional_embedding")[0]
+                - 1) ** 0.5)
+  size = grid * model.vision.patch_size
+  return {"images": jnp.zeros((1, 1, size, size, 3)), "image_mask": jnp.ones((1, 1)),
+          "image_positions": jnp.zeros((1, 1), jnp.int32),
+          "tokens": jnp.zeros((1, 2), jnp.int32), "token_mask": jnp.ones((1, 2))}
 
 
 def hf_configs(model, params) -> dict:

@@ -51,9 +51,10 @@ import numpy as np
 from vlm_jax.convert import released
 from vlm_jax.convert import rules as R
 from vlm_jax.convert.checkpoint import ConversionError
-from vlm_jax.models import prismer
+from vlm_jax.nn import expert_vit
 
 NAME = "prismer"
+FAMILY = "prismer"
 SOURCES = ("checkpoint",)
 HEAD_DIM = 64
 RESAMPLER_HEADS = 8
@@ -196,39 +197,42 @@ def layout(model, checkpoint=None) -> released.Layout:
   return released.Layout(NAME, ignore, slots)
 
 
-def build(checkpoint, **overrides):
-  """(Prismer, example batch) with the checkpoint's shapes; `overrides` set other fields."""
+def model_config(checkpoint) -> dict:
+  """config.model's Prismer fields with the checkpoint's shapes."""
   names = set(checkpoint.tensors)
   shape = lambda name: checkpoint.shape("checkpoint:" + name)
   vocab, width = shape(_T + "roberta.embeddings.word_embeddings.weight")
   vision_width, _, patch, _ = shape(_V + "conv1.rgb.weight")
-  experts = tuple(e for e in prismer.EXPERTS if f"checkpoint:{_V}conv1.{e}.1.weight" in names)
-  kwargs = dict(
-      vocab_size=vocab, width=width, num_heads=width // HEAD_DIM,
-      num_layers=len(_indices(names, rf"checkpoint:{re.escape(_L[:-4])}\.(\d+)\.")),
-      mlp_dim=shape(_L.format(i=0) + ".0.intermediate.dense.weight")[0],
-      max_text_length=shape(_T + "roberta.embeddings.position_embeddings.weight")[0],
-      vision_width=vision_width, vision_heads=vision_width // HEAD_DIM, patch_size=patch,
-      vision_layers=len(_indices(names, rf"checkpoint:{re.escape(_B[:-4])}\.(\d+)\.")),
-      vision_mlp_dim=shape(_B.format(i=0) + ".0.mlp.c_fc.weight")[0],
-      image_size=round(shape(_V + "positional_embedding")[0] ** 0.5) * patch,
-      adaptor_ratio=width // shape(_L.format(i=0) + ".2.adaptor.down_proj.weight")[0],
-      experts=experts, freeze="none")
+  experts = tuple(e for e in expert_vit.EXPERTS
+                  if f"checkpoint:{_V}conv1.{e}.1.weight" in names)
+  lm = dict(vocab_size=vocab, width=width, num_heads=width // HEAD_DIM,
+            num_layers=len(_indices(names, rf"checkpoint:{re.escape(_L[:-4])}\.(\d+)\.")),
+            mlp_dim=shape(_L.format(i=0) + ".0.intermediate.dense.weight")[0],
+            max_text_length=shape(_T + "roberta.embeddings.position_embeddings.weight")[0])
+  vision = dict(
+      width=vision_width, num_heads=vision_width // HEAD_DIM, patch_size=patch,
+      depth=len(_indices(names, rf"checkpoint:{re.escape(_B[:-4])}\.(\d+)\.")),
+      mlp_dim=shape(_B.format(i=0) + ".0.mlp.c_fc.weight")[0],
+      image_size=round(shape(_V + "positional_embedding")[0] ** 0.5) * patch, experts=experts)
   if experts:
-    kwargs.update(num_latents=shape(_V + "resampler.latents")[0],
+    vision.update(num_latents=shape(_V + "resampler.latents")[0],
                   resampler_heads=RESAMPLER_HEADS,
                   resampler_layers=len(_indices(
                       names, rf"checkpoint:{re.escape(_V)}resampler\.perceiver_blocks\.(\d+)\.")))
-  model = prismer.Prismer(**{**kwargs, **overrides})
-  size = model.image_size
+  return dict(name=FAMILY, lm=lm, vision=vision, freeze="none", dropout_rate=0.0,
+              adaptor_ratio=width // shape(_L.format(i=0) + ".2.adaptor.down_proj.weight")[0])
+
+
+def example_batch(checkpoint, model) -> dict:
+  size = model.vision.image_size
   batch = {"images": jnp.zeros((1, 1, size, size, 3)), "tokens": jnp.zeros((1, 2), jnp.int32),
            "loss_mask": jnp.ones((1, 2))}
-  for expert in experts:
-    channels = shape(f"{_V}conv1.{expert}.1.weight")[1]
-    batch[prismer.expert_key(expert)] = jnp.zeros((1, size, size, channels))
-  if "obj_detection" in experts:
-    batch[prismer.INSTANCES_KEY] = jnp.zeros((1, size, size), jnp.int32)
-  return model, batch
+  for expert in model.vision.experts:
+    channels = checkpoint.shape(f"checkpoint:{_V}conv1.{expert}.1.weight")[1]
+    batch[expert_vit.expert_key(expert)] = jnp.zeros((1, size, size, channels))
+  if "obj_detection" in model.vision.experts:
+    batch[expert_vit.INSTANCES_KEY] = jnp.zeros((1, size, size), jnp.int32)
+  return batch
 
 
 def hf_configs(model, params) -> dict:

@@ -4,9 +4,12 @@ model in one step, and exported back in the same layout (docs/weights.md).
 A release module (`openflamingo`, `minigpt_v2_release`, `prismer_release`,
 `cogagent_release`) declares
     NAME, SOURCES        the named inputs; the first is the published checkpoint file
-    build(checkpoint, **overrides) -> (model, example batch)
-                         our model with the files' hyperparameters (`checkpoint` is a
-                         `sources.Combined` whose tensors are named '<source>:<name>')
+    FAMILY               our model family (`config.model.name`)
+    model_config(checkpoint) -> dict
+                         config.model's family fields (sub-configs `lm`, `vision`, ...) with
+                         the files' hyperparameters (`checkpoint` is a `sources.Combined`
+                         whose tensors are named '<source>:<name>')
+    example_batch(checkpoint, model) -> a batch to initialise `model` with
     layout(model, checkpoint) -> Layout
                          the rules between our whole parameter tree and the checkpoint's
                          tensors (checkpoint None: export)
@@ -26,9 +29,11 @@ from collections.abc import Callable, Mapping
 import flax.linen as nn
 import jax
 
+from vlm_jax import config as config_lib
 from vlm_jax.convert import checkpoint as ckpt_lib
 from vlm_jax.convert import sources, transfer
 from vlm_jax.convert.checkpoint import ConversionError
+from vlm_jax.models import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +89,38 @@ def initialise(model, batch, paths) -> dict:
   return jax.jit(init)()
 
 
-def import_released(release, paths: Mapping[str, str], *, log=print, **overrides):
-  """(our model, its params) from a release's files: `paths` maps each source to a path;
-  `overrides` set model fields the files do not determine. Parameters the release cannot
-  provide keep the model's initialisation (the log names them)."""
-  checkpoint = open_sources(release, paths)
+def build(release, checkpoint, overrides: Mapping | None = None):
+  """(model, example batch): the release's family built from `release.model_config` with
+  `overrides` (dotted config.model keys -> value, e.g. {'vision.num_heads': 4,
+  'scan_layers': False}) for what the files do not determine."""
+  model_config = config_lib.base_config(release.FAMILY).model
+  model_config.update(release.model_config(checkpoint))
+  for key, value in (overrides or {}).items():
+    *parents, field = key.split(".")
+    node = model_config
+    for parent in parents:
+      if parent not in node:
+        raise ConversionError(f"{release.NAME}: override {key!r}: config.model has no "
+                              f"{parent!r} (it has {sorted(node)}).")
+      node = node[parent]
+    try:
+      node[field] = value
+    except TypeError as e:  # ml_collections keeps a field's type
+      raise ConversionError(f"{release.NAME}: override {key!r}: {e}") from None
   try:
-    model, batch = release.build(checkpoint, **overrides)
-  except TypeError as e:  # an override that is not a field of the model
-    raise ConversionError(f"{release.NAME}: {e}") from e
+    model = registry.build(model_config)
+  except config_lib.ConfigError as e:  # an override that is not a field of the model
+    raise ConversionError(f"{release.NAME}: {e}") from None
+  return model, release.example_batch(checkpoint, model)
+
+
+def import_released(release, paths: Mapping[str, str], overrides: Mapping | None = None, *,
+                    log=print):
+  """(our model, its params) from a release's files: `paths` maps each source to a path;
+  `overrides` set config.model fields the files do not determine (see `build`). Parameters
+  the release cannot provide keep the model's initialisation (the log names them)."""
+  checkpoint = open_sources(release, paths)
+  model, batch = build(release, checkpoint, overrides)
   target = target_of(model, batch)
   loaded = load(release, checkpoint, model, target, log)
   missing = sorted(set(target) - set(loaded))
