@@ -7,13 +7,14 @@
       checks CKPT against the family's part (or, without --config, against our module built
       from CKPT's config.json), imports it into the config's mesh shardings and reports what
       was converted and what keeps its initialisation; --out saves the imported params
-      (orbax). Training uses the same import through --config.init.lm / --config.init.vision.
+      (orbax); --workdir RUN (with --config) writes them as step 0 of a run that vlm-eval and
+      vlm-train read. Training uses the same import through --config.init.lm / .vision.
   vlm-convert import CKPT --layout openflamingo|minigpt_v2|prismer|cogagent [--lm DIR]
-      [--vision PATH] [--set FIELD=VALUE ...] [--config ...] [--out DIR]
+      [--vision PATH] [--set FIELD=VALUE ...] [--config ...] [--out DIR] [--workdir RUN]
       a seed system's released checkpoint (CKPT: its published file or directory; --lm /
       --vision: the other files the release consists of, see docs/weights.md) into our whole
-      model: built from the files (--set: model fields the files do not determine) or the
-      --config's model, in its mesh shardings.
+      model: built from the files (--set: config.model fields the files do not determine,
+      dotted, e.g. vision.num_heads=16) or the --config's model, in its mesh shardings.
   vlm-convert export --config configs/<family>.py:<size> --workdir RUN --part lm --out DIR
       [--step N] [--dtype bfloat16] [--arch llama|gpt_neox|mpt|clip|roberta] [--layout NAME]
       the run's newest (or step N) parameters of that part, LoRA merged, as an HF checkpoint
@@ -110,12 +111,15 @@ def _import_released(args, config):
 
 def _import(args, config):
   from vlm_jax import convert
+  if args.workdir and config is None:
+    raise convert.ConversionError("--workdir writes a run of a config: pass --config too.")
+  root = ""
   if args.layout:
     params = _import_released(args, config)
   elif config is None:
     _, params = convert.import_hf(args.checkpoint, arch=args.arch)
   else:
-    _, _, target, new, _ = _family_target(config, args.part)
+    _, root, target, new, _ = _family_target(config, args.part)
     params = convert.unflatten(convert.load_part(args.checkpoint, target, arch=args.arch,
                                                  new=new))
   if args.out:
@@ -123,6 +127,13 @@ def _import(args, config):
     with ocp.StandardCheckpointer() as saver:
       saver.save(args.out, params)
     print(f"Saved the imported parameters to {args.out} (orbax).")
+  if args.workdir:
+    from vlm_jax.train import imported_run
+    try:
+      imported_run.save(config, args.workdir,
+                        {root + p: a for p, a in convert.flatten(params).items()})
+    except imported_run.ImportedRunError as e:
+      raise convert.ConversionError(str(e)) from None
 
 
 def _read_run(workdir: str, step, wanted: dict) -> tuple[dict, int]:
@@ -190,6 +201,8 @@ def main(argv=None):
   imp.add_argument("--part", default="lm", help="the family's part (with --config)")
   imp.add_argument("--arch", default=None, help="override config.json's model_type")
   imp.add_argument("--out", default="", help="save the imported params here (orbax)")
+  imp.add_argument("--workdir", default="", help="with --config: write the imported model as "
+                   "step 0 of a run there (vlm-eval / vlm-train --workdir read it)")
   layouts = ["openflamingo", "minigpt_v2", "prismer", "cogagent"]  # convert.RELEASES (a
   # literal: --help does not import jax)
   imp.add_argument("--layout", default=None, choices=layouts,
