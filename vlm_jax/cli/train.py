@@ -40,7 +40,7 @@ def main(argv=None):
   from vlm_jax import distributed, storage
   distributed.initialize()  # a multi-process launch: before anything touches a device
   from vlm_jax.config import ConfigError
-  from vlm_jax.train import checkpoint, loop, preemption, validate
+  from vlm_jax.train import checkpoint, init_from, loop, preemption, validate
 
   try:
     validate.check_workdir_writable(args.workdir)
@@ -49,7 +49,7 @@ def main(argv=None):
                            config.to_json_best_effort(indent=2))
     trainer = loop.Trainer(config, args.workdir)
     state = trainer.run()
-  except ConfigError as e:
+  except (ConfigError, init_from.InitFromError) as e:
     _fail(str(e), EXIT_CONFIG)
   except loop.NonFiniteError as e:
     _fail(str(e), EXIT_NONFINITE)

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 from safetensors import safe_open
-from safetensors.flax import save_file
+from safetensors.numpy import save_file
 
 from vlm_jax import storage
 
@@ -154,9 +154,9 @@ class ShardWriter:
 
   def _flush(self):
     path = os.path.join(self.directory, f".shard-{len(self._written)}.tmp")
-    with jax.default_device(host_cpu()):
-      save_file({k: jax.numpy.asarray(v) for k, v in self._pending.items()}, path,
-                metadata={"format": "pt"})
+    # numpy arrays as they are (ml_dtypes' bfloat16 included; through jax, int64 would
+    # become int32)
+    save_file(dict(self._pending), path, metadata={"format": "pt"})
     self._written.append((path, list(self._pending)))
     self._pending, self._pending_bytes = {}, 0
 
