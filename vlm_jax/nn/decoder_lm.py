@@ -70,6 +70,7 @@ import jax.numpy as jnp
 
 from vlm_jax.nn import attention as attention_lib
 from vlm_jax.nn import embeddings
+from vlm_jax.nn import linear
 from vlm_jax.nn import lora
 from vlm_jax.nn import mlp as mlp_lib
 from vlm_jax.nn import norms
@@ -274,6 +275,7 @@ class DecoderLM(nn.Module):
     if not self.tie_embeddings:
       self.logits_projection = nn.Dense(
           self.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+          dot_general=linear.dot_general,
           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                    ("embed", "vocab")))
 

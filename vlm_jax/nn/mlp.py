@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.nn import linear
+
 Dtype = Any
 ACTIVATIONS = ("gelu", "quick_gelu", "swiglu", "geglu", "squared_relu")
 
@@ -20,7 +22,7 @@ class Mlp(nn.Module):
 
   def _dense(self, features, names, name):
     return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=name,
+                    param_dtype=self.param_dtype, name=name, dot_general=linear.dot_general,
                     kernel_init=nn.with_logical_partitioning(
                         nn.initializers.xavier_uniform(), names),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
