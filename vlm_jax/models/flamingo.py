@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.nn import decoder_lm, gated_xattn, resampler, vit
+from vlm_jax.nn import decoder_lm, embeddings, gated_xattn, resampler, vit
 
 
 def openflamingo_placement(interval: int) -> tuple[int, tuple[int, ...]]:
@@ -135,7 +135,7 @@ class Flamingo(nn.Module):
         num_frames=self.max_frames, dtype=dtype, param_dtype=param_dtype)
     self.new_token_embedding = self.param(
         "new_token_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+        nn.with_logical_partitioning(embeddings.lm_embedding_init(self.width), (None, "embed")),
         (len(self.new_token_ids), self.width), param_dtype)
     self.lm = decoder_lm.DecoderLM(
         vocab_size=self.vocab_size, width=self.width, num_layers=self.num_layers,

@@ -246,6 +246,7 @@ class DecoderLM(nn.Module):
                        f"layers_per_unit={self.layers_per_unit}.")
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     self.embed_tokens = embeddings.Embed(self.vocab_size, self.width, dtype, param_dtype,
+                                         embedding_init=embeddings.lm_embedding_init(self.width),
                                          name="embed")
     if self.position == "learned":
       self.pos_embedding = embeddings.PositionEmbedding((self.max_length,), self.width,
