@@ -28,6 +28,7 @@ EXTRAS = {
         "pytest-xdist",
         "torch==2.13.0",
         "transformers",
+        "peft",  # bench/vs_reference.py: the LLaMA + LoRA reference step
         # open-flamingo (numerical oracle) pins torch==2.0.1 and needs open_clip at import:
         # CI installs it with `pip install --no-deps open-flamingo==2.0.1` beside this.
         "einops-exts",
