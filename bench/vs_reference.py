@@ -3,6 +3,12 @@
   python bench/vs_reference.py                       # every pair, 3 rounds, 10 steps each
   python bench/vs_reference.py --pairs flamingo --rounds 5 --cpus 0,1
 
+Our side runs the bench config with `--options` appended (default `scan=False`: at 4
+layers the unscanned stack compiles in seconds, and XLA:CPU copies a scanned stack's weights
+out of the stacked arrays and writes/reads its stacked residuals at every layer of every
+pass, about 7% of the Flamingo bench step; docs/performance.md). `--options ""` runs the
+configs as shipped.
+
 Pairs (our side: bench/reference/ours.py; the reference: bench/reference/*.py):
   flamingo    configs/flamingo.py:bench       vs open-flamingo 2.0.1 (Flamingo +
               FlamingoLMMixin around transformers MptForCausalLM + CLIPVisionModel)
@@ -75,12 +81,22 @@ def pair_sizes(pair: str, config) -> dict:
   return sizes
 
 
-def prepare(pair: str, workdir: str) -> None:
+def _config(pair: str, options: str):
+  from vlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load_config(_spec(pair, options), ())
+
+
+def _spec(pair: str, options: str) -> str:
+  """configs/...:size[,shipped options][,--options]"""
+  spec = os.path.join(os.path.dirname(BENCH), PAIRS[pair][0])
+  return f"{spec},{options}" if options else spec
+
+
+def prepare(pair: str, workdir: str, options: str) -> None:
   """Saves the pair's batch (our pipeline's first batch) and sizes under workdir."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
-  from vlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config(os.path.join(os.path.dirname(BENCH), PAIRS[pair][0]), ())
+  config = _config(pair, options)
   batch = train_step.pipeline_batch(config)
   keys = PAIR_KEYS[pair] or tuple(batch)
   np.savez(os.path.join(workdir, f"{pair}.npz"), **{k: batch[k] for k in keys})
@@ -96,12 +112,11 @@ def _load(pair: str, workdir: str):
     return batch, json.load(f)
 
 
-def run_ours(pair: str, workdir: str, steps: int) -> dict:
+def run_ours(pair: str, workdir: str, steps: int, options: str) -> dict:
   import train_step  # pylint: disable=g-import-not-at-top
   from reference import ours  # pylint: disable=g-import-not-at-top
-  from vlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   batch, _ = _load(pair, workdir)
-  config = config_lib.load_config(os.path.join(os.path.dirname(BENCH), PAIRS[pair][0]), ())
+  config = _config(pair, options)
   model, config.frozen = ours.model_and_frozen(pair, config)
   step = train_step.compile_step(config, batch, model)
   step.run(2)  # warm-up
@@ -138,7 +153,7 @@ def run_reference(pair: str, workdir: str, steps: int, threads: int) -> dict:
 def worker(args) -> None:
   os.sched_setaffinity(0, args.cpus)
   if args.worker == "ours":
-    result = run_ours(args.pair, args.dir, args.steps)
+    result = run_ours(args.pair, args.dir, args.steps, args.options)
   else:
     result = run_reference(args.pair, args.dir, args.steps, len(args.cpus))
   print("RESULT " + json.dumps(result), flush=True)
@@ -146,7 +161,7 @@ def worker(args) -> None:
 
 def _spawn(side: str, pair: str, workdir: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--pair", pair,
-         "--dir", workdir, "--steps", str(args.steps),
+         "--dir", workdir, "--steps", str(args.steps), "--options", args.options,
          "--cpus", ",".join(map(str, args.cpus))]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -162,7 +177,7 @@ def _load_average() -> str:
 
 
 def compare(pair: str, workdir: str, args) -> dict:
-  prepare(pair, workdir)
+  prepare(pair, workdir, args.options)
   runs = {"ours": [], "reference": []}
   for round_index in range(args.rounds):
     for side in ("ours", "reference"):
@@ -173,7 +188,8 @@ def compare(pair: str, workdir: str, args) -> dict:
       print(f"  {pair} round {round_index + 1} {side:9s} load {load}: median "
             f"{statistics.median(result['wall']):.3f} s (CPU {statistics.median(result['cpu']):.2f}"
             f" s), loss {result['loss']:.3f}", flush=True)
-  summary = {"pair": pair, "reference_name": PAIRS[pair][1], "config": PAIRS[pair][0]}
+  summary = {"pair": pair, "reference_name": PAIRS[pair][1],
+             "ours_config": os.path.relpath(_spec(pair, args.options), os.path.dirname(BENCH))}
   for side, results in runs.items():
     summary[side] = {
         "median_s": statistics.median(t for r in results for t in r["wall"]),
@@ -193,6 +209,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--cpus", default="0,1", help="CPUs both sides are pinned to")
+  parser.add_argument("--options", default="scan=False",
+                      help="config options appended to our side's bench config")
   parser.add_argument("--json", help="also write the summaries to this file")
   parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
   parser.add_argument("--pair", help=argparse.SUPPRESS)
@@ -215,8 +233,8 @@ def main():
   print("|---|---|---|---|---|---|---|")
   for s in summaries:
     o, r = s["ours"], s["reference"]
-    print(f"| {s['pair']} vs {s['reference_name']} | {o['median_s']:.3f} | {r['median_s']:.3f} | "
-          f"**{s['ratio']:.2f}x** | {o['cpu_s']:.2f} / {r['cpu_s']:.2f} | "
+    print(f"| `{s['ours_config']}` vs {s['reference_name']} | {o['median_s']:.3f} | "
+          f"{r['median_s']:.3f} | **{s['ratio']:.2f}x** | {o['cpu_s']:.2f} / {r['cpu_s']:.2f} | "
           f"{o['params_total']:,} / {o['params_trainable']:,}; "
           f"{r['params_total']:,} / {r['params_trainable']:,} | "
           f"{'; '.join(a + ' / ' + b for a, b in zip(o['loads'], r['loads']))} |")
