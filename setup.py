@@ -45,6 +45,7 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     packages=setuptools.find_packages(include=["vlm_jax", "vlm_jax.*"]),
+    package_data={"vlm_jax.data": ["tokenizer/sample.model"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

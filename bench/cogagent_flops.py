@@ -6,8 +6,8 @@ Prints a markdown table (docs/models.md) of forward FLOPs per example for the 18
 (configs/cogagent.py): CogAgent with 224 px low-res tokens in the LM and the 1120 px
 cross-module, against the same LM (visual expert included) fed the image through the
 low-res branch alone (EVA2-CLIP-E + adapter + image tokens in the LM) at 490 px (CogVLM's
-resolution) and at 1120 px. Counts come from `vlm_jax.flops.cogagent_parts` (matmuls only,
-causal attention at half); 'lm' routes each token through one expert, i.e. it leaves out
+resolution) and at 1120 px. Counts come from `vlm_jax.models.cogagent.flops_parts` (matmuls
+only, causal attention at half); 'lm' routes each token through one expert, i.e. it leaves out
 the second weight set our fixed-shape visual expert also applies (`visual_expert` part).
 """
 import argparse
@@ -30,7 +30,7 @@ def table(text: int) -> str:
   for name, options in ROWS:
     arg = ",".join(filter(None, ["18b", options, f"text={text}"]))
     config = config_lib.load_config(f"configs/cogagent.py:{arg}")
-    parts = flops.forward_parts(config.model, config.data)
+    parts = flops.forward_parts(config)
     parts.pop("visual_expert", None)
     total = sum(parts.values())
     base = base or total

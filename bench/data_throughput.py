@@ -18,7 +18,7 @@ from absl import flags
 def measure(data_config, batch, seconds):
   from vlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  it = pipeline.make_train_iterator(data_config, global_batch_size=batch, seed=0,
+  it = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=batch, seed=0,
                                     process_index=0, process_count=1)
   for _ in range(2):
     next(it)
@@ -41,18 +41,19 @@ def main():
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
 
-  from vlm_jax.data import defaults, synthetic  # pylint: disable=g-import-not-at-top
+  from vlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data.synthetic import sample_data  # pylint: disable=g-import-not-at-top
   root = os.path.join(tempfile.gettempdir(), f"vlm_jax_bench_{args.pairs}")
-  sizes = synthetic.SyntheticSizes(train_pairs=args.pairs, validation_pairs=64,
+  sizes = sample_data.SyntheticSizes(train_pairs=args.pairs, validation_pairs=64,
                                    train_docs=1000, validation_docs=64, train_interleaved=0,
                                    validation_interleaved=0, shard_size=1000, image_size=256)
   start = time.perf_counter()
-  synthetic.ensure_sample_data(root, sizes)
+  sample_data.ensure_sample_data(root, sizes)
   print(f"sample data ready in {time.perf_counter() - start:.1f} s ({root})")
 
   results = []
   for workers in (int(w) for w in args.workers.split(",")):
-    cfg = defaults.default_data_config()
+    cfg = config_lib.load_config("configs/simvlm.py:tiny").data
     cfg.data_dir, cfg.image_size, cfg.num_workers = root, 224, workers
     first, rate = measure(cfg, args.batch, args.seconds)
     results.append({"num_workers": workers, "examples_per_s": round(rate, 1),

@@ -39,7 +39,8 @@ from vlm_jax.train import step as step_lib
 
 def pipeline_batch(config) -> dict:
   """The first global batch of the config's train pipeline, as numpy arrays."""
-  iterator = pipeline.make_train_iterator(config.data, global_batch_size=config.batch_size,
+  iterator = pipeline.make_train_iterator(config.data, config.model.name,
+                                          global_batch_size=config.batch_size,
                                           seed=0, process_index=0, process_count=1)
   return {k: np.asarray(v) for k, v in next(iterator).items()}
 
@@ -98,8 +99,7 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
   first = step.run(1)["loss"]
   step.run(1)  # warm-up
   timed = step.run(steps)
-  analytic = flops_lib.flops_per_example(config.model, config.data,
-                                        flops_lib.config_treatment(config))
+  analytic = flops_lib.flops_per_example(config, flops_lib.config_treatment(config))
   step_flops = analytic["train"] * config.batch_size
   median = statistics.median(timed["wall"])
   return {

@@ -53,31 +53,33 @@ def _optimizer_sizes(config) -> dict:
 
 
 def pair_sizes(pair: str, config) -> dict:
-  """What the reference needs to build the same model: our family module's fields (their
+  """What the reference needs to build the same model: our family's built modules (their
   defaults included) and the config's data and optimizer settings."""
   from vlm_jax.models import registry  # pylint: disable=g-import-not-at-top
   m, d = registry.build(config.model), config.data
+  lm = m.lm  # a DecoderLM (flamingo, minigpt_v2) or SimVLM's TextConfig
   sizes = _optimizer_sizes(config)
-  sizes.update(vocab_size=m.vocab_size, width=m.width, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+  sizes.update(vocab_size=lm.vocab_size, width=lm.width, num_heads=lm.num_heads,
+               mlp_dim=lm.mlp_dim)
   if pair == "flamingo":
     image_token, chunk_token = m.new_token_ids
+    v, r = m.vision, m.resampler
     sizes.update(
-        num_layers=m.num_layers, length=d.sequence_length, vision_width=m.vision_width,
-        vision_layers=m.vision_layers, vision_heads=m.vision_heads,
-        vision_mlp_dim=m.vision_mlp_dim, patch_size=m.patch_size, image_size=d.image_size,
-        resampler_layers=m.resampler_layers, num_latents=m.num_latents,
-        resampler_heads=m.resampler_heads, resampler_head_dim=m.resampler_head_dim,
-        xattn_every=m.xattn_group, image_token=image_token, chunk_token=chunk_token)
+        num_layers=lm.num_layers, length=d.sequence_length, vision_width=v.width,
+        vision_layers=v.depth, vision_heads=v.num_heads, vision_mlp_dim=v.mlp_dim,
+        patch_size=v.patch_size, image_size=d.image_size, resampler_layers=r.num_layers,
+        num_latents=r.num_latents, resampler_heads=r.num_heads, resampler_head_dim=r.head_dim,
+        xattn_every=lm.layers_per_unit, image_token=image_token, chunk_token=chunk_token)
   elif pair == "llama_lora":
-    sizes.update(num_layers=m.num_layers, num_kv_heads=m.num_kv_heads or m.num_heads,
-                 length=d.sequence_length, norm_epsilon=m.norm_epsilon,
-                 lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
-                 lora_dropout=m.lora_dropout_rate)
+    sizes.update(num_layers=lm.num_layers, num_kv_heads=lm.num_kv_heads or lm.num_heads,
+                 length=d.sequence_length, norm_epsilon=lm.norm_epsilon,
+                 lora_rank=lm.lora_rank, lora_alpha=lm.lora_alpha,
+                 lora_dropout=lm.lora_dropout_rate)
   else:
-    sizes.update(head_dim=m.head_dim or m.width // m.num_heads,
-                 encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
-                 relative_buckets=m.relative_buckets,
-                 relative_max_distance=m.relative_max_distance)
+    sizes.update(head_dim=lm.head_dim or lm.width // lm.num_heads,
+                 encoder_layers=lm.encoder_layers, decoder_layers=lm.decoder_layers,
+                 relative_buckets=lm.relative_buckets,
+                 relative_max_distance=lm.relative_max_distance)
   return sizes
 
 

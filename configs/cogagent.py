@@ -37,20 +37,34 @@ unfreezes the visual expert: stage 2). Batch/steps/lr per size are in TRAINING.
 import ml_collections
 
 from vlm_jax import config as config_lib
-from vlm_jax.data import defaults
+from vlm_jax.models import cogagent as model_lib
+from vlm_jax.nn import vit
 
-# name: (width, layers, heads, mlp, vocab,
-#        vit_width, vit_layers, vit_heads, vit_mlp, adapter_mlp, image,
-#        hr_width, hr_layers, hr_heads, hr_mlp, high_res, cross_width, cross_heads, text)
-SIZES = {
-    "tiny": (128, 2, 4, 344, None, 64, 2, 4, 256, 344, 56, 64, 2, 4, 256, 112, 32, 4, 80),
-    "bench": (1024, 4, 16, 2816, None, 768, 4, 12, 3072, 2816, 224, 384, 4, 6, 1536, 336,
-              256, 8, 64),
-    "18b": (4096, 32, 32, 11008, 32000, 1792, 63, 16, 15360, 11008, 224, 1024, 24, 16, 4096,
-            1120, 1024, 32, 256),
-}
-DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (data/tokenizer)
+DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (vlm_jax/data/tokenizer)
 PATCH_SIZE = 14
+VIT_LAYOUT = dict(mlp_activation="gelu", class_token=True)
+# name: sub-configs of the parts, low- and high-res image px, text tokens after the
+# (image/14)^2 + 2 image slots.
+SIZES = {
+    "tiny": dict(
+        lm=dict(width=128, num_layers=2, num_heads=4, mlp_dim=344, vocab_size=DATA_VOCAB_SIZE),
+        vision=dict(width=64, depth=2, num_heads=4, mlp_dim=256, patch_size=PATCH_SIZE),
+        adapter=dict(mlp_dim=344),
+        high_res=dict(width=64, depth=2, num_heads=4, mlp_dim=256, patch_size=PATCH_SIZE),
+        cross=dict(width=32, heads=4), image=56, high_res_image=112, text=80),
+    "bench": dict(
+        lm=dict(width=1024, num_layers=4, num_heads=16, mlp_dim=2816,
+                vocab_size=DATA_VOCAB_SIZE),
+        vision=vit.variant(f"B/{PATCH_SIZE}", depth=4), adapter=dict(mlp_dim=2816),
+        high_res=dict(width=384, depth=4, num_heads=6, mlp_dim=1536, patch_size=PATCH_SIZE),
+        cross=dict(width=256, heads=8), image=224, high_res_image=336, text=64),
+    # Vicuna-7B; EVA2-CLIP-E without its last layer; an EVA2-CLIP-L-sized high-res encoder.
+    "18b": dict(
+        lm=dict(width=4096, num_layers=32, num_heads=32, mlp_dim=11008, vocab_size=32000),
+        vision=vit.variant(f"E/{PATCH_SIZE}", depth=63), adapter=dict(mlp_dim=11008),
+        high_res=vit.variant(f"L/{PATCH_SIZE}"), cross=dict(width=1024, heads=32),
+        image=224, high_res_image=1120, text=256),
+}
 # size: (batch_size, steps, peak lr, warmup, default stage)
 TRAINING = {
     "tiny": (16, 150, 2e-3, 15, 0),
@@ -58,30 +72,14 @@ TRAINING = {
     "18b": (4608, 60_000, 2e-5, 500, 1),  # paper: batch 4608, lr 2e-5 (from memory)
 }
 OPTIONS = {"stage": int, "visual_expert": bool, "cross_module": bool, "image": int,
-           "high_res": int, "text": int, "scan": bool, "remat": str, "dtype": str}
-_CROSS = r"cross_attention/|pre_cross_attention_norm/"
-_EXPERT = r"vision_mlp/|self_attention/vision_"
-# stage -> config.frozen (fullmatch regexes; layers are `layers/layers/...` when scanned,
-# `layers/layers_i/...` when not)
-FROZEN = {
-    0: (r"vision/.*",),
-    1: (r"vision/.*", r"adapter/.*", rf"lm/(?!layers/layers[^/]*/({_CROSS})).*"),
-    2: (r"vision/.*", r"adapter/.*", rf"lm/(?!layers/layers[^/]*/({_CROSS}|{_EXPERT})).*"),
-}
+           "high_res": int, "text": int}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  size, _, rest = arg.partition(",")
-  if size not in SIZES:
-    raise ValueError(f"cogagent size {size!r}: expected one of {sorted(SIZES)}.")
-  options = config_lib.parse_options(rest, OPTIONS)
-  (width, layers, heads, mlp, vocab, vit_width, vit_layers, vit_heads, vit_mlp, adapter_mlp,
-   image, hr_width, hr_layers, hr_heads, hr_mlp, high_res, cross_width, cross_heads,
-   text) = SIZES[size]
+  size, options = config_lib.parse_arg(arg, SIZES, OPTIONS, "cogagent")
+  sizes = SIZES[size]
   batch, steps, lr, warmup, stage = TRAINING[size]
   stage = options.get("stage", stage)
-  if stage not in FROZEN:
-    raise ValueError(f"cogagent stage={stage}: expected one of {sorted(FROZEN)}.")
   cross_module = options.get("cross_module", True)
   visual_expert = options.get("visual_expert", True)
   if stage and not cross_module:
@@ -89,52 +87,33 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                      "cross_module=False use stage=0.")
   if stage == 2 and not visual_expert:
     raise ValueError("cogagent stage=2 trains the visual expert; it needs visual_expert=True.")
-  image = options.get("image", image)
-  high_res = options.get("high_res", high_res)
+  image = options.get("image", sizes["image"])
+  high_res = options.get("high_res", sizes["high_res_image"])
   for name, pixels in (("image", image), ("high_res", high_res)):
     if pixels % PATCH_SIZE:
       raise ValueError(f"cogagent {name}={pixels} is not a multiple of the patch size "
                        f"{PATCH_SIZE}.")
 
-  c = config_lib.base_config()
+  c = config_lib.base_config("cogagent", options)
   c.batch_size = batch
   c.num_train_steps = steps
   c.optimizer.learning_rate = lr
   c.optimizer.warmup_steps = warmup
   c.optimizer.weight_decay = 0.05
-  c.frozen = FROZEN[stage]
+  c.frozen = model_lib.frozen_patterns(stage)
 
   m = c.model
-  m.name = "cogagent"
-  m.vocab_size = vocab or DATA_VOCAB_SIZE
-  m.width = width
-  m.num_layers = layers
-  m.num_heads = heads
-  m.mlp_dim = mlp
+  m.lm = sizes["lm"]
+  m.vision = dict(sizes["vision"], **VIT_LAYOUT)
+  m.adapter = sizes["adapter"]
+  m.high_res = dict(sizes["high_res"], **VIT_LAYOUT)
+  m.cross = sizes["cross"]
   m.visual_expert = visual_expert
-  m.vision_width = vit_width
-  m.vision_layers = vit_layers
-  m.vision_heads = vit_heads
-  m.vision_mlp_dim = vit_mlp
-  m.patch_size = PATCH_SIZE
-  m.adapter_mlp_dim = adapter_mlp
   m.cross_module = cross_module
-  m.high_res_width = hr_width
-  m.high_res_layers = hr_layers
-  m.high_res_heads = hr_heads
-  m.high_res_mlp_dim = hr_mlp
-  m.high_res_patch_size = PATCH_SIZE
-  m.cross_width = cross_width
-  m.cross_heads = cross_heads
-  m.scan_layers = options.get("scan", True)
-  m.remat_policy = options.get("remat", "none")
-  m.dtype = options.get("dtype", "float32")
 
-  c.data = defaults.default_data_config()
   c.data.mixture = "cogagent_pretrain"
-  c.data.converter = "cogagent"
   c.data.image_size = image
   c.data.high_res_image_size = high_res
-  c.data.image_tokens = (image // PATCH_SIZE) ** 2 + 2  # + boi, eoi
-  c.data.sequence_length = c.data.image_tokens + options.get("text", text)
+  c.data.image_tokens = model_lib.image_tokens(image, PATCH_SIZE)  # + boi, eoi
+  c.data.sequence_length = c.data.image_tokens + options.get("text", sizes["text"])
   return c

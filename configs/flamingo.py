@@ -11,9 +11,9 @@ are repeated), `immediate` (bool, default True: a token attends to the most rece
 only; False: to all previous images), `scan` (bool), `remat` (none|full|dots), `dtype`
 (float32|bfloat16).
 
-Sizes. LM width / layers / heads / MLP / vocab (style); vision width / layers / heads / MLP /
-patch / image px; resampler layers / latents / heads x head dim / FFW activation;
-cross-attention placement / heads x head dim / FFW activation:
+Sizes (SIZES below, one sub-config per part): LM width / layers / heads / MLP / vocab
+(style); vision width / layers / heads / MLP / patch / image px; resampler layers / latents /
+heads x head dim / FFW activation; cross-attention placement / heads x head dim / FFW:
 
   tiny    128/2/4/512/1024 (chin)      64/1/2/256/16/64     2/16/2x32/gelu   every layer 4x32 gelu
   bench  1024/4/16/4096/1024 (mpt)    768/4/12/3072/14/112  2/64/8x64/gelu   every 2nd   8x64 gelu
@@ -37,10 +37,10 @@ and 19 (12 blocks, gaps 7/6). Param counts vs published: docs/models.md.
 import ml_collections
 
 from vlm_jax import config as config_lib
-from vlm_jax.data import defaults
 from vlm_jax.models import flamingo as model_lib
+from vlm_jax.nn import vit
 
-DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (data/tokenizer)
+DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (vlm_jax/data/tokenizer)
 
 LM_STYLES = {
     "mpt": dict(norm_type="layernorm", use_bias=False, mlp_activation="gelu",
@@ -49,51 +49,77 @@ LM_STYLES = {
                  parallel_residual=True),
     "chin": dict(norm_type="rmsnorm", use_bias=False, mlp_activation="gelu"),
 }
-CLIP_VIT_L14 = (1024, 24, 16, 4096, 14, 224)
-NFNET_F6_STANDIN = (1536, 15, 16, 6144, 16, 320)
-OF_RESAMPLER = (6, 64, 8, 64, "gelu")
-PAPER_RESAMPLER = (6, 64, 16, 128, "squared_relu")
 
-# name: (LM (width, layers, heads, mlp, vocab, style), vision (width, layers, heads, mlp,
-#        patch, image), resampler (layers, latents, heads, head dim, activation),
-#        cross-attention ((group, sublayers), heads, head dim, activation),
-#        data (sequence length, max images))
+
+def lm(style, width, num_layers, num_heads, mlp_dim, vocab_size=DATA_VOCAB_SIZE):
+  return dict(LM_STYLES[style], width=width, num_layers=num_layers, num_heads=num_heads,
+              mlp_dim=mlp_dim, vocab_size=vocab_size)
+
+
+CLIP_LAYOUT = dict(mlp_activation="quick_gelu", class_token=True, pre_norm=True,
+                   patch_bias=False)
+CLIP_VIT_L14 = dict(vit.variant("L/14"), **CLIP_LAYOUT)
+NFNET_F6_STANDIN = dict(width=1536, depth=15, num_heads=16, mlp_dim=6144, patch_size=16,
+                        **CLIP_LAYOUT)
+OF_RESAMPLER = dict(num_layers=6, num_latents=64, num_heads=8, head_dim=64,
+                    mlp_activation="gelu")
+PAPER_RESAMPLER = dict(num_layers=6, num_latents=64, num_heads=16, head_dim=128,
+                       mlp_activation="squared_relu")
+OF_XATTN = dict(num_heads=8, head_dim=64, mlp_activation="gelu")
+PAPER_XATTN = dict(num_heads=16, head_dim=128, mlp_activation="squared_relu")
+
+# name: sub-configs of the parts, the gated blocks' placement (xattn_group, xattn_sublayers)
+# and the data (image px, sequence length, max images per example).
 SIZES = {
-    "tiny": ((128, 2, 4, 512, None, "chin"), (64, 1, 2, 256, 16, 64), (2, 16, 2, 32, "gelu"),
-             ((1, (0,)), 4, 32, "gelu"), (128, 4)),
-    "bench": ((1024, 4, 16, 4096, None, "mpt"), (768, 4, 12, 3072, 14, 112),
-              (2, 64, 8, 64, "gelu"), ((2, (1,)), 8, 64, "gelu"), (256, 2)),
-    "3b": ((2048, 24, 16, 8192, 32000, "chin"), NFNET_F6_STANDIN, PAPER_RESAMPLER,
-           ((1, (0,)), 16, 128, "squared_relu"), (256, 5)),
-    "9b": ((4096, 32, 32, 16384, 32000, "chin"), NFNET_F6_STANDIN, PAPER_RESAMPLER,
-           ((4, (3,)), 16, 128, "squared_relu"), (256, 5)),
-    "80b": ((8192, 80, 64, 32768, 32000, "chin"), NFNET_F6_STANDIN, PAPER_RESAMPLER,
-            ((20, (6, 13, 19)), 16, 128, "squared_relu"), (256, 5)),
-    "of3b": ((2048, 24, 16, 8192, 50432, "mpt"), CLIP_VIT_L14, OF_RESAMPLER,
-             (model_lib.openflamingo_placement(1), 8, 64, "gelu"), (256, 6)),
-    "of4b": ((2560, 32, 32, 10240, 50432, "neox"), CLIP_VIT_L14, OF_RESAMPLER,
-             (model_lib.openflamingo_placement(2), 8, 64, "gelu"), (256, 6)),
-    "of9b": ((4096, 32, 32, 16384, 50432, "mpt"), CLIP_VIT_L14, OF_RESAMPLER,
-             (model_lib.openflamingo_placement(4), 8, 64, "gelu"), (256, 6)),
+    "tiny": dict(
+        lm=lm("chin", 128, 2, 4, 512),
+        vision=dict(width=64, depth=1, num_heads=2, mlp_dim=256, patch_size=16, **CLIP_LAYOUT),
+        resampler=dict(num_layers=2, num_latents=16, num_heads=2, head_dim=32,
+                       mlp_activation="gelu"),
+        xattn=dict(num_heads=4, head_dim=32, mlp_activation="gelu"), placement=(1, (0,)),
+        image=64, length=128, max_images=4),
+    "bench": dict(
+        lm=lm("mpt", 1024, 4, 16, 4096),
+        vision=dict(vit.variant("B/14", depth=4), **CLIP_LAYOUT),
+        resampler=dict(OF_RESAMPLER, num_layers=2), xattn=OF_XATTN, placement=(2, (1,)),
+        image=112, length=256, max_images=2),
+    "3b": dict(lm=lm("chin", 2048, 24, 16, 8192, 32000), vision=NFNET_F6_STANDIN,
+               resampler=PAPER_RESAMPLER, xattn=PAPER_XATTN, placement=(1, (0,)),
+               image=320, length=256, max_images=5),
+    "9b": dict(lm=lm("chin", 4096, 32, 32, 16384, 32000), vision=NFNET_F6_STANDIN,
+               resampler=PAPER_RESAMPLER, xattn=PAPER_XATTN, placement=(4, (3,)),
+               image=320, length=256, max_images=5),
+    "80b": dict(lm=lm("chin", 8192, 80, 64, 32768, 32000), vision=NFNET_F6_STANDIN,
+                resampler=PAPER_RESAMPLER, xattn=PAPER_XATTN, placement=(20, (6, 13, 19)),
+                image=320, length=256, max_images=5),
+    "of3b": dict(lm=lm("mpt", 2048, 24, 16, 8192, 50432), vision=CLIP_VIT_L14,
+                 resampler=OF_RESAMPLER, xattn=OF_XATTN,
+                 placement=model_lib.openflamingo_placement(1),
+                 image=224, length=256, max_images=6),
+    "of4b": dict(lm=lm("neox", 2560, 32, 32, 10240, 50432), vision=CLIP_VIT_L14,
+                 resampler=OF_RESAMPLER, xattn=OF_XATTN,
+                 placement=model_lib.openflamingo_placement(2),
+                 image=224, length=256, max_images=6),
+    "of9b": dict(lm=lm("mpt", 4096, 32, 32, 16384, 50432), vision=CLIP_VIT_L14,
+                 resampler=OF_RESAMPLER, xattn=OF_XATTN,
+                 placement=model_lib.openflamingo_placement(4),
+                 image=224, length=256, max_images=6),
 }
 # size: (batch_size, steps, peak lr, warmup)
 TRAINING = {"tiny": (8, 120, 3e-3, 10), "bench": (4, 50, 1e-4, 5)}
 PAPER_TRAINING = (256, 500_000, 1e-4, 5000)  # OpenFlamingo-like; the paper's: see docs
-OPTIONS = {"frames": int, "immediate": bool, "scan": bool, "remat": str, "dtype": str}
+OPTIONS = {"frames": int, "immediate": bool}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  size, _, rest = arg.partition(",")
-  if size not in SIZES:
-    raise ValueError(f"flamingo size {size!r}: expected one of {sorted(SIZES)}.")
-  options = config_lib.parse_options(rest, OPTIONS)
-  lm, vision, resampler, xattn, (length, max_images) = SIZES[size]
+  size, options = config_lib.parse_arg(arg, SIZES, OPTIONS, "flamingo")
+  sizes = SIZES[size]
   batch, steps, lr, warmup = TRAINING.get(size, PAPER_TRAINING)
   frames = options.get("frames", 0)
   if frames < 0:
     raise ValueError(f"flamingo option frames={frames}: expected >= 0.")
 
-  c = config_lib.base_config()
+  c = config_lib.base_config("flamingo", options)
   c.batch_size = batch
   c.num_train_steps = steps
   c.optimizer.learning_rate = lr
@@ -102,29 +128,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.frozen = model_lib.frozen_patterns()
 
   m = c.model
-  m.name = "flamingo"
-  width, layers, heads, mlp, vocab, style = lm
-  m.vocab_size = vocab or DATA_VOCAB_SIZE
-  m.width, m.num_layers, m.num_heads, m.mlp_dim = width, layers, heads, mlp
-  for key, value in LM_STYLES[style].items():
-    m[key] = value
-  (m.vision_width, m.vision_layers, m.vision_heads, m.vision_mlp_dim, m.patch_size,
-   image) = vision
-  (m.resampler_layers, m.num_latents, m.resampler_heads, m.resampler_head_dim,
-   m.resampler_activation) = resampler
-  (m.xattn_group, m.xattn_sublayers), m.xattn_heads, m.xattn_head_dim, m.xattn_activation = xattn
-  m.resampler_mlp_ratio = m.xattn_mlp_ratio = 4  # both papers
-  m.max_frames = frames
+  m.lm = sizes["lm"]
+  m.vision = sizes["vision"]
+  m.resampler = dict(sizes["resampler"], mlp_ratio=4, num_frames=frames)  # both papers: x4
+  m.xattn = dict(sizes["xattn"], mlp_ratio=4)
+  m.xattn_group, m.xattn_sublayers = sizes["placement"]
   m.only_attend_immediate = options.get("immediate", True)
-  m.scan_layers = options.get("scan", True)
-  m.remat_policy = options.get("remat", "none")
-  m.dtype = options.get("dtype", "float32")
+  m.new_token_ids = (4, 5)  # <image>, <|endofchunk|> (vlm_jax/data/vocab.py)
 
-  c.data = defaults.default_data_config()
   c.data.mixture = "pretrain_flamingo"
-  c.data.converter = "flamingo"
-  c.data.image_size = image
-  c.data.sequence_length = length
-  c.data.max_images = max_images
+  c.data.image_size = sizes["image"]
+  c.data.sequence_length = sizes["length"]
+  c.data.max_images = sizes["max_images"]
   c.data.frames_per_media = frames
   return c

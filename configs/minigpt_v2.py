@@ -36,17 +36,28 @@ released; our synthetic stage mixtures are described in vlm_jax/data/minigpt_v2.
 import ml_collections
 
 from vlm_jax import config as config_lib
-from vlm_jax.data import defaults
+from vlm_jax.data.families import minigpt_v2 as data_lib
+from vlm_jax.nn import vit
 
-# name: (width, layers, heads, mlp, vocab, vit_width, vit_layers, vit_heads, vit_mlp,
-#        image, text_length, lora_rank)
-SIZES = {
-    "tiny": (128, 2, 4, 344, None, 96, 2, 4, 384, 112, 160, 8),
-    "bench": (1024, 4, 16, 2816, None, 768, 4, 12, 3072, 224, 256, 64),
-    "7b": (4096, 32, 32, 11008, 32000, 1408, 39, 16, 6144, 448, 512, 64),
-}
-DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (data/tokenizer)
+DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (vlm_jax/data/tokenizer)
 PATCH_SIZE, GROUP_SIZE = 14, 4
+# name: sub-configs of the parts (the LM without its LoRA fields), image px, text length T
+# (visual slots included), LoRA rank.
+SIZES = {
+    "tiny": dict(lm=dict(width=128, num_layers=2, num_heads=4, mlp_dim=344,
+                         vocab_size=DATA_VOCAB_SIZE),
+                 vision=dict(width=96, depth=2, num_heads=4, mlp_dim=384, patch_size=PATCH_SIZE),
+                 image=112, length=160, lora_rank=8),
+    "bench": dict(lm=dict(width=1024, num_layers=4, num_heads=16, mlp_dim=2816,
+                          vocab_size=DATA_VOCAB_SIZE),
+                  vision=vit.variant(f"B/{PATCH_SIZE}", depth=4),
+                  image=224, length=256, lora_rank=64),
+    # LLaMA-2-7B; EVA ViT-g/14 without its last layer (as MiniGPT-v2).
+    "7b": dict(lm=dict(width=4096, num_layers=32, num_heads=32, mlp_dim=11008,
+                       vocab_size=32000),
+               vision=vit.variant(f"g/{PATCH_SIZE}", depth=39),
+               image=448, length=512, lora_rank=64),
+}
 # (size, stage): (batch_size, steps, peak lr, warmup)
 TRAINING = {
     ("tiny", 1): (16, 200, 1e-3, 20), ("tiny", 2): (16, 150, 5e-4, 15),
@@ -56,24 +67,18 @@ TRAINING = {
     ("7b", 1): (96, 400_000, 1e-4, 1000), ("7b", 2): (64, 50_000, 1e-5, 1000),
     ("7b", 3): (24, 35_000, 1e-5, 1000),
 }
-STAGE_MIXTURES = {1: "minigpt_v2_stage1", 2: "minigpt_v2_stage2", 3: "minigpt_v2_stage3"}
-OPTIONS = {"stage": int, "init_from": str, "freeze_lm": bool, "scan": bool, "remat": str,
-           "dtype": str}
+OPTIONS = {"stage": int, "init_from": str, "freeze_lm": bool}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  size, _, rest = arg.partition(",")
-  if size not in SIZES:
-    raise ValueError(f"minigpt_v2 size {size!r}: expected one of {sorted(SIZES)}.")
-  options = config_lib.parse_options(rest, OPTIONS)
+  size, options = config_lib.parse_arg(arg, SIZES, OPTIONS, "minigpt_v2")
   stage = options.get("stage", 1)
-  if stage not in STAGE_MIXTURES:
+  if stage not in data_lib.STAGE_MIXTURES:
     raise ValueError(f"minigpt_v2 stage={stage}: expected 1, 2 or 3.")
-  (width, layers, heads, mlp, vocab, vit_width, vit_layers, vit_heads, vit_mlp, image,
-   text_length, lora_rank) = SIZES[size]
+  sizes = SIZES[size]
   batch, steps, lr, warmup = TRAINING[(size, stage)]
 
-  c = config_lib.base_config()
+  c = config_lib.base_config("minigpt_v2", options)
   c.batch_size = batch
   c.num_train_steps = steps
   c.optimizer.learning_rate = lr
@@ -85,31 +90,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.frozen = (r"vision/.*",) + lm_frozen
 
   m = c.model
-  m.name = "minigpt_v2"
-  m.vocab_size = vocab or DATA_VOCAB_SIZE
-  m.width = width
-  m.num_layers = layers
-  m.num_heads = heads
-  m.mlp_dim = mlp
-  m.lora_targets = ("query", "value")
-  m.lora_rank = lora_rank
-  m.lora_alpha = 16.0
-  m.lora_dropout_rate = 0.05
-  m.vision_width = vit_width
-  m.vision_layers = vit_layers
-  m.vision_heads = vit_heads
-  m.vision_mlp_dim = vit_mlp
-  m.patch_size = PATCH_SIZE
+  m.lm = dict(sizes["lm"], lora_targets=("query", "value"), lora_rank=sizes["lora_rank"],
+              lora_alpha=16.0, lora_dropout_rate=0.05)
+  m.vision = dict(sizes["vision"], class_token=True, mlp_activation="gelu")
   m.group_size = GROUP_SIZE
-  m.scan_layers = options.get("scan", True)
-  m.remat_policy = options.get("remat", "none")
-  m.dtype = options.get("dtype", "float32")
 
-  c.data = defaults.default_data_config()
-  c.data.mixture = STAGE_MIXTURES[stage]
-  c.data.converter = "minigpt_v2"
-  c.data.image_size = image
+  c.data.mixture = data_lib.STAGE_MIXTURES[stage]
+  c.data.image_size = sizes["image"]
   c.data.resize_mode = "stretch"  # boxes are relative to the whole image
-  c.data.sequence_length = text_length  # T, including the visual token slots
-  c.data.image_tokens = (image // PATCH_SIZE) ** 2 // GROUP_SIZE
+  c.data.sequence_length = sizes["length"]  # T, including the visual token slots
+  c.data.image_tokens = (sizes["image"] // PATCH_SIZE) ** 2 // GROUP_SIZE
   return c

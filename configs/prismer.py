@@ -32,22 +32,41 @@ the command): base 157.4M of 327.5M, large 362.5M of 967.1M (paper: about 160M /
 import ml_collections
 
 from vlm_jax import config as config_lib
-from vlm_jax.data import defaults
+from vlm_jax.models import prismer as model_lib
+from vlm_jax.nn import expert_vit
 
-ALL_EXPERTS = ("depth", "normal", "edge", "seg", "obj_detection", "ocr_detection")
-# name: (vit_width, vit_layers, vit_heads, vit_mlp, patch, width, layers, heads, mlp, vocab,
-#        image, expert_px, text_length, latents, resampler_layers, resampler_heads, experts)
+DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (vlm_jax/data/tokenizer); tiny, bench
+ALL_EXPERTS = expert_vit.EXPERTS
+DEMO_EXPERTS = ("depth", "seg", "obj_detection")
+RESAMPLER = dict(num_latents=64, resampler_layers=4, resampler_heads=8)
+
+
+def roberta(width, num_layers, num_heads, mlp_dim, vocab_size=DATA_VOCAB_SIZE):
+  return dict(width=width, num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
+              vocab_size=vocab_size)
+
+
+def vit(width, depth, num_heads, mlp_dim, patch_size, experts, **resampler):
+  return dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+              patch_size=patch_size, experts=experts, **(resampler or RESAMPLER))
+
+
+# name: sub-configs of the parts; image and expert-map px; text length.
 SIZES = {
-    "tiny": (64, 2, 4, 256, 8, 64, 2, 4, 256, None, 64, 64, 24, 16, 2, 4,
-             ("depth", "seg", "obj_detection")),
-    "bench": (768, 4, 12, 3072, 16, 768, 4, 12, 3072, None, 224, 224, 32, 64, 4, 8,
-              ("depth", "seg", "obj_detection")),
-    "base": (768, 12, 12, 3072, 16, 768, 12, 12, 3072, 50265, 224, 224, 30, 64, 4, 8,
-             ALL_EXPERTS),
-    "large": (1024, 24, 16, 4096, 14, 1024, 24, 16, 4096, 50265, 224, 224, 30, 64, 4, 8,
-              ALL_EXPERTS),
+    "tiny": dict(lm=roberta(64, 2, 4, 256),
+                 vision=vit(64, 2, 4, 256, 8, DEMO_EXPERTS, num_latents=16, resampler_layers=2,
+                            resampler_heads=4),
+                 image=64, expert_px=64, text=24),
+    "bench": dict(lm=roberta(768, 4, 12, 3072), vision=vit(768, 4, 12, 3072, 16, DEMO_EXPERTS),
+                  image=224, expert_px=224, text=32),
+    # ViT-B/16 + RoBERTa-base; ViT-L/14 + RoBERTa-large.
+    "base": dict(lm=roberta(768, 12, 12, 3072, 50265),
+                 vision=vit(768, 12, 12, 3072, 16, ALL_EXPERTS),
+                 image=224, expert_px=224, text=30),
+    "large": dict(lm=roberta(1024, 24, 16, 4096, 50265),
+                  vision=vit(1024, 24, 16, 4096, 14, ALL_EXPERTS),
+                  image=224, expert_px=224, text=30),
 }
-DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (data/tokenizer); tiny and bench
 # Per size: (batch_size, steps, peak lr, warmup). Paper pretraining: batch 1024, lr 3e-4
 # (1e-4 for large), weight decay 0.05, 2000 warmup steps, 20 epochs.
 TRAINING = {
@@ -56,7 +75,7 @@ TRAINING = {
     "base": (1024, 200_000, 3e-4, 2000),
     "large": (1024, 200_000, 1e-4, 2000),
 }
-OPTIONS = {"experts": str, "freeze": str, "scan": bool, "remat": str, "dtype": str}
+OPTIONS = {"experts": str, "freeze": str}
 
 
 def _experts(text: str) -> tuple[str, ...]:
@@ -71,61 +90,37 @@ def _experts(text: str) -> tuple[str, ...]:
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  from vlm_jax.models import prismer  # pylint: disable=g-import-not-at-top
-  size, _, rest = arg.partition(",")
-  if size not in SIZES:
-    raise ValueError(f"prismer size {size!r}: expected one of {sorted(SIZES)}.")
-  options = config_lib.parse_options(rest, OPTIONS)
-  (vit_width, vit_layers, vit_heads, vit_mlp, patch, width, layers, heads, mlp, vocab, image,
-   expert_px, text_length, latents, resampler_layers, resampler_heads,
-   experts) = SIZES[size]
+  size, options = config_lib.parse_arg(arg, SIZES, OPTIONS, "prismer")
+  sizes = SIZES[size]
+  experts = sizes["vision"]["experts"]
   if "experts" in options:
     experts = _experts(options["experts"])
   freeze = options.get("freeze", "freeze_lang_vision")
   batch, steps, lr, warmup = TRAINING[size]
 
-  c = config_lib.base_config()
+  c = config_lib.base_config("prismer", options)
   c.batch_size = batch
   c.num_train_steps = steps
   c.log_every_steps = 25
   c.optimizer.learning_rate = lr
   c.optimizer.warmup_steps = warmup
   c.optimizer.weight_decay = 0.05
-  c.frozen = prismer.frozen_patterns(freeze)
+  c.frozen = model_lib.frozen_patterns(freeze)
 
   m = c.model
-  m.name = "prismer"
-  m.vocab_size = vocab or DATA_VOCAB_SIZE
-  m.width = width
-  m.num_layers = layers
-  m.num_heads = heads
-  m.mlp_dim = mlp
-  m.max_text_length = 514
-  m.vision_width = vit_width
-  m.vision_layers = vit_layers
-  m.vision_heads = vit_heads
-  m.vision_mlp_dim = vit_mlp
-  m.patch_size = patch
-  m.image_size = image
-  m.experts = experts
-  m.num_latents = latents
-  m.resampler_layers = resampler_layers
-  m.resampler_heads = resampler_heads
-  m.num_instance_embeddings = 128
+  m.lm = dict(sizes["lm"], max_text_length=514)
+  m.vision = dict(sizes["vision"], experts=experts, image_size=sizes["image"],
+                  num_instance_embeddings=128)
   m.adaptor_ratio = 1
   m.freeze = freeze
-  m.scan_layers = options.get("scan", True)
-  m.remat_policy = options.get("remat", "none")
-  m.dtype = options.get("dtype", "float32")
+  m.dropout_rate = 0.0
 
-  c.data = defaults.default_data_config()
   c.data.mixture = "prismer_scenes"
-  c.data.converter = "prismer"
-  c.data.image_size = image
+  c.data.image_size = sizes["image"]
   c.data.resize_mode = "stretch"  # expert maps are pixel-aligned with the whole image
-  c.data.text_length = text_length
+  c.data.text_length = sizes["text"]
   c.data.experts = experts
-  c.data.expert_size = expert_px  # expert maps are resized to this (reference: 224)
+  c.data.expert_size = sizes["expert_px"]  # expert maps are resized to this (reference: 224)
   c.data.label_dim = 64  # per-pixel label embedding size (reference: PCA-reduced CLIP, 64)
   c.data.label_table = ""  # "" = deterministic default vectors; else a .npz/.json table
   return c

@@ -30,15 +30,26 @@ import ml_collections
 
 from vlm_jax import config as config_lib
 
-# name: (width, heads, mlp, enc_layers, dec_layers, stem_width, stem_blocks, image, vocab)
+DATA_VOCAB_SIZE = 1024  # our shipped SentencePiece model (vlm_jax/data/tokenizer); tiny, bench
+R50_STEM = dict(width=64, stage_blocks=(3, 4, 6))  # ResNet-50's first three stages
+
+
+def text(width, num_heads, mlp_dim, layers, vocab_size=DATA_VOCAB_SIZE):
+  """The text encoder-decoder, `layers` deep on each side (models.simvlm.TextConfig)."""
+  return dict(vocab_size=vocab_size, width=width, num_heads=num_heads, mlp_dim=mlp_dim,
+              encoder_layers=layers, decoder_layers=layers)
+
+
+# name: sub-configs of the parts and the image px.
 SIZES = {
-    "tiny": (128, 4, 512, 2, 2, 16, (1, 1, 1), 64, None),
-    "bench": (1024, 16, 4096, 4, 4, 16, (1, 1, 1), 64, None),
-    "base": (768, 12, 3072, 12, 12, 64, (3, 4, 6), 224, 32000),
-    "large": (1024, 16, 4096, 24, 24, 64, (3, 4, 6), 224, 32000),
-    "huge": (1280, 16, 5120, 32, 32, 64, (3, 4, 6), 224, 32000),
+    "tiny": dict(lm=text(128, 4, 512, 2), vision=dict(width=16, stage_blocks=(1, 1, 1)),
+                 image=64),
+    "bench": dict(lm=text(1024, 16, 4096, 4), vision=dict(width=16, stage_blocks=(1, 1, 1)),
+                  image=64),
+    "base": dict(lm=text(768, 12, 3072, 12, 32000), vision=R50_STEM, image=224),
+    "large": dict(lm=text(1024, 16, 4096, 24, 32000), vision=R50_STEM, image=224),
+    "huge": dict(lm=text(1280, 16, 5120, 32, 32000), vision=R50_STEM, image=224),
 }
-DATA_VOCAB_SIZE = 1024  # our shipped SentencePiece model (data/tokenizer); tiny and bench
 # Per size: (batch_size, steps, lr, warmup, prefix_length, suffix_length).
 TRAINING = {
     "tiny": (32, 1000, 1e-3, 100, 16, 24),
@@ -47,21 +58,18 @@ TRAINING = {
     "large": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
     "huge": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
 }
-OPTIONS = {"scan": bool, "remat": str, "dtype": str, "t5": bool}
-MODEL_FIELDS = {"scan": "scan_layers", "remat": "remat_policy", "dtype": "dtype"}
+OPTIONS = {"t5": bool}
 # T5 v1.1's text layout (relative position bias, RMSNorm, gated GELU, no biases, untied head).
 T5_TEXT = dict(position="relative", norm_type="rmsnorm", mlp_activation="geglu",
                use_bias=False, tie_embeddings=False)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  size, _, rest = arg.partition(",")
-  if size not in SIZES:
-    raise ValueError(f"simvlm size {size!r}: expected one of {sorted(SIZES)}.")
-  width, heads, mlp, enc, dec, stem_width, stem_blocks, image, vocab = SIZES[size]
+  size, options = config_lib.parse_arg(arg, SIZES, OPTIONS, "simvlm")
+  sizes = SIZES[size]
   batch, steps, lr, warmup, prefix_len, suffix_len = TRAINING[size]
 
-  c = config_lib.base_config()
+  c = config_lib.base_config("simvlm", options)
   c.batch_size = batch
   c.num_train_steps = steps
   c.optimizer.learning_rate = lr
@@ -69,31 +77,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.frozen = ()  # SimVLM trains everything from scratch
 
   m = c.model
-  m.name = "simvlm"
-  m.vocab_size = vocab or DATA_VOCAB_SIZE
-  m.width = width
-  m.num_heads = heads
-  m.mlp_dim = mlp
-  m.encoder_layers = enc
-  m.decoder_layers = dec
-  m.mlp_activation = "gelu"
-  m.stem_width = stem_width
-  m.stem_blocks = stem_blocks
-  m.max_text_length = max(prefix_len, suffix_len)
-  m.tie_embeddings = True
-  m.position = "learned"
-  m.norm_type = "layernorm"
-  m.use_bias = True
+  m.lm = dict(sizes["lm"], mlp_activation="gelu", max_text_length=max(prefix_len, suffix_len),
+              tie_embeddings=True, position="learned", norm_type="layernorm", use_bias=True)
+  if options.get("t5"):
+    m.lm.update(T5_TEXT)
+  m.vision = sizes["vision"]
   m.dropout_rate = 0.0  # paper: 0.1 when fine-tuning
   m.drop_path_rate = 0.0  # paper: 0.1 on conv stage + encoder when fine-tuning
 
-  c.data.image_size = image
-  c.data.prefix_length = prefix_len  # Lp
-  c.data.suffix_length = suffix_len  # Ls
-
-  options = config_lib.parse_options(rest, OPTIONS)
-  if options.pop("t5", False):
-    m.update(T5_TEXT)
-  for key, value in options.items():
-    m[MODEL_FIELDS[key]] = value
+  c.data.mixture = "pretrain_simvlm"
+  c.data.image_size = sizes["image"]
+  c.data.prefix_length = prefix_len  # Lp, encoder text slots
+  c.data.suffix_length = suffix_len  # Ls, decoder slots including EOS
+  # Image-text pairs: probability of an empty text prefix (pure captioning); otherwise the
+  # prefix length is uniform in [1, min(n - 1, Lp)]. Text documents always have p >= 1.
+  c.data.pair_zero_prefix_prob = 0.5
   return c

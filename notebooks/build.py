@@ -13,8 +13,7 @@ Source format ("percent" cells, as Jupytext/VS Code read them):
     plt.plot(...)
 
 A code cell runs until the next `# %%` line. `tags=[...]` become the cell's metadata tags;
-tests/test_notebooks.py requires every cell tagged "plot" to output an image, and a cell
-tagged "needs:<family>" to do so only once that model family is registered. Outputs are not
+tests/test_notebooks.py requires every cell tagged "plot" to output an image. Outputs are not
 stored: CI executes the notebooks, the committed files stay small and diff cleanly.
 """
 import ast

@@ -1,5 +1,6 @@
 """CogAgent: cross-module reach and zero-init parity, visual expert, boxes, GUI/OCR data,
 training through the real loop (loss falls, resume), 18B layout and FLOPs."""
+import io
 import json
 import os
 import shutil
@@ -10,21 +11,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from PIL import Image
 
+import builders
 from vlm_jax import config as config_lib
+from vlm_jax import params as state_lib
 from vlm_jax import flops
 from vlm_jax.data import catalog, health
-from vlm_jax.data import cogagent as data_lib
-from vlm_jax.data import cogagent_boxes as boxes
+from vlm_jax.data import processor as processor_lib
+from vlm_jax.data.boxes import permille as boxes
+from vlm_jax.data.families import cogagent as data_lib
+from vlm_jax.data.synthetic import screens
 from vlm_jax.models import cogagent as model_lib
 from vlm_jax.models import registry
 from vlm_jax.train import loop
-from vlm_jax.train import state as state_lib
 
-TINY = dict(vocab_size=64, width=32, num_layers=2, num_heads=4, mlp_dim=48,
-            vision_width=16, vision_layers=1, vision_heads=2, vision_mlp_dim=32,
-            adapter_mlp_dim=40, high_res_width=24, high_res_layers=1, high_res_heads=2,
-            high_res_mlp_dim=32, cross_width=16, cross_heads=4)
+WIDTH, HIGH_RES_WIDTH = 32, 24
+VIT = dict(depth=1, num_heads=2, mlp_dim=32, patch_size=14, class_token=True)
+TINY = dict(lm=dict(vocab_size=64, width=WIDTH, num_layers=2, num_heads=4, mlp_dim=48),
+            vision=dict(VIT, width=16), high_res=dict(VIT, width=HIGH_RES_WIDTH),
+            adapter=dict(mlp_dim=40), cross=dict(width=16, heads=4), visual_expert=True,
+            cross_module=True)
 LOW, HIGH, LENGTH = 28, 56, 16  # 2x2 + 2 = 6 image slots; 4x4 = 16 high-res tokens
 
 
@@ -40,7 +47,7 @@ def _batch(seed=0, valid=(13, 16)):
 
 
 def _init(**fields):
-  model = model_lib.CogAgent(**{**TINY, **fields})
+  model = builders.build("cogagent", **{**TINY, **fields})
   return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), _batch()))["params"]
 
 
@@ -72,7 +79,7 @@ def test_every_position_sees_every_high_res_token_of_its_own_example(tiny):
 
   high_res = model.apply({"params": params}, batch["high_res_images"],
                          method="encode_high_res")
-  assert high_res.shape == (2, (HIGH // 14) ** 2, TINY["high_res_width"])
+  assert high_res.shape == (2, (HIGH // 14) ** 2, HIGH_RES_WIDTH)
   jac = jax.jit(jax.jacrev(hidden))(high_res)  # [B, T, B, P, Dc]
   reach = np.abs(np.asarray(jac)).sum(-1)  # [B, T, B, P]
   for b in range(2):
@@ -102,7 +109,7 @@ def test_visual_tokens_with_boi_eoi_are_spliced_and_routed(tiny):
   x, _, extra = model.apply({"params": params}, batch, method="embed_inputs")
   visual = model.apply({"params": params}, batch["images"], method="encode_images")
   slots = model_lib.image_tokens(LOW, 14)
-  assert visual.shape == (2, 1, slots, TINY["width"])
+  assert visual.shape == (2, 1, slots, WIDTH)
   np.testing.assert_allclose(visual[0, 0, 0], params["adapter"]["boi"], atol=1e-6)
   np.testing.assert_allclose(visual[0, 0, -1], params["adapter"]["eoi"], atol=1e-6)
   np.testing.assert_allclose(x[0, 1:1 + slots], visual[0, 0], atol=1e-6)
@@ -144,8 +151,8 @@ def test_box_round_trip_and_normalisation():
                                                                            (5, 6, 7, 8)]
   # min(999, int(v / size * 1000)): the right/bottom edge maps to 999, not 1000
   assert boxes.format_box((0, 10, 112, 55.99), 112, 112) == "[[000,089,999,499]]"
-  assert boxes.find_boxes("click [[001,002,003,004]] then [[010,020,030,040]]") == [
-      [(1, 2, 3, 4)], [(10, 20, 30, 40)]]
+  assert boxes.find_boxes("click [[001,002,003,004]] then [[010,020,030,040];[005,006,007,"
+                          "008]]") == [(1, 2, 3, 4), (10, 20, 30, 40), (5, 6, 7, 8)]
   x0, y0, x1, y1 = boxes.pixel_box((100, 200, 500, 999), 1120, 1120)
   assert boxes.normalise_box((x0, y0, x1, y1), 1120, 1120) == (100, 200, 500, 999)
 
@@ -182,13 +189,13 @@ def test_out_of_range_boxes_raise():
 @pytest.fixture(scope="module")
 def processor():
   config = config_lib.load_config("configs/cogagent.py:tiny")
-  return config, data_lib.ExampleProcessor(config.data, seed=0)
+  return config, data_lib.Processor(config.data, seed=0)
 
 
 def test_screen_elements_are_distinct_visible_and_apart():
   rng = np.random.default_rng(0)
   for _ in range(10):
-    image, elements = data_lib.render_screen(112, data_lib.screen_words("a red star", rng), rng)
+    image, elements = screens.render_screen(112, screens.screen_words("a red star", rng), rng)
     pixels = np.asarray(image, np.int32)
     assert elements and len({e.name for e in elements}) == len(elements)
     assert {e.kind for e in elements} <= {"button", "label", "icon"}
@@ -203,39 +210,54 @@ def test_screen_elements_are_distinct_visible_and_apart():
 
 def test_processor_writes_the_model_batch_for_every_task(processor):
   config, proc = processor
-  spec = model_lib.batch_spec(config.data, 1)
-  source = catalog.make_source(catalog.TASKS["cogagent_ocr"], "", "train")
+  batch_spec = model_lib.batch_spec(config.data, 1)
+  tasks = {spec.template: spec for spec in data_lib.TASKS}
+  source = catalog.make_source(tasks["ocr"], "", "train")
   vocab = proc.vocab
   for index in range(6):
     raw = source[index]
-    for task in data_lib.TASKS:
-      ex = proc(index, (catalog.TASKS[task], raw))
+    for task, spec in tasks.items():
+      ex = proc(index, (spec, raw))
       assert not isinstance(ex, health.Skipped), ex
       ex.pop("_source")
-      assert set(ex) == set(spec)
-      for key, s in spec.items():
+      assert set(ex) == set(batch_spec)
+      for key, s in batch_spec.items():
         assert ex[key].shape == s.shape[1:] and ex[key].dtype == s.dtype, key
       answer = vocab.decode(ex["targets"][ex["loss_mask"] > 0])
       slots = config.data.image_tokens
       assert (ex["tokens"][1:1 + slots] == data_lib.PLACEHOLDER_ID).all()
       prompt = vocab.decode(ex["tokens"][1 + slots:int(ex["token_mask"].sum())])
       assert prompt.startswith("Question: ") and prompt.endswith(f"Answer: {answer}")
-      if task == "cogagent_grounding":  # the answer box holds the named element
+      if task == "grounding":  # the answer box holds the named element
         (box,) = boxes.parse_boxes(answer)
         x0, y0, x1, y1 = (int(v) for v in boxes.pixel_box(box, 112, 112))
         crop = ex["high_res_images"][0, y0:y1 + 1, x0:x1 + 1]
         assert crop.size and np.ptp(crop) > 0.3
-      if task == "cogagent_ocr":
+      if task == "ocr":
         assert answer and answer in " ".join(raw["text"].split())
-  bad = proc(0, (catalog.TASKS["cogagent_ocr"], dict(source[0], problem="broken tar")))
+  bad = proc(0, (tasks["ocr"], dict(source[0], problem="broken tar")))
   assert isinstance(bad, health.Skipped)
 
 
-def test_mixture_and_converter_are_registered():
-  rates = dict(catalog.resolve("cogagent_pretrain").rates)
-  assert set(rates) == set(data_lib.TASKS) and abs(sum(rates.values()) - 1) < 1e-9
-  from vlm_jax.data import pipeline
-  assert pipeline.converter("cogagent")[0] is data_lib.ExampleProcessor
+def test_caption_template_reads_the_record_s_own_image(processor):
+  """Real image-text pairs (an ingested directory) feed CogAgent by the `caption` template,
+  the default for pairs: the record's picture, its caption as the answer."""
+  config, proc = processor
+  spec = catalog.TaskSpec("real_pairs", "pairs", "webdataset", catalog.SAMPLE_PAIRS)
+  spec = processor_lib.with_template(spec, data_lib.TEMPLATES, "cogagent")
+  assert spec.template == "caption"
+  source = catalog.make_source(spec, "", "validation")
+  raw = source[0]
+  ex = proc(0, (spec, raw))
+  answer = proc.vocab.decode(ex["targets"][ex["loss_mask"] > 0])
+  assert answer == raw["text"]
+  picture = np.asarray(Image.open(io.BytesIO(raw["image"])).convert("RGB").resize((56, 56)))
+  assert np.abs(ex["images"][0] - (picture / 127.5 - 1)).mean() < 0.05
+
+
+def test_mixture_is_the_family_s():
+  rates = dict(data_lib.MIXTURES["cogagent_pretrain"])
+  assert set(rates) == {t.name for t in data_lib.TASKS} and abs(sum(rates.values()) - 1) < 1e-9
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,6 +354,6 @@ def _xla_forward_flops(config, batch_size=2):
 
 def test_analytic_forward_flops_match_xla():
   config = config_lib.load_config("configs/cogagent.py:bench")
-  analytic = flops.flops_per_example(config.model, config.data, causal_half=False)["forward"]
+  analytic = flops.flops_per_example(config, causal_half=False)["forward"]
   measured = _xla_forward_flops(config)
   assert analytic <= measured <= 1.05 * analytic, measured / analytic

@@ -39,7 +39,7 @@ def test_config_builds_and_eval_shapes(path, size):
   assert sum(x.size for x in jax.tree.leaves(nn.unbox(params))) > 0
   logits = jax.eval_shape(lambda p, b: model.apply({"params": nn.unbox(p)}, b), params, spec)
   assert logits.shape[:2] == spec["targets"].shape
-  assert logits.shape[-1] == config.model.vocab_size
+  assert logits.shape[-1] == config.model.lm.vocab_size
   assert not config.frozen or all(isinstance(p, str) for p in config.frozen)
 
 

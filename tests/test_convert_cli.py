@@ -14,7 +14,7 @@ import transformers
 from vlm_jax import config as config_lib
 from vlm_jax.cli import convert as cli
 from vlm_jax.models import registry
-from vlm_jax.train import state as state_lib
+from vlm_jax import params as state_lib
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "minigpt_v2.py") + ":tiny"
 
@@ -64,12 +64,12 @@ def test_export_of_a_run_merges_lora_and_transformers_reproduces_the_lm(tmp_path
   model = registry.build(config.model)
   batch = registry.dummy_batch(config, 1)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch))["params"]
-  flat = state_lib.traverse_util.flatten_dict(params, sep="/")
+  flat = state_lib.flatten(params)
   rng = np.random.default_rng(0)
   for path in flat:  # a trained-looking LoRA
     if path.endswith("lora_b"):
       flat[path] = jnp.asarray(0.05 * rng.standard_normal(flat[path].shape), jnp.float32)
-  params = state_lib.traverse_util.unflatten_dict(flat, sep="/")
+  params = state_lib.unflatten(flat)
   trainable, frozen = state_lib.split_frozen(params, config.frozen)
   workdir = tmp_path / "run"
   with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state",)) as manager:

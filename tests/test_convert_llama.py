@@ -12,6 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import builders
 from vlm_jax import convert
 from vlm_jax import config as config_lib
 from vlm_jax import sharding
@@ -129,10 +130,12 @@ def test_init_lm_lands_in_sharded_state_and_keeps_lora_and_vision_init(saved):
   config.init.lm = sharded_dir
   config.frozen = minigpt_v2.frozen_patterns()
   config.mesh.shape = (2, 2, 2)
-  model = minigpt_v2.MiniGPTv2(
-      vocab_size=64, width=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
-      rotary_max_wavelength=500.0, lora_rank=4, vision_width=16, vision_layers=1,
-      vision_heads=2, vision_mlp_dim=32)
+  model = builders.build(
+      "minigpt_v2", lm=dict(vocab_size=64, width=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                            mlp_dim=48, rotary_max_wavelength=500.0,
+                            lora_targets=("query", "value"), lora_rank=4),
+      vision=dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=14, class_token=True),
+      group_size=4)
   batch = {"images": jnp.zeros((2, 1, 56, 56, 3)), "image_mask": jnp.ones((2, 1)),
            "tokens": jnp.zeros((2, 16), jnp.int32), "token_mask": jnp.ones((2, 16)),
            "image_positions": jnp.zeros((2, 1), jnp.int32)}
@@ -168,10 +171,9 @@ def test_init_lm_lands_in_sharded_state_and_keeps_lora_and_vision_init(saved):
 def test_init_key_the_family_does_not_declare_is_an_error(saved):
   config = config_lib.base_config()
   config.init.vision = saved[1]
-  model = minigpt_v2.MiniGPTv2(vocab_size=8, width=8, num_layers=1, num_heads=1, mlp_dim=8)
   with pytest.raises(convert.ConversionError, match=r"config.init.vision=.*declares no"):
     init_weights.apply(config, decoder_lm.DecoderLM(8, 8, 1, 1, 8), None, None)
-  assert init_weights.pretrained_parts(model)["lm"] == {"path": "lm"}
+  assert minigpt_v2.MiniGPTv2.PRETRAINED_PARTS["lm"] == {"path": "lm"}
 
 
 # ----------------------------------------------------------------------------------------

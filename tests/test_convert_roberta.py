@@ -2,8 +2,7 @@
 download): Prismer's new parts (cross-attention, adaptors, the extra output layer) are
 bypassed with flax method interceptors, so the imported frozen path must equal HF exactly;
 round trip through export; the new parts keep their initialisation.
-
-Needs vlm_jax/models/prismer.py (the prismer branch)."""
+"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,13 +11,15 @@ import pytest
 import torch
 import transformers
 
+import builders
 from vlm_jax import convert
 from vlm_jax.models import prismer
 from vlm_jax.train import init_weights
 
-DIMS = dict(vocab_size=60, width=32, num_layers=2, num_heads=4, mlp_dim=64,
-            max_text_length=20, vision_width=16, vision_layers=1, vision_heads=2,
-            vision_mlp_dim=32, patch_size=8, image_size=16)
+DIMS = dict(lm=dict(vocab_size=60, width=32, num_layers=2, num_heads=4, mlp_dim=64,
+                    max_text_length=20),
+            vision=dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=8, image_size=16),
+            freeze="freeze_lang_vision", adaptor_ratio=1, dropout_rate=0.0)
 PAD = 1  # RoBERTa's padding_idx
 TOKENS = np.array([[0, 5, 7, 9, 11, 2, PAD, PAD], [0, 4, 6, 8, 10, 12, 14, 2]])
 MASK = TOKENS != PAD
@@ -64,7 +65,7 @@ def bypass_new_parts(next_fun, args, kwargs, context):
 @pytest.mark.parametrize("scan", [True, False])
 def test_decoder_matches_transformers_with_padding(saved, scan):
   hf, path = saved
-  model = prismer.Prismer(**DIMS, scan_layers=scan)
+  model = builders.build("prismer", **DIMS, scan_layers=scan)
   batch, target = prismer_target(model)
   root, sub, new = init_weights.part_target(prismer.Prismer.PRETRAINED_PARTS["lm"], target)
   assert root == "" and not any(p.startswith("vision/") for p in sub)
@@ -87,7 +88,7 @@ def test_decoder_matches_transformers_with_padding(saved, scan):
 
 def test_round_trip_reloads_identical_tensors(saved, tmp_path):
   hf, path = saved
-  model = prismer.Prismer(**DIMS)
+  model = builders.build("prismer", **DIMS)
   _, target = prismer_target(model)
   _, sub, new = init_weights.part_target(prismer.Prismer.PRETRAINED_PARTS["lm"], target)
   loaded = convert.load_part(path, sub, new=new, log=lambda _: None)

@@ -10,16 +10,17 @@ import pytest
 import torch
 import transformers
 
+import builders
 from vlm_jax import convert
-from vlm_jax.models import simvlm
 from vlm_jax.nn import relative_position
 from vlm_jax.train import init_weights
 
-T5_LIKE = dict(vocab_size=64, width=32, num_heads=4, head_dim=16, mlp_dim=48,
-               encoder_layers=2, decoder_layers=2, mlp_activation="geglu",
-               norm_type="rmsnorm", position="relative", use_bias=False,
-               tie_embeddings=False, relative_buckets=8, relative_max_distance=20,
-               stem_width=8, stem_blocks=(1, 1, 1))
+T5_LIKE = dict(lm=dict(vocab_size=64, width=32, num_heads=4, head_dim=16, mlp_dim=48,
+                       encoder_layers=2, decoder_layers=2, mlp_activation="geglu",
+                       norm_type="rmsnorm", position="relative", use_bias=False,
+                       tie_embeddings=False, relative_buckets=8, relative_max_distance=20),
+               vision=dict(width=8, stage_blocks=(1, 1, 1)), dropout_rate=0.0,
+               drop_path_rate=0.0)
 PREFIX = np.array([[5, 9, 13, 17, 21, 25, 29, 1, 0, 0, 0, 0],
                    [4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 1]])
 PREFIX_MASK = PREFIX != 0
@@ -55,7 +56,7 @@ def batch():
 def imported(saved):
   """SimVLM params: T5's text path imported (config.init.lm's route), the image embedder
   initialised (here with every image masked out, as for text-only documents)."""
-  model = simvlm.SimVLM(**T5_LIKE)
+  model = builders.build("simvlm", **T5_LIKE)
   fresh = convert.flatten(nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch())["params"]))
   part = init_weights.pretrained_parts(model)["lm"]
   _, target, new = init_weights.part_target(

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import builders
 from vlm_jax import decode as decode_lib
-from vlm_jax.models import cogagent, flamingo, minigpt_v2, prismer, simvlm
 
 V, NEW = 64, 5
 LENGTHS = np.array([9, 13])  # prompts of different lengths in one batch (T = 16)
@@ -24,10 +24,15 @@ def _prompt_batch(key, length=16, low=6):
   return {"tokens": tokens, "token_mask": jnp.asarray(mask)}
 
 
+def _simvlm_model(**lm):
+  return builders.build(
+      "simvlm", lm=dict(vocab_size=V, width=32, num_heads=4, mlp_dim=48, encoder_layers=1,
+                        decoder_layers=2, **lm),
+      vision=dict(width=8, stage_blocks=(1, 1, 1)), dropout_rate=0.0, drop_path_rate=0.0)
+
+
 def _simvlm():
-  model = simvlm.SimVLM(vocab_size=V, width=32, num_heads=4, mlp_dim=48, encoder_layers=1,
-                        decoder_layers=2, stem_width=8, stem_blocks=(1, 1, 1),
-                        max_text_length=8)
+  model = _simvlm_model(max_text_length=8)
   k1, k2 = jax.random.split(jax.random.key(1))
   batch = {"images": _uniform(k1, (2, 1, 32, 32, 3)), "image_mask": jnp.ones((2, 1)),
            "prefix_tokens": jax.random.randint(k2, (2, 4), 4, V),
@@ -40,9 +45,7 @@ def _simvlm():
 def _simvlm_decoder_prompt():
   """T5-style relative positions and a decoder prompt per row (lengths differ): generated
   tokens' key positions skip each row's prompt padding."""
-  model = simvlm.SimVLM(vocab_size=V, width=32, num_heads=4, mlp_dim=48, encoder_layers=1,
-                        decoder_layers=2, stem_width=8, stem_blocks=(1, 1, 1),
-                        max_text_length=24, position="relative")
+  model = _simvlm_model(max_text_length=24, position="relative")
   k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
   batch = dict(_prompt_batch(k3), images=_uniform(k1, (2, 1, 32, 32, 3)),
                image_mask=jnp.ones((2, 1)), prefix_tokens=jax.random.randint(k2, (2, 4), 4, V),
@@ -52,11 +55,12 @@ def _simvlm_decoder_prompt():
 
 def _prismer():
   """Encoder-decoder with a decoder prompt (Prismer's question before its answer)."""
-  model = prismer.Prismer(vocab_size=V, width=32, num_layers=2, num_heads=4, mlp_dim=48,
-                          max_text_length=32, vision_width=16, vision_layers=1,
-                          vision_heads=2, vision_mlp_dim=32, patch_size=8, image_size=16,
-                          experts=("depth",), num_latents=4, resampler_layers=1,
-                          resampler_heads=2)
+  model = builders.build(
+      "prismer", lm=dict(vocab_size=V, width=32, num_layers=2, num_heads=4, mlp_dim=48,
+                         max_text_length=32),
+      vision=dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=8, image_size=16,
+                  experts=("depth",), num_latents=4, resampler_layers=1, resampler_heads=2),
+      freeze="freeze_lang_vision", adaptor_ratio=1, dropout_rate=0.0)
   k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
   batch = dict(_prompt_batch(k3), images=_uniform(k1, (2, 1, 16, 16, 3)),
                expert_depth=_uniform(k2, (2, 16, 16, 1)))
@@ -64,9 +68,11 @@ def _prismer():
 
 
 def _minigpt():
-  model = minigpt_v2.MiniGPTv2(vocab_size=V, width=32, num_layers=2, num_heads=4, mlp_dim=48,
-                               lora_rank=4, vision_width=16, vision_layers=1, vision_heads=2,
-                               vision_mlp_dim=32)
+  model = builders.build(
+      "minigpt_v2", lm=dict(vocab_size=V, width=32, num_layers=2, num_heads=4, mlp_dim=48,
+                            lora_targets=("query", "value"), lora_rank=4),
+      vision=dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=14, class_token=True),
+      group_size=4)
   k1, k2 = jax.random.split(jax.random.key(2))
   batch = dict(_prompt_batch(k1), images=_uniform(k2, (2, 1, 56, 56, 3)),
                image_mask=jnp.ones((2, 1)), image_positions=jnp.array([[2], [3]], jnp.int32))
@@ -74,11 +80,11 @@ def _minigpt():
 
 
 def _cogagent():
-  model = cogagent.CogAgent(vocab_size=V, width=32, num_layers=2, num_heads=4, mlp_dim=48,
-                            vision_width=16, vision_layers=1, vision_heads=2,
-                            vision_mlp_dim=32, adapter_mlp_dim=40, high_res_width=24,
-                            high_res_layers=1, high_res_heads=2, high_res_mlp_dim=32,
-                            cross_width=16, cross_heads=4)
+  vit = dict(depth=1, num_heads=2, mlp_dim=32, patch_size=14, class_token=True)
+  model = builders.build(
+      "cogagent", lm=dict(vocab_size=V, width=32, num_layers=2, num_heads=4, mlp_dim=48),
+      vision=dict(vit, width=16), high_res=dict(vit, width=24), adapter=dict(mlp_dim=40),
+      cross=dict(width=16, heads=4), visual_expert=True, cross_module=True)
   k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
   batch = dict(_prompt_batch(k1), images=_uniform(k2, (2, 1, 28, 28, 3)),
                high_res_images=_uniform(k3, (2, 1, 56, 56, 3)), image_mask=jnp.ones((2, 1)),
@@ -87,12 +93,13 @@ def _cogagent():
 
 
 def _flamingo():
-  model = flamingo.Flamingo(vocab_size=V, width=32, num_layers=4, num_heads=4, mlp_dim=48,
-                            vision_width=16, vision_layers=1, vision_heads=2,
-                            vision_mlp_dim=32, patch_size=8, resampler_layers=1,
-                            num_latents=3, resampler_heads=2, resampler_head_dim=8,
-                            xattn_heads=2, xattn_head_dim=8, xattn_group=2,
-                            xattn_sublayers=(1,))
+  model = builders.build(
+      "flamingo", lm=dict(vocab_size=V, width=32, num_layers=4, num_heads=4, mlp_dim=48),
+      vision=dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=8, class_token=True,
+                  pre_norm=True, patch_bias=False, mlp_activation="quick_gelu"),
+      resampler=dict(num_layers=1, num_latents=3, num_heads=2, head_dim=8),
+      xattn=dict(num_heads=2, head_dim=8), xattn_group=2, xattn_sublayers=(1,),
+      only_attend_immediate=True, new_token_ids=(4, 5))
   k1, k2 = jax.random.split(jax.random.key(4))
   batch = _prompt_batch(k1)
   positions = jnp.array([[1, 6, 0], [2, 0, 0]], jnp.int32)

@@ -134,7 +134,7 @@ def test_neox_and_mpt_style_variants_decode_consistently():
     np.testing.assert_allclose(_decode(model, params, tokens, (1,) * 6), full, atol=1e-5)
 
 
-class _ExtraBiasLayer(decoder_lm.DecoderOnlyLayer):
+class _ExtraBiasLayer(transformer.Layer):
   """A subclass adding `context.extra['bias']` after the attention block (hook test)."""
 
   @nn.compact

@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from vlm_jax.data.boxes import percent, permille
 from vlm_jax.evaluation import captions, grounding, vqa
 
 LOG2 = math.log(2)
@@ -84,10 +85,8 @@ def test_iou_by_hand_in_both_box_formats():
            "{<0><0><10><101>}"]  # out of range: not a box
   truths = [(0, 0, 10, 20), (0, 0, 10, 10), (0, 0, 1, 1), (0, 0, 10, 10)]
   # IoUs 0.5 (hit at >= 0.5), 1/7, none, none.
-  assert grounding.iou_accuracy(texts, truths, "minigpt_v2") == pytest.approx(0.25)
+  assert grounding.iou_accuracy(texts, truths, percent) == pytest.approx(0.25)
   texts = ["It is at [[000,000,100,100]].", "[[050,050,150,150];[000,000,001,001]]", "[[1,2,3,4]]"]
   truths = [(0, 0, 100, 200), (50, 50, 150, 150), (1, 2, 3, 4)]
   # IoUs 0.5, 1 (first box), malformed (digits must be 3): 2/3.
-  assert grounding.iou_accuracy(texts, truths, "cogagent") == pytest.approx(2 / 3)
-  with pytest.raises(ValueError, match="box_format"):
-    grounding.first_box("x", "pix2seq")
+  assert grounding.iou_accuracy(texts, truths, permille) == pytest.approx(2 / 3)

@@ -13,11 +13,11 @@ from PIL import Image
 from vlm_jax import config as config_lib
 from vlm_jax import decode
 from vlm_jax.cli import eval as eval_cli
-from vlm_jax.data import flamingo as flamingo_data
-from vlm_jax.data import catalog, defaults
+import builders
+from vlm_jax.data.families import flamingo as flamingo_data
+from vlm_jax.data.synthetic import scenes
 from vlm_jax.evaluation import benchmarks, captions, fewshot, heldout, runner, scoring, tasks
 from vlm_jax.evaluation import vqa
-from vlm_jax.models import simvlm
 from vlm_jax.train import loop
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "benchmarks")
@@ -73,9 +73,10 @@ def test_prompt_is_the_example_without_its_last_answer():
 
 
 def test_likelihood_of_the_greedy_caption_equals_its_cached_decoding_score():
-  model = simvlm.SimVLM(vocab_size=64, width=32, num_heads=4, mlp_dim=48, encoder_layers=1,
-                        decoder_layers=1, stem_width=8, stem_blocks=(1, 1, 1),
-                        max_text_length=8)
+  model = builders.build(
+      "simvlm", lm=dict(vocab_size=64, width=32, num_heads=4, mlp_dim=48, encoder_layers=1,
+                        decoder_layers=1, max_text_length=8),
+      vision=dict(width=8, stage_blocks=(1, 1, 1)), dropout_rate=0.0, drop_path_rate=0.0)
   rng = np.random.default_rng(0)
   prompts = [{"images": rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32),
               "image_mask": np.ones((1,), np.float32),
@@ -123,34 +124,37 @@ def test_similar_support_picks_the_images_nearest_the_query():
 
 
 def test_few_shot_document_interleaves_support_then_query():
-  data_config = defaults.default_data_config()
-  data_config.converter = "flamingo"
-  data_config.sequence_length, data_config.max_images, data_config.image_size = 96, 3, 32
-  pool = [raw for _, raw in heldout.load_examples(data_config, "flamingo_pairs", 4)]
+  config = config_lib.load_config("configs/flamingo.py:tiny")
+  config.data.sequence_length, config.data.max_images, config.data.image_size = 96, 3, 32
+  pool = [raw for _, raw in heldout.load_examples(config, "flamingo_pairs", 4)]
   record = fewshot.interleaved_record(pool, [2, 0], 1)
-  example = heldout.processor(data_config)(0, (catalog.TASKS["flamingo_pairs"], record))
+  spec = heldout.task_spec(config, "flamingo_pairs")
+  example = heldout.processor(config)(0, (spec, record))
   assert example["image_mask"].tolist() == [1, 1, 1]
   inputs, answer, stop = heldout.as_prompt(example)
-  vocab = heldout.processor(data_config).vocab
+  vocab = heldout.processor(config).vocab
   assert stop == vocab.token_id(flamingo_data.END_OF_CHUNK_TOKEN)
-  assert vocab.decode(answer[:-1]) == tasks._caption(pool[1])
+  assert vocab.decode(answer[:-1]) == scenes.caption(pool[1])
   # The prompt holds both support captions, and ends with the query's <image>.
   prompt = [int(t) for t in inputs["tokens"][inputs["token_mask"] > 0]]
   assert prompt[-1] == vocab.token_id(flamingo_data.IMAGE_TOKEN)
   text = vocab.decode([t for t in prompt if t > 5])
-  assert tasks._caption(pool[2]) in text and tasks._caption(pool[0]) in text
+  assert scenes.caption(pool[2]) in text and scenes.caption(pool[0]) in text
 
 
 def test_every_eval_task_is_a_seqio_task_with_the_runners_metrics():
   import seqio  # pylint: disable=g-import-not-at-top
   from vlm_jax.evaluation import seqio_tasks  # pylint: disable=g-import-not-at-top
   registered = set(seqio.TaskRegistry.names())
-  assert {seqio_tasks.seqio_name(n) for n in tasks.TASKS} <= registered
+  every = {}
+  for family in ("simvlm", "flamingo", "prismer", "cogagent", "minigpt_v2"):
+    every.update(tasks.family_tasks(config_lib.load_config(f"configs/{family}.py:tiny")))
+  assert {seqio_tasks.seqio_name(n) for n in every} <= registered
   for name in ("simvlm_rendered_text", "prismer_zero_shot_shapes"):
     task = seqio.get_mixture_or_task(seqio_tasks.seqio_name(name))
     texts = [ex["text_pretokenized"].decode() for ex in task.get_dataset(
         split="validation", sequence_length=None, shuffle=False).take(8).as_numpy_iterator()]
-    keep = tasks.TASKS[name].keep
+    keep = every[name].keep
     assert len(texts) == 8 and all(keep({"text": t}) for t in texts)
   # The registered metric functions are the runner's: exact match 1/2; VQA normalises "two".
   vqa_task = seqio.get_mixture_or_task(seqio_tasks.seqio_name("minigpt_v2_vqa"))
@@ -188,12 +192,12 @@ def test_vlm_eval_captions_a_coco_format_benchmark(tmp_path, capsys):
   assert "no captioning task" in capsys.readouterr().err
 
 
-def test_unknown_or_mismatched_tasks_raise():
-  data_config = defaults.default_data_config()
-  with pytest.raises(ValueError, match="unknown evaluation task"):
-    tasks.get("coco_karpathy", data_config)
-  with pytest.raises(ValueError, match="needs data.converter='cogagent'"):
-    tasks.get("cogagent_ocr", data_config)
+def test_unknown_or_another_family_s_tasks_raise():
+  config = config_lib.load_config("configs/simvlm.py:tiny")
+  with pytest.raises(ValueError, match="unknown evaluation task 'coco_karpathy'"):
+    tasks.get("coco_karpathy", config)
+  with pytest.raises(ValueError, match="'cogagent_ocr' for the 'simvlm' family; its tasks"):
+    tasks.get("cogagent_ocr", config)
 
 
 def _train_with_evals(workdir):
@@ -225,12 +229,14 @@ def test_vlm_eval_runs_every_task_of_every_family(family, tmp_path, capsys):
   with open(tmp_path / "metrics.jsonl") as f:
     written = json.loads(f.readlines()[-1])
   config = config_lib.load_config(f"configs/{family}.py:tiny", [])
-  names = tasks.tasks_for(config.data)
+  names = tasks.tasks_for(config)
   assert names and written["step"] == step
   for name in names:
     assert f"{name} (step {step}):" in printed
     metrics = [k for k in written if k.startswith(f"eval/{name}/") and not k.endswith("seconds")]
-    assert metrics and all(0.0 <= written[k] <= 100.0 for k in metrics)
+    scores = [k for k in metrics if not k.endswith("log_likelihood")]
+    assert scores and all(0.0 <= written[k] <= 100.0 for k in scores)
+    assert all(written[k] < 0.0 for k in metrics if k.endswith("log_likelihood"))
   with pytest.raises(ValueError, match="unknown evaluation task"):
     runner.task_names(config, ["nope"])
 

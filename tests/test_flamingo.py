@@ -10,21 +10,31 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import builders
 from vlm_jax import config as config_lib
 from vlm_jax import flops
+from vlm_jax import params as state_lib
 from vlm_jax.models import flamingo as model_lib
 from vlm_jax.models import registry
 from vlm_jax.nn import decoder_lm, gated_xattn
 from vlm_jax.nn.resampler import PerceiverResampler
-from vlm_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_ID, CHUNK_ID = 4, 5
 LM = dict(vocab_size=64, width=32, num_layers=4, num_heads=4, mlp_dim=48)
-TINY = dict(LM, vision_width=16, vision_layers=1, vision_heads=2, vision_mlp_dim=32,
-            patch_size=8, resampler_layers=1, num_latents=3, resampler_heads=2,
-            resampler_head_dim=8, xattn_heads=2, xattn_head_dim=8, xattn_group=2,
-            xattn_sublayers=(1,))
+VISION_WIDTH, NUM_LATENTS = 16, 3
+TINY = dict(lm=LM, vision=dict(width=VISION_WIDTH, depth=1, num_heads=2, mlp_dim=32,
+                                patch_size=8, class_token=True, pre_norm=True,
+                                patch_bias=False, mlp_activation="quick_gelu"),
+            resampler=dict(num_layers=1, num_latents=NUM_LATENTS, num_heads=2, head_dim=8),
+            xattn=dict(num_heads=2, head_dim=8), xattn_group=2, xattn_sublayers=(1,),
+            only_attend_immediate=True, new_token_ids=(IMAGE_ID, CHUNK_ID))
+
+
+def tiny_model(num_frames=0, **fields):
+  config = dict(TINY, **fields)
+  config["resampler"] = dict(config["resampler"], num_frames=num_frames)
+  return builders.build("flamingo", **config)
 IMAGE, LENGTH, MEDIA = 16, 12, 3
 
 
@@ -53,7 +63,7 @@ def _set_gates(params, value):
 
 @pytest.fixture(scope="module")
 def tiny():
-  model = model_lib.Flamingo(**TINY)
+  model = tiny_model()
   return model, _init(model, _batch())
 
 
@@ -61,7 +71,7 @@ def tiny():
 # Gates at 0: exactly the bare LM
 # ----------------------------------------------------------------------------------------
 def test_gates_at_zero_give_exactly_the_bare_lm(scan=True):
-  model = model_lib.Flamingo(**TINY, scan_layers=scan)
+  model = tiny_model(scan_layers=scan)
   batch = _batch()
   params = _init(model, batch)
   flat = traverse_util.flatten_dict(params, sep="/")
@@ -328,15 +338,15 @@ def test_only_resampler_gated_blocks_and_new_tokens_are_differentiated(tiny):
 # Video: frames with time embeddings
 # ----------------------------------------------------------------------------------------
 def test_video_media_use_time_embeddings_and_frame_order():
-  model = model_lib.Flamingo(**TINY, max_frames=3)
+  model = tiny_model(num_frames=3)
   images = _batch()["images"]  # three different frames per item: [B, N, F=3, H, W, C]
   video = jnp.stack([images, images[..., ::-1, :, :], -images], 2)
   params = nn.unbox(jax.jit(lambda k, im: model.init(k, im, method="encode_media"))(
       jax.random.key(0), video))["params"]
-  assert params["resampler"]["time_embedding"].shape == (3, TINY["vision_width"])
+  assert params["resampler"]["time_embedding"].shape == (3, VISION_WIDTH)
   encode = jax.jit(lambda p, im: model.apply({"params": p}, im, method="encode_media"))
   tokens = encode(params, video)
-  assert tokens.shape == (2, MEDIA, TINY["num_latents"], TINY["vision_width"])
+  assert tokens.shape == (2, MEDIA, NUM_LATENTS, VISION_WIDTH)
   swapped = encode(params, video[:, :, ::-1])  # frame order matters through time embeddings
   assert np.abs(np.asarray(tokens - swapped)).max() > 1e-4
   with pytest.raises(ValueError, match="num_frames=3"):
@@ -369,7 +379,7 @@ def test_configs_build_and_freeze_what_exists(size):
             for k in flat if "/xattn_" in k}
   gate = next(v for k, v in flat.items() if k.endswith("attn_gate"))
   num_blocks = len(blocks) * (gate.shape[0] if gate.ndim else 1)  # scanned: [units]
-  assert num_blocks == (config.model.num_layers // config.model.xattn_group
+  assert num_blocks == (config.model.lm.num_layers // config.model.xattn_group
                         * len(config.model.xattn_sublayers))
   if size in EXPECTED:
     total, expected_blocks = EXPECTED[size]
@@ -382,15 +392,15 @@ def test_configs_build_and_freeze_what_exists(size):
 
 def test_config_options_and_errors():
   config = config_lib.load_config("configs/flamingo.py:tiny,frames=4,immediate=False")
-  assert config.model.max_frames == config.data.frames_per_media == 4
+  assert config.model.resampler.num_frames == config.data.frames_per_media == 4
   assert config.model.only_attend_immediate is False
   assert registry.batch_spec(config, 2)["images"].shape == (2, 4, 4, 64, 64, 3)
   with pytest.raises(ValueError, match="flamingo size"):
     config_lib.load_config("configs/flamingo.py:huge")
   with pytest.raises(ValueError, match="key=value"):
     config_lib.load_config("configs/flamingo.py:tiny,frame=2")
-  with pytest.raises(ValueError, match="xattn_sublayers"):
-    model_lib.Flamingo(**dict(TINY, xattn_sublayers=(2,))).init(jax.random.key(0), _batch())
+  with pytest.raises(config_lib.ConfigError, match="xattn_sublayers"):
+    tiny_model(xattn_sublayers=(2,))
 
 
 def test_analytic_flops_match_xla_and_treat_frozen_parts():
@@ -403,8 +413,7 @@ def test_analytic_flops_match_xla_and_treat_frozen_parts():
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   measured = analysis["flops"] / 2
-  result = flops.flops_per_example(config.model, config.data, flops.config_treatment(config),
-                                   causal_half=False)
+  result = flops.flops_per_example(config, flops.config_treatment(config), causal_half=False)
   # XLA adds element-wise work (norms, GELU, softmax, masks) on top of matmuls.
   assert result["forward"] <= measured <= 1.12 * result["forward"], measured / result["forward"]
   parts = result["parts"]

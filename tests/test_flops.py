@@ -6,6 +6,7 @@ import pytest
 from vlm_jax import config as config_lib
 from vlm_jax import flops
 from vlm_jax.models import registry
+from vlm_jax.nn import flops as nn_flops
 
 
 def xla_forward_flops(config, batch_size=2):
@@ -24,7 +25,7 @@ def xla_forward_flops(config, batch_size=2):
 @pytest.mark.parametrize("size,tolerance", [("bench", 0.05), ("tiny", 0.08)])
 def test_analytic_forward_flops_match_xla(size, tolerance):
   config = config_lib.load_config(f"configs/simvlm.py:{size}")
-  analytic = flops.flops_per_example(config.model, config.data, causal_half=False)["forward"]
+  analytic = flops.flops_per_example(config, causal_half=False)["forward"]
   measured = xla_forward_flops(config)
   # XLA also counts element-wise work (norms, GELU, softmax), so it is a little higher.
   assert analytic <= measured <= analytic * (1 + tolerance), measured / analytic
@@ -32,7 +33,7 @@ def test_analytic_forward_flops_match_xla(size, tolerance):
 
 def test_train_rules_per_part():
   config = config_lib.load_config("configs/simvlm.py:tiny")
-  result = flops.flops_per_example(config.model, config.data)
+  result = flops.flops_per_example(config)
   parts = result["parts"]
   assert set(parts) == {"image_embedder", "encoder", "decoder", "logits"}
   assert result["train"] == pytest.approx(3 * result["forward"])
@@ -40,12 +41,12 @@ def test_train_rules_per_part():
   expected = (parts["image_embedder"] + 2 * parts["encoder"]
               + 3 * (parts["decoder"] + parts["logits"]))
   assert flops.train_flops(parts, treatment) == pytest.approx(expected)
-  full = flops.forward_parts(config.model, config.data, causal_half=False)
+  full = flops.forward_parts(config, causal_half=False)
   assert full["decoder"] > parts["decoder"]  # causal scores counted at half for MFU
 
 
 def test_conv_stem_flops_resnet50_stages():
   # ResNet-50 at 224 px is ~4.1 GMACs, of which stage 4 + head ~0.8: ~3.3 GMACs remain.
-  total, grid = flops.conv_stem(224, 64, (3, 4, 6), out_features=1)
+  total, grid = nn_flops.conv_stem(224, 64, (3, 4, 6), out_features=1)
   assert grid == 14
   assert 2 * 3.1e9 < total < 2 * 3.45e9

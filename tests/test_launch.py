@@ -89,6 +89,9 @@ def test_slurm_script(capsys):
 #SBATCH --partition=gpu
 #SBATCH --account=proj
 #SBATCH --exclusive
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=/mnt/runs/large/slurm-%j.out
 set -euo pipefail
 cd {REPO}
@@ -96,10 +99,41 @@ source ~/venv/bin/activate
 export VLM_JAX_DISTRIBUTED=auto
 export XLA_FLAGS="${{XLA_FLAGS:-}} {flags}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.90
+notice=""
+trap 'notice=1; echo "vlm-launch: preemption notice (SIGUSR1); SIGTERM to every task"; \
+scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
 srun --kill-on-bad-exit=1 python -m vlm_jax.cli.train --config configs/simvlm.py:large \
---workdir /mnt/runs/large '--config.mesh.shape=(1,-1,1)'
+--workdir /mnt/runs/large '--config.mesh.shape=(1,-1,1)' &
+step=$!
+while true; do
+  wait "$step" && status=0 || status=$?
+  kill -0 "$step" 2>/dev/null || break
+done
+if [ "$status" = 75 ] || {{ [ -n "$notice" ] && [ "$status" != 0 ]; }}; then
+  echo "vlm-launch: requeueing job $SLURM_JOB_ID (tasks exited $status); it resumes from its \
+newest checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"
 # then: sbatch /mnt/runs/large/launch.sbatch
 """
+
+
+def test_slurm_cpu_script_sets_the_platform_and_devices_per_task(capsys):
+  out = dry_run(capsys, "slurm", "--nodes", "1", "--tasks-per-node", "2",
+                "--cpu-devices-per-task", "4", "--cpus-per-task", "1", "--signal", "TERM@90")
+  assert "#SBATCH --ntasks-per-node=2\n#SBATCH --cpus-per-task=1\n" in out
+  assert "--gpus" not in out and "--exclusive" not in out and "XLA_PYTHON_CLIENT" not in out
+  assert 'export JAX_PLATFORMS=cpu\nexport XLA_FLAGS="${XLA_FLAGS:-} ' \
+      '--xla_force_host_platform_device_count=4"\n' in out
+  assert "#SBATCH --signal=B:TERM@90\n" in out and "(SIGTERM); SIGTERM to every task" in out
+  assert out.count("' TERM\n") == 1  # the trap is on the notice signal
+
+
+def test_the_requeue_status_is_vlm_trains_preemption_status():
+  from vlm_jax.cli import train  # pylint: disable=g-import-not-at-top
+  assert slurm.EXIT_PREEMPTED == train.EXIT_PREEMPTED
 
 
 def test_local_two_processes(capsys):
@@ -117,10 +151,26 @@ def test_local_two_processes(capsys):
       for i in range(2)]
 
 
+def test_program_eval_runs_vlm_eval_on_every_target(capsys):
+  local = dry_run(capsys, "local", "--num-processes", "2", "--program", "eval")
+  assert all(" -m vlm_jax.cli.eval --config " in line for line in local.splitlines())
+  tpu = dry_run(capsys, "tpu", "--name", "vlm", "--zone", "z", "--accelerator-type", "v5p-16",
+                "--runtime-version", "r", "--program", "eval")
+  assert "VLM_JAX_DISTRIBUTED=auto vlm-eval --config" in tpu and "vlm-train" not in tpu
+  sbatch = dry_run(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "8", "--program", "eval")
+  assert "srun --kill-on-bad-exit=1 python -m vlm_jax.cli.eval --config" in sbatch
+  assert "launch_eval.sbatch" in sbatch
+
+
 @pytest.mark.parametrize("argv, message", [
     (["tpu", "--name", "Bad_Name", "--zone", "z", "--accelerator-type", "v5p-8",
       "--runtime-version", "r"], "--name='Bad_Name'"),
     (["slurm", "--nodes", "1", "--gpus-per-node", "8", "--time", "tomorrow"], "--time"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "8", "--signal", "USR1"], "--signal='USR1'"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "8", "--cpu-devices-per-task", "2"],
+     "either --gpus-per-node"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "8", "--tasks-per-node", "2"],
+     "--tasks-per-node=2"),
     (["local", "--num-processes", "0"], "--num-processes=0"),
 ])
 def test_bad_launcher_options_name_the_option(capsys, argv, message):
@@ -138,6 +188,6 @@ def test_train_arguments_are_required(capsys):
 
 def test_the_gpu_xla_flags_exist_in_this_jaxlib():
   env = {**os.environ, "XLA_FLAGS": " ".join(slurm.GPU_XLA_FLAGS), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(jnp.ones(2).sum())"],
-                          env=env, capture_output=True, text=True, timeout=120)
+  result = subprocess.run([sys.executable, "-c",
+                           "import jax.numpy as jnp; print(jnp.ones(2).sum())"], env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "2.0" in result.stdout, result.stderr[-2000:]

@@ -9,20 +9,28 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+import builders
 from vlm_jax import config as config_lib
+from vlm_jax import params as state_lib
 from vlm_jax import decode as decode_lib
 from vlm_jax import flops
-from vlm_jax.data import boxes, catalog, defaults, health, preprocessors, scenes
-from vlm_jax.data import minigpt_v2 as data_lib
+from vlm_jax.data import catalog, health, preprocessors
+from vlm_jax.data.boxes import percent as boxes
+from vlm_jax.data.families import minigpt_v2 as data_lib
+from vlm_jax.data.synthetic import scene_objects, scenes
 from vlm_jax.data.vocab import EOS_ID, Vocab
 from vlm_jax.models import minigpt_v2 as model_lib
 from vlm_jax.models import registry
-from vlm_jax.train import state as state_lib
 from vlm_jax.train import step as step_lib
 
-TINY = dict(vocab_size=64, width=32, num_layers=2, num_heads=4, mlp_dim=48, lora_rank=4,
-            vision_width=16, vision_layers=1, vision_heads=2, vision_mlp_dim=32)
-IMAGE, LENGTH = 56, 16  # 4x4 patches -> 4 LM visual tokens
+VOCAB, WIDTH, VISION_WIDTH = 64, 32, 16
+TINY = dict(lm=dict(vocab_size=VOCAB, width=WIDTH, num_layers=2, num_heads=4, mlp_dim=48,
+                    lora_targets=("query", "value"), lora_rank=4),
+            vision=dict(width=VISION_WIDTH, depth=1, num_heads=2, mlp_dim=32, patch_size=14,
+                        class_token=True),
+            group_size=4)
+IMAGE, LENGTH = 56, 16
+TASKS = catalog.tasks(data_lib)  # 4x4 patches -> 4 LM visual tokens
 
 
 def _batch(length=LENGTH, seed=0, valid=12):
@@ -36,7 +44,7 @@ def _batch(length=LENGTH, seed=0, valid=12):
 
 @pytest.fixture(scope="module")
 def tiny():
-  model = model_lib.MiniGPTv2(**TINY)
+  model = builders.build("minigpt_v2", **TINY)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), _batch()))["params"]
   return model, params
 
@@ -59,17 +67,17 @@ def test_grouping_concatenates_consecutive_raster_tokens():
 
 
 def test_448px_gives_1024_vit_tokens_and_256_lm_tokens():
-  model = model_lib.MiniGPTv2(**TINY)
+  model = builders.build("minigpt_v2", **TINY)
   images = jax.ShapeDtypeStruct((2, 1, 448, 448, 3), jnp.float32)
   out = jax.eval_shape(lambda im: model.init_with_output(
       jax.random.key(0), im, method="encode_images")[0], images)
-  assert out.shape == (2, 1, 256, TINY["width"])
+  assert out.shape == (2, 1, 256, WIDTH)
   variables = jax.eval_shape(
       lambda im: model.init(jax.random.key(0), im, method="encode_images"), images)
   pos = nn.unbox(variables)["params"]["vision"]["pos_embedding"]["pos_embedding"]
-  assert pos.shape == (1 + 1024, TINY["vision_width"])  # class token + 32x32 patches
+  assert pos.shape == (1 + 1024, VISION_WIDTH)  # class token + 32x32 patches
   kernel = nn.unbox(variables)["params"]["projection"]["kernel"]
-  assert kernel.shape == (4 * TINY["vision_width"], TINY["width"])
+  assert kernel.shape == (4 * VISION_WIDTH, WIDTH)
 
 
 def test_model_projects_groups_of_its_vit_tokens(tiny):
@@ -159,10 +167,10 @@ def test_config_init_from_as_option_and_override():
 # ----------------------------------------------------------------------------------------
 def test_train_flops_rules_follow_config_frozen():
   config = config_lib.load_config("configs/minigpt_v2.py:tiny")
-  parts = flops.forward_parts(config.model, config.data)
+  parts = flops.forward_parts(config)
   expected = (parts["vision"] + 3 * (parts["projection"] + parts["lora"])
               + 2 * (parts["lm"] + parts["logits"]))
-  assert flops.flops_per_example(config.model, config.data, flops.config_treatment(config))[
+  assert flops.flops_per_example(config, flops.config_treatment(config))[
       "train"] == pytest.approx(expected)
   unfrozen = config_lib.load_config("configs/minigpt_v2.py:tiny,freeze_lm=False")
   assert flops.train_flops(parts, flops.config_treatment(unfrozen)) == pytest.approx(
@@ -187,7 +195,7 @@ def test_analytic_flops_match_xla_forward_and_gradient():
   def xla_flops(fn, *args):
     return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"] / 2
 
-  analytic = flops.flops_per_example(config.model, config.data, flops.config_treatment(config),
+  analytic = flops.flops_per_example(config, flops.config_treatment(config),
                                      causal_half=False)
   forward = xla_flops(lambda p, b: model.apply({"params": p}, b), params, spec)
   assert analytic["forward"] <= forward <= 1.05 * analytic["forward"]
@@ -240,13 +248,14 @@ def test_malformed_grounding_and_pixel_boxes_raise():
     boxes.grounded_text("<p>", [(0, 0, 1, 1)])
 
 
-def test_task_identifier_round_trip():
+def test_task_identifier_round_trip(vocab):
   assert len(data_lib.TASK_IDENTIFIERS) == 6
   for task in data_lib.TASK_IDENTIFIERS:
     turn = data_lib.Turn("what is here?", "a cat", task)
-    prompt = data_lib.render_prompt([turn])
-    assert prompt == f"[INST] <Img><ImageHere></Img> {task} what is here? [/INST] a cat"
-    instruction = prompt.split("</Img> ")[1].split(" [/INST]")[0]
+    ex = data_lib.encode_conversation(vocab, [turn], image_tokens=2, sequence_length=64)
+    text = vocab.decode(ex["tokens"][ex["token_mask"] > 0])
+    assert text == f"[INST] <Img><image><image> </Img> {task} what is here? [/INST] a cat"
+    instruction = text.split("</Img> ")[1].split(" [/INST]")[0]
     assert data_lib.split_task(instruction) == (task, "what is here?")
   assert data_lib.split_task("describe it") == ("", "describe it")
   with pytest.raises(ValueError, match="unknown task identifier"):
@@ -302,79 +311,80 @@ def test_scene_objects_and_boxes():
   rng = np.random.default_rng(1)
   for _ in range(20):
     groups = scenes.sample_scene(rng)
-    assert data_lib.parse_scene_caption(scenes.describe(groups)) == groups
+    assert scene_objects.parse_scene_caption(scenes.describe(groups)) == groups
     pixels, _ = _scene_record(groups, seed=int(rng.integers(1000)))
-    objects = data_lib.scene_objects(pixels, scenes.describe(groups))
+    objects = scene_objects.scene_objects(pixels, scenes.describe(groups))
     assert len(objects) == len(groups)
     for obj, (count, colour, shape, position) in zip(objects, groups):
       assert colour in obj.phrase and shape in obj.phrase
       rx0, ry0, rx1, ry1 = (int(v * 100) for v in scenes.REGIONS[position])
       x1, y1, x2, y2 = obj.box
       assert rx0 <= x1 < x2 <= rx1 + 1 and ry0 <= y1 < y2 <= ry1 + 1
-  assert data_lib.parse_scene_caption("hello world") is None
+  assert scene_objects.parse_scene_caption("hello world") is None
   words = scenes.render_text("hello", 64, rng)
-  (obj,) = data_lib.scene_objects(np.asarray(words), "hello")
+  (obj,) = scene_objects.scene_objects(np.asarray(words), "hello")
   assert obj.phrase == "hello" and obj.box[0] < obj.box[2]
 
 
 def test_processor_writes_the_model_batch_for_every_task():
-  data_config = defaults.default_data_config()
+  data_config = config_lib.load_config("configs/minigpt_v2.py:tiny").data
   data_config.image_size, data_config.image_tokens, data_config.sequence_length = 56, 4, 128
-  processor = data_lib.ExampleProcessor(data_config, seed=0)
+  processor = data_lib.Processor(data_config, seed=0)
   _, raw = _scene_record([(2, "red", "circle", "left"), (1, "blue", "star", "right")])
   spec = model_lib.batch_spec(data_config, 1)
   for index, task in enumerate(data_lib.TASKS):
-    ex = processor(index, (catalog.TASKS[task], raw))
+    ex = processor(index, (task, raw))
     assert not isinstance(ex, health.Skipped), ex
     ex.pop("_source")
     assert set(ex) == set(spec)
     for key, s in spec.items():
       assert ex[key].shape == s.shape[1:] and ex[key].dtype == s.dtype, key
     assert ex["loss_mask"].sum() > 0
-  bad = processor(0, (catalog.TASKS["minigpt_v2_vqa"], dict(raw, image=b"junk")))
+  bad = processor(0, (TASKS["minigpt_v2_vqa"], dict(raw, image=b"junk")))
   assert isinstance(bad, health.Skipped)
 
 
 def test_caption_tasks_take_any_web_image_and_object_tasks_skip_it():
   """Stage 1's weak captions are web alt-text on photos: no scene objects to recover."""
-  data_config = defaults.default_data_config()
+  data_config = config_lib.load_config("configs/minigpt_v2.py:tiny").data
   data_config.image_size, data_config.image_tokens, data_config.sequence_length = 56, 4, 128
-  processor = data_lib.ExampleProcessor(data_config, seed=0)
+  processor = data_lib.Processor(data_config, seed=0)
   photo = io.BytesIO()
   Image.fromarray(np.full((48, 80, 3), (90, 140, 60), np.uint8)).save(photo, format="JPEG")
   raw = {"key": "web0", "image": photo.getvalue(), "text": "A cat on a mat."}
-  for task in data_lib.CAPTION_ONLY:
-    ex = processor(0, (catalog.TASKS[task], raw))
+  for template in data_lib.CAPTION_ONLY:
+    ex = processor(0, (TASKS[f"minigpt_v2_{template}"], raw))
     assert not isinstance(ex, health.Skipped), ex
     answer = ex["targets"][ex["loss_mask"] > 0]
     assert Vocab(data_config.vocab_path).decode([int(t) for t in answer[:-1]]).strip() in (
         "A cat on a mat.", "The image shows A cat on a mat.")
-  skipped = processor(0, (catalog.TASKS["minigpt_v2_grounding"], raw))
+  skipped = processor(0, (TASKS["minigpt_v2_grounding"], raw))
   assert isinstance(skipped, health.Skipped) and "no text pixels" in skipped.reason
 
 
 def test_stage_mixtures():
   for stage, name in data_lib.STAGE_MIXTURES.items():
-    rates = dict(catalog.resolve(name).rates)
+    mixture = catalog.resolve(name, data_lib)
+    rates = {spec.name: rate for spec, rate in mixture.tasks}
     assert abs(sum(rates.values()) - 1.0) < 1e-9
     weak = sum(r for t, r in rates.items() if "weak" in t)
     assert (weak > 0.5) if stage == 1 else (weak == 0)
-  assert "minigpt_v2_multi_turn" in dict(catalog.MIXTURES["minigpt_v2_stage3"].rates)
+  assert "minigpt_v2_multi_turn" in dict(data_lib.MIXTURES["minigpt_v2_stage3"])
 
 
 def test_tiny_model_on_converted_batch(tiny, vocab):
   model, params = tiny
-  data_config = defaults.default_data_config()
+  data_config = config_lib.load_config("configs/minigpt_v2.py:tiny").data
   data_config.image_size, data_config.image_tokens, data_config.sequence_length = 56, 4, 96
-  processor = data_lib.ExampleProcessor(data_config, seed=0)
+  processor = data_lib.Processor(data_config, seed=0)
   _, raw = _scene_record([(3, "green", "square", "top")])
-  examples = [processor(i, (catalog.TASKS["minigpt_v2_refer"], raw)) for i in range(2)]
+  examples = [processor(i, (TASKS["minigpt_v2_refer"], raw)) for i in range(2)]
   batch = {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]
            if k != "_source"}
-  batch["tokens"] = jnp.minimum(batch["tokens"], TINY["vocab_size"] - 1)
-  batch["targets"] = jnp.minimum(batch["targets"], TINY["vocab_size"] - 1)
+  batch["tokens"] = jnp.minimum(batch["tokens"], VOCAB - 1)
+  batch["targets"] = jnp.minimum(batch["targets"], VOCAB - 1)
   logits = jax.jit(lambda b: model.apply({"params": params}, b))(batch)
-  assert logits.shape == (2, 96, TINY["vocab_size"]) and np.isfinite(logits).all()
+  assert logits.shape == (2, 96, VOCAB) and np.isfinite(logits).all()
 
 
 def test_greedy_generation_with_cache_equals_full_forward(tiny):

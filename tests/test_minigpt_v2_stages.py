@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from vlm_jax import config as config_lib
+from vlm_jax import params
 from vlm_jax.train import init_from, loop
 from vlm_jax.train import step as step_lib
 
@@ -48,8 +49,12 @@ def first_batch_losses(trainer, *states) -> list[float]:
   start = trainer.data.get_state()
   batch = next(trainer.data)
   trainer.data.set_state(start)
-  loss = jax.jit(step_lib.make_eval_step(trainer.model))
-  return [float(num / den) for num, den in (loss(s.params, s.frozen, batch) for s in states)]
+  @jax.jit
+  def loss(trainable, frozen):
+    logits = trainer.model.apply({"params": params.merge_params(trainable, frozen)}, batch,
+                                 deterministic=True)
+    return step_lib.token_cross_entropy(logits, batch)
+  return [float(num / den) for num, den in (loss(s.params, s.frozen) for s in states)]
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +124,14 @@ def test_a_checkpoint_that_does_not_fit_is_a_clear_error(stage1, tmp_path):
   target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_params(end).items()}
   key = "lm/layers/layers/self_attention/query/lora_a"
   target[key] = jax.ShapeDtypeStruct(target[key].shape[:-1] + (4,), np.float32)
-  with pytest.raises(init_from.InitFromError,
+  with pytest.raises(params.CheckpointParamsError,
                      match=rf"'{key}' has shape \(2, 128, 8\) there but \(2, 128, 4\)"):
-    init_from.load_params(str(workdir), target)
-  with pytest.raises(init_from.InitFromError, match="config.init_from=.*no finished checkpoint"):
-    init_from.load_params(str(tmp_path / "nowhere"), target)
-  with pytest.raises(init_from.InitFromError, match="none of its parameter paths"):
-    init_from.load_params(str(workdir), {"encoder/kernel": jax.ShapeDtypeStruct((2,), "f4")})
+    params.read_checkpoint(str(workdir), target)
+  with pytest.raises(params.CheckpointParamsError, match="nowhere.*no finished checkpoint"):
+    params.read_checkpoint(str(tmp_path / "nowhere"), target)
+  # Another family's run shares no parameter path with this model.
+  simvlm = config_lib.load_config(os.path.join(REPO, "configs", "simvlm.py:tiny"),
+                                  [("init_from", str(workdir)), ("mesh.shape", "(1, 1, 1)")])
+  with pytest.raises(init_from.InitFromError,
+                     match="config.init_from=.*none of its parameter paths"):
+    trainer_for(simvlm, tmp_path / "simvlm").initial_state()

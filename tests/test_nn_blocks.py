@@ -18,7 +18,7 @@ def test_layernorm_and_rmsnorm_normalise():
   y = rms.apply(rms.init(jax.random.key(0), x), x)
   np.testing.assert_allclose(jnp.sqrt(jnp.mean(y ** 2, -1)), 1.0, rtol=1e-3)
   with pytest.raises(ValueError, match="norm_type"):
-    norms.make_norm("batchnorm", jnp.float32, jnp.float32)
+    norms.make_norm("batchnorm")
 
 
 @pytest.mark.parametrize("activation,expected", [

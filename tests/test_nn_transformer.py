@@ -14,14 +14,15 @@ def _decoder_inputs():
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   enc = jax.random.normal(jax.random.key(1), (2, 7, 16))
   cross = attention.padding_mask(None, jnp.array([[1] * 7, [1] * 4 + [0] * 3], bool))
-  return x, (enc, attention.causal_mask(5), cross)
+  return x, transformer.LayerContext(mask=attention.causal_mask(5), encoded=enc,
+                                     cross_mask=cross)
 
 
-@pytest.mark.parametrize("layer_cls", [transformer.EncoderLayer, transformer.DecoderLayer])
+@pytest.mark.parametrize("layer_cls", [transformer.Layer, transformer.CrossAttentionLayer])
 def test_scan_and_unscanned_give_equal_outputs(layer_cls):
   x, context = _decoder_inputs()
-  if layer_cls is transformer.EncoderLayer:
-    context = (attention.causal_mask(5),)
+  if layer_cls is transformer.Layer:
+    context = transformer.LayerContext(mask=attention.causal_mask(5))
   unscanned = transformer.layer_stack(layer_cls, num_layers=3, scan_layers=False, **LAYER)
   scanned = transformer.layer_stack(layer_cls, num_layers=3, scan_layers=True, **LAYER)
   params = nn.unbox(jax.jit(unscanned.init)(jax.random.key(2), x, context)["params"])
@@ -35,7 +36,7 @@ def test_scan_and_unscanned_give_equal_outputs(layer_cls):
 
 def test_scanned_params_carry_layers_axis_name():
   x, context = _decoder_inputs()
-  stack = transformer.layer_stack(transformer.DecoderLayer, num_layers=2, **LAYER)
+  stack = transformer.layer_stack(transformer.CrossAttentionLayer, num_layers=2, **LAYER)
   specs = nn.get_partition_spec(jax.eval_shape(stack.init, jax.random.key(0), x, context))
   specs = specs["params"]
   assert tuple(specs["layers"]["mlp"]["wi"]["kernel"]) == ("layers", "embed", "mlp")
@@ -47,9 +48,9 @@ def test_scanned_params_carry_layers_axis_name():
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_gives_equal_outputs_and_gradients(scan, policy):
   x, context = _decoder_inputs()
-  plain = transformer.layer_stack(transformer.DecoderLayer, num_layers=2, scan_layers=scan,
+  plain = transformer.layer_stack(transformer.CrossAttentionLayer, num_layers=2, scan_layers=scan,
                                   **LAYER)
-  remat = transformer.layer_stack(transformer.DecoderLayer, num_layers=2, scan_layers=scan,
+  remat = transformer.layer_stack(transformer.CrossAttentionLayer, num_layers=2, scan_layers=scan,
                                   remat_policy=policy, **LAYER)
   params = jax.jit(plain.init)(jax.random.key(3), x, context)["params"]
   loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x, context)))
@@ -64,7 +65,7 @@ def test_remat_gives_equal_outputs_and_gradients(scan, policy):
 
 def test_unknown_remat_policy_fails():
   x, context = _decoder_inputs()
-  stack = transformer.layer_stack(transformer.DecoderLayer, num_layers=1, remat_policy="some",
+  stack = transformer.layer_stack(transformer.CrossAttentionLayer, num_layers=1, remat_policy="some",
                                   **LAYER)
   with pytest.raises(ValueError, match="remat_policy"):
     stack.init(jax.random.key(0), x, context)
@@ -72,10 +73,10 @@ def test_unknown_remat_policy_fails():
 
 def test_dropout_and_drop_path_only_when_not_deterministic():
   x = jax.random.normal(jax.random.key(0), (4, 5, 16))
-  context = (None,)
-  stack = transformer.layer_stack(transformer.EncoderLayer, num_layers=2, dropout_rate=0.3,
+  context = transformer.LayerContext()
+  stack = transformer.layer_stack(transformer.Layer, num_layers=2, dropout_rate=0.3,
                                   drop_path_rate=0.3, **LAYER)
-  base = transformer.layer_stack(transformer.EncoderLayer, num_layers=2, **LAYER)
+  base = transformer.layer_stack(transformer.Layer, num_layers=2, **LAYER)
   params = jax.jit(base.init)(jax.random.key(1), x, context)
   run = jax.jit(lambda p, rng, det: stack.apply(p, x, context, det, rngs={"dropout": rng}),
                 static_argnums=2)

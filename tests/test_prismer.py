@@ -13,10 +13,11 @@ from flax import traverse_util
 
 from vlm_jax import config as config_lib
 from vlm_jax import flops
+from vlm_jax import params as state_lib
 from vlm_jax.models import prismer as model_lib
+from vlm_jax.nn import expert_vit
 from vlm_jax.models import registry
 from vlm_jax.nn import expert_stem, vit
-from vlm_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "prismer.py")
@@ -30,14 +31,14 @@ def _inputs(experts, seed=0, size=32):
   images = jax.random.uniform(next(keys), (2, size, size, 3), minval=-1, maxval=1)
   maps = {}
   for name in experts:
-    channels = model_lib.DENSE_EXPERTS.get(name, LABEL_DIM)
+    channels = expert_vit.DENSE_EXPERTS.get(name, LABEL_DIM)
     maps[name] = jax.random.normal(next(keys), (2, size, size, channels))
   instances = jax.random.randint(next(keys), (2, size, size), 0, 256)
   return images, maps, instances
 
 
 def _vision(experts, **kw):
-  return model_lib.PrismerVision(**{**VISION, **kw}, experts=tuple(experts))
+  return expert_vit.PrismerVision(**{**VISION, **kw}, experts=tuple(experts))
 
 
 def _init(module, *args):
@@ -48,10 +49,10 @@ def _init(module, *args):
 # Stems, resampler, switching experts
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("patch", [16, 14])
-@pytest.mark.parametrize("name", model_lib.EXPERTS)
+@pytest.mark.parametrize("name", expert_vit.EXPERTS)
 def test_each_expert_stem_brings_its_map_to_the_patch_grid(name, patch):
-  label = name in model_lib.LABEL_EXPERTS
-  channels = 64 if label else model_lib.DENSE_EXPERTS[name]
+  label = name in expert_vit.LABEL_EXPERTS
+  channels = 64 if label else expert_vit.DENSE_EXPERTS[name]
   strides = expert_stem.LABEL_STRIDES if label else expert_stem.DENSE_STRIDES
   stem = expert_stem.ExpertStem(768, strides)
   grid = (224 // patch, 224 // patch)
@@ -68,8 +69,8 @@ def test_each_expert_stem_brings_its_map_to_the_patch_grid(name, patch):
 def test_nearest_grid_takes_cell_centres_of_numpy_or_traced_ids():
   ids = np.arange(16, dtype=np.int32).reshape(1, 4, 4)  # numpy, as vlm-compile's example
   want = [[[5, 7], [13, 15]]]  # the centres of the four 2x2 cells: rows/cols 1 and 3
-  assert jax.jit(lambda: model_lib.nearest_grid(ids, (2, 2)))().tolist() == want
-  assert model_lib.nearest_grid(jnp.asarray(ids), (2, 2)).tolist() == want
+  assert jax.jit(lambda: expert_vit.nearest_grid(ids, (2, 2)))().tolist() == want
+  assert expert_vit.nearest_grid(jnp.asarray(ids), (2, 2)).tolist() == want
 
 
 def test_stem_upsamples_dense_maps_more_than_label_maps():
@@ -100,7 +101,7 @@ def test_switching_an_expert_off_changes_only_the_expert_tokens():
   assert np.abs(np.asarray(a[:, rgb:] - b[:, rgb:])).min() > 1e-6  # every expert token moved
 
 
-@pytest.mark.parametrize("experts", [("depth",), ("depth", "edge"), model_lib.EXPERTS])
+@pytest.mark.parametrize("experts", [("depth",), ("depth", "edge"), expert_vit.EXPERTS])
 def test_resampler_output_length_is_independent_of_the_number_of_experts(experts):
   images, maps, instances = _inputs(experts)
   module = _vision(experts)
@@ -231,7 +232,7 @@ def test_flops_match_xla_and_apply_the_frozen_rules():
   compiled = jax.jit(lambda p, b: model.apply({"params": p}, b)).lower(params, spec).compile()
   analysis = compiled.cost_analysis()
   measured = (analysis[0] if isinstance(analysis, list) else analysis)["flops"] / 2
-  result = flops.flops_per_example(config.model, config.data, flops.config_treatment(config),
+  result = flops.flops_per_example(config, flops.config_treatment(config),
                                    causal_half=False)
   # XLA also counts element-wise work (norms, activations, resizes); tiny is narrow.
   assert result["forward"] <= measured <= 1.25 * result["forward"], measured / result["forward"]
@@ -240,9 +241,9 @@ def test_flops_match_xla_and_apply_the_frozen_rules():
               + 3 * (result["forward"] - parts["vision_layers"] - parts["decoder_layers"]))
   assert result["train"] == pytest.approx(expected)
   config.model.freeze = "none"
-  assert flops.flops_per_example(config.model, config.data, flops.config_treatment(config))[
+  assert flops.flops_per_example(config, flops.config_treatment(config))[
       "train"] == pytest.approx(
-      3 * flops.flops_per_example(config.model, config.data)["forward"])
+      3 * flops.flops_per_example(config)["forward"])
 
 
 # ----------------------------------------------------------------------------------------

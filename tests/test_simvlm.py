@@ -19,9 +19,9 @@ N_IMG = 4
 
 def small_config(**model_overrides):
   c = config_lib.load_config("configs/simvlm.py:tiny")
-  c.model.update(dict(vocab_size=50, width=32, num_heads=2, mlp_dim=64, encoder_layers=2,
-                      decoder_layers=2, stem_width=8, stem_blocks=(1, 1, 1), max_text_length=8,
-                      tie_embeddings=False))
+  c.model.lm.update(dict(vocab_size=50, width=32, num_heads=2, mlp_dim=64, encoder_layers=2,
+                         decoder_layers=2, max_text_length=8, tie_embeddings=False))
+  c.model.vision.update(dict(width=8, stage_blocks=(1, 1, 1)))
   c.model.update(model_overrides)
   c.data.image_size, c.data.prefix_length, c.data.suffix_length = IMAGE, LP, LS
   return c
@@ -65,13 +65,17 @@ def encode(model, params, batch):
 def test_registry_builds_simvlm_from_config_and_rejects_unknown_fields():
   c = small_config()
   model = registry.build(c.model)
-  assert isinstance(model, simvlm.SimVLM) and model.width == 32
+  assert isinstance(model, simvlm.SimVLM) and model.lm.width == 32
+  c.model.lm.widht = 3
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.lm .*\['widht'\].*width"):
+    registry.build(c.model)
+  c = small_config()
   c.model.widht = 3
-  with pytest.raises(ValueError, match="widht"):
+  with pytest.raises(config_lib.ConfigError, match=r"config.model .*\['widht'\]"):
     registry.build(c.model)
   c = small_config()
   c.model.name = "nope"
-  with pytest.raises(ValueError, match="simvlm"):
+  with pytest.raises(config_lib.ConfigError, match="neither vlm_jax.models.nope nor nope.model"):
     registry.build(c.model)
 
 

@@ -178,7 +178,7 @@ def compile_train_step(config, topology: str) -> Report:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.xla_flops_per_device = float(cost.get("flops", 0.0))
-  analytic = flops_lib.flops_per_example(config.model, config.data)["train"]
+  analytic = flops_lib.flops_per_example(config)["train"]
   report.analytic_flops_per_device = analytic * config.batch_size / len(devices)
   report.collectives = _count_collectives(compiled.as_text())
   if not report.fits:

@@ -1,6 +1,8 @@
 """Trainer defaults shared by every family's config, and config loading with clear errors.
 
-A family config (`configs/<family>.py`) calls `base_config()` and fills `model` and `data`.
+A family config (`configs/<family>.py`) parses its argument with `parse_arg` (a size name and
+options, the options every family has included), starts from `base_config(name, options)`
+and fills `model` (sub-configs per part: `lm`, `vision`, ...) and `data`.
 """
 import ast
 import difflib
@@ -9,10 +11,15 @@ import os
 
 import ml_collections
 
-from vlm_jax.data import defaults as data_defaults
+
+# Size-argument options every family has: `configs/x.py:tiny,scan=False,remat=full`.
+COMMON_OPTIONS = {"scan": bool, "remat": str, "dtype": str}
+_MODEL_FIELDS = {"scan": "scan_layers", "remat": "remat_policy", "dtype": "dtype"}
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(name: str = "", options=None) -> ml_collections.ConfigDict:
+  """Trainer defaults for family `name`; `options` from `parse_arg` set the common model
+  options (scan, remat, dtype)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 32  # global, across all processes
@@ -74,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.nonfinite.rewind_after = 5
   c.nonfinite.max_rewinds = 3
   # Evaluations during training (vlm_jax.evaluation): every `every_steps` (0: never), the
-  # named tasks (empty: every task of the config's data converter); results go to the
+  # named tasks (empty: every evaluation task of the config's family); results go to the
   # metric writers as eval/<task>/<metric>.
   c.evals = ml_collections.ConfigDict()
   c.evals.every_steps = 0
@@ -83,14 +90,50 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.batch_size = 8
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = ""
+  c.model.name = name
   c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # none | full | dots
+  for key, value in (options or {}).items():
+    if key in _MODEL_FIELDS:
+      c.model[_MODEL_FIELDS[key]] = value
 
-  c.data = data_defaults.default_data_config()
+  c.data = default_data_config()
   return c
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """`config.data` fields every family has; a family's config adds its own (sequence
+  lengths, image tokens, ...) that its data module's Processor reads."""
+  d = ml_collections.ConfigDict()
+  # Root of generated/ingested data; "" = $VLM_JAX_DATA_DIR or ~/.cache/vlm_jax/sample_data.
+  d.data_dir = ""
+  d.vocab_path = ""  # "" = $VLM_JAX_VOCAB or the sample model shipped in the package
+  # A mixture or task of the family's data module, or a directory `vlm-data ingest` wrote.
+  d.mixture = ""
+  d.image_size = 64
+  d.resize_mode = "pad"  # pad (letterbox) | crop (centre) | stretch
+  d.seed = 0  # shuffle/prefix seed; combined with the trainer's seed argument
+  d.num_workers = 0  # grain worker processes; keep fixed across a resume
+  d.worker_buffer_size = 2  # batches each worker prepares ahead
+  d.read_threads = 4  # decode threads per process (main or worker)
+  d.max_pixels = 64_000_000  # decompression-bomb guard: larger images are skipped
+  # Skipped records: a rate-limited warning names shard and key; if more than
+  # max_bad_fraction of the last bad_window records of one source were bad, raise.
+  d.bad_window = 1000
+  d.max_bad_fraction = 0.1
+  d.warn_every_s = 10.0
+  return d
+
+
+def parse_arg(arg: str, sizes, options: dict, family: str) -> tuple[str, dict]:
+  """`size,key=value,...` (a config's argument) -> (size, {key: value}); `options` maps the
+  family's own option keys to their types, besides COMMON_OPTIONS."""
+  size, _, rest = arg.partition(",")
+  if size not in sizes:
+    raise ValueError(f"{family} size {size!r}: expected one of {sorted(sizes)}.")
+  return size, parse_options(rest, {**COMMON_OPTIONS, **options})
 
 
 def parse_options(text: str, options: dict) -> dict:

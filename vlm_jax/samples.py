@@ -1,14 +1,14 @@
 """What a trained model generates for held-out examples, beside the truth: the config's
 first generation task of `vlm_jax.evaluation.tasks` (captions for SimVLM, Prismer and
 Flamingo; instructions for MiniGPT-v2; OCR for CogAgent), greedy with the KV cache."""
+from vlm_jax import params as params_lib
 from vlm_jax.evaluation import tasks
-from vlm_jax.train import state as state_lib
 
 
 def generation_task(config) -> str | None:
   """Name of the config's first zero-shot generation task, or None."""
-  names = [n for n in tasks.tasks_for(config.data)
-           if tasks.TASKS[n].kind == "generate" and not tasks.TASKS[n].shots]
+  names = [name for name, task in tasks.family_tasks(config).items()
+           if task.kind == "generate" and not task.shots]
   return names[0] if names else None
 
 
@@ -17,11 +17,11 @@ def generate_captions(trainer, state, num_examples: int) -> list[tuple[str, str]
   `generation_task` (one batch)."""
   name = generation_task(trainer.config)
   if name is None:
-    raise ValueError(f"no generation task for data.converter="
-                     f"{trainer.config.data.converter!r} (vlm_jax/evaluation/tasks.py)")
-  params = state_lib.merge_params(state.params, state.frozen)
+    raise ValueError(f"the {trainer.config.model.name!r} family has no generation task "
+                     "among its EVAL_TASKS")
+  params = params_lib.merge_params(state.params, state.frozen)
   with trainer.mesh_context():
-    _, pairs = tasks.run(tasks.TASKS[name], trainer.model, params, trainer.config,
+    _, pairs = tasks.run(tasks.get(name, trainer.config), trainer.model, params, trainer.config,
                          num_examples=num_examples, batch_size=num_examples)
   return pairs
 

@@ -11,23 +11,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlm_jax.models import minigpt_v2, registry, simvlm
-from vlm_jax.nn import attention, decoder_lm
-
-# The MiniGPT-v2 module fields it passes to its DecoderLM (models/minigpt_v2.py).
-LM_FIELDS = ("vocab_size", "width", "num_layers", "num_heads", "mlp_dim", "num_kv_heads",
-             "norm_epsilon", "rotary_max_wavelength", "lora_targets", "lora_rank",
-             "lora_alpha", "lora_dropout_rate", "scan_layers", "remat_policy", "dtype",
-             "param_dtype")
+from vlm_jax.nn import attention, decoder_lm, transformer
 
 
 class LmPath(nn.Module):
   """A family's `DecoderLM` alone, over `tokens` with `token_mask` (params under `lm/`)."""
-  lm_kwargs: dict
+  lm: decoder_lm.DecoderLM
 
-  @nn.compact
   def __call__(self, batch, deterministic: bool = True):
-    lm = decoder_lm.DecoderLM(**self.lm_kwargs, name="lm")
-    return lm(batch["tokens"], token_mask=batch["token_mask"], deterministic=deterministic)
+    return self.lm(batch["tokens"], token_mask=batch["token_mask"], deterministic=deterministic)
 
 
 class TextOnlySimVLM(simvlm.SimVLM):
@@ -36,28 +28,25 @@ class TextOnlySimVLM(simvlm.SimVLM):
   def encode(self, batch, deterministic: bool = True):
     prefix_tokens = batch["prefix_tokens"]
     x = self.token_embedder(prefix_tokens)
-    if self.position == "learned":
+    if self.lm.position == "learned":
       x = x + self.prefix_pos_embedding()[:prefix_tokens.shape[1]].astype(x.dtype)
     valid = batch["prefix_mask"] > 0
-    context = (attention.padding_mask(None, valid),)
-    if self.position == "relative":
+    bias = None
+    if self.lm.position == "relative":
       order = jnp.arange(x.shape[1])
-      context += (self.encoder_relative_bias(order[None], order),)
+      bias = self.encoder_relative_bias(order[None], order)
+    context = transformer.LayerContext(mask=attention.padding_mask(None, valid), bias=bias)
     return self.encoder_norm(self.encoder(x, context, deterministic)), valid
 
 
 def model_and_frozen(pair: str, config):
   """(flax module, frozen-parameter regexes) of our side of `pair`."""
+  module = registry.build(config.model)
   if pair == "flamingo":
-    return registry.build(config.model), tuple(config.frozen)
+    return module, tuple(config.frozen)
   if pair == "llama_lora":
-    family = registry.build(config.model)
-    kwargs = {k: getattr(family, k) for k in LM_FIELDS}
-    kwargs["lora_targets"] = tuple(kwargs["lora_targets"])
     lm_frozen = tuple(p for p in minigpt_v2.frozen_patterns() if p.startswith("lm/"))
-    return LmPath(kwargs), lm_frozen
+    return LmPath(module.lm), lm_frozen
   if pair == "t5":
-    module = registry.build(config.model)
-    return TextOnlySimVLM(**{f: getattr(module, f) for f in module.__dataclass_fields__
-                             if f not in ("parent", "name")}), ()
+    return TextOnlySimVLM(**{f: getattr(module, f) for f in registry.fields_of(type(module))}), ()
   raise ValueError(f"unknown pair {pair!r}")

@@ -42,14 +42,12 @@ print(f"runtime: {platform.upper()} ({jax.device_count()} x {jax.devices()[0].de
 # %%
 import textwrap
 
-from vlm_jax.data import catalog
+from vlm_jax.data import catalog, families
 from vlm_jax.data.vocab import Vocab
 from vlm_jax.inspection import data as data_insp
-from vlm_jax.models import registry
 
-# Families shown; a newly registered family is one more name here.
-FAMILIES = common.env_list("VLM_NB_FAMILIES", "simvlm,minigpt_v2,cogagent,flamingo,prismer")
-FAMILIES = [f for f in FAMILIES if f in registry.MODELS]
+# Families shown: every config in configs/ (a new family's config adds it here).
+FAMILIES = common.env_list("VLM_NB_FAMILIES", ",".join(common.families()))
 MIXTURES = dict(item.split("=", 1) for item in common.env_list("VLM_NB_MIXTURES", ""))
 BATCH = int(os.environ.get("VLM_NB_BATCH", "6"))
 RECORDS = int(os.environ.get("VLM_NB_RECORDS", "2000"))
@@ -58,14 +56,15 @@ configs = {f: data_insp.with_mixture(common.family_config(f), MIXTURES.get(f, ""
 batches, skipped = {}, {}
 for family, config in configs.items():
   batches[family], skipped[family] = data_insp.read_batches(config, BATCH, num_batches=2)
-  print(f"{family}: mixture {config.data.mixture!r}, converter {config.data.converter!r}")
-print("\nall tasks:", ", ".join(sorted(catalog.TASKS)))
-print("all mixtures:", ", ".join(sorted(catalog.MIXTURES)))
+  module = families.load(family)
+  print(f"{family}: mixture {config.data.mixture!r}; its tasks: "
+        f"{', '.join(sorted(catalog.tasks(module)))}; its mixtures: "
+        f"{', '.join(sorted(catalog.mixtures(module))) or 'none'}")
 
 # %% [markdown]
 # ## Examples
-# One row per example, in reading order. Boxes written in the text (either box syntax) are
-# drawn on the image they refer to; expert maps (Prismer) follow the RGB image.
+# One row per example, in reading order. Boxes written in the text (in the family's box
+# format) are drawn on the image they refer to; expert maps (Prismer) follow the RGB image.
 
 
 # %%
@@ -99,7 +98,8 @@ def draw_example(axes, pieces):
 for family, config in configs.items():
   vocab = Vocab(config.data.vocab_path)
   batch = batches[family][0]
-  layouts = [data_insp.example_layout(batch, i, vocab) for i in range(BATCH)]
+  formats = families.box_format(family)
+  layouts = [data_insp.example_layout(batch, i, vocab, formats) for i in range(BATCH)]
   columns = max(len(p) + sum(len(x[3]) for x in p if x[0] == "image") for p in layouts)
   fig, axes = plt.subplots(BATCH, columns, figsize=(2.6 * columns, 2.2 * BATCH), squeeze=False)
   for row, pieces in zip(axes, layouts):
@@ -147,7 +147,7 @@ plt.show()
 # ## Bad records
 # The pipeline's counters for the batches above (bad records are skipped and counted, never
 # fatal below `data.max_bad_fraction`), and a per-task tally of the first records by the
-# reason the family's converter gave ("ok" when usable).
+# reason the family's processor gave ("ok" when usable).
 
 # %%
 for family, config in configs.items():

@@ -87,21 +87,19 @@ STEP = int(os.environ.get("VLM_NB_STEP", found[-1][0]))
 
 # %% [markdown]
 # ## Generations from a checkpoint
-# Greedy generations for held-out examples beside the truth (the config's first generation
+# Greedy generations for held-out examples beside the truth (the family's first generation
 # task: captions for SimVLM, Prismer and Flamingo).
 
 # %%
-from vlm_jax import decode, samples
-from vlm_jax.data import pipeline
+from vlm_jax import decode, params as params_lib, samples
 from vlm_jax.data.vocab import Vocab
+from vlm_jax.evaluation import heldout, tasks
 from vlm_jax.inspection import data as data_insp
 from vlm_jax.train import loop
-from vlm_jax.train import state as state_lib
 
 trainer = loop.Trainer(config, WORKDIR)
-with trainer.mesh_context():
-  state = trainer.checkpointer.restore(STEP, trainer.factory.abstract_with_shardings(),
-                                       trainer.data)
+with trainer.mesh_context():  # the weights only: a pod job saved one data state per process
+  state = trainer.checkpointer.restore(STEP, trainer.factory.abstract_with_shardings())
 print(f"loaded step {int(state.step)} from {trainer.checkpointer.directory}")
 for truth, generated in samples.generate_captions(trainer, state, SAMPLES):
   print(f"truth: {truth!r}\n  generated: {generated!r}")
@@ -109,19 +107,24 @@ for truth, generated in samples.generate_captions(trainer, state, SAMPLES):
 # %% [markdown]
 # ## Cross-attention over the image
 # For each generated token: the decoder's cross-attention weights on the image tokens
-# (mean over heads and layers), upsampled onto the image.
+# (mean over heads and layers), upsampled onto the image. For encoder-decoder PrefixLM
+# families (a batch with `prefix_tokens`: the encoder reads [image tokens ; prefix]).
 
 # %% tags=["plot"]
-if config.model.name != "simvlm":
-  print(f"{config.model.name}: these maps are of SimVLM's decoder over image + prefix")
+task = tasks.get(samples.generation_task(config), config)
+(example, _), = heldout.load_examples(config, task.source, 1, keep=task.keep)
+vocab = Vocab(config.data.vocab_path)
+if "prefix_tokens" not in example:
+  print(f"{config.model.name}: its batch has no encoder prefix; these maps are of a PrefixLM "
+        "encoder-decoder's cross-attention")
 else:
-  (batch, truths), = pipeline.make_eval_batches(config.data, batch_size=1)
-  params = state_lib.merge_params(state.params, state.frozen)
+  inputs, answer, _ = heldout.as_prompt(example)
+  batch, truths = heldout.stack([inputs]), [vocab.decode(answer)]
+  params = params_lib.merge_params(state.params, state.frozen)
   with trainer.mesh_context():
     tokens = decode.generate(trainer.model, params, batch,
                              max_len=config.data.suffix_length).tokens
     maps = run_insp.cross_attention_maps(trainer.model, params, batch, tokens)
-  vocab = Vocab(config.data.vocab_path)
   image = data_insp.pixels(batch["images"][0, 0])
   grid = int(round((maps.shape[-1] - batch["prefix_tokens"].shape[1]) ** 0.5))
   ids = [int(t) for t in np.asarray(tokens[0])]

@@ -8,7 +8,10 @@ import tarfile
 import pytest
 from PIL import Image
 
-from vlm_jax.data import catalog, health, ingest, pipeline, synthetic_formats
+from vlm_jax.data import catalog, health, ingest, pipeline
+from vlm_jax.data.families import simvlm
+from vlm_jax.data.sources import webdataset
+from vlm_jax.data.synthetic import formats
 
 
 def _jpeg(size=16, colour=(200, 30, 30)):
@@ -68,23 +71,28 @@ def _write_shard(path, good=40):
   return 8  # bad records in the shard
 
 
+def _as_task(monkeypatch, spec):
+  """`spec` as one of SimVLM's tasks, for this test only."""
+  monkeypatch.setattr(simvlm, "TASKS", (spec,), raising=False)
+  return spec
+
+
 @pytest.fixture
-def bad_task(tmp_path, data_config):
+def bad_task(tmp_path, data_config, monkeypatch):
   shard = str(tmp_path / "00000.tar")
   num_bad = _write_shard(shard)
-  spec = catalog.add_task(catalog.TaskSpec(f"bad_{tmp_path.name}", "pairs", "webdataset",
-                                           str(tmp_path / "*.tar")))
+  spec = _as_task(monkeypatch, catalog.TaskSpec(f"bad_{tmp_path.name}", "pairs", "webdataset",
+                                                str(tmp_path / "*.tar")))
   data_config.mixture = spec.name
   data_config.max_pixels = 1_000_000
   data_config.max_bad_fraction = 0.5
-  yield shard, num_bad
-  del catalog.TASKS[spec.name]
+  return shard, num_bad
 
 
 def test_pipeline_skips_and_counts(bad_task, data_config, caplog):
   shard, num_bad = bad_task
   data_config.warn_every_s = 0.0
-  it = pipeline.make_train_iterator(data_config, global_batch_size=40, seed=0,
+  it = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=40, seed=0,
                                     process_index=0, process_count=1)
   with caplog.at_level(logging.WARNING):
     next(it)
@@ -103,7 +111,7 @@ def test_pipeline_skips_and_counts(bad_task, data_config, caplog):
 
 def test_warnings_are_rate_limited(bad_task, data_config, caplog):
   data_config.warn_every_s = 3600.0
-  it = pipeline.make_train_iterator(data_config, global_batch_size=40, seed=0,
+  it = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=40, seed=0,
                                     process_index=0, process_count=1)
   with caplog.at_level(logging.WARNING):
     next(it)
@@ -115,7 +123,7 @@ def test_too_many_bad_records_names_the_source(bad_task, data_config):
   shard, _ = bad_task
   data_config.bad_window = 20
   data_config.max_bad_fraction = 0.05
-  it = pipeline.make_train_iterator(data_config, global_batch_size=40, seed=0,
+  it = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=40, seed=0,
                                     process_index=0, process_count=1)
   with pytest.raises(Exception, match=shard):
     for _ in range(5):
@@ -139,17 +147,16 @@ def test_malformed_json_lines(tmp_path):
   assert manifest["records"] == 2 and sum(manifest["skipped"].values()) == 3
 
 
-def test_pipeline_skips_malformed_text_lines(tmp_path, data_config):
+def test_pipeline_skips_malformed_text_lines(tmp_path, data_config, monkeypatch):
   path = tmp_path / "docs.jsonl"
   path.write_text("".join('{"text": "a cat sees the red ball."}\n' if i % 10 else "{oops\n"
                           for i in range(100)))
-  spec = catalog.add_task(catalog.TaskSpec("bad_text", "text", "jsonl", str(path)))
+  spec = _as_task(monkeypatch, catalog.TaskSpec("bad_text", "text", "jsonl", str(path)))
   data_config.mixture = spec.name
-  it = pipeline.make_train_iterator(data_config, global_batch_size=45, seed=0,
+  it = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=45, seed=0,
                                     process_index=0, process_count=1)
   next(it)
   next(it)
-  del catalog.TASKS[spec.name]
   assert pipeline.skipped_record_counts(it)["skipped_records"] == 10
 
 
@@ -187,13 +194,12 @@ def test_interleaved_documents_without_image_or_text(tmp_path):
 
 def test_truncated_tfrecord(data_dir, tmp_path):
   pytest.importorskip("tensorflow")
-  from vlm_jax.data import sources  # pylint: disable=g-import-not-at-top
   tars = sorted(os.path.join(data_dir, "synthetic", "pairs", "validation", p)
                 for p in os.listdir(os.path.join(data_dir, "synthetic", "pairs", "validation"))
                 if p.endswith(".tar"))
-  wds = sources.WebDatasetSource(tars)
+  wds = webdataset.WebDatasetSource(tars)
   path = str(tmp_path / "00000.tfrecord")
-  synthetic_formats.write_img2dataset_tfrecord(path, [wds[i] for i in range(20)])
+  formats.write_img2dataset_tfrecord(path, [wds[i] for i in range(20)])
   data = open(path, "rb").read()
   open(path, "wb").write(data[:len(data) - 300])
   manifest = ingest.run("img2dataset-tfrecord", path, str(tmp_path / "out"),
@@ -212,7 +218,7 @@ def test_zero_byte_files_are_counted(tmp_path, fmt, name):
 def test_zero_byte_shard_in_training(bad_task, data_config):
   shard, num_bad = bad_task
   open(os.path.join(os.path.dirname(shard), "00001.tar"), "wb").close()
-  it = pipeline.make_train_iterator(data_config, global_batch_size=41, seed=0,
+  it = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=41, seed=0,
                                     process_index=0, process_count=1)
   next(it)
   next(it)

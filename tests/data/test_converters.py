@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from vlm_jax.data import converters
+from vlm_jax.data import preprocessors
+from vlm_jax.data.families import simvlm as converters
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 CFG = converters.PrefixLMConfig(prefix_length=6, suffix_length=8, image_size=4,
@@ -66,5 +67,5 @@ def test_text_document_has_prefix_and_no_image():
     assert ex["loss_weight"] == np.float32(0.5)
     joined = list(ex["prefix_tokens"][:p]) + list(ex["targets"][:n - 1])
     assert joined == ids[joined[0] - 100:joined[0] - 100 + len(joined)]  # a contiguous window
-  with pytest.raises(ValueError):
+  with pytest.raises(preprocessors.BadRecord, match="shorter than 2"):
     converters.prefix_lm_text([7], CFG, rng)

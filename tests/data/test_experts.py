@@ -9,8 +9,11 @@ import pytest
 from PIL import Image
 
 from vlm_jax.cli import data as data_cli
-from vlm_jax.data import catalog, experts, pipeline, sources
-from vlm_jax.data import prismer as prismer_data
+from vlm_jax.data import catalog, pipeline
+from vlm_jax.data.families import prismer as prismer_data
+from vlm_jax.data.ingest import experts
+from vlm_jax.data.sources import arrayrecord, webdataset
+from vlm_jax.data.synthetic import labelled_scenes
 from vlm_jax.data.vocab import Vocab
 
 
@@ -24,7 +27,7 @@ def test_scene_truth_matches_the_rendered_pixels_and_depth_order():
   rng = np.random.default_rng(3)
   shapes = texts = 0
   for _ in range(40):
-    image, caption, truth = experts.sample_scene_with_truth(rng, 64)
+    image, caption, truth = labelled_scenes.sample_scene_with_truth(rng, 64)
     fg, inst = _foreground(image), truth.instances != experts.BACKGROUND
     if truth.words:
       texts += 1
@@ -56,7 +59,7 @@ def test_scene_truth_matches_the_rendered_pixels_and_depth_order():
 
 def test_object_boxes_cover_their_instances():
   rng = np.random.default_rng(0)
-  image, _, truth = experts.sample_scene_with_truth(rng, 64, text_fraction=0.0)
+  image, _, truth = labelled_scenes.sample_scene_with_truth(rng, 64, text_fraction=0.0)
   det = experts.obj_detection_expert(None, truth)
   assert det.names == truth.classes
   last = len(truth.classes) - 1  # drawn last: nothing covers its box
@@ -81,7 +84,7 @@ def test_experts_that_need_truth_say_so():
 
 def test_labels_survive_storage():
   rng = np.random.default_rng(1)
-  image, _, truth = experts.sample_scene_with_truth(rng, 32)
+  image, _, truth = labelled_scenes.sample_scene_with_truth(rng, 32)
   labels = experts.label_image(np.asarray(image), experts.ALL_EXPERTS, truth)
   header, blobs = experts.encode_labels(labels)
   decoded = experts.decode_labels(header, blobs)
@@ -122,7 +125,7 @@ def test_vlm_data_experts_labels_tars_with_edges_and_precomputed_labels(tmp_path
     data_cli.main(["experts", "--input", tars, "--output", str(tmp_path / "nope"),
                    "--experts", "edge,depth"])
   # Precomputed depth and segmentation for all but one image (that one is skipped).
-  source = sources.WebDatasetSource(sorted(glob.glob(tars)))
+  source = webdataset.WebDatasetSource(sorted(glob.glob(tars)))
   keys = [source[i]["key"] for i in range(len(source))]
   labels = tmp_path / "labels"
   for name in ("depth", "seg"):
@@ -141,7 +144,7 @@ def test_vlm_data_experts_labels_tars_with_edges_and_precomputed_labels(tmp_path
   assert manifest["records"] == len(keys) - 1
   assert manifest["skipped"] == {"missing precomputed label": 1}
   # Each record: the pair, edges of its image, the precomputed depth and seg at its size.
-  written = sources.ArrayRecordSource(glob.glob(str(out / "*.array_record")))
+  written = arrayrecord.ArrayRecordSource(glob.glob(str(out / "*.array_record")))
   assert [written[i]["key"] for i in range(len(written))] == keys[1:]
   for i in range(len(written)):
     record, original = written[i], source[i + 1]
@@ -155,15 +158,14 @@ def test_vlm_data_experts_labels_tars_with_edges_and_precomputed_labels(tmp_path
     assert labels["seg"].names == ["sky"]
     rows = image.shape[0] // 2
     assert (labels["seg"].ids[:rows] == 0).all() and (labels["seg"].ids[rows:] == 255).all()
-  # The output is a task by its path; the converter makes model inputs from it.
+  # The output is a task by its path; Prismer's processor makes model inputs from it.
   data_config.mixture = str(out)
-  data_config.converter = "prismer"
   data_config.experts = ("edge", "seg")
   data_config.expert_size = 16
   data_config.text_length = 12
   data_config.label_dim = 8
   data_config.label_table = ""
-  batch = next(pipeline.make_train_iterator(data_config, global_batch_size=4, seed=0,
+  batch = next(pipeline.make_train_iterator(data_config, "prismer", global_batch_size=4, seed=0,
                                             process_index=0, process_count=1))
   assert batch["images"].shape == (4, 1, 32, 32, 3)
   assert batch["expert_edge"].shape == (4, 16, 16, 1)
@@ -184,18 +186,18 @@ def test_vlm_data_experts_labels_tars_with_edges_and_precomputed_labels(tmp_path
 
 def test_prismer_scenes_task_is_generated_on_first_use(data_dir, data_config):
   data_config.mixture = "prismer_scenes"
-  data_config.converter = "prismer"
   data_config.experts = ("depth", "normal", "obj_detection", "ocr_detection")
   data_config.expert_size = 32
   data_config.text_length = 16
   data_config.label_dim = 64
   data_config.label_table = ""
-  batch = next(pipeline.make_train_iterator(data_config, global_batch_size=8, seed=0,
+  batch = next(pipeline.make_train_iterator(data_config, "prismer", global_batch_size=8, seed=0,
                                             process_index=0, process_count=1))
   assert os.path.isfile(os.path.join(data_dir, "synthetic_experts", "train", "dataset.json"))
   assert batch["expert_normal"].shape == (8, 32, 32, 3)
   assert batch["expert_ocr_detection"].shape == (8, 32, 32, 64)
   instances = batch["expert_obj_detection_instances"]
   assert instances.dtype == np.int32 and (instances == 255).any() and (instances < 255).any()
-  source = catalog.make_source(catalog.TASKS["prismer_scenes"], data_dir, "validation")
-  assert len(source) == prismer_data.SCENES_SIZES["validation"]
+  source = catalog.make_source(catalog.tasks(prismer_data)["prismer_scenes"], data_dir,
+                               "validation")
+  assert len(source) == labelled_scenes.SIZES["validation"]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_jax.data import catalog, health, interleaved, pipeline, preprocessors
-from vlm_jax.data import flamingo as data_lib
+from vlm_jax.data import catalog, health, pipeline, preprocessors
+from vlm_jax.data.families import flamingo as data_lib
+from vlm_jax.data.sources import interleaved
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
 
 IMAGE_ID, CHUNK_ID = 4, 5
@@ -27,7 +28,7 @@ def _png(value, size=8):
 
 def _flamingo_config(data_config, **fields):
   cfg = data_config
-  cfg.mixture, cfg.converter = "pretrain_flamingo", "flamingo"
+  cfg.mixture = "pretrain_flamingo"
   cfg.sequence_length, cfg.max_images, cfg.frames_per_media = 64, 3, 0
   for key, value in fields.items():
     cfg[key] = value
@@ -111,7 +112,7 @@ def test_video_frames_are_sampled_and_images_repeated():
 
 
 def test_interleaved_sources_read_by_index_and_reuse_their_copy(data_dir):
-  spec = catalog.TASKS["flamingo_mmc4"]
+  spec = catalog.tasks(data_lib)["flamingo_mmc4"]
   source = catalog.make_source(spec, data_dir, "validation")
   assert isinstance(source, interleaved.Mmc4Source) and len(source) > 0
   record = source[len(source) - 1]
@@ -119,19 +120,19 @@ def test_interleaved_sources_read_by_index_and_reuse_their_copy(data_dir):
   assert all((t is None) != (i is None) for t, i in zip(record["texts"], record["images"]))
   again = catalog.make_source(spec, data_dir, "validation")
   assert again.paths == source.paths  # the first copy is reused
-  obelics = catalog.make_source(catalog.TASKS["flamingo_obelics"], data_dir, "validation")
+  obelics = catalog.make_source(catalog.tasks(data_lib)["flamingo_obelics"], data_dir,
+                               "validation")
   assert len(obelics) > 0 and obelics[0]["kind"] == "interleaved"
 
 
 def test_mixture_rates_loss_weights_and_media_positions(data_config):
   cfg = _flamingo_config(data_config)
-  mixture = catalog.resolve("pretrain_flamingo")
-  rates = dict(mixture.rates)
-  records = pipeline.mixed_records(cfg, seed=0)
+  rates = dict(data_lib.MIXTURES["pretrain_flamingo"])
+  records = pipeline.mixed_records(cfg, "flamingo", seed=0)
   counts = collections.Counter(records[i][0].name for i in range(400))
   for name, rate in rates.items():
     assert counts[name] / 400 == pytest.approx(rate / sum(rates.values()), abs=0.03), counts
-  processor = data_lib.ExampleProcessor(cfg, seed=0)
+  processor = data_lib.Processor(cfg, seed=0)
   weights = {"flamingo_mmc4": 1.0, "flamingo_obelics": 1.0, "flamingo_pairs": 0.2}
   seen = collections.Counter()
   for i in range(60):
@@ -158,7 +159,7 @@ def test_mixture_rates_loss_weights_and_media_positions(data_config):
 
 def test_the_grain_pipeline_batches_flamingo_examples(data_config):
   cfg = _flamingo_config(data_config)
-  batch = next(pipeline.make_train_iterator(cfg, global_batch_size=4, seed=0,
+  batch = next(pipeline.make_train_iterator(cfg, "flamingo", global_batch_size=4, seed=0,
                                             process_index=0, process_count=1))
   assert batch["images"].shape == (4, 3, 32, 32, 3)
   assert batch["tokens"].shape == batch["loss_mask"].shape == (4, 64)

@@ -6,11 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from vlm_jax.data import ingest, pipeline, sources, synthetic_formats
+from vlm_jax import config as config_lib
+from vlm_jax.data import ingest, pipeline
+from vlm_jax.data.sources import arrayrecord, webdataset
+from vlm_jax.data.synthetic import formats as synthetic_formats
+from vlm_jax.inspection import data as data_insp
 
 
 def _records(directory):
-  source = sources.ArrayRecordSource(glob.glob(os.path.join(directory, "*.array_record")))
+  source = arrayrecord.ArrayRecordSource(glob.glob(os.path.join(directory, "*.array_record")))
   return [source[i] for i in range(len(source))]
 
 
@@ -21,7 +25,7 @@ def _pairs_tars(data_dir, split="validation"):
 def test_img2dataset_webdataset(data_dir, tmp_path):
   manifest = ingest.run("img2dataset", _pairs_tars(data_dir), str(tmp_path / "out"),
                         shard_size=25)
-  wds = sources.WebDatasetSource(glob.glob(_pairs_tars(data_dir)))
+  wds = webdataset.WebDatasetSource(glob.glob(_pairs_tars(data_dir)))
   got = _records(tmp_path / "out")
   assert manifest["records"] == len(wds) == len(got) and manifest["shards"] == 3
   assert manifest["kind"] == "pairs" and manifest["skipped"] == {}
@@ -31,7 +35,7 @@ def test_img2dataset_webdataset(data_dir, tmp_path):
 
 def test_img2dataset_tfrecord(data_dir, tmp_path):
   pytest.importorskip("tensorflow")
-  wds = sources.WebDatasetSource(glob.glob(_pairs_tars(data_dir)))
+  wds = webdataset.WebDatasetSource(glob.glob(_pairs_tars(data_dir)))
   synthetic_formats.write_img2dataset_tfrecord(str(tmp_path / "00000.tfrecord"),
                                                [wds[i] for i in range(len(wds))])
   ingest.run("img2dataset-tfrecord", str(tmp_path / "*.tfrecord"), str(tmp_path / "out"))
@@ -108,7 +112,7 @@ def test_synthetic_interleaved_files_ingest(data_dir, sizes, tmp_path):
 def test_train_from_ingested_directory(data_dir, data_config, tmp_path):
   ingest.run("img2dataset", _pairs_tars(data_dir, "train"), str(tmp_path / "pairs"))
   data_config.mixture = str(tmp_path / "pairs")
-  it = pipeline.make_train_iterator(data_config, global_batch_size=4, seed=0,
+  it = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=4, seed=0,
                                     process_index=0, process_count=1)
   batch = next(it)
   assert batch["images"].shape == (4, 1, 32, 32, 3) and batch["image_mask"].all()
@@ -121,10 +125,11 @@ def test_refuses_to_replace_foreign_directory(data_dir, tmp_path):
     ingest.run("img2dataset", _pairs_tars(data_dir), str(tmp_path / "precious"))
 
 
-def test_inspect_prints_examples_and_proportions(data_dir):
-  from vlm_jax.data import inspect  # pylint: disable=g-import-not-at-top
-  lines = []
-  inspect.run("pretrain_simvlm", data_dir=data_dir, num=2, mixture_examples=1000,
-              out=lines.append)
-  assert any("realised" in l and "synthetic_pairs" in l for l in lines)
-  assert np.isclose(float(lines[-2].split()[-1]), 0.8, atol=0.02)
+def test_inspect_prints_examples_and_proportions(data_config):
+  config = config_lib.load_config("configs/simvlm.py:tiny")
+  config.data = data_config
+  lines = data_insp.stream_lines(config, 2, mixture_examples=1000)
+  assert lines[0].startswith("[0] <image 32x32") and "|" in lines[0]
+  assert any("realised" in l for l in lines)
+  shares = {l.split()[0]: float(l.split()[-1]) for l in lines if l.startswith("  ")}
+  assert np.isclose(shares["synthetic_pairs"], 0.8, atol=0.02), lines

@@ -16,8 +16,12 @@ import pytest
 from PIL import Image
 
 from vlm_jax.cli import data as cli
-from vlm_jax.data import catalog, filters, ingest, pipeline, sources, synthetic_formats
-from vlm_jax.data import experts as experts_lib
+from vlm_jax.data import catalog, ingest, pipeline
+from vlm_jax.data.ingest import experts as experts_lib
+from vlm_jax.data.ingest import filters
+from vlm_jax.data.ingest import local as ingest_local
+from vlm_jax.data.sources import arrayrecord, webdataset
+from vlm_jax.data.synthetic import formats as synthetic_formats
 # The dirty-record builders of the bad-input tests (pytest puts tests/data on sys.path).
 from test_bad_input import _add, _jpeg, _write_shard  # pylint: disable=g-bad-import-order
 
@@ -37,7 +41,7 @@ def _records(directory):
   paths = glob.glob(os.path.join(directory, "*.array_record"))
   if not paths:
     return []
-  source = sources.ArrayRecordSource(paths)
+  source = arrayrecord.ArrayRecordSource(paths)
   return [{k: v for k, v in source[i].items() if k != "source"} for i in range(len(source))]
 
 
@@ -49,12 +53,12 @@ def _same_output(a, b):
   assert _shards(a) == _shards(b) and _shards(a)
   for name in _shards(a):
     assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
-  assert ingest.read_statistics(a) == ingest.read_statistics(b)
+  assert ingest_local.read_statistics(a) == ingest_local.read_statistics(b)
 
 
 def _wds(data_dir):
   tars = sorted(glob.glob(os.path.join(data_dir, "synthetic", "pairs", "validation", "*.tar")))
-  source = sources.WebDatasetSource(tars)
+  source = webdataset.WebDatasetSource(tars)
   return tars, [source[i] for i in range(len(source))]
 
 
@@ -214,7 +218,7 @@ def test_beam_matches_local_ingest(inputs, tmp_path, fmt):
   assert beam["shards"] == math.ceil(len(got) / 16)
   _check_filtered(got)
 
-  stats = ingest.read_statistics(tmp_path / "beam")
+  stats = ingest_local.read_statistics(tmp_path / "beam")
   assert stats["records_in"] == expected["in"]
   assert stats["records_out"] == expected["out"]
   assert stats["removed"] == {k: v for k, v in expected["removed"].items() if v}
@@ -241,7 +245,7 @@ def test_same_shards_whatever_the_workers_and_experts(inputs, tmp_path, data_con
   _same_output(tmp_path / "local", tmp_path / "procs2")
 
   # Prismer's edge expert over the prepared shards: Beam and local write the same bytes, the
-  # labels are experts.edge_expert's of each image, stored as Prismer's converter reads them.
+  # labels are experts.edge_expert's of each image, stored as Prismer's processor reads them.
   def run_experts(output, *runner):
     cli.main(["experts", "--input", str(tmp_path / "procs2"), "--output", str(output),
               "--experts", "edge", "--shard-size", "16", *runner])
@@ -266,8 +270,9 @@ def test_same_shards_whatever_the_workers_and_experts(inputs, tmp_path, data_con
 
   # Training reads the Beam output as it reads the local ingest's (a task by its path).
   data_config.mixture = str(tmp_path / "procs2")
-  assert catalog.resolve(data_config.mixture).rates == ((str(tmp_path / "procs2"), 1.0),)
-  batch = next(pipeline.make_train_iterator(data_config, global_batch_size=4, seed=0,
+  (spec, rate), = catalog.resolve(data_config.mixture).tasks
+  assert (spec.name, spec.kind, rate) == (str(tmp_path / "procs2"), "pairs", 1.0)
+  batch = next(pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=4, seed=0,
                                             process_index=0, process_count=1))
   assert batch["images"].shape == (4, 1, 32, 32, 3) and batch["image_mask"].all()
 
@@ -282,7 +287,7 @@ def test_labeller_drops_records_after_dedup_the_same_way(inputs, tmp_path):
   labels.mkdir(parents=True)
   for i, key in enumerate(keys[::2]):
     Image.fromarray(np.full((8, 8), i, np.uint8)).save(labels / f"{key}.png")
-  spec = f"prismer=depth;labels={tmp_path / 'labels'}"
+  spec = f"experts=depth;labels={tmp_path / 'labels'}"
   ingest.run("img2dataset", pattern, str(tmp_path / "local"), experts=spec, **OPTIONS)
   beam = ingest.run("img2dataset", pattern, str(tmp_path / "beam"), experts=spec,
                     runner="beam", beam_options=_direct(2, "multi_threading"), **OPTIONS)

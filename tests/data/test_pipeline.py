@@ -1,14 +1,19 @@
 import numpy as np
 import pytest
 
-from vlm_jax.data import catalog, pipeline
+import dataclasses
+
+from vlm_jax import config as config_lib
+from vlm_jax.data import catalog, pipeline, processor
+from vlm_jax.data.families import simvlm
 from vlm_jax.data.vocab import Vocab
+from vlm_jax.evaluation import heldout
 
 BATCH = 8
 
 
 def _batches(cfg, n, **kw):
-  it = pipeline.make_train_iterator(cfg, global_batch_size=kw.pop("batch", BATCH),
+  it = pipeline.make_train_iterator(cfg, "simvlm", global_batch_size=kw.pop("batch", BATCH),
                                     seed=kw.pop("seed", 0), process_index=0, process_count=1,
                                     **kw)
   out = [next(it) for _ in range(n)]
@@ -40,9 +45,9 @@ def test_same_seed_same_stream(data_config):
 
 def test_process_rows_put_together_are_the_single_process_global_batches(data_config):
   """Multi-host: the global batch stream does not depend on the number of processes."""
-  single = pipeline.make_train_iterator(data_config, global_batch_size=12, seed=0,
+  single = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=12, seed=0,
                                         process_index=0, process_count=1)
-  parts = [pipeline.make_train_iterator(data_config, global_batch_size=12, seed=0,
+  parts = [pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=12, seed=0,
                                         process_index=i, process_count=3) for i in range(3)]
   for _ in range(3):
     want = next(single)
@@ -55,8 +60,9 @@ def test_two_processes_read_disjoint_records_covering_an_epoch(data_config):
   """Over one epoch of the global stream, process 0's and process 1's rows are different
   records and together every record of the dataset."""
   data_config.mixture = "synthetic_pairs"
-  stream = pipeline.mixed_records(data_config, seed=3)
-  source = catalog.make_source(catalog.TASKS["synthetic_pairs"], data_config.data_dir, "train")
+  stream = pipeline.mixed_records(data_config, "simvlm", seed=3)
+  source = catalog.make_source(catalog.tasks()["synthetic_pairs"], data_config.data_dir,
+                               "train")
   epoch, per_process = len(source), 4
   batches = -(-epoch // (2 * per_process))
   keys = []
@@ -70,12 +76,12 @@ def test_two_processes_read_disjoint_records_covering_an_epoch(data_config):
 
 
 def test_process_batches_differ(data_config):
-  its = [pipeline.make_train_iterator(data_config, global_batch_size=16, seed=0,
+  its = [pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=16, seed=0,
                                       process_index=i, process_count=2) for i in range(2)]
   a, b = next(its[0]), next(its[1])
   assert a["tokens"].shape[0] == 8 and not np.array_equal(a["images"], b["images"])
   with pytest.raises(ValueError, match="divisible"):
-    pipeline.make_train_iterator(data_config, global_batch_size=15, seed=0, process_index=0,
+    pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=15, seed=0, process_index=0,
                                  process_count=2)
 
 
@@ -115,9 +121,9 @@ def test_orbax_checkpoint(data_config, tmp_path):
 
 
 def test_realised_mixture_rates(data_config):
-  records = pipeline.mixed_records(data_config, seed=0)
+  records = pipeline.mixed_records(data_config, "simvlm", seed=0)
   names = [records[i][0].name for i in range(10_000)]
-  for name, rate in catalog.MIXTURES["pretrain_simvlm"].rates:
+  for name, rate in simvlm.MIXTURES["pretrain_simvlm"]:
     assert abs(names.count(name) / 10_000 - rate) < 0.02
 
 
@@ -128,16 +134,19 @@ def test_mixture_rates_in_batches(data_config):
   assert pipeline.skipped_record_counts(it) == {"examples": 1000, "skipped_records": 0}
 
 
-def test_eval_batches_are_captioning(data_config):
+def test_held_out_examples_are_captioning(data_config):
+  """Evaluation reads a task's validation split in file order through the family's
+  processor in evaluation mode: SimVLM pairs without a text prefix."""
   vocab = Vocab()
-  batches = pipeline.make_eval_batches(data_config, batch_size=4, num_batches=2)
-  assert len(batches) == 2
-  for batch, captions in batches:
-    assert batch["images"].shape == (4, 1, 32, 32, 3) and len(captions) == 4
-    assert not batch["prefix_mask"].any()
-    assert [vocab.decode(t) for t in batch["targets"]] == captions
-  again = pipeline.make_eval_batches(data_config, batch_size=4, num_batches=2)
-  assert _equal([b for b, _ in batches], [b for b, _ in again])
+  config = config_lib.load_config("configs/simvlm.py:tiny")
+  config.data = data_config
+  examples = heldout.load_examples(config, "synthetic_pairs", 8)
+  assert len(examples) == 8
+  for example, raw in examples:
+    assert example["images"].shape == (1, 32, 32, 3) and not example["prefix_mask"].any()
+    assert vocab.decode(example["targets"]) == raw["text"]
+  again = heldout.load_examples(config, "synthetic_pairs", 8)
+  assert _equal([e for e, _ in examples], [e for e, _ in again])
 
 
 def test_unknown_mixture_names_choices(data_config):
@@ -152,13 +161,13 @@ def test_single_task_as_mixture(data_config):
   assert not batch["image_mask"].any() and batch["prefix_mask"][:, 0].all()
 
 
-def test_converter_hook(data_config):
-  data_config.converter = "no_such_converter"
-  with pytest.raises(ValueError, match="simvlm_prefix_lm"):
+def test_a_task_the_family_cannot_read_is_a_clear_error(data_config):
+  data_config.mixture = "flamingo_mmc4"  # another family's task
+  with pytest.raises(KeyError, match="unknown mixture or task 'flamingo_mmc4'"):
     _batches(data_config, 1)
-  pipeline.register_converter("text_only_simvlm", "vlm_jax.data.pipeline:ExampleProcessor",
-                              kinds=("text",))
-  data_config.converter = "text_only_simvlm"
-  with pytest.raises(ValueError, match="synthetic_pairs"):
-    _batches(data_config, 1)
-  del pipeline.CONVERTERS["text_only_simvlm"]
+  documents = catalog.TaskSpec("docs", "interleaved", "mmc4", "docs/*.jsonl")
+  with pytest.raises(ValueError, match="task 'docs' holds 'interleaved' records; no template"):
+    processor.with_template(documents, simvlm.TEMPLATES, "simvlm")
+  questions = dataclasses.replace(documents, kind="pairs", template="vqa")
+  with pytest.raises(ValueError, match="template 'vqa' is not one of the 'simvlm' family's"):
+    processor.with_template(questions, simvlm.TEMPLATES, "simvlm")

@@ -31,7 +31,7 @@ def fingerprints(it, n):
 if __name__ == "__main__":
   config_json, checkpoint_dir, out_path, batch, n = sys.argv[1:]
   cfg = ml_collections.ConfigDict(json.loads(config_json))
-  it = pipeline.make_train_iterator(cfg, global_batch_size=int(batch), seed=0,
+  it = pipeline.make_train_iterator(cfg, "simvlm", global_batch_size=int(batch), seed=0,
                                     process_index=0, process_count=1)
   with ocp.CheckpointManager(checkpoint_dir) as mgr:
     mgr.restore(mgr.latest_step(),
@@ -52,7 +52,7 @@ def test_state_restored_in_a_new_process_continues_the_stream(data_config, sizes
   data_config.num_workers = 2
   epoch = sizes.train_pairs + sizes.train_docs
   assert AHEAD * BATCH < epoch  # the state is saved mid-epoch
-  it = pipeline.make_train_iterator(data_config, global_batch_size=BATCH, seed=0,
+  it = pipeline.make_train_iterator(data_config, "simvlm", global_batch_size=BATCH, seed=0,
                                     process_index=0, process_count=1)
   for _ in range(AHEAD):
     next(it)

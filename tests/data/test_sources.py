@@ -4,7 +4,7 @@ import os
 import pickle
 import tarfile
 
-from vlm_jax.data import sources
+from vlm_jax.data.sources import jsonl, webdataset
 
 
 def _tars(data_dir, split="train"):
@@ -13,16 +13,16 @@ def _tars(data_dir, split="train"):
 
 def test_tar_index_matches_tarfile(data_dir):
   path = _tars(data_dir)[0]
-  assert list(sources._scan_ustar(path)) == list(sources._scan_tarfile(path))
+  assert list(webdataset._scan_ustar(path)) == list(webdataset._scan_tarfile(path))
 
 
 def test_webdataset_reads_every_member(data_dir):
-  source = sources.WebDatasetSource(_tars(data_dir))
+  source = webdataset.WebDatasetSource(_tars(data_dir))
   expected = {}
   for path in _tars(data_dir):
     with tarfile.open(path) as tar:
       for member in tar:
-        key, ext = sources.split_key(member.name)
+        key, ext = webdataset.split_key(member.name)
         expected.setdefault(key, {})[ext] = tar.extractfile(member).read()
   assert len(source) == len(expected)
   for index in (0, 7, len(source) - 1):
@@ -34,7 +34,7 @@ def test_webdataset_reads_every_member(data_dir):
 
 
 def test_source_pickles_without_open_files(data_dir):
-  source = sources.WebDatasetSource(_tars(data_dir))
+  source = webdataset.WebDatasetSource(_tars(data_dir))
   source[0]
   clone = pickle.loads(pickle.dumps(source))
   assert clone[3] == source[3]
@@ -42,7 +42,7 @@ def test_source_pickles_without_open_files(data_dir):
 
 def test_jsonl_text_source(data_dir):
   paths = glob.glob(os.path.join(data_dir, "synthetic", "text", "train", "*.jsonl"))
-  source = sources.JsonlTextSource(paths)
+  source = jsonl.JsonlTextSource(paths)
   lines = [l for p in paths for l in open(p, encoding="utf-8")]
   assert len(source) == len(lines)
   assert source[5]["text"] == lines[5]

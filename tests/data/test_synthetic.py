@@ -5,7 +5,7 @@ import tarfile
 
 import pyarrow.parquet as pq
 
-from vlm_jax.data import scenes, synthetic
+from vlm_jax.data.synthetic import sample_data, scenes
 
 
 def test_img2dataset_layout(data_dir, sizes):
@@ -43,11 +43,11 @@ def test_text_documents(data_dir, sizes):
 
 
 def test_deterministic_and_splits_differ(tmp_path):
-  sizes = synthetic.SyntheticSizes(train_pairs=20, validation_pairs=20, train_docs=5,
+  sizes = sample_data.SyntheticSizes(train_pairs=20, validation_pairs=20, train_docs=5,
                                    validation_docs=5, train_interleaved=2,
                                    validation_interleaved=2, shard_size=20, image_size=32)
-  synthetic.generate(str(tmp_path / "a"), sizes)
-  synthetic.generate(str(tmp_path / "b"), sizes)
+  sample_data.generate(str(tmp_path / "a"), sizes)
+  sample_data.generate(str(tmp_path / "b"), sizes)
   read = lambda root, split: open(tmp_path / root / "pairs" / split / "00000.tar", "rb").read()
   assert read("a", "train") == read("b", "train")
   assert read("a", "train") != read("a", "validation")
@@ -55,7 +55,7 @@ def test_deterministic_and_splits_differ(tmp_path):
 
 def test_ensure_is_idempotent(data_dir, sizes):
   before = os.path.getmtime(os.path.join(data_dir, "synthetic", "manifest.json"))
-  target = synthetic.ensure_sample_data(data_dir, sizes)
+  target = sample_data.ensure_sample_data(data_dir, sizes)
   assert target == os.path.join(data_dir, "synthetic")
   assert os.path.getmtime(os.path.join(data_dir, "synthetic", "manifest.json")) == before
   assert not [p for p in os.listdir(data_dir) if p.startswith(".synthetic-tmp")]

@@ -1,7 +1,8 @@
 import hashlib
 import pickle
 
-from vlm_jax.data import tokenizer_train, vocab
+from vlm_jax.data import vocab
+from vlm_jax.data.synthetic import tokenizer as tokenizer_train
 
 
 def test_special_ids_and_tokens():

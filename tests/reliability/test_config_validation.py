@@ -20,10 +20,11 @@ CASES = {
              "config.mesh.shape=(3, 1, 1) needs 3 devices but 8 are available",
              "Set --config.mesh.shape so its product is 8"),
     "model": (None, {"model.name": "simvlm_xl"},
-              "config.model.name='simvlm_xl' is not a known model", "; use one of ["),
+              "config.model.name='simvlm_xl': family 'simvlm_xl': neither "
+              "vlm_jax.models.simvlm_xl nor simvlm_xl.model", "can be imported"),
     "patch": (MINIGPT, {"data.image_size": "100"},
-              "config.data.image_size=100 is not a multiple of config.model.patch_size=14",
-              "use 98 or 112."),
+              "config.data.image_size=100 is not a multiple of "
+              "config.model.vision.patch_size=14", "use 98 or 112."),
 }
 
 

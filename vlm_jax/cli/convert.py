@@ -41,13 +41,10 @@ def _inspect(args):
 
 
 def _family_target(config, part: str):
-  """(model, part root, '/'-path -> ShapeDtypeStruct with sharding, new regexes)."""
-  import jax
-  from flax import traverse_util
-
-  from vlm_jax import convert, sharding
+  """(model, part root, '/'-path -> ShapeDtypeStruct with sharding, new regexes, mesh)."""
+  from vlm_jax import convert, params, sharding
   from vlm_jax.models import registry
-  from vlm_jax.train import init_weights, state as state_lib
+  from vlm_jax.train import init_weights
 
   model = registry.build(config.model)
   parts = init_weights.pretrained_parts(model)
@@ -55,16 +52,7 @@ def _family_target(config, part: str):
     raise convert.ConversionError(f"--part {part}: {type(model).__name__} declares "
                                   f"{sorted(parts) or 'no'} parts (PRETRAINED_PARTS).")
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config)
-  batch = registry.dummy_batch(config, 1)
-  boxed = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, batch,
-      deterministic=True)["params"])
-  shardings = traverse_util.flatten_dict(sharding.logical_shardings(boxed, mesh, rules),
-                                         sep="/")
-  shapes = traverse_util.flatten_dict(state_lib.strip_boxes(boxed), sep="/")
-  full = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[p])
-          for p, s in shapes.items()}
+  full = params.abstract_with_shardings(config, mesh, model)
   root, target, new = init_weights.part_target(parts[part], full)
   return model, root, target, new, mesh
 
@@ -84,49 +72,22 @@ def _import(args, config):
     print(f"Saved the imported parameters to {args.out} (orbax).")
 
 
-def _restore_params(workdir: str, step, target: dict) -> tuple[dict, int]:
-  """('/'-path -> array for the paths in `target`, step) from the run's `state` item (its
-  trainable `params` or `frozen` side, whichever holds each)."""
-  import os
-
-  import grain
-  import orbax.checkpoint as ocp
-
-  from vlm_jax import convert
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                 "data": grain.checkpoint.CheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise convert.ConversionError(f"--workdir {workdir}: no finished checkpoint in {directory}.")
-  saved = manager.item_metadata(step)["state"]
-  saved = getattr(saved, "tree", saved)
-  item = {}
-  for side in ("params", "frozen"):
-    for path in convert.flatten(saved.get(side) or {}):
-      if path in target:
-        item.setdefault(side, {})[path] = target[path]
-  missing = sorted(set(target) - {p for flat in item.values() for p in flat})
-  if missing:
-    raise convert.ConversionError(f"{directory} step {step} lacks {missing[:3]} (another config?).")
-  item = {side: convert.unflatten(flat) for side, flat in item.items()}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))["state"]
-  manager.close()
-  return {p: a for side in restored for p, a in convert.flatten(restored[side]).items()}, step
-
-
 def _export(args, config):
   import jax
 
-  from vlm_jax import convert
+  from vlm_jax import convert, params
   from vlm_jax.train import init_weights
   model, root, target, new, mesh = _family_target(config, args.part)
   with jax.set_mesh(mesh):
-    flat, step = _restore_params(args.workdir, args.step,
-                                 {root + p: s for p, s in target.items()})
+    wanted = {root + p: s for p, s in target.items()}
+    try:
+      flat, step = params.read_checkpoint(args.workdir, wanted, args.step)
+    except params.CheckpointParamsError as e:
+      raise convert.ConversionError(f"--workdir {e}") from None
+  missing = sorted(set(wanted) - set(flat))
+  if missing:
+    raise convert.ConversionError(f"--workdir {args.workdir} step {step} lacks "
+                                  f"{missing[:3]} (another config?).")
   module = model.bind({})
   for name in filter(None, root.split("/")):
     module = getattr(module, name)

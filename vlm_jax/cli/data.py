@@ -1,9 +1,10 @@
 """`vlm-data`: generate sample data, train the sample tokenizer, ingest, inspect.
 
   vlm-data generate --output ~/.cache/vlm_jax/sample_data      # writes <output>/synthetic
-  vlm-data train-tokenizer --output data/tokenizer/sample      # writes sample.model
+  vlm-data train-tokenizer --output vlm_jax/data/tokenizer/sample  # writes sample.model
   vlm-data inspect pretrain_simvlm --num 4                      # examples + realised rates
   vlm-data inspect /path/to/shards                              # any directory we can read
+  vlm-data inspect /path/to/ingested --config configs/minigpt_v2.py:tiny  # + as trained
   vlm-data ingest --format mmc4 --input 'docs/*.jsonl' --output out/mmc4
   vlm-data ingest --format img2dataset --input 'pairs/*.tar' --output out/pairs \
       --min-image-side 64 --min-meta similarity=0.28 --dedup image,url \
@@ -21,28 +22,42 @@ import time
 
 
 def _generate(args):
-  from vlm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  fields = {f.name for f in dataclasses.fields(synthetic.SyntheticSizes)}
-  sizes = synthetic.SyntheticSizes(**{k: v for k, v in vars(args).items()
+  from vlm_jax.data.synthetic import sample_data  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(sample_data.SyntheticSizes)}
+  sizes = sample_data.SyntheticSizes(**{k: v for k, v in vars(args).items()
                                       if k in fields and v is not None})
   start = time.time()
-  path = synthetic.ensure_sample_data(args.output, sizes)
+  path = sample_data.ensure_sample_data(args.output, sizes)
   print(f"sample data in {path} ({time.time() - start:.1f} s)")
 
 
 def _train_tokenizer(args):
-  from vlm_jax.data import tokenizer_train  # pylint: disable=g-import-not-at-top
-  print(tokenizer_train.train(args.output, args.vocab_size))
+  from vlm_jax.data.synthetic import tokenizer  # pylint: disable=g-import-not-at-top
+  print(tokenizer.train(args.output, args.vocab_size))
 
 
 def _inspect(args):
-  from vlm_jax.data import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
-  inspect_lib.run(args.name, data_dir=args.data_dir, split=args.split, num=args.num,
-                  mixture_examples=args.mixture_examples)
+  """A directory's records; a task, mixture or (with --config) ingested directory as the
+  family's training examples, with realised mixture proportions."""
+  from vlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import catalog  # pylint: disable=g-import-not-at-top
+  from vlm_jax.inspection import common, data  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(args.name):
+    what, records = data.directory_records(args.name, args.num)
+    print(f"{args.name}: {what}")
+    print("\n".join(data.record_lines(r) for r in records))
+    if not (args.config and catalog.is_ingested(args.name)):
+      return
+  if args.config:
+    config = config_lib.load_config(args.config)
+  else:
+    config = common.family_config(data.family_of(args.name), "tiny")
+  config.data.mixture, config.data.data_dir = args.name, args.data_dir
+  print("\n".join(data.stream_lines(config, args.num, args.mixture_examples)))
 
 
 def _filters(args):
-  from vlm_jax.data import filters  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data.ingest import filters  # pylint: disable=g-import-not-at-top
   return filters.Filters.from_strings(
       min_image_side=args.min_image_side, max_side_ratio=args.max_side_ratio,
       min_caption_words=args.min_caption_words, max_caption_words=args.max_caption_words,
@@ -73,16 +88,17 @@ def _add_runner_args(parser):
 
 def _experts(args):
   """The ingest with a labeller, over an ingested directory or img2dataset tars."""
-  from vlm_jax.data import experts, ingest, labellers  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import ingest, records  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data.ingest import experts, labellers  # pylint: disable=g-import-not-at-top
   names = args.experts.split(",")
   if all(n in experts.ALL_EXPERTS for n in names):  # Prismer's experts
-    spec = labellers.prismer_spec(names, args.labels)
+    spec = labellers.experts_spec(names, args.labels)
   elif args.labels:
     raise ValueError(f"--labels is for Prismer's experts {experts.ALL_EXPERTS}, not "
                      f"--experts {args.experts!r}")
   else:  # any labeller spec (labellers.py)
     spec = args.experts
-  if os.path.isfile(os.path.join(args.input, ingest.MANIFEST)):
+  if os.path.isfile(os.path.join(args.input, records.MANIFEST)):
     fmt, pattern = "arrayrecord", os.path.join(args.input, "*.array_record")
   else:
     fmt, pattern = "img2dataset", args.input
@@ -106,14 +122,16 @@ def build_parser():
   gen.set_defaults(run=_generate)
 
   tok = sub.add_parser("train-tokenizer", help="retrain the sample SentencePiece model")
-  tok.add_argument("--output", default="data/tokenizer/sample", help="model path prefix")
+  tok.add_argument("--output", default="vlm_jax/data/tokenizer/sample",
+                   help="model path prefix")
   tok.add_argument("--vocab-size", type=int, default=1024)
   tok.set_defaults(run=_train_tokenizer)
 
   ins = sub.add_parser("inspect", help="print examples of a task, mixture or directory")
-  ins.add_argument("name", help="catalog task/mixture name, or a directory of shards")
+  ins.add_argument("name", help="a family's task or mixture name, or a directory of shards")
+  ins.add_argument("--config", default="", help="configs/<family>.py:<size>: read the "
+                   "name with this family (default: the family that declares it, tiny)")
   ins.add_argument("--data-dir", default="")
-  ins.add_argument("--split", default="train")
   ins.add_argument("--num", type=int, default=3)
   ins.add_argument("--mixture-examples", type=int, default=2000,
                    help="examples drawn to report a mixture's realised proportions")

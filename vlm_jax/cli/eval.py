@@ -1,7 +1,7 @@
 """vlm-eval --config configs/<family>.py:<size> --workdir DIR [--task NAME ...] [--step N]
 
 Evaluates the newest (or --step) checkpoint in DIR on held-out tasks (default: every task of
-the config's data converter; `--task list` prints them), prints the metrics and a few
+the config's family; `--task list` prints them), prints the metrics and a few
 generations beside the truth, and appends eval/<task>/<metric> at the checkpoint's step to
 DIR's metrics.jsonl / TensorBoard. --random-init evaluates freshly initialised weights
 instead (a smoke test of the evaluation path: the figures mean nothing).
@@ -37,17 +37,19 @@ def main(argv=None):
   import absl.flags  # grain's worker processes read absl flags (DESIGN.md gotchas)
   absl.flags.FLAGS.mark_as_parsed()
   import jax
+  from vlm_jax import distributed
+  distributed.initialize()  # a multi-process launch: before anything touches a device
   from vlm_jax.evaluation import coco, runner, tasks as tasks_lib
   from vlm_jax.train import loop, metrics
 
   if args.task == ["list"]:
-    print("\n".join(tasks_lib.tasks_for(config.data)))
+    print("\n".join(tasks_lib.tasks_for(config)))
     return
   try:
     if args.coco_captions:
       if args.task:
         parser.error("--coco-captions replaces --task; pass one or the other")
-      coco.caption_task(config.data)
+      coco.caption_task(config)
       names = [coco.TASK_NAME]
     else:
       names = runner.task_names(config, args.task)
@@ -68,8 +70,8 @@ def main(argv=None):
               f"{trainer.checkpointer.directory} (have {trainer.checkpointer.manager.all_steps()})",
               file=sys.stderr)
         sys.exit(1)
-      state = trainer.checkpointer.restore(step, trainer.factory.abstract_with_shardings(),
-                                           trainer.data)
+      # The weights only: the data state was saved per process, by however many there were.
+      state = trainer.checkpointer.restore(step, trainer.factory.abstract_with_shardings())
   if args.coco_captions:
     try:
       scalars, samples = runner.evaluate_coco(trainer, state, args.coco_captions,

@@ -1,12 +1,15 @@
-"""vlm-launch TARGET [launcher options] --config ... --workdir ... [other vlm-train args]
+"""vlm-launch TARGET [launcher options] --config ... --workdir ... [other program args]
 
-One command line for every target; arguments the launcher does not know go to vlm-train.
+One command line for every target; arguments the launcher does not know go to the program
+every process runs: vlm-train, or vlm-eval with `--program eval`.
 
   vlm-launch local --config configs/simvlm.py:tiny --workdir /tmp/run
   vlm-launch local --num-processes 2 --cpu-devices-per-process 2 --config ... --workdir ...
   vlm-launch tpu --name my-v5p --zone us-east5-a --accelerator-type v5p-32 \\
       --runtime-version v2-alpha-tpuv5 --config configs/simvlm.py:large --workdir /mnt/runs/a
   vlm-launch slurm --nodes 2 --gpus-per-node 8 --partition gpu --config ... --workdir ...
+  vlm-launch slurm --nodes 1 --tasks-per-node 2 --cpu-devices-per-task 2 --config ... --workdir ...
+  vlm-launch local --num-processes 2 --program eval --config ... --workdir ... [--task NAME]
 
 --dry-run prints exactly what would run (commands, environment, the sbatch script) and runs
 nothing. Docs: docs/launch.md.
@@ -16,6 +19,7 @@ import os
 import subprocess
 import sys
 
+from vlm_jax import launch
 from vlm_jax.launch import local, slurm, tpu
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
   def target(name, help_text):
     sub = targets.add_parser(name, help=help_text, allow_abbrev=False)
     sub.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+    sub.add_argument("--program", choices=sorted(launch.PROGRAMS), default="train",
+                     help="what every process runs: vlm-train (default) or vlm-eval")
     return sub
 
   loc = target("local", "this machine: one process, or N CPU processes via jax.distributed")
@@ -55,10 +61,16 @@ def _parser() -> argparse.ArgumentParser:
   tp.add_argument("--delete", action="store_true", help="delete the slice at the end")
   tp.add_argument("--env", action="append", default=[], help="KEY=VALUE for vlm-train")
 
-  sl = target("slurm", "a SLURM GPU cluster: sbatch, one task per GPU")
+  sl = target("slurm", "a SLURM cluster: sbatch, one task per GPU (or N CPU tasks per node)")
   sl.add_argument("--nodes", type=int, required=True)
-  sl.add_argument("--gpus-per-node", type=int, required=True)
+  sl.add_argument("--gpus-per-node", type=int, default=0, help="GPU nodes: one task per GPU")
+  sl.add_argument("--tasks-per-node", type=int, default=0, help="CPU nodes: tasks per node")
+  sl.add_argument("--cpu-devices-per-task", type=int, default=0,
+                  help="CPU nodes: jax CPU devices per task (JAX_PLATFORMS=cpu)")
   sl.add_argument("--time", default="24:00:00")
+  sl.add_argument("--signal", default="USR1@300",
+                  help="SIGNAL@SECONDS: SLURM's notice this long before --time; the job then "
+                  "saves a checkpoint and requeues itself")
   sl.add_argument("--job-name", default="vlm_jax")
   sl.add_argument("--partition", default="")
   sl.add_argument("--account", default="")
@@ -67,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                   help="shell line before srun, e.g. 'source ~/venv/bin/activate'")
   sl.add_argument("--env", action="append", default=[], help="KEY=VALUE exported")
   sl.add_argument("--script", default=None,
-                  help="where to write the sbatch script (default: <workdir>/launch.sbatch)")
+                  help="where to write the sbatch script (default: <workdir>/launch.sbatch; "
+                  "launch_eval.sbatch for --program eval)")
   return parser
 
 
@@ -77,7 +90,7 @@ def _workdir(parser, train_args) -> str:
       return train_args[i + 1]
     if arg.startswith("--workdir="):
       return arg.split("=", 1)[1]
-  parser.error("vlm-train needs --workdir DIR (and --config path.py:arg)")
+  parser.error("the program needs --workdir DIR (and --config path.py:arg)")
 
 
 def _run_shell_plan(steps, final) -> int:
@@ -99,7 +112,7 @@ def main(argv=None):
   parser = _parser()
   args, train_args = parser.parse_known_args(argv)
   if not any(a == "--config" or a.startswith("--config=") for a in train_args):
-    parser.error("vlm-train needs --config path.py:arg")
+    parser.error("the program needs --config path.py:arg")
   workdir = _workdir(parser, train_args)
   try:
     if args.target == "local":
@@ -120,9 +133,10 @@ def _local(args, train_args, workdir) -> int:
   port = args.port or local.free_port()
   envs = local.process_envs(args.num_processes, cpu_devices, port, args.heartbeat_timeout_s)
   if args.dry_run:
-    print("\n".join(local.commands(train_args, envs)))
+    print("\n".join(local.commands(train_args, envs, args.program)))
     return 0
-  return local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s)
+  return local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s,
+                   args.program)
 
 
 def _tpu(args, train_args) -> int:
@@ -130,7 +144,7 @@ def _tpu(args, train_args) -> int:
       name=args.name, zone=args.zone, accelerator_type=args.accelerator_type,
       runtime_version=args.runtime_version, project=args.project, num_slices=args.num_slices,
       queued=args.queued, spot=args.spot, code=args.code, delete=args.delete,
-      env=tuple(args.env))
+      env=tuple(args.env), program=args.program)
   plan = tpu.plan(target, train_args, REPO_ROOT)
   if args.dry_run:
     print("\n".join(plan["steps"]))
@@ -142,11 +156,14 @@ def _tpu(args, train_args) -> int:
 
 def _slurm(args, train_args, workdir) -> int:
   target = slurm.SlurmTarget(
-      nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+      nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+      cpu_devices_per_task=args.cpu_devices_per_task, time=args.time, signal=args.signal,
       job_name=args.job_name, partition=args.partition, account=args.account,
-      cpus_per_task=args.cpus_per_task, setup=tuple(args.setup), env=tuple(args.env))
+      cpus_per_task=args.cpus_per_task, setup=tuple(args.setup), env=tuple(args.env),
+      program=args.program)
   text = slurm.script(target, train_args, os.path.abspath(workdir), REPO_ROOT)
-  path = args.script or os.path.join(workdir, "launch.sbatch")
+  name = "launch.sbatch" if args.program == "train" else f"launch_{args.program}.sbatch"
+  path = args.script or os.path.join(workdir, name)
   if args.dry_run:
     print(f"# {path}\n{text}# then: {' '.join(slurm.submit_command(path))}")
     return 0

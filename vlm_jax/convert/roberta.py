@@ -74,10 +74,11 @@ def hf_config(model, shapes: dict) -> dict:
   if "token_type_embedding" not in shapes:
     raise ConversionError("roberta export expects Prismer's decoder params (word_embedding, "
                           "decoder/..., lm_head_*).")
+  lm = model.lm  # models.prismer.RobertaConfig
   return {"architectures": ["RobertaForCausalLM"], "model_type": "roberta",
-          "is_decoder": True, "vocab_size": model.vocab_size, "hidden_size": model.width,
-          "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads,
-          "intermediate_size": model.mlp_dim, "hidden_act": "gelu",
-          "max_position_embeddings": model.max_text_length, "type_vocab_size": 1,
-          "layer_norm_eps": 1e-5, "pad_token_id": model.position_offset - 1,
+          "is_decoder": True, "vocab_size": lm.vocab_size, "hidden_size": lm.width,
+          "num_hidden_layers": lm.num_layers, "num_attention_heads": lm.num_heads,
+          "intermediate_size": lm.mlp_dim, "hidden_act": "gelu",
+          "max_position_embeddings": lm.max_text_length, "type_vocab_size": 1,
+          "layer_norm_eps": 1e-5, "pad_token_id": lm.position_offset - 1,
           "bos_token_id": 0, "eos_token_id": 2, "tie_word_embeddings": True}

@@ -92,19 +92,20 @@ def slots(paths: dict, names: set | None) -> list[R.Slot]:
 
 def hf_config(model, shapes: dict) -> dict:
   """config.json (T5ForConditionalGeneration) for a T5-shaped SimVLM (checked)."""
+  text = model.lm  # models.simvlm.TextConfig
   layout = dict(position="relative", norm_type="rmsnorm", mlp_activation="geglu",
                 use_bias=False)
-  wrong = {k: getattr(model, k) for k, v in layout.items() if getattr(model, k) != v}
+  wrong = {k: getattr(text, k) for k, v in layout.items() if getattr(text, k) != v}
   if wrong:
     raise ConversionError(f"this model's text path is not T5-shaped ({wrong}; T5 v1.1 needs "
                           f"{layout}).")
   return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
-          "vocab_size": model.vocab_size, "d_model": model.width,
-          "d_kv": model.head_dim or model.width // model.num_heads, "d_ff": model.mlp_dim,
-          "num_layers": model.encoder_layers, "num_decoder_layers": model.decoder_layers,
-          "num_heads": model.num_heads,
-          "relative_attention_num_buckets": model.relative_buckets,
-          "relative_attention_max_distance": model.relative_max_distance,
+          "vocab_size": text.vocab_size, "d_model": text.width,
+          "d_kv": text.head_dim or text.width // text.num_heads, "d_ff": text.mlp_dim,
+          "num_layers": text.encoder_layers, "num_decoder_layers": text.decoder_layers,
+          "num_heads": text.num_heads,
+          "relative_attention_num_buckets": text.relative_buckets,
+          "relative_attention_max_distance": text.relative_max_distance,
           "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6,
-          "tie_word_embeddings": bool(model.tie_embeddings), "is_encoder_decoder": True,
+          "tie_word_embeddings": bool(text.tie_embeddings), "is_encoder_decoder": True,
           "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}

@@ -1,97 +1,163 @@
 """What each dataset and blend is, in plain Python: the one list both executors read.
 
-`tasks.py` registers these as seqio Tasks/Mixtures (the declarative view users inspect);
-`pipeline.py` builds grain datasets from the same entries. The grain path reads this module
-rather than seqio's registry because importing seqio pulls in TensorFlow (~5 s), which
-every training process and each grain worker would otherwise pay.
+A task names its files (format + glob), the kind of record they hold, the family template
+the records feed and a loss weight; a mixture names tasks with rates. The sample tasks below
+are shared by every family; a family's data module (`families/<family>.py`) declares its own
+`TASKS` and `MIXTURES` beside its processor, and an ingested directory is a task by its path.
+`resolve(name, family)` turns any of these into a `Mixture` of concrete specs.
+
+`pipeline.py` builds grain datasets from a `Mixture`; `seqio_tasks.py` registers the same
+specs as seqio Tasks/Mixtures (the declarative view). The grain path does not go through
+seqio's registry because importing seqio pulls in TensorFlow (~5 s), which every training
+process and each grain worker would otherwise pay.
 """
 import dataclasses
 import glob
-import json
 import os
 from typing import Any, Callable
 
-from vlm_jax.data import photos, sources, synthetic
+from vlm_jax.data import records
+from vlm_jax.data.sources import arrayrecord, interleaved, jsonl, webdataset
+from vlm_jax.data.synthetic import photos, sample_data
+
+KINDS = ("pairs", "text", "interleaved")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   name: str
-  kind: str  # "pairs" (image + caption) | "text" (document)
+  kind: str  # one of KINDS: image + caption | document | aligned texts and images
   format: str  # key of READERS
-  pattern: str  # glob under the data dir; `{split}` is filled in
+  pattern: str  # glob under the data dir (or absolute); `{split}` is filled in
+  # The family template the records feed (e.g. MiniGPT-v2's "vqa"); "" = the family's
+  # default for `kind`. A field, never inferred from the task's name.
+  template: str = ""
   loss_weight: float = 1.0
-  synthetic: bool = False  # the sample data, generated on first use when missing
-  ensure: Callable[[str], Any] | None = None  # other generated data: ensure(data_dir)
+  # ensure(data_dir, split): writes generated data that is missing (sample data only).
+  ensure: Callable[[str, str], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class MixtureSpec:
+class Mixture:
   name: str
-  rates: tuple  # ((task name, rate), ...)
+  tasks: tuple  # ((TaskSpec, rate), ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+  """An evaluation problem on a task's held-out split, run by `vlm_jax.evaluation`:
+
+  generate   greedy generation with the KV cache, then `metrics` of the generated answers
+             against the truth (exact_match, cider, bleu4, vqa_accuracy, iou@0.5 in the
+             family's `BOX_FORMAT`); `shots` > 0 builds few-shot interleaved prompts with
+             `support` examples chosen at random or by image similarity
+  rank       closed set: every held-out answer is a candidate for every prompt; accuracy of
+             the true one having the highest log-likelihood
+  zero_shot  classification by the likelihood of `class_prompt` filled with each of
+             `classes`; the truth is `label(raw record)`
+  """
+  name: str
+  source: str  # the task whose validation split it reads
+  kind: str = "generate"
+  metrics: tuple[str, ...] = ("exact_match", "cider", "bleu4")
+  keep: Callable[[dict], bool] | None = None  # which raw records it evaluates
+  shots: int = 0
+  support: str = "random"  # few-shot support: 'random' (seeded) or 'similar'
+  captions: bool = False  # image captioning: what `vlm-eval --coco-captions` runs
+  classes: tuple[str, ...] = ()
+  class_prompt: str = "{}"
+  label: Callable[[dict], str | None] | None = None
+  num_examples: int = 32
+  max_new_tokens: int = 24
 
 
 READERS = {
-    "webdataset": sources.WebDatasetSource,
-    "jsonl": sources.JsonlTextSource,
-    "arrayrecord": sources.ArrayRecordSource,
+    "webdataset": webdataset.WebDatasetSource,
+    "jsonl": jsonl.JsonlTextSource,
+    "arrayrecord": arrayrecord.ArrayRecordSource,
+    "mmc4": interleaved.Mmc4Source,
+    "obelics": interleaved.ObelicsSource,
 }
-INGEST_MANIFEST = "dataset.json"  # written by ingest.py
-
-TASKS = {}
-MIXTURES = {}
 
 
-def add_task(spec: TaskSpec):
-  TASKS[spec.name] = spec
-  return spec
+def _sample(data_dir, split):
+  del split
+  sample_data.ensure_sample_data(data_dir)
 
 
-def add_mixture(spec: MixtureSpec):
-  for task, _ in spec.rates:
-    if task not in TASKS:
-      raise KeyError(f"mixture {spec.name!r} names unknown task {task!r}")
-  MIXTURES[spec.name] = spec
-  return spec
+def _photos(data_dir, split):
+  del split
+  photos.ensure_photos(data_dir)
 
 
-add_task(TaskSpec("synthetic_pairs", "pairs", "webdataset",
-                  f"{synthetic.SUBDIR}/pairs/{{split}}/*.tar", synthetic=True))
-add_task(TaskSpec("synthetic_text", "text", "jsonl",
-                  f"{synthetic.SUBDIR}/text/{{split}}/*.jsonl", synthetic=True))
-add_task(TaskSpec("photos", "pairs", "webdataset", f"{photos.SUBDIR}/{{split}}/*.tar",
-                  ensure=photos.ensure_photos))
-# SimVLM trains pairs and text-only PrefixLM in the same batches; pairs dominate because
-# captioning is what the sample run is judged on.
-add_mixture(MixtureSpec("pretrain_simvlm", (("synthetic_pairs", 0.8), ("synthetic_text", 0.2))))
+SAMPLE_PAIRS = f"{sample_data.SUBDIR}/pairs/{{split}}/*.tar"
+SAMPLE_TEXT = f"{sample_data.SUBDIR}/text/{{split}}/*.jsonl"
+SAMPLE_INTERLEAVED = f"{sample_data.SUBDIR}/interleaved/{{split}}"
+
+
+def sample_task(name, kind, fmt, pattern, **fields) -> TaskSpec:
+  """A task over the generated sample data (written on first use)."""
+  return TaskSpec(name, kind, fmt, pattern, ensure=_sample, **fields)
+
+
+# The sample data every family may read (synthetic/): scenes and rendered words with
+# captions, text documents, and twenty real photographs.
+SAMPLE_TASKS = (
+    sample_task("synthetic_pairs", "pairs", "webdataset", SAMPLE_PAIRS),
+    sample_task("synthetic_text", "text", "jsonl", SAMPLE_TEXT),
+    TaskSpec("photos", "pairs", "webdataset", f"{photos.SUBDIR}/{{split}}/*.tar",
+             ensure=_photos),
+)
+
+
+def tasks(family=None) -> dict:
+  """{name: TaskSpec}: the sample tasks and the family data module's `TASKS`."""
+  specs = SAMPLE_TASKS + tuple(getattr(family, "TASKS", ()))
+  return {spec.name: spec for spec in specs}
+
+
+def mixtures(family=None) -> dict:
+  """{name: ((task name, rate), ...)} the family data module declares."""
+  return dict(getattr(family, "MIXTURES", {}))
 
 
 def task_from_directory(path: str) -> TaskSpec:
   """A directory written by `vlm-data ingest`, as a task named by its path."""
-  with open(os.path.join(path, INGEST_MANIFEST)) as f:
-    manifest = json.load(f)
-  return add_task(TaskSpec(path, manifest["kind"], "arrayrecord",
-                           os.path.join(os.path.abspath(path), "*.array_record")))
+  manifest = records.read_manifest(path)
+  return TaskSpec(path, manifest["kind"], "arrayrecord",
+                  os.path.join(os.path.abspath(path), "*.array_record"))
 
 
-def resolve(name: str) -> MixtureSpec:
+def is_ingested(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, records.MANIFEST))
+
+
+def resolve(name: str, family=None) -> Mixture:
   """A mixture by name, a single task as a mixture of one, or an ingested directory."""
-  if name not in TASKS and os.path.isfile(os.path.join(name, INGEST_MANIFEST)):
-    task_from_directory(name)
-  if name in MIXTURES:
-    return MIXTURES[name]
-  if name in TASKS:
-    return MixtureSpec(name, ((name, 1.0),))
-  raise KeyError(f"unknown mixture or task {name!r}; known: "
-                 f"{sorted(MIXTURES) + sorted(TASKS)} (config data.mixture)")
+  known = tasks(family)
+  if name in known:
+    return Mixture(name, ((known[name], 1.0),))
+  declared = mixtures(family)
+  if name in declared:
+    missing = [task for task, _ in declared[name] if task not in known]
+    if missing:
+      raise KeyError(f"mixture {name!r} names unknown task(s) {missing}")
+    return Mixture(name, tuple((known[task], rate) for task, rate in declared[name]))
+  if is_ingested(name):
+    return Mixture(name, ((task_from_directory(name), 1.0),))
+  raise KeyError(f"unknown mixture or task {name!r} (config data.mixture); known: "
+                 f"{sorted(declared) + sorted(known)}, or a directory written by "
+                 "`vlm-data ingest`")
+
+
+def default_data_dir() -> str:
+  return sample_data.default_data_dir()
 
 
 def files(spec: TaskSpec, data_dir: str, split: str) -> list:
-  data_dir = data_dir or synthetic.default_data_dir()
-  if spec.synthetic:
-    synthetic.ensure_sample_data(data_dir)
+  data_dir = data_dir or default_data_dir()
   if spec.ensure:
-    spec.ensure(data_dir)
+    spec.ensure(data_dir, split)
   # An ingested directory has one split; its absolute pattern ignores data_dir.
   pattern = os.path.join(data_dir, spec.pattern.format(split=split))
   paths = sorted(glob.glob(pattern))

@@ -7,9 +7,11 @@ blobs back to back; the header names each blob's size. JSON + raw bytes rather t
 so reading a shard never executes code from it.
 """
 import json
+import os
 import struct
 
 MAGIC = b"VLM1"
+MANIFEST = "dataset.json"  # beside the shards: kind, format, inputs, counts (ingest/local.py)
 
 
 def encode(record: dict) -> bytes:
@@ -46,3 +48,9 @@ def decode(data: bytes) -> dict:
   if "images" in header:
     header["images"] = [None if i is None else blob(i) for i in header["images"]]
   return header
+
+
+def read_manifest(directory: str) -> dict:
+  """The manifest of a directory written by `vlm-data ingest`."""
+  with open(os.path.join(directory, MANIFEST)) as f:
+    return json.load(f)

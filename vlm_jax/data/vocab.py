@@ -15,30 +15,13 @@ SPECIAL_TOKENS = ("<image>", "<|endofchunk|>", "[vqa]", "[caption]", "[grounding
 NUM_RESERVED = 128
 RESERVED_TOKENS = tuple(f"<reserved_{i}>" for i in range(NUM_RESERVED))
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SAMPLE_MODEL = os.path.join(_REPO_ROOT, "data", "tokenizer", "sample.model")
+# Package data (setup.py), so a non-editable install has it too.
+SAMPLE_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer",
+                            "sample.model")
 
 
 def resolve_path(path: str = "") -> str:
-  path = path or os.environ.get("VLM_JAX_VOCAB")
-  if path:
-    return path
-  if os.path.isfile(SAMPLE_MODEL):
-    return SAMPLE_MODEL
-  return _rebuilt_sample_model()
-
-
-def _rebuilt_sample_model() -> str:
-  """A non-editable install has no repo `data/` dir; the sample model is deterministic
-  (byte-identical to the shipped file), so rebuild it once into the user cache."""
-  from vlm_jax.data import tokenizer_train  # pylint: disable=g-import-not-at-top
-  cache = os.path.join(os.path.expanduser("~/.cache/vlm_jax"), "tokenizer")
-  path = os.path.join(cache, "sample.model")
-  if not os.path.isfile(path):
-    os.makedirs(cache, exist_ok=True)
-    staging = tokenizer_train.train(os.path.join(cache, f".sample-{os.getpid()}"))
-    os.replace(staging, path)  # atomic: concurrent processes write identical bytes
-  return path
+  return path or os.environ.get("VLM_JAX_VOCAB") or SAMPLE_MODEL
 
 
 class Vocab:

@@ -2,31 +2,29 @@
 paths the user gives (`vlm-eval --coco-captions FILE --image-dir DIR`).
 
 Each image becomes a pair record (its first reference as the text) of the family's
-captioning task (`captions=True` in `tasks.TASKS`; CogAgent has none), converted by
+captioning task (`captions=True` among its `EVAL_TASKS`; CogAgent has none), converted by
 the family's own processor exactly as held-out data is, and captioned greedily with the KV
 cache; CIDEr-D and BLEU-4 are computed against all of the image's references (CIDEr's idf
 over the evaluated images). Unreadable images and records the processor rejects are skipped
 and counted, never fatal one by one.
 """
-from vlm_jax.data import catalog, health, pipeline
+from vlm_jax.data import health
 from vlm_jax.evaluation import benchmarks, captions, heldout, tasks
 
 TASK_NAME = "coco_captions"
 
 
-def caption_task(data_config) -> tasks.EvalTask:
-  for name in tasks.tasks_for(data_config):
-    task = tasks.TASKS[name]
+def caption_task(config) -> tasks.EvalTask:
+  for task in tasks.family_tasks(config).values():
     if task.captions:
       return task
-  raise ValueError(f"data.converter={data_config.converter!r} has no captioning task "
-                   "(vlm_jax/evaluation/tasks.py), so it cannot caption a COCO benchmark.")
+  raise ValueError(f"the {config.model.name!r} family has no captioning task (captions=True "
+                   "in its EVAL_TASKS), so it cannot caption a COCO benchmark.")
 
 
-def _examples(items, data_config, task):
-  pipeline.converter(data_config.converter)  # registers the family's catalog tasks
-  spec = catalog.TASKS[task.source]
-  convert = heldout.processor(data_config)
+def _examples(items, config, task):
+  spec = heldout.task_spec(config, task.source)
+  convert = heldout.processor(config)
   out, skipped = [], []
   for index, item in enumerate(items):
     try:
@@ -51,8 +49,8 @@ def evaluate(model, params, config, annotations: str, image_dir: str, *,
   items = benchmarks.coco_captions(annotations, image_dir)
   if num_examples:
     items = items[:num_examples]
-  task = caption_task(config.data)
-  examples, skipped = _examples(items, config.data, task)
+  task = caption_task(config)
+  examples, skipped = _examples(items, config, task)
   if not examples:
     raise ValueError(f"{annotations}: none of {len(items)} images could be used; first "
                      f"problems: {skipped[:3]}")

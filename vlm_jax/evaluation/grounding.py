@@ -1,15 +1,11 @@
 """Grounding accuracy: the first box parsed from generated text has IoU >= 0.5 with the truth.
 
-Both box formats of the project: MiniGPT-v2 `{<x1><y1><x2><y2>}` (0..100) and CogAgent
-`[[x0,y0,x1,y1]]` (000..999). IoU is computed in the format's own integer coordinates
-(both boxes are in the same normalised space); text without a well-formed box scores 0.
+Boxes are read in the family's box format (a `data/boxes/` module: `percent` for
+`{<x1><y1><x2><y2>}`, `permille` for `[[x0,y0,x1,y1]]`). IoU is computed in the format's
+own integer coordinates (both boxes are in the same normalised space); text without a
+well-formed box scores 0.
 """
-import re
-
-from vlm_jax.data import boxes as minigpt_boxes
-from vlm_jax.data import cogagent_boxes
-
-_MINIGPT_BOX = re.compile(r"\{<\d+><\d+><\d+><\d+>\}")
+from vlm_jax.data.boxes import BoxFormatError
 
 
 def iou(a, b) -> float:
@@ -21,21 +17,17 @@ def iou(a, b) -> float:
   return inter / union if union > 0 else 0.0
 
 
-def first_box(text: str, box_format: str):
-  """The first well-formed box in `text` for 'minigpt_v2' or 'cogagent', else None."""
+def first_box(text: str, box_format):
+  """The first box in `text` in `box_format` (a `data/boxes/` module), or None when there
+  is none or the box text is malformed."""
   try:
-    if box_format == "minigpt_v2":
-      match = _MINIGPT_BOX.search(text)
-      return minigpt_boxes.parse_box(match.group(0)) if match else None
-    if box_format == "cogagent":
-      found = cogagent_boxes.find_boxes(text)
-      return found[0][0] if found else None
-  except minigpt_boxes.BoxFormatError:
+    found = box_format.find_boxes(text)
+  except BoxFormatError:
     return None
-  raise ValueError(f"box_format={box_format!r}: expected 'minigpt_v2' or 'cogagent'.")
+  return found[0] if found else None
 
 
-def iou_accuracy(texts: list[str], truths: list, box_format: str,
+def iou_accuracy(texts: list[str], truths: list, box_format,
                  threshold: float = 0.5) -> float:
   """Fraction of texts whose first box has IoU >= threshold with its truth box."""
   if len(texts) != len(truths) or not texts:

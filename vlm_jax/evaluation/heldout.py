@@ -8,23 +8,27 @@ encoder-decoder examples (`prefix_tokens`) keep their encoder inputs and the dec
 from BOS. The truth is the span's text; generation stops at the span's last target (EOS,
 or Flamingo's `<|endofchunk|>`).
 """
-import inspect
-
 import numpy as np
 
-from vlm_jax.data import catalog, health, pipeline
+from vlm_jax.data import catalog, families, health, pipeline, processor as processor_lib
 from vlm_jax.data.vocab import PAD_ID
 
 DROP = ("targets", "loss_mask", "loss_weight", "_source")
 
 
-def processor(data_config, seed: int = 0):
-  """The family's ExampleProcessor (config.data.converter); captioning without a prefix
-  where the processor samples one."""
-  cls, _ = pipeline.converter(data_config.converter)
-  kwargs = ({"pair_prefix_length": 0}
-            if "pair_prefix_length" in inspect.signature(cls).parameters else {})
-  return cls(data_config, seed, **kwargs)
+def processor(config, seed: int = 0):
+  """The family's Processor, building examples the way evaluation asks for them."""
+  return pipeline.make_processor(config.data, config.model.name, seed, evaluation=True)
+
+
+def task_spec(config, name: str) -> catalog.TaskSpec:
+  """The family's task `name` with its template resolved."""
+  module = families.load(config.model.name)
+  known = catalog.tasks(module)
+  if name not in known:
+    raise ValueError(f"unknown task {name!r} for evaluation of the {config.model.name!r} "
+                     f"family; known: {sorted(known)}")
+  return processor_lib.with_template(known[name], module.TEMPLATES, config.model.name)
 
 
 def last_span(loss_mask: np.ndarray) -> tuple[int, int]:
@@ -56,19 +60,13 @@ def as_prompt(example: dict) -> tuple[dict, np.ndarray, int]:
   return inputs, answer, int(answer[-1])
 
 
-def load_examples(data_config, task_name: str, count: int, *, split: str = "validation",
+def load_examples(config, task_name: str, count: int, *, split: str = "validation",
                   keep=None) -> list[tuple[dict, dict]]:
   """The first `count` (example, raw record) of `task_name`'s split, in file order, that
   convert (bad records skipped) and pass keep(raw)."""
-  spec = catalog.TASKS.get(task_name)
-  if spec is None:
-    pipeline.converter(data_config.converter)  # registers the family's catalog tasks
-    spec = catalog.TASKS.get(task_name)
-  if spec is None:
-    raise ValueError(f"unknown catalog task {task_name!r} for evaluation; available: "
-                     f"{sorted(catalog.TASKS)}")
-  ds = pipeline.task_dataset(spec, data_config, split, seed=0, shuffle=False)
-  convert = processor(data_config)
+  spec = task_spec(config, task_name)
+  ds = pipeline.task_dataset(spec, config.data, split, seed=0, shuffle=False)
+  convert = processor(config)
   out = []
   for index in range(len(ds)):
     record = ds[index]

@@ -2,26 +2,26 @@
 from `vlm-eval`. Scalars are named eval/<task>/<metric> for the metric writers."""
 import time
 
+from vlm_jax import params as params_lib
 from vlm_jax.evaluation import coco
 from vlm_jax.evaluation import tasks as tasks_lib
-from vlm_jax.train import state as state_lib
 
 
 def task_names(config, requested=()) -> list[str]:
-  names = list(requested) or tasks_lib.tasks_for(config.data)
+  names = list(requested) or tasks_lib.tasks_for(config)
   for name in names:
-    tasks_lib.get(name, config.data)  # clear error for an unknown or mismatched task
+    tasks_lib.get(name, config)  # clear error for an unknown task
   return names
 
 
 def evaluate(trainer, state, names, *, num_examples: int = 0, batch_size: int = 8):
   """({eval/<task>/<metric>: value}, {task: [(truth, generated)]}) for the given tasks."""
-  params = state_lib.merge_params(state.params, state.frozen)
+  params = params_lib.merge_params(state.params, state.frozen)
   scalars, samples = {}, {}
   for name in names:
     start = time.perf_counter()
     with trainer.mesh_context():
-      metrics, pairs = tasks_lib.run(tasks_lib.get(name, trainer.config.data), trainer.model,
+      metrics, pairs = tasks_lib.run(tasks_lib.get(name, trainer.config), trainer.model,
                                      params, trainer.config, num_examples=num_examples or None,
                                      batch_size=batch_size)
     scalars.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
@@ -33,7 +33,7 @@ def evaluate(trainer, state, names, *, num_examples: int = 0, batch_size: int = 
 def evaluate_coco(trainer, state, annotations: str, image_dir: str, *, num_examples: int = 0,
                   batch_size: int = 8):
   """`evaluate`'s outputs for a COCO-format captioning benchmark (`coco.py`)."""
-  params = state_lib.merge_params(state.params, state.frozen)
+  params = params_lib.merge_params(state.params, state.frozen)
   start = time.perf_counter()
   with trainer.mesh_context():
     metrics, pairs = coco.evaluate(trainer.model, params, trainer.config, annotations,

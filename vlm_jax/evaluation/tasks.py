@@ -1,135 +1,52 @@
-"""Evaluation tasks on the embedded held-out splits, and the runner.
-
-A task names the family data converter it runs with (config.data.converter), the catalog
-task whose `validation` split it reads, and what it measures:
-
-  generate   greedy generation with the KV cache (`vlm_jax.decode`), then `metrics` of the
-             generated answers against the truth (exact_match, cider, bleu4,
-             vqa_accuracy, iou@0.5 in the family's `box_format`); `shots` > 0 builds
-             Flamingo-style few-shot prompts (`fewshot.py`) with `support` examples
-             chosen at random or by image similarity
-  rank       closed-set: every held-out answer is a candidate for every prompt; accuracy
-             of the true one having the highest log-likelihood (`scoring.py`)
-  zero_shot  classification by likelihood of "a photo of a {class}" over the scene shapes,
-             on single-group scenes (truth: the caption's shape)
+"""Evaluation tasks and their metrics. A family declares its tasks (`catalog.EvalTask`: the
+task whose validation split it reads, the kind of problem, metrics) as `EVAL_TASKS` in its
+data module (`data/families/<family>.py`); boxes in answers are read in the family's
+`BOX_FORMAT`.
 
 `run(task, model, params, config)` returns ({metric: value}, [(truth, generated)]).
 `vlm_jax.evaluation.seqio_tasks` registers every task with seqio (`eval:<name>`), with
 these metric functions.
 """
-import dataclasses
 from typing import Callable
 
 import numpy as np
 
 from vlm_jax import decode
-from vlm_jax.data import catalog, preprocessors, scenes
+from vlm_jax.data import catalog, families
 from vlm_jax.data.vocab import Vocab
 from vlm_jax.evaluation import captions, fewshot, grounding, heldout, scoring, vqa
 
-
-def _caption(raw) -> str:
-  return preprocessors.caption_of(raw) or ""
+EvalTask = catalog.EvalTask
 
 
-def is_scene(raw) -> bool:
-  return any(shape in _caption(raw) for shape in scenes.SHAPES)
+def family_tasks(config) -> dict:
+  """{name: EvalTask} of the config's family."""
+  return {t.name: t for t in getattr(families.load(config.model.name), "EVAL_TASKS", ())}
 
 
-def _single_shape(raw):
-  caption = _caption(raw)
-  found = [s for s in scenes.SHAPES if s in caption]
-  return found[0] if len(found) == 1 and " and " not in caption else None
+def tasks_for(config) -> list[str]:
+  """The names of the evaluation tasks of the config's family."""
+  return list(family_tasks(config))
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalTask:
-  name: str
-  converter: str
-  source: str
-  kind: str = "generate"  # generate | rank | zero_shot
-  metrics: tuple[str, ...] = ("exact_match", "cider", "bleu4")
-  box_format: str = ""
-  keep: Callable | None = None
-  shots: int = 0
-  support: str = "random"  # few-shot support: 'random' (seeded) or 'similar' (fewshot.py)
-  captions: bool = False  # image captioning: the task `--coco-captions` runs (coco.py)
-  num_examples: int = 32
-  max_new_tokens: int = 24
-
-
-def _tasks():
-  caption = ("exact_match", "cider", "bleu4")
-  tasks = [
-      EvalTask("simvlm_scenes", "simvlm_prefix_lm", "synthetic_pairs", keep=is_scene,
-               captions=True),
-      EvalTask("simvlm_rendered_text", "simvlm_prefix_lm", "synthetic_pairs",
-               keep=lambda raw: not is_scene(raw), num_examples=16),
-      EvalTask("simvlm_rank_captions", "simvlm_prefix_lm", "synthetic_pairs", kind="rank",
-               keep=is_scene, num_examples=16),
-      EvalTask("simvlm_zero_shot_shapes", "simvlm_prefix_lm", "synthetic_pairs",
-               kind="zero_shot", keep=lambda raw: _single_shape(raw) is not None,
-               num_examples=16),
-      EvalTask("minigpt_v2_caption", "minigpt_v2", "minigpt_v2_caption", metrics=caption,
-               captions=True),
-      EvalTask("minigpt_v2_vqa", "minigpt_v2", "minigpt_v2_vqa",
-               metrics=("exact_match", "vqa_accuracy")),
-      EvalTask("minigpt_v2_refer", "minigpt_v2", "minigpt_v2_refer",
-               metrics=("exact_match", "iou@0.5"), box_format="minigpt_v2"),
-      EvalTask("minigpt_v2_grounding", "minigpt_v2", "minigpt_v2_grounding",
-               metrics=("exact_match", "iou@0.5"), box_format="minigpt_v2",
-               max_new_tokens=40),
-      EvalTask("cogagent_grounding", "cogagent", "cogagent_grounding",
-               metrics=("exact_match", "iou@0.5"), box_format="cogagent"),
-      EvalTask("cogagent_ocr", "cogagent", "cogagent_ocr", metrics=caption),
-      EvalTask("flamingo_captions", "flamingo", "flamingo_pairs", metrics=caption,
-               captions=True),
-      EvalTask("flamingo_captions_2shot", "flamingo", "flamingo_pairs", metrics=caption,
-               shots=2),
-      EvalTask("flamingo_captions_2shot_similar", "flamingo", "flamingo_pairs",
-               metrics=caption, shots=2, support="similar", num_examples=16),
-      EvalTask("flamingo_rank_captions", "flamingo", "flamingo_pairs", kind="rank",
-               keep=is_scene, num_examples=8),
-      # Prismer generates from a decoder prompt: BOS here (a VQA question would follow it).
-      EvalTask("prismer_captions", "prismer", "prismer_scenes", metrics=caption,
-               captions=True),
-      EvalTask("prismer_rank_captions", "prismer", "prismer_scenes", kind="rank",
-               num_examples=16),
-      EvalTask("prismer_zero_shot_shapes", "prismer", "prismer_scenes", kind="zero_shot",
-               keep=lambda raw: _single_shape(raw) is not None, num_examples=16),
-  ]
-  return {t.name: t for t in tasks}
-
-
-TASKS = _tasks()
-
-
-def tasks_for(data_config) -> list[str]:
-  """The tasks that run with this config's data converter."""
-  return [n for n, t in TASKS.items() if t.converter == data_config.converter]
-
-
-def get(name: str, data_config) -> EvalTask:
-  if name not in TASKS:
-    raise ValueError(f"unknown evaluation task {name!r}; available: {sorted(TASKS)}")
-  task = TASKS[name]
-  if task.converter != data_config.converter:
-    raise ValueError(f"evaluation task {name!r} needs data.converter={task.converter!r}, "
-                     f"the config has {data_config.converter!r}; tasks for it: "
-                     f"{tasks_for(data_config)}")
-  return task
+def get(name: str, config) -> EvalTask:
+  known = family_tasks(config)
+  if name not in known:
+    raise ValueError(f"unknown evaluation task {name!r} for the {config.model.name!r} family; "
+                     f"its tasks: {sorted(known)}")
+  return known[name]
 
 
 # ----------------------------------------------------------------------------------------
 # Examples
 # ----------------------------------------------------------------------------------------
-def _examples(task, data_config, count):
+def _examples(task, config, count):
   if not task.shots:
-    return heldout.load_examples(data_config, task.source, count, keep=task.keep)
-  pool = heldout.load_examples(data_config, task.source, count + task.shots, keep=task.keep)
+    return heldout.load_examples(config, task.source, count, keep=task.keep)
+  pool = heldout.load_examples(config, task.source, count + task.shots, keep=task.keep)
   raws = [raw for _, raw in pool]
-  spec = catalog.TASKS[task.source]
-  convert = heldout.processor(data_config)
+  spec = heldout.task_spec(config, task.source)
+  convert = heldout.processor(config)
   supports = fewshot.support_sets(raws, min(count, len(raws)), task.shots, task.support)
   out = []
   for query, support in enumerate(supports):
@@ -167,7 +84,7 @@ def generate_texts(task: EvalTask, model, params, data_config, prompts, batch_si
 METRICS = ("exact_match", "cider", "bleu4", "vqa_accuracy", "iou@0.5", "accuracy")
 
 
-def _metric_value(name, targets, predictions, box_format):
+def _metric_value(name, targets, predictions, formats):
   if name == "exact_match":
     return captions.exact_match(predictions, [[t] for t in targets])
   if name == "cider":
@@ -177,31 +94,34 @@ def _metric_value(name, targets, predictions, box_format):
   if name == "vqa_accuracy":  # one synthetic answer stands for all 10 annotators
     return vqa.mean_vqa_accuracy(predictions, [[t] * 10 for t in targets])
   if name == "iou@0.5":
-    boxes = [grounding.first_box(t, box_format) for t in targets]
-    return grounding.iou_accuracy(predictions, boxes, box_format)
+    if formats is None:
+      raise ValueError("metric iou@0.5 needs the family's BOX_FORMAT (its data module)")
+    boxes = [grounding.first_box(t, formats) for t in targets]
+    return grounding.iou_accuracy(predictions, boxes, formats)
   assert name == "accuracy", name  # closed set: the chosen candidate is the truth
   return float(np.mean([p == t for p, t in zip(predictions, targets)]))
 
 
-def metric_fn(name: str, box_format: str = "") -> Callable:
-  """A seqio-style metric function: fn(targets, predictions) -> {name: value}."""
+def metric_fn(name: str, formats=None) -> Callable:
+  """A seqio-style metric function: fn(targets, predictions) -> {name: value}; `formats`: the
+  box format module that iou@0.5 reads."""
   if name not in METRICS:
     raise ValueError(f"unknown metric {name!r}; expected one of {METRICS}")
   fn = lambda targets, predictions: {
-      name: _metric_value(name, list(targets), list(predictions), box_format)}
+      name: _metric_value(name, list(targets), list(predictions), formats)}
   fn.__name__ = name
   return fn
 
 
-def metric_fns(task: EvalTask) -> list[Callable]:
+def metric_fns(task: EvalTask, formats=None) -> list[Callable]:
   names = task.metrics if task.kind == "generate" else ("accuracy",)
-  return [metric_fn(name, task.box_format) for name in names]
+  return [metric_fn(name, formats) for name in names]
 
 
-def score(metrics, generated: list[str], truths: list[str], box_format: str = "") -> dict:
+def score(metrics, generated: list[str], truths: list[str], formats=None) -> dict:
   out = {}
   for name in metrics:
-    out.update(metric_fn(name, box_format)(truths, generated))
+    out.update(metric_fn(name, formats)(truths, generated))
   return out
 
 
@@ -212,13 +132,14 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
         batch_size: int = 8) -> tuple[dict, list[tuple[str, str]]]:
   data_config = config.data
   vocab = Vocab(data_config.vocab_path)
-  examples = _examples(task, data_config, num_examples or task.num_examples)
+  examples = _examples(task, config, num_examples or task.num_examples)
   prompts = [heldout.as_prompt(e) for e, _ in examples]
   truths = [_text(vocab, answer, stop) for _, answer, stop in prompts]
   stop_id = prompts[0][2]
   if task.kind == "generate":
     generated = generate_texts(task, model, params, data_config, prompts, batch_size)
-    return score(task.metrics, generated, truths, task.box_format), list(zip(truths, generated))
+    return (score(task.metrics, generated, truths, families.box_format(config.model.name)),
+            list(zip(truths, generated)))
   suffix = data_config.get("suffix_length")
   inputs = [p for p, _, _ in prompts]
   if task.kind == "rank":
@@ -226,9 +147,9 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
     candidates = [vocab.encode(t) for t in labels]
     truth_index = [labels.index(t) for t in truths]
   elif task.kind == "zero_shot":
-    labels = list(scenes.SHAPES)
-    candidates = [vocab.encode(f"a photo of a {s}") for s in labels]
-    truth_index = [labels.index(_single_shape(raw)) for _, raw in examples]
+    labels = list(task.classes)
+    candidates = [vocab.encode(task.class_prompt.format(c)) for c in labels]
+    truth_index = [labels.index(task.label(raw)) for _, raw in examples]
   else:
     raise ValueError(f"task {task.name!r}: unknown kind {task.kind!r}")
   log_likelihoods = scoring.rank_candidates(model, params, inputs, candidates, stop_id,
@@ -236,4 +157,8 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
   predicted = np.argmax(log_likelihoods, axis=1)
   samples = [(labels[t], labels[p]) for t, p in zip(truth_index, predicted)]
   metrics = score(("accuracy",), [p for _, p in samples], [t for t, _ in samples])
-  return dict(metrics, num_candidates=float(len(labels))), samples
+  # The mean log-likelihood of the true answers: finer-grained than accuracy (it moves
+  # while the argmax does not).
+  truth_ll = log_likelihoods[np.arange(len(truth_index)), truth_index]
+  return dict(metrics, log_likelihood=float(np.mean(truth_ll)),
+              num_candidates=float(len(labels))), samples

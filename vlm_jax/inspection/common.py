@@ -1,4 +1,5 @@
-"""Finding the repository, loading a family's config by name, plain-text tables."""
+"""Finding the repository, its families and their configs by name, plain-text tables."""
+import glob
 import os
 
 import ml_collections
@@ -15,6 +16,12 @@ def repo_dir() -> str:
     raise FileNotFoundError(f"{path} has no configs/ directory; set VLM_JAX_REPO_DIR to the "
                             "vlm_jax checkout (configs are not part of the installed package).")
   return path
+
+
+def families() -> list[str]:
+  """The families with a config in the repository's configs/ (one file each)."""
+  return sorted(os.path.basename(p)[:-3] for p in glob.glob(
+      os.path.join(repo_dir(), "configs", "*.py")))
 
 
 def family_config(family: str, size: str = "tiny", overrides=()) -> ml_collections.ConfigDict:

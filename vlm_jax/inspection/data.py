@@ -4,19 +4,20 @@ mixture proportions and bad-record tallies.
 Layouts follow the batch keys a family documents, not its name: `prefix_tokens` (PrefixLM:
 prefix | suffix), `image_positions` (images spliced into `tokens`: a run of placeholder
 slots, or a single `<image>` token per item in an interleaved document), `expert_<name>`
-maps (shown beside the RGB image), and boxes found in the text in either box syntax
-(MiniGPT-v2 `{<x1><y1><x2><y2>}` in 0..100, CogAgent `[[x0,y0,x1,y1]]` in 0..999).
+maps (shown beside the RGB image), and boxes found in the text in the family's box format
+(its data module's `BOX_FORMAT`). `vlm-data inspect` prints the same views as text.
 """
 import collections
-import re
+import glob
+import os
 
 import numpy as np
 
-from vlm_jax.data import boxes as minigpt_boxes
-from vlm_jax.data import catalog, cogagent_boxes, health, pipeline
+from vlm_jax.data import catalog, families, health, pipeline
+from vlm_jax.data.boxes import BoxFormatError
+from vlm_jax.data.sources import arrayrecord, jsonl, webdataset
 from vlm_jax.data.vocab import Vocab
 
-_MINIGPT_BOX = re.compile(r"\{<\d+><\d+><\d+><\d+>\}")
 EXPERT_PREFIX, INSTANCES_SUFFIX = "expert_", "_instances"
 
 
@@ -24,14 +25,15 @@ def with_mixture(config, mixture: str):
   """A copy of `config` reading `mixture` (a task or mixture name; '' keeps the config's)."""
   config = config.copy_and_resolve_references()
   if mixture:
-    catalog.resolve(mixture)  # a clear error for an unknown name
+    catalog.resolve(mixture, families.load(config.model.name))  # a clear error if unknown
     config.data.mixture = mixture
   return config
 
 
 def read_batches(config, batch_size: int, num_batches: int = 1, seed: int = 0):
   """([batches], skipped-record counters) from the training pipeline, single process."""
-  iterator = pipeline.make_train_iterator(config.data, global_batch_size=batch_size, seed=seed,
+  iterator = pipeline.make_train_iterator(config.data, config.model.name,
+                                          global_batch_size=batch_size, seed=seed,
                                           process_index=0, process_count=1)
   batches = [next(iterator) for _ in range(num_batches)]
   counts = pipeline.skipped_record_counts(iterator)
@@ -58,13 +60,15 @@ def expert_pixels(value: np.ndarray) -> np.ndarray:
   return value.mean(axis=-1)
 
 
-def find_boxes(text: str, width: int, height: int) -> list:
-  """Pixel boxes (x0, y0, x1, y1) written in `text` in either family's box syntax."""
-  found = [minigpt_boxes.pixel_box(minigpt_boxes.parse_box(m.group(0)), width, height)
-           for m in _MINIGPT_BOX.finditer(text)]
-  for group in cogagent_boxes.find_boxes(text):
-    found += [cogagent_boxes.pixel_box(b, width, height) for b in group]
-  return found
+def find_boxes(text: str, width: int, height: int, formats) -> list:
+  """Pixel boxes (x0, y0, x1, y1) written in `text` in the box format `formats` (None: none);
+  malformed box text shows no box."""
+  if formats is None:
+    return []
+  try:
+    return [formats.pixel_box(b, width, height) for b in formats.find_boxes(text)]
+  except BoxFormatError:
+    return []
 
 
 def _image_runs(tokens, positions, present) -> dict:
@@ -81,9 +85,9 @@ def _image_runs(tokens, positions, present) -> dict:
   return runs
 
 
-def example_layout(batch: dict, index: int, vocab: Vocab) -> list:
+def example_layout(batch: dict, index: int, vocab: Vocab, formats=None) -> list:
   """Example `index` as display pieces in reading order: ('text', str) and
-  ('image', pixels [H, W, 3], [pixel boxes], {expert name: map})."""
+  ('image', pixels [H, W, 3], [pixel boxes in box format `formats`], {expert name: map})."""
   images = np.asarray(batch["images"][index])
   present = (np.asarray(batch["image_mask"][index]) > 0 if "image_mask" in batch
              else np.ones(images.shape[:1], bool))  # e.g. Prismer: one image, always there
@@ -124,7 +128,8 @@ def example_layout(batch: dict, index: int, vocab: Vocab) -> list:
     elif image is not None and piece[1]:
       kind, pix, found, maps = laid_out[image]
       height, width = pix.shape[:2]
-      laid_out[image] = (kind, pix, found + find_boxes(piece[1], width, height), maps)
+      laid_out[image] = (kind, pix, found + find_boxes(piece[1], width, height, formats),
+                          maps)
     laid_out.append(piece)
   return [p for p in laid_out if p[0] == "image" or p[1].strip()]
 
@@ -143,22 +148,86 @@ def token_counts(batches) -> dict:
 
 def realised_proportions(config, num_records: int, seed: int = 0) -> list:
   """[(task, declared rate, realised share over the first `num_records` of the stream)]."""
-  records = pipeline.mixed_records(config.data, seed=seed)
+  records = pipeline.mixed_records(config.data, config.model.name, seed=seed)
   counts = collections.Counter(records[i][0].name for i in range(num_records))
-  rates = catalog.resolve(config.data.mixture).rates
+  rates = pipeline.resolve(config.data, config.model.name).tasks
   total = sum(rate for _, rate in rates)
-  return [(task, rate / total, counts[task] / num_records) for task, rate in rates]
+  return [(spec.name, rate / total, counts[spec.name] / num_records) for spec, rate in rates]
 
 
 def bad_record_tally(config, num_records: int, seed: int = 0) -> collections.Counter:
   """Counter of (task, reason) over the first `num_records` raw records, converted by the
-  family's ExampleProcessor ('ok' for usable records)."""
-  processor_cls, _ = pipeline.converter(config.data.converter)
-  processor = processor_cls(config.data, seed)
-  records = pipeline.mixed_records(config.data, seed=seed)
+  family's Processor ('ok' for usable records)."""
+  processor = pipeline.make_processor(config.data, config.model.name, seed)
+  records = pipeline.mixed_records(config.data, config.model.name, seed=seed)
   tally = collections.Counter()
   for i in range(num_records):
     spec, raw = records[i]
     out = processor(i, (spec, raw))
     tally[(spec.name, out.reason.split(":")[0] if isinstance(out, health.Skipped) else "ok")] += 1
   return tally
+
+
+# ----------------------------------------------------------------------------------------
+# `vlm-data inspect`: the same views as text
+# ----------------------------------------------------------------------------------------
+def _describe(value):
+  if isinstance(value, bytes):
+    return f"<{len(value)} bytes>"
+  if isinstance(value, list):
+    return "[" + ", ".join(_describe(v) for v in value) + "]"
+  if isinstance(value, str) and len(value) > 200:
+    return repr(value[:200] + "...")
+  return repr(value)
+
+
+def record_lines(record: dict) -> str:
+  return "- " + "\n  ".join(f"{k}: {_describe(v)}" for k, v in record.items())
+
+
+def directory_records(path: str, num: int) -> tuple[str, list]:
+  """(what the directory holds, its first `num` raw records): ingested ArrayRecord,
+  webdataset tars, jsonl or parquet."""
+  if glob.glob(os.path.join(path, "*.parquet")) and not glob.glob(os.path.join(path, "*.tar")):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    table = pq.ParquetFile(sorted(glob.glob(os.path.join(path, "*.parquet")))[0])
+    rows = next(table.iter_batches(batch_size=num)).to_pylist()[:num]
+    return f"parquet, {table.metadata.num_rows} rows in the first file", rows
+  for pattern, make in (("*.array_record", arrayrecord.ArrayRecordSource),
+                        ("*.tar", webdataset.WebDatasetSource),
+                        ("*.jsonl", jsonl.JsonlTextSource)):
+    paths = sorted(glob.glob(os.path.join(path, pattern)))
+    if paths:
+      source = make(paths)
+      return repr(source), [source[i] for i in range(min(num, len(source)))]
+  raise FileNotFoundError(f"{path}: no .array_record, .tar, .jsonl or .parquet files")
+
+
+def family_of(name: str) -> str:
+  """The shipped family whose data module declares task or mixture `name`."""
+  for family in families.available():
+    module = families.load(family)
+    if name in catalog.tasks(module) or name in catalog.mixtures(module):
+      return family
+  raise KeyError(f"no shipped family declares a task or mixture {name!r}; pass --config "
+                 "configs/<family>.py:<size> to read it with that family")
+
+
+def stream_lines(config, num: int, mixture_examples: int) -> list[str]:
+  """The first `num` training examples as the model sees them, and for a mixture the
+  realised proportions of its tasks next to the declared rates."""
+  vocab = Vocab(config.data.vocab_path)
+  (batch,), counts = read_batches(config, num)
+  lines = []
+  for i in range(num):
+    pieces = example_layout(batch, i, vocab, families.box_format(config.model.name))
+    lines.append(f"[{i}] " + " ".join(
+        f"<image {p[1].shape[1]}x{p[1].shape[0]} mean {p[1].mean():.2f}"
+        + (f", {len(p[2])} boxes" if p[2] else "") + ">" if p[0] == "image" else repr(p[1])
+        for p in pieces))
+  lines.append(f"bad records skipped: {counts.get('skipped_records', 0)}")
+  rows = realised_proportions(config, mixture_examples)
+  if len(rows) > 1:
+    lines.append(f"realised proportions over {mixture_examples} examples:")
+    lines += [f"  {task:30s} rate {rate:.3f}  realised {share:.3f}" for task, rate, share in rows]
+  return lines

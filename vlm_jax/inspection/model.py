@@ -1,23 +1,66 @@
-"""What a model is: parameter tables, the attention masks it builds, gate/adaptor values."""
+"""What a model is: its parameters (counts, logical axes, shardings), FLOPs, the attention
+masks it builds, gate/adaptor values. `describe` is what `vlm-info` prints."""
 import collections
+import math
 
-import jax
-import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
-from flax import traverse_util
 
+from vlm_jax import distributed
 from vlm_jax import flops as flops_lib
-from vlm_jax.cli import info
-from vlm_jax.nn import attention, decoder_lm, gated_xattn
+from vlm_jax import params as params_lib
+from vlm_jax import sharding
+from vlm_jax.models import registry
 
 
 # ----------------------------------------------------------------------------------------
 # Parameters and FLOPs
 # ----------------------------------------------------------------------------------------
+def _axes(a):
+  return list(a) if isinstance(a, tuple) else a
+
+
+def describe(config, num_devices: int) -> dict:
+  """Parameter counts (total, trainable, frozen; per top-level module), FLOPs per example,
+  the mesh, and each parameter's logical axes and mesh sharding (eval_shape only: no
+  allocation). Raises ValueError for config.frozen patterns that match no parameter."""
+  model = registry.build(config.model)
+  boxed = params_lib.boxed_abstract(model, registry.dummy_batch(config))
+  rules = sharding.rules_from_config(config)
+  params = params_lib.strip_boxes(boxed)
+  missing = params_lib.unmatched_patterns(params, config.frozen)
+  if missing:
+    raise ValueError(f"config.frozen pattern(s) {missing} match no parameter.")
+  _, frozen = params_lib.split_frozen(params, config.frozen)
+  frozen_keys = set(params_lib.flatten(frozen))
+  logical = params_lib.flatten(nn.get_partition_spec(boxed))
+  counts = {"total": 0, "trainable": 0, "frozen": 0}
+  by_module, shardings = {}, {}
+  for path, leaf in params_lib.flatten(params).items():
+    n = math.prod(leaf.shape)
+    kind = "frozen" if path in frozen_keys else "trainable"
+    module = by_module.setdefault(path.split("/")[0], {"total": 0, "trainable": 0, "frozen": 0})
+    for c in (counts, module):
+      c["total"] += n
+      c[kind] += n
+    names = tuple(logical[path]) if logical.get(path) is not None else (None,) * leaf.ndim
+    shardings[path] = {"shape": list(leaf.shape), "logical": list(names),
+                       "mesh": [_axes(a) for a in nn.logical_to_mesh_axes(names, rules)]}
+  mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+  counted = flops_lib.flops_per_example(config, flops_lib.config_treatment(config))
+  return {
+      "model": config.model.name,
+      "params": {**counts, "by_module": by_module},
+      "flops_per_example": {k: v for k, v in counted.items() if k != "parts"},
+      "mesh": dict(zip(sharding.MESH_AXES, mesh_shape)),
+      "shardings": shardings,
+  }
+
+
 def param_rows(config, num_devices: int) -> tuple[list, dict]:
   """Rows (module, total, trainable, frozen, sharding summary) per top-level module, and
-  vlm-info's full description (eval_shape only: no allocation)."""
-  described = info.describe(config, num_devices)
+  `describe`'s full description."""
+  described = describe(config, num_devices)
   layouts = collections.defaultdict(collections.Counter)
   for path, leaf in described["shardings"].items():
     axes = [a for a in leaf["mesh"] if a]
@@ -33,68 +76,23 @@ def param_rows(config, num_devices: int) -> tuple[list, dict]:
 
 def flops_rows(config) -> list:
   """(part, forward FLOPs per example) and the train total (vlm_jax.flops)."""
-  counted = flops_lib.flops_per_example(config.model, config.data)
+  counted = flops_lib.flops_per_example(config)
   rows = [(name, f"{value:.3e}") for name, value in counted["parts"].items()]
   return rows + [("forward", f"{counted['forward']:.3e}"), ("train", f"{counted['train']:.3e}")]
 
 
-# ----------------------------------------------------------------------------------------
-# Attention masks, built by the same functions the models call ([T, S] bool for example 0)
-# ----------------------------------------------------------------------------------------
-def simvlm_masks(image_tokens: int, prefix_valid, suffix_valid) -> dict:
-  """SimVLM's encoder self, decoder self and decoder cross masks, and the same model seen as
-  one decoder-only PrefixLM over [image ; prefix ; suffix] (decoder_lm.prefix_lm_mask)."""
-  prefix_valid = jnp.asarray(prefix_valid, bool)[None]
-  suffix_valid = jnp.asarray(suffix_valid, bool)[None]
-  encoder_valid = jnp.concatenate([jnp.ones((1, image_tokens), bool), prefix_valid], axis=1)
-  causal = jnp.concatenate([jnp.zeros_like(encoder_valid), jnp.ones_like(suffix_valid)], axis=1)
-  all_valid = jnp.concatenate([encoder_valid, suffix_valid], axis=1)
-  masks = {
-      "encoder self-attention": attention.padding_mask(None, encoder_valid),
-      "decoder self-attention": attention.causal_mask(suffix_valid.shape[1])
-                                & attention.padding_mask(None, suffix_valid),
-      "decoder cross-attention": attention.padding_mask(None, encoder_valid),
-      "as one PrefixLM": decoder_lm.prefix_lm_mask(causal)
-                         & attention.padding_mask(None, all_valid),
-  }
-  # Padding masks hold one row for every query: draw them at their [queries, keys] size.
-  queries = {"encoder self-attention": encoder_valid.shape[1],
-             "decoder self-attention": suffix_valid.shape[1],
-             "decoder cross-attention": suffix_valid.shape[1],
-             "as one PrefixLM": all_valid.shape[1]}
-  return {k: np.broadcast_to(np.asarray(m[0, 0]), (queries[k], m.shape[-1]))
-          for k, m in masks.items()}
-
-
-def flamingo_media_mask(batch, example: int = 0, only_immediate: bool = True) -> np.ndarray:
-  """[T, N] bool: token t cross-attends to media item n (gated_xattn.media_visibility)."""
-  visible = gated_xattn.media_visibility(
-      jnp.asarray(batch["image_positions"][example:example + 1]),
-      jnp.asarray(batch["image_mask"][example:example + 1]), batch["tokens"].shape[1],
-      only_immediate)
-  return np.asarray(visible[0])
-
-
-def cogagent_masks(batch, high_res_tokens: int, image_slots: int, example: int = 0) -> dict:
-  """CogAgent's LM self-attention mask (causal over [BOS ; image slots ; text], padding
-  masked), the cross-module's mask (every token sees every high-res token) and which
-  positions the visual expert routes (image slots)."""
-  token_mask = jnp.asarray(batch["token_mask"][example:example + 1]) > 0
-  length = token_mask.shape[1]
-  self_mask = attention.causal_mask(length) & attention.padding_mask(None, token_mask)
-  start = int(batch["image_positions"][example, 0])
-  is_vision = np.zeros(length, bool)
-  is_vision[start:start + image_slots] = batch["image_mask"][example, 0] > 0
-  return {"LM self-attention": np.asarray(self_mask[0, 0]),
-          "cross-module (high-res)": np.ones((length, high_res_tokens), bool),
-          "visual expert routing": is_vision}
+def attention_masks(config, batch, example: int = 0) -> dict:
+  """{title: [rows, cols] bool} of the masks the family draws for example `example` (its
+  model module's `attention_masks`; {} when it declares none)."""
+  masks = getattr(registry.load(config.model.name), "attention_masks", None)
+  return masks(config, batch, example) if masks else {}
 
 
 # ----------------------------------------------------------------------------------------
 # Parameter values of interest
 # ----------------------------------------------------------------------------------------
 def flat_params(params) -> dict:
-  return traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  return params_lib.flatten(distributed.fetch(params))
 
 
 def gate_values(params) -> dict:

@@ -1,6 +1,5 @@
 """What a training run did: its metrics, its checkpoints, and where a trained encoder-decoder
 model looks in the image when it generates a token."""
-import functools
 import json
 import os
 
@@ -10,6 +9,8 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import config as config_lib
+from vlm_jax import distributed
+from vlm_jax import params as params_lib
 from vlm_jax.nn import attention
 
 BOS_ID = 3  # docs/architecture.md
@@ -33,6 +34,16 @@ def read_metrics(workdir: str) -> dict:
       steps.append(step)
       values.append(value)
   return series
+
+
+def latest_params(workdir: str) -> tuple[int, dict]:
+  """(step, parameters) of the run's newest checkpoint, read with its own config."""
+  from vlm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  trainer = loop.Trainer(run_config(workdir, ""), workdir)
+  step = trainer.checkpointer.latest_step()
+  with trainer.mesh_context():
+    state = trainer.checkpointer.restore(step, trainer.factory.abstract_with_shardings(), None)
+  return step, params_lib.merge_params(state.params, state.frozen)
 
 
 def checkpoints(workdir: str) -> list:
@@ -71,10 +82,12 @@ def run_config(workdir: str, spec: str, overrides=()) -> ml_collections.ConfigDi
 
 
 # ----------------------------------------------------------------------------------------
-# Cross-attention maps (encoder-decoder models with a scanned `decoder` stack: SimVLM)
+# Cross-attention maps (encoder-decoder models whose `encoder`/`decoder` stacks follow the
+# model's scan_layers: SimVLM, Prismer's decoder)
 # ----------------------------------------------------------------------------------------
-def unstack_layers(params: dict, num_layers: int) -> dict:
+def unstack_layers(params: dict) -> dict:
   """Scanned `{'layers': stacked}` -> `{'layers_i': layer i}` (transformer.py's layouts)."""
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
   return {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"])
           for i in range(num_layers)}
 
@@ -85,15 +98,16 @@ def cross_attention_maps(model, params, batch, tokens) -> np.ndarray:
   ([image tokens ; prefix]). Recomputed from the captured query/key projections of an
   unscanned copy of the model, with the model's own encoder mask."""
   keys = ("images", "image_mask", "prefix_tokens", "prefix_mask")
-  return np.asarray(_cross_attention_maps(params, {k: batch[k] for k in keys}, tokens,
-                                          model=model))
+  batch = {k: np.asarray(batch[k]) for k in keys}
+  return distributed.fetch(_cross_attention_maps(params, batch, np.asarray(tokens),
+                                                 model=model))
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@distributed.jit(static_argnames=("model",))
 def _cross_attention_maps(params, batch, tokens, *, model):
-  stacks = {name: getattr(model, f"{name}_layers") for name in ("encoder", "decoder")}
   if model.scan_layers:
-    params = {**params, **{name: unstack_layers(params[name], n) for name, n in stacks.items()}}
+    params = {**params, **{name: unstack_layers(params[name]) for name in ("encoder", "decoder")
+                           if "layers" in params.get(name, {})}}
   unscanned = model.clone(scan_layers=False)
   encoded, encoder_mask = unscanned.apply({"params": params}, batch, method="encode")
   inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], BOS_ID), tokens[:, :-1]], axis=1)
@@ -107,7 +121,7 @@ def _cross_attention_maps(params, batch, tokens, *, model):
   captured = state["intermediates"]["decoder"]
   mask = attention.padding_mask(None, encoder_mask)  # [B, 1, 1, S]
   maps = []
-  for i in range(stacks["decoder"]):
+  for i in range(len(captured)):
     cross = captured[f"layers_{i}"]["cross_attention"]
     q, k = cross["query"]["__call__"][0], cross["key"]["__call__"][0]
     scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * q.shape[-1] ** -0.5

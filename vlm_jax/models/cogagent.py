@@ -17,7 +17,7 @@
         x = x + MLP(RMSNorm(x))              visual expert: routed SwiGLU (option)
     -> logits [B, T, V] aligned with `targets`
 
-Batch (fixed shapes; written by `vlm_jax.data.cogagent`):
+Batch (fixed shapes; written by `vlm_jax.data.families.cogagent`):
 
     images          [B, N, h, w, 3] f32  low-res pixels in [-1, 1] (N = 1 in our data)
     high_res_images [B, N, H, W, 3] f32  the same image at high resolution, in [-1, 1]
@@ -31,22 +31,27 @@ Batch (fixed shapes; written by `vlm_jax.data.cogagent`):
     image_positions [B, N] i32           index of image n's first slot (its boi)
     loss_weight     [B] f32              per-example weight (used by the loss)
 
-`cross_module=False` removes the high-res branch and the cross-attention: the low-res-only
-model (CogVLM's layout), e.g. for the FLOPs comparison at 490 px in docs/models.md.
-Training stages (paper): the low-res ViT is always frozen; see configs/cogagent.py.
+config.model (`build`): `lm` (DecoderLM fields), `vision` and `high_res` (ViT fields),
+`adapter` (`mlp_dim`), `cross` (`width`, `heads` of the cross-attention), `visual_expert`,
+`cross_module` (False removes the high-res branch and the cross-attention: the low-res-only
+model, CogVLM's layout, e.g. for the FLOPs comparison at 490 px in docs/models.md).
+Training stages (paper, `frozen_patterns(stage)`): the low-res ViT is always frozen.
 """
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from vlm_jax.models.minigpt_v2 import splice
+from vlm_jax.models import registry
 from vlm_jax.nn import attention as attention_lib
-from vlm_jax.nn import decoder_lm, mlp as mlp_lib, norms, visual_expert, vit
+from vlm_jax.nn import decoder_lm, embeddings, mlp as mlp_lib, norms, transformer
+from vlm_jax.nn import flops as F
+from vlm_jax.nn import visual_expert, vit
 
 
-class CogAgentLayer(decoder_lm.DecoderOnlyLayer):
+class CogAgentLayer(transformer.Layer):
   """Self-attention, cross-attention to `context.extra['high_res']`, MLP (pre-norm)."""
   cross_width: int = 1024  # 0: no cross-attention (low-res-only model)
   cross_heads: int = 32
@@ -122,58 +127,11 @@ class GluAdapter(nn.Module):
 
 
 class CogAgent(nn.Module):
-  vocab_size: int
-  # Vicuna / LLaMA language model
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: int | None = None
-  norm_epsilon: float = 1e-5
-  rotary_max_wavelength: float = 10_000.0
-  visual_expert: bool = True
-  # low-res encoder (EVA2-CLIP-E) and adapter
-  vision_width: int = 1792
-  vision_layers: int = 63
-  vision_heads: int = 16
-  vision_mlp_dim: int = 15360
-  patch_size: int = 14
-  adapter_mlp_dim: int = 11008
-  # high-res cross-module (EVA2-CLIP-L-sized encoder + narrow cross-attention)
-  cross_module: bool = True
-  high_res_width: int = 1024
-  high_res_layers: int = 24
-  high_res_heads: int = 16
-  high_res_mlp_dim: int = 4096
-  high_res_patch_size: int = 14
-  cross_width: int = 1024
-  cross_heads: int = 32
-  scan_layers: bool = True
-  remat_policy: str = "none"
+  lm: decoder_lm.DecoderLM  # Vicuna / LLaMA with CogAgentLayers
+  vision: vit.ViT  # low-res encoder (EVA2-CLIP-E), frozen
+  adapter: GluAdapter
+  high_res: vit.ViT | None = None  # EVA2-CLIP-L-sized; None: the low-res-only model
   dtype: str = "float32"
-  param_dtype: str = "float32"
-
-  def setup(self):
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    common = dict(mlp_activation="gelu", class_token=True, scan_layers=self.scan_layers,
-                  remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype)
-    self.vision = vit.ViT(patch_size=self.patch_size, width=self.vision_width,
-                          depth=self.vision_layers, num_heads=self.vision_heads,
-                          mlp_dim=self.vision_mlp_dim, **common)
-    self.adapter = GluAdapter(self.width, self.adapter_mlp_dim, dtype, param_dtype)
-    if self.cross_module:
-      self.high_res = vit.ViT(patch_size=self.high_res_patch_size, width=self.high_res_width,
-                              depth=self.high_res_layers, num_heads=self.high_res_heads,
-                              mlp_dim=self.high_res_mlp_dim, **common)
-    self.lm = decoder_lm.DecoderLM(
-        vocab_size=self.vocab_size, width=self.width, num_layers=self.num_layers,
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-        norm_epsilon=self.norm_epsilon, rotary_max_wavelength=self.rotary_max_wavelength,
-        layer_cls=CogAgentLayer,
-        layer_kwargs=dict(cross_width=self.cross_width if self.cross_module else 0,
-                          cross_heads=self.cross_heads, visual_expert=self.visual_expert),
-        scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=dtype,
-        param_dtype=param_dtype)
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """Low-res images [B, N, h, w, C] -> [boi ; visual ; eoi] LM tokens [B, N, P + 2, D]."""
@@ -193,11 +151,11 @@ class CogAgent(nn.Module):
     x = self.lm.embed(batch["tokens"])
     visual = self.encode_images(batch["images"])
     present = batch["image_mask"] > 0
-    x = splice(x, visual, batch["image_positions"], present)
+    x = embeddings.splice(x, visual, batch["image_positions"], present)
     offsets = jnp.arange(x.shape[1])[None, None, :] - batch["image_positions"][..., None]
     in_image = (offsets >= 0) & (offsets < visual.shape[2]) & present[..., None]
     extra = {"is_vision": jnp.any(in_image, axis=1)}
-    if self.cross_module:
+    if self.high_res is not None:
       extra["high_res"] = self.encode_high_res(batch["high_res_images"])
     return x, batch["token_mask"], extra
 
@@ -217,6 +175,39 @@ class CogAgent(nn.Module):
     x, token_mask, extra = self.embed_inputs(batch)
     hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic)
     return self.lm.logits(hidden)
+
+
+def build(model_config) -> CogAgent:
+  c = model_config
+  registry.check_keys(c, ("lm", "vision", "adapter", "high_res", "cross", "visual_expert",
+                          "cross_module"))
+  common = registry.common(c)
+  lm = registry.part(
+      decoder_lm.DecoderLM, c, "lm", layer_cls=CogAgentLayer,
+      layer_kwargs=dict(cross_width=c.cross.width if c.cross_module else 0,
+                        cross_heads=c.cross.heads, visual_expert=c.visual_expert), **common)
+  adapter = GluAdapter(c.lm.width, c.adapter.mlp_dim, common["dtype"], common["param_dtype"])
+  high_res = registry.part(vit.ViT, c, "high_res", **common) if c.cross_module else None
+  return CogAgent(lm=lm, vision=registry.part(vit.ViT, c, "vision", **common), adapter=adapter,
+                  high_res=high_res, dtype=c.dtype)
+
+
+_CROSS = r"cross_attention/|pre_cross_attention_norm/"
+_EXPERT = r"vision_mlp/|self_attention/vision_"
+# stage -> config.frozen (fullmatch regexes; layers are `layers/layers/...` when scanned,
+# `layers/layers_i/...` when not): 0 trains everything but the low-res ViT; 1 (the paper's
+# first pre-training phase) only the high-res cross-module; 2 also the visual expert.
+STAGES = {
+    0: (r"vision/.*",),
+    1: (r"vision/.*", r"adapter/.*", rf"lm/(?!layers/layers[^/]*/({_CROSS})).*"),
+    2: (r"vision/.*", r"adapter/.*", rf"lm/(?!layers/layers[^/]*/({_CROSS}|{_EXPERT})).*"),
+}
+
+
+def frozen_patterns(stage: int) -> tuple[str, ...]:
+  if stage not in STAGES:
+    raise ValueError(f"cogagent stage={stage}: expected one of {sorted(STAGES)}.")
+  return STAGES[stage]
 
 
 def image_tokens(image_size: int, patch_size: int) -> int:
@@ -241,3 +232,60 @@ def batch_spec(data_config, batch_size: int) -> dict:
       "image_positions": ((batch_size, 1), i32), "loss_weight": ((batch_size,), f32),
   }
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def flops_parts(config, causal_half=True) -> dict:
+  """'lm' counts each token through one weight set (the model FLOPs of a routed visual
+  expert); 'visual_expert' is the second set that fixed shapes also apply to every token."""
+  m, data = config.model, config.data
+  lm, vision = m.lm, m.vision
+  patches = (data.image_size // vision.patch_size) ** 2
+  t, width, heads = data.sequence_length, lm.width, lm.num_heads
+  head_dim, kv_heads = width // heads, lm.get("num_kv_heads") or heads
+  parts = {
+      "vision": F.vit(data.image_size, vision.patch_size, vision.width, vision.depth,
+                      vision.num_heads, vision.mlp_dim),
+      "adapter": F.dense(patches, vision.width, width)
+                 + F.mlp(patches, width, m.adapter.mlp_dim, "swiglu"),
+      "lm": lm.num_layers * F.decoder_lm_layer(t, lm, causal_half),
+      "logits": F.dense(t, width, lm.vocab_size),
+  }
+  if m.visual_expert:
+    projections = (F.dense(t, width, heads * head_dim)
+                   + F.dense(t, width, 2 * kv_heads * head_dim)
+                   + F.dense(t, heads * head_dim, width))
+    parts["visual_expert"] = lm.num_layers * (projections
+                                              + F.mlp(t, width, lm.mlp_dim, "swiglu"))
+  if m.cross_module:
+    high = m.high_res
+    keys = (data.high_res_image_size // high.patch_size) ** 2
+    cw = m.cross.width
+    parts["high_res"] = F.vit(data.high_res_image_size, high.patch_size, high.width,
+                              high.depth, high.num_heads, high.mlp_dim)
+    parts["cross_attention"] = lm.num_layers * (
+        F.dense(t, width, cw) + F.dense(keys, high.width, 2 * cw) + F.dense(t, cw, width)
+        + 2 * 2.0 * t * keys * cw)
+  return parts
+
+
+def flops_treatment(config) -> dict:
+  """The low-resolution ViT is frozen behind a stop-gradient; everything else trains."""
+  del config
+  return {"vision": F.FROZEN_STOPGRAD}
+
+
+def attention_masks(config, batch, example: int = 0) -> dict:
+  """The LM's self-attention mask (causal over [BOS ; image slots ; text], padding masked),
+  the cross-module's (every token sees every high-res token) and the positions the visual
+  expert routes (image slots), for the model notebook."""
+  token_mask = jnp.asarray(batch["token_mask"][example:example + 1]) > 0
+  length = token_mask.shape[1]
+  self_mask = attention_lib.causal_mask(length) & attention_lib.padding_mask(None, token_mask)
+  slots = image_tokens(config.data.image_size, config.model.vision.patch_size)
+  start = int(batch["image_positions"][example, 0])
+  is_vision = np.zeros(length, bool)
+  is_vision[start:start + slots] = batch["image_mask"][example, 0] > 0
+  high_res = (config.data.high_res_image_size // config.model.high_res.patch_size) ** 2
+  return {"LM self-attention": np.asarray(self_mask[0, 0]),
+          "cross-module (high-res)": np.ones((length, high_res), bool),
+          "visual expert routing": is_vision[None]}

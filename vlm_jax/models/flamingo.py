@@ -11,13 +11,18 @@ XATTN-DENSE blocks inside a frozen decoder-only LM.
       layers; a gated block (`vlm_jax.nn.gated_xattn`) runs before each sublayer listed in
       `xattn_sublayers`. OpenFlamingo's "before layer i when (i+1) % k == 0" is group k,
       sublayers (k-1,): `openflamingo_placement(k)`.
+
+config.model (`build`): `lm` (DecoderLM fields), `vision` (ViT fields), `resampler`
+(PerceiverResampler fields; `num_frames` > 0: video with time embeddings), `xattn`
+(GatedCrossAttentionDense fields), `xattn_group`, `xattn_sublayers`,
+`only_attend_immediate`, `new_token_ids`.
     -> logits [B, T, V] aligned with `targets`
 
 Masking: token t cross-attends to the visual tokens of the most recent present media item
 whose `<image>` token is at or before t (`only_attend_immediate=False`: all of them); tokens
 before any item get zero cross-attention output; absent items are never attended.
 
-Batch (fixed shapes; written by `vlm_jax.data.flamingo`):
+Batch (fixed shapes; written by `vlm_jax.data.families.flamingo`):
 
     images          [B, N, H, W, 3] f32   pixels in [-1, 1]; video: [B, N, F, H, W, 3]
     image_mask      [B, N] f32            1 for a real media item, 0 for a padded slot
@@ -35,11 +40,15 @@ the whole input embedding; we train only the rows of the tokens Flamingo adds, w
 what learning them needs (the frozen LM's other rows stay its own), and keeps a tied LM
 head frozen.
 """
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from vlm_jax.models import registry
 from vlm_jax.nn import decoder_lm, embeddings, gated_xattn, resampler, vit
+from vlm_jax.nn import flops as F
 
 
 def openflamingo_placement(interval: int) -> tuple[int, tuple[int, ...]]:
@@ -50,18 +59,14 @@ def openflamingo_placement(interval: int) -> tuple[int, tuple[int, ...]]:
 class FlamingoLayerGroup(decoder_lm.DecoderLayerGroup):
   """`group_size` LM sublayers with a gated cross-attention block before those listed."""
   xattn_sublayers: tuple[int, ...] = (0,)
-  xattn_heads: int = 8
-  xattn_head_dim: int = 64
-  xattn_mlp_ratio: int = 4
-  xattn_activation: str = "gelu"
+  xattn: dict = flax.core.FrozenDict()  # GatedCrossAttentionDense fields
 
   def before_sublayer(self, index, x, context, deterministic, decode):
     del deterministic
     if index not in self.xattn_sublayers:
       return x
     return gated_xattn.GatedCrossAttentionDense(
-        self.xattn_heads, self.xattn_head_dim, self.xattn_mlp_ratio, self.xattn_activation,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=f"xattn_{index}")(
+        **self.xattn, dtype=self.dtype, param_dtype=self.param_dtype, name=f"xattn_{index}")(
             x, context.extra["media"], context.extra["media_mask"], decode=decode)
 
 
@@ -71,86 +76,19 @@ class Flamingo(nn.Module):
   PRETRAINED_PARTS = {"lm": {"path": "lm", "new": (r"layers/.*xattn_\d+/.*",)},
                       "vision": {"path": "vision"}}
 
-  vocab_size: int
-  # language model (frozen)
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  head_dim: int | None = None
-  num_kv_heads: int | None = None
-  mlp_activation: str = "swiglu"
-  norm_type: str = "rmsnorm"
-  norm_epsilon: float = 1e-5
-  use_bias: bool = False
-  position: str = "rotary"
-  max_length: int = 4096
-  parallel_residual: bool = False
-  tie_embeddings: bool = False
+  lm: decoder_lm.DecoderLM  # frozen; its layers are FlamingoLayerGroups
+  vision: vit.ViT  # frozen, CLIP layout (class token, ln_pre, quick-GELU, ln_post)
+  resampler: resampler.PerceiverResampler  # trainable, in the vision width
   new_token_ids: tuple[int, ...] = (4, 5)  # <image>, <|endofchunk|> (data/vocab.py)
-  # vision encoder (frozen): CLIP ViT layout (class token, ln_pre, quick-GELU, ln_post)
-  vision_width: int = 1024
-  vision_layers: int = 24
-  vision_heads: int = 16
-  vision_mlp_dim: int = 4096
-  patch_size: int = 14
-  vision_activation: str = "quick_gelu"
-  # Perceiver Resampler (trainable), in the vision width
-  resampler_layers: int = 6
-  num_latents: int = 64
-  resampler_heads: int = 8
-  resampler_head_dim: int = 64
-  resampler_mlp_ratio: int = 4
-  resampler_activation: str = "gelu"
-  max_frames: int = 0  # > 0: learned time embeddings for video of up to this many frames
-  # gated cross-attention (trainable)
-  xattn_group: int = 1
-  xattn_sublayers: tuple[int, ...] = (0,)
-  xattn_heads: int = 8
-  xattn_head_dim: int = 64
-  xattn_mlp_ratio: int = 4
-  xattn_activation: str = "gelu"
   only_attend_immediate: bool = True
-  scan_layers: bool = True
-  remat_policy: str = "none"
   dtype: str = "float32"
-  param_dtype: str = "float32"
 
   def setup(self):
-    bad = [i for i in self.xattn_sublayers if not 0 <= i < self.xattn_group]
-    if bad or not self.xattn_sublayers:
-      raise ValueError(f"xattn_sublayers={tuple(self.xattn_sublayers)}: need indices in "
-                       f"[0, xattn_group={self.xattn_group}).")
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.vision = vit.ViT(
-        patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
-        num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim,
-        mlp_activation=self.vision_activation, class_token=True, pre_norm=True,
-        patch_bias=False, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-        dtype=dtype, param_dtype=param_dtype)
-    self.resampler = resampler.PerceiverResampler(
-        num_latents=self.num_latents, num_layers=self.resampler_layers,
-        num_heads=self.resampler_heads, head_dim=self.resampler_head_dim,
-        mlp_ratio=self.resampler_mlp_ratio, mlp_activation=self.resampler_activation,
-        num_frames=self.max_frames, dtype=dtype, param_dtype=param_dtype)
     self.new_token_embedding = self.param(
         "new_token_embedding",
-        nn.with_logical_partitioning(embeddings.lm_embedding_init(self.width), (None, "embed")),
-        (len(self.new_token_ids), self.width), param_dtype)
-    self.lm = decoder_lm.DecoderLM(
-        vocab_size=self.vocab_size, width=self.width, num_layers=self.num_layers,
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, head_dim=self.head_dim,
-        num_kv_heads=self.num_kv_heads, mlp_activation=self.mlp_activation,
-        norm_type=self.norm_type, norm_epsilon=self.norm_epsilon, use_bias=self.use_bias,
-        position=self.position, max_length=self.max_length,
-        parallel_residual=self.parallel_residual, tie_embeddings=self.tie_embeddings,
-        layer_cls=FlamingoLayerGroup, layers_per_unit=self.xattn_group,
-        layer_kwargs={"xattn_sublayers": tuple(self.xattn_sublayers),
-                      "xattn_heads": self.xattn_heads, "xattn_head_dim": self.xattn_head_dim,
-                      "xattn_mlp_ratio": self.xattn_mlp_ratio,
-                      "xattn_activation": self.xattn_activation},
-        scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        nn.with_logical_partitioning(embeddings.lm_embedding_init(self.lm.width),
+                                     (None, "embed")),
+        (len(self.new_token_ids), self.lm.width), jnp.dtype(self.lm.param_dtype))
 
   def encode_media(self, images: jax.Array) -> jax.Array:
     """images [B, N, H, W, C] or [B, N, F, H, W, C] -> visual tokens [B, N, L, Dv]."""
@@ -203,6 +141,27 @@ class Flamingo(nn.Module):
     return self.lm.logits(hidden)
 
 
+def build(model_config) -> Flamingo:
+  c = model_config
+  registry.check_keys(c, ("lm", "vision", "resampler", "xattn", "xattn_group",
+                          "xattn_sublayers", "only_attend_immediate", "new_token_ids"))
+  bad = [i for i in c.xattn_sublayers if not 0 <= i < c.xattn_group]
+  if bad or not c.xattn_sublayers:
+    raise registry.ConfigError(f"config.model.xattn_sublayers={tuple(c.xattn_sublayers)}: "
+                               f"need indices in [0, xattn_group={c.xattn_group}).")
+  common = registry.common(c)
+  xattn = registry.sub_config(gated_xattn.GatedCrossAttentionDense, c, "xattn")
+  lm = registry.part(
+      decoder_lm.DecoderLM, c, "lm", layer_cls=FlamingoLayerGroup,
+      layers_per_unit=c.xattn_group,
+      layer_kwargs={"xattn_sublayers": tuple(c.xattn_sublayers), "xattn": xattn}, **common)
+  resample = registry.part(resampler.PerceiverResampler, c, "resampler",
+                           dtype=common["dtype"], param_dtype=common["param_dtype"])
+  return Flamingo(lm=lm, vision=registry.part(vit.ViT, c, "vision", **common),
+                  resampler=resample, new_token_ids=tuple(c.new_token_ids),
+                  only_attend_immediate=c.only_attend_immediate, dtype=c.dtype)
+
+
 def frozen_patterns() -> tuple[str, ...]:
   """config.frozen: the ViT and every LM param except the gated blocks (fullmatch regexes;
   scanned `lm/layers/layers/xattn_i/...` or unscanned `lm/layers/layers_j/xattn_i/...`)."""
@@ -224,3 +183,51 @@ def batch_spec(data_config, batch_size: int) -> dict:
       "loss_weight": ((batch_size,), f32),
   }
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def flops_parts(config, causal_half=True) -> dict:
+  """Per example: N media items of F frames (F = 1 for images), T text tokens."""
+  lm, vision, res, xattn, data = (config.model.lm, config.model.vision, config.model.resampler,
+                                  config.model.xattn, config.data)
+  frames = max(data.get("frames_per_media", 0), 1)
+  media, t = data.max_images, data.sequence_length
+  patches = (data.image_size // vision.patch_size) ** 2
+  vw = vision.width
+  encoder = F.vit(data.image_size, vision.patch_size, vw, vision.depth, vision.num_heads,
+                  vision.mlp_dim)
+  latents, inputs = res.num_latents, frames * patches
+  r_inner = res.num_heads * res.head_dim
+  resampler_layer = (F.dense(latents, vw, r_inner) + F.dense(inputs + latents, vw, 2 * r_inner)
+                     + F.dense(latents, r_inner, vw)
+                     + 4.0 * latents * (inputs + latents) * r_inner
+                     + F.mlp(latents, vw, res.mlp_ratio * vw))
+  width = lm.width
+  visual_tokens, x_inner = media * latents, xattn.num_heads * xattn.head_dim
+  # Every query scores every visual token (the mask only hides some), so no halving.
+  xattn_block = (F.dense(t, width, x_inner) + F.dense(visual_tokens, vw, 2 * x_inner)
+                 + F.dense(t, x_inner, width) + 4.0 * t * visual_tokens * x_inner
+                 + F.mlp(t, width, xattn.mlp_ratio * width))
+  blocks = lm.num_layers // config.model.xattn_group * len(config.model.xattn_sublayers)
+  return {"vision": media * frames * encoder,
+          "resampler": media * res.num_layers * resampler_layer,
+          "xattn": blocks * xattn_block,
+          "lm": lm.num_layers * F.decoder_lm_layer(t, lm, causal_half),
+          "logits": F.dense(t, width, lm.vocab_size)}
+
+
+def flops_treatment(config) -> dict:
+  """Frozen ViT behind a stop-gradient; the frozen LM and head pass gradients down to the
+  gated blocks; resampler and gated blocks train."""
+  del config  # the LM is frozen in every Flamingo config
+  return {"vision": F.FROZEN_STOPGRAD, "lm": F.FROZEN_PASSTHROUGH,
+          "logits": F.FROZEN_PASSTHROUGH}
+
+
+def attention_masks(config, batch, example: int = 0) -> dict:
+  """{title: [T, N] bool}: token t cross-attends to media item n
+  (`gated_xattn.media_visibility`), for the model notebook."""
+  visible = gated_xattn.media_visibility(
+      jnp.asarray(batch["image_positions"][example:example + 1]),
+      jnp.asarray(batch["image_mask"][example:example + 1]), batch["tokens"].shape[1],
+      config.model.only_attend_immediate)
+  return {"media visible to each token": np.asarray(visible[0])}

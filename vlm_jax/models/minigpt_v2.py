@@ -11,7 +11,7 @@
     LM: `vlm_jax.nn.decoder_lm.DecoderLM` (LLaMA-2) with LoRA on `lora_targets`
     -> logits [B, T, V] aligned with `targets`
 
-Batch (fixed shapes; written by `vlm_jax.data.minigpt_v2`):
+Batch (fixed shapes; written by `vlm_jax.data.families.minigpt_v2`):
 
     images          [B, N, H, W, 3] f32  pixels in [-1, 1] (N = 1 in our data)
     image_mask      [B, N] f32           0: image absent, its slots keep the text embedding
@@ -29,17 +29,23 @@ Trainable in every stage (paper): the projection and the LoRA params; config.fro
 `--config.init.lm=PATH` (`PRETRAINED_PARTS`, `vlm_jax.convert`); `vlm-convert export` folds
 LoRA into them and writes an HF checkpoint (docs/weights.md).
 
+config.model (`build`): `lm` (DecoderLM fields, LoRA's included), `vision` (ViT fields),
+`group_size`.
+
 Generation: `vlm_jax.decode.generate(model, params, batch, max_len)` answers prompts (batch
-`tokens`/`token_mask` hold prompts only, e.g. `data.minigpt_v2.encode_conversation(...,
-open_last=True)`) with the LM's KV cache, through `embed_inputs` / `embed_generated` /
+`tokens`/`token_mask` hold prompts only, e.g. `data.families.minigpt_v2.encode_conversation(
+..., open_last=True)`) with the LM's KV cache, through `embed_inputs` / `embed_generated` /
 `generation_extra`.
 """
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.nn import decoder_lm, vit
+from vlm_jax.models import registry
+from vlm_jax.nn import decoder_lm, embeddings, vit
+from vlm_jax.nn import flops as F
 
 
 def group_consecutive_tokens(x: jax.Array, group_size: int) -> jax.Array:
@@ -50,67 +56,22 @@ def group_consecutive_tokens(x: jax.Array, group_size: int) -> jax.Array:
   return x.reshape(*lead, length // group_size, group_size * channels)
 
 
-def splice(embeddings: jax.Array, visual: jax.Array, positions: jax.Array,
-           present: jax.Array) -> jax.Array:
-  """Writes visual [B, N, L, D] into embeddings [B, T, D] at positions [B, N] where
-  present [B, N] is true."""
-  put = jax.vmap(lambda e, v, p: jax.lax.dynamic_update_slice(e, v, (p, 0)))
-  for n in range(visual.shape[1]):
-    written = put(embeddings, visual[:, n].astype(embeddings.dtype), positions[:, n])
-    embeddings = jnp.where(present[:, n, None, None], written, embeddings)
-  return embeddings
-
-
 class MiniGPTv2(nn.Module):
   # config.init.<key> -> the params sub-tree it fills; "new": regexes (relative to it) of
   # params no checkpoint has (LoRA's are always new). See vlm_jax/train/init_weights.py.
   PRETRAINED_PARTS = {"lm": {"path": "lm"}, "vision": {"path": "vision"}}
 
-  vocab_size: int
-  # LLaMA-2 language model
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: int | None = None
-  norm_epsilon: float = 1e-5
-  rotary_max_wavelength: float = 10_000.0
-  lora_targets: tuple[str, ...] = ("query", "value")
-  lora_rank: int = 64
-  lora_alpha: float = 16.0
-  lora_dropout_rate: float = 0.05
-  # EVA ViT (frozen)
-  vision_width: int = 1408
-  vision_layers: int = 39
-  vision_heads: int = 16
-  vision_mlp_dim: int = 6144
-  patch_size: int = 14
+  lm: decoder_lm.DecoderLM  # LLaMA-2 with LoRA on `lora_targets`
+  vision: vit.ViT  # EVA ViT (frozen)
   group_size: int = 4  # consecutive visual tokens concatenated per LM token
-  scan_layers: bool = True
-  remat_policy: str = "none"
   dtype: str = "float32"
-  param_dtype: str = "float32"
 
   def setup(self):
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.vision = vit.ViT(
-        patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
-        num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, mlp_activation="gelu",
-        class_token=True, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-        dtype=dtype, param_dtype=param_dtype)
     self.projection = nn.Dense(
-        self.width, dtype=dtype, param_dtype=param_dtype,
+        self.lm.width, dtype=jnp.dtype(self.dtype), param_dtype=self.vision.param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                  ("mlp", "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
-    self.lm = decoder_lm.DecoderLM(
-        vocab_size=self.vocab_size, width=self.width, num_layers=self.num_layers,
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-        norm_epsilon=self.norm_epsilon, rotary_max_wavelength=self.rotary_max_wavelength,
-        lora_targets=tuple(self.lora_targets), lora_rank=self.lora_rank,
-        lora_alpha=self.lora_alpha, lora_dropout_rate=self.lora_dropout_rate,
-        scan_layers=self.scan_layers, remat_policy=self.remat_policy, dtype=dtype,
-        param_dtype=param_dtype)
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """images [B, N, H, W, C] -> visual LM tokens [B, N, P / group_size, D]."""
@@ -126,7 +87,7 @@ class MiniGPTv2(nn.Module):
     the layers' `extra`: none)."""
     x = self.lm.embed(batch["tokens"])
     visual = self.encode_images(batch["images"])
-    x = splice(x, visual, batch["image_positions"], batch["image_mask"] > 0)
+    x = embeddings.splice(x, visual, batch["image_positions"], batch["image_mask"] > 0)
     return x, batch["token_mask"], None
 
   def embed_generated(self, tokens: jax.Array) -> jax.Array:
@@ -142,6 +103,14 @@ class MiniGPTv2(nn.Module):
     x, token_mask, _ = self.embed_inputs(batch)
     hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic)
     return self.lm.logits(hidden)
+
+
+def build(model_config) -> MiniGPTv2:
+  registry.check_keys(model_config, ("lm", "vision", "group_size"))
+  common = registry.common(model_config)
+  return MiniGPTv2(lm=registry.part(decoder_lm.DecoderLM, model_config, "lm", **common),
+                   vision=registry.part(vit.ViT, model_config, "vision", **common),
+                   group_size=model_config.group_size, dtype=model_config.dtype)
 
 
 def frozen_patterns() -> tuple[str, ...]:
@@ -163,3 +132,28 @@ def batch_spec(data_config, batch_size: int) -> dict:
       "image_positions": ((batch_size, 1), i32), "loss_weight": ((batch_size,), f32),
   }
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def flops_parts(config, causal_half=True) -> dict:
+  lm, vision, data = config.model.lm, config.model.vision, config.data
+  patches = (data.image_size // vision.patch_size) ** 2
+  t, width, heads = data.sequence_length, lm.width, lm.num_heads
+  head_dim, kv_heads = width // heads, lm.get("num_kv_heads") or heads
+  group = config.model.group_size
+  lora_layer = sum(F.dense(t, width, lm.lora_rank)
+                   + F.dense(t, lm.lora_rank, (heads if n == "query" else kv_heads) * head_dim)
+                   for n in lm.lora_targets)
+  return {"vision": F.vit(data.image_size, vision.patch_size, vision.width, vision.depth,
+                          vision.num_heads, vision.mlp_dim),
+          "projection": F.dense(patches // group, group * vision.width, width),
+          "lm": lm.num_layers * F.decoder_lm_layer(t, lm, causal_half),
+          "lora": lm.num_layers * lora_layer,
+          "logits": F.dense(t, width, lm.vocab_size)}
+
+
+def flops_treatment(config) -> dict:
+  """The ViT sits behind a stop-gradient (2N); the LM and its head pass gradients through to
+  the projection and LoRA (4N) unless config.frozen leaves them trainable (freeze_lm=False)."""
+  lm_frozen = any(re.fullmatch(p, "lm/logits_projection/kernel") for p in config.frozen)
+  lm = F.FROZEN_PASSTHROUGH if lm_frozen else F.TRAINABLE
+  return {"vision": F.FROZEN_STOPGRAD, "lm": lm, "logits": lm}

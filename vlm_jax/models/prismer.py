@@ -15,7 +15,7 @@
 
 PrismerZ = `experts=()`: RGB only, no stems and no resampler.
 
-Batch (fixed shapes; written by `vlm_jax.data.prismer`):
+Batch (fixed shapes; written by `vlm_jax.data.families.prismer`):
 
     images                          [B, 1, H, W, 3] f32  pixels in [-1, 1]
     expert_<name>                   [B, He, We, C] f32   one per name in `experts`; C = 1
@@ -31,43 +31,35 @@ Batch (fixed shapes; written by `vlm_jax.data.prismer`):
                                                          marks valid decoder inputs
     loss_weight                     [B] f32              per-example weight
 
+config.model (`build`): `lm` (`RobertaConfig`: the decoder), `vision` (`PrismerVision`
+fields: the ViT, its experts and their resampler), `adaptor_ratio` (both backbones'
+adaptors), `freeze`, `dropout_rate`.
+
 Freezing (`frozen_patterns(mode)`, the reference's `prepare_to_train`): 'freeze_lang_vision'
 (pretraining) freezes the ViT layers except their adaptors, and the decoder layers'
 self-attention and MLP (with their norms); 'freeze_vision' (fine-tuning) only the former;
 'none' nothing. Stems, resampler, patch conv, position grid, LN_pre/LN_post, word and
 position embeddings, cross-attention, adaptors, the output layer and the LM head train.
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.models import registry
 from vlm_jax.nn import adaptor as adaptor_lib
 from vlm_jax.nn import attention as attention_lib
-from vlm_jax.nn import embeddings, expert_stem, norms, resampler, transformer
-from vlm_jax.nn import mlp as mlp_lib
+from vlm_jax.nn import embeddings, expert_stem, norms, transformer
+from vlm_jax.nn import flops as F
+from vlm_jax.nn.expert_vit import (DENSE_EXPERTS, INSTANCES_KEY, LABEL_EXPERTS, PrismerVision,
+                                   check_experts, expert_key)
 
-DENSE_EXPERTS = {"depth": 1, "normal": 3, "edge": 1}  # name -> channels
-LABEL_EXPERTS = ("seg", "obj_detection", "ocr_detection")  # per-pixel label embeddings
-EXPERTS = tuple(DENSE_EXPERTS) + LABEL_EXPERTS
-INSTANCES_KEY = "expert_obj_detection_instances"
 FREEZE_MODES = ("freeze_lang_vision", "freeze_vision", "freeze_lang", "none")
 _VISION_FROZEN = r"vision/encoder/layers(_\d+)?/(?!adaptor/).*"
 _LANG_FROZEN = (r"decoder/layers(_\d+)?/"
                 r"(self_attention|self_attention_norm|mlp|mlp_norm)/.*")
-
-
-def expert_key(name: str) -> str:
-  return f"expert_{name}"
-
-
-def check_experts(experts) -> tuple[str, ...]:
-  experts = tuple(experts)
-  unknown = [e for e in experts if e not in EXPERTS]
-  if unknown or len(set(experts)) != len(experts):
-    raise ValueError(f"experts={experts}: expected distinct names from {EXPERTS}.")
-  return experts
 
 
 def frozen_patterns(mode: str) -> tuple[str, ...]:
@@ -79,169 +71,45 @@ def frozen_patterns(mode: str) -> tuple[str, ...]:
           "none": ()}[mode]
 
 
-def nearest_grid(ids: jax.Array, grid: tuple[int, int]) -> jax.Array:
-  """[B, H, W] ints -> [B, h, w]: the value at each output cell's centre (nearest)."""
-  ids = jnp.asarray(ids)  # numpy batches (vlm-compile's example) cannot take traced indices
-  height, width = ids.shape[1:3]
-  rows = ((jnp.arange(grid[0]) + 0.5) * height / grid[0]).astype(jnp.int32)
-  cols = ((jnp.arange(grid[1]) + 0.5) * width / grid[1]).astype(jnp.int32)
-  return ids[:, rows][:, :, cols]
-
-
-class VisionEmbedder(nn.Module):
-  """RGB patches + resampled expert tokens: [B, h*w (+ num_latents with experts), D]."""
-  width: int
-  patch_size: int
-  image_size: int  # the position grid is stored for this resolution
-  experts: tuple[str, ...] = ()
-  num_latents: int = 64
-  resampler_layers: int = 4
-  resampler_heads: int = 8
-  num_instance_embeddings: int = 128
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  def instance_embedding(self, instances, grid, deterministic):
-    """Learned per-instance vectors [B, h, w, D]. Instance ids carry no meaning, so while
-    training each example maps its ids through a fresh random permutation of the table (the
-    reference draws a random row per instance); deterministic calls use id % table size."""
-    table = self.param("instance_embedding",
-                       nn.with_logical_partitioning(nn.initializers.normal(self.width ** -0.5),
-                                                    (None, "embed")),
-                       (self.num_instance_embeddings, self.width), self.param_dtype)
-    ids = nearest_grid(instances, grid) % self.num_instance_embeddings
-    if not deterministic:
-      keys = jax.random.split(self.make_rng("dropout"), ids.shape[0])
-      perms = jax.vmap(lambda k: jax.random.permutation(k, self.num_instance_embeddings))(keys)
-      ids = jnp.take_along_axis(perms, ids.reshape(ids.shape[0], -1), axis=1).reshape(ids.shape)
-    return jnp.take(table, ids, axis=0).astype(self.dtype)
-
-  @nn.compact
-  def __call__(self, images, expert_maps: dict, instances=None, deterministic=True):
-    p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")))(
-                        images.astype(self.dtype))
-    batch, grid = x.shape[0], x.shape[1:3]
-    side = self.image_size // p
-    pos = embeddings.PositionEmbedding((side, side), self.width, stddev=self.width ** -0.5,
-                                       param_dtype=self.param_dtype, name="pos_embedding")()
-    x = x + embeddings.resize_2d_pos_embedding(pos, grid).astype(self.dtype)
-    tokens = x.reshape(batch, -1, self.width)
-    if not self.experts:
-      return tokens
-    expert_tokens = []
-    for name in self.experts:
-      maps = expert_maps[name]
-      expert_grid = (maps.shape[1] // p, maps.shape[2] // p)
-      strides = (expert_stem.LABEL_STRIDES if name in LABEL_EXPERTS
-                 else expert_stem.DENSE_STRIDES)
-      e = expert_stem.ExpertStem(self.width, strides, self.dtype, self.param_dtype,
-                                 name=f"stem_{name}")(maps, expert_grid)
-      if name == "obj_detection":
-        e = e + self.instance_embedding(instances, expert_grid, deterministic)
-      # One position grid for every modality, interpolated to each expert's grid.
-      e = e + embeddings.resize_2d_pos_embedding(pos, expert_grid).astype(self.dtype)
-      expert_tokens.append(e.reshape(batch, -1, self.width))
-    latents = resampler.PerceiverResampler(
-        num_latents=self.num_latents, num_layers=self.resampler_layers,
-        num_heads=self.resampler_heads, head_dim=self.width // self.resampler_heads,
-        mlp_ratio=4, mlp_activation="squared_relu", use_bias=True, final_norm=False,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="resampler")(
-            jnp.concatenate(expert_tokens, axis=1)[:, None])
-    return jnp.concatenate([tokens, latents.astype(self.dtype)], axis=1)
-
-
-class PrismerVision(nn.Module):
-  """Adapted ViT over [RGB tokens ; expert latents]: LN_pre -> layers -> LN_post."""
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  patch_size: int
-  image_size: int
-  experts: tuple[str, ...] = ()
-  num_latents: int = 64
-  resampler_layers: int = 4
-  resampler_heads: int = 8
-  num_instance_embeddings: int = 128
-  adaptor_ratio: int = 1
-  mlp_activation: str = "quick_gelu"  # CLIP
-  dropout_rate: float = 0.0
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  def setup(self):
-    self.embedder = VisionEmbedder(
-        self.width, self.patch_size, self.image_size, tuple(self.experts), self.num_latents,
-        self.resampler_layers, self.resampler_heads, self.num_instance_embeddings, self.dtype,
-        self.param_dtype)
-    self.pre_norm = norms.LayerNorm(1e-6, True, self.dtype, self.param_dtype)
-    self.encoder = transformer.layer_stack(
-        adaptor_lib.AdaptedEncoderLayer, num_layers=self.depth, scan_layers=self.scan_layers,
-        remat_policy=self.remat_policy, num_heads=self.num_heads,
-        head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
-        mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
-        adaptor_ratio=self.adaptor_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder_norm = norms.LayerNorm(1e-6, True, self.dtype, self.param_dtype)
-
-  def embed_inputs(self, images, expert_maps: dict, instances=None, deterministic=True):
-    return self.embedder(images, expert_maps, instances, deterministic)
-
-  def __call__(self, images, expert_maps: dict, instances=None, deterministic=True):
-    x = self.pre_norm(self.embed_inputs(images, expert_maps, instances, deterministic))
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return self.encoder_norm(self.encoder(x, (None,), deterministic))
-
-
-class RobertaLayer(nn.Module):
+class RobertaLayer(transformer.Layer):
   """Post-LN RoBERTa layer, optionally with Prismer's cross-attention + adaptor.
 
       x = LN(x + SelfAttn(x))                        self_attention, self_attention_norm
       x = LN(x + CrossAttn(x, encoded))              cross_attention, cross_attention_norm
       x = Adaptor_late(x)                            adaptor
       x = LN(x + MLP(x))                             mlp, mlp_norm
-  context = (encoded [B, S, Dv], self_mask, cross_mask).
   """
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
   cross_attention: bool = True
   adaptor_ratio: int = 1
-  norm_epsilon: float = 1e-5
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
-  def _post_ln(self, x, branch, name, deterministic):
+  def post_norm(self, x, branch, name, deterministic):
     branch = nn.Dropout(self.dropout_rate)(branch, deterministic=deterministic)
-    x = norms.LayerNorm(self.norm_epsilon, True, self.dtype, self.param_dtype, name=name)(
-        x + branch)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-  def _attention(self, name):
-    return attention_lib.MultiHeadAttention(self.num_heads, self.head_dim, use_bias=True,
-                                            dtype=self.dtype, param_dtype=self.param_dtype,
-                                            name=name)
+    return nn.with_logical_constraint(self.norm(name)(x + branch), ("batch", "length", "embed"))
 
   @nn.compact
   def __call__(self, x, context, deterministic: bool = True, decode: bool = False):
-    encoded, self_mask, cross_mask = context
-    h = self._attention("self_attention")(x, mask=self_mask, decode=decode)
-    x = self._post_ln(x, h, "self_attention_norm", deterministic)
+    h = self.attention_module(deterministic)(x, mask=context.mask, decode=decode)
+    x = self.post_norm(x, h, "self_attention_norm", deterministic)
     if self.cross_attention:
-      h = self._attention("cross_attention")(x, encoded, mask=cross_mask, decode=decode,
-                                             kv_from_cache=decode and encoded is None)
-      x = self._post_ln(x, h, "cross_attention_norm", deterministic)
+      h = self.attention_module(deterministic, "cross_attention")(
+          x, context.encoded, mask=context.cross_mask, decode=decode,
+          kv_from_cache=decode and context.encoded is None)
+      x = self.post_norm(x, h, "cross_attention_norm", deterministic)
       x = adaptor_lib.Adaptor(self.adaptor_ratio, norm_late=True, norm_epsilon=self.norm_epsilon,
                               dtype=self.dtype, param_dtype=self.param_dtype, name="adaptor")(x)
-    h = mlp_lib.Mlp(self.mlp_dim, "gelu", use_bias=True, dropout_rate=self.dropout_rate,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(x, deterministic)
-    return self._post_ln(x, h, "mlp_norm", deterministic)
+    return self.post_norm(x, self.mlp_module()(x, deterministic), "mlp_norm", deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class RobertaConfig:
+  """The RoBERTa decoder (config.model.lm)."""
+  vocab_size: int
+  width: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  max_text_length: int = 514  # rows of the position table (RoBERTa: 514)
+  position_offset: int = 2  # RoBERTa's first position id (padding_idx + 1)
 
 
 class Prismer(nn.Module):
@@ -252,78 +120,57 @@ class Prismer(nn.Module):
       "new": (r"decoder/layers(_\d+)?/(cross_attention|cross_attention_norm|adaptor)/.*",
               r"output_layer/.*")}}
 
-  vocab_size: int
-  # RoBERTa decoder
-  width: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  max_text_length: int = 514  # rows of the position table (RoBERTa: 514)
-  position_offset: int = 2  # RoBERTa's first position id (padding_idx + 1)
-  # ViT
-  vision_width: int = 768
-  vision_layers: int = 12
-  vision_heads: int = 12
-  vision_mlp_dim: int = 3072
-  patch_size: int = 16
-  image_size: int = 224
-  # experts
-  experts: tuple[str, ...] = ()  # () = PrismerZ
-  num_latents: int = 64
-  resampler_layers: int = 4
-  resampler_heads: int = 8
-  num_instance_embeddings: int = 128
-  adaptor_ratio: int = 1  # bottleneck ratio: adaptor hidden = width // adaptor_ratio
+  lm: RobertaConfig
+  vision: PrismerVision  # the adapted ViT with the experts' stems and resampler
   # Which backbones config.frozen freezes (`frozen_patterns(freeze)`); the model only checks
-  # it, vlm_jax.flops reads it to apply the frozen-part FLOPs rules.
+  # it, `flops_treatment` reads it to apply the frozen-part FLOPs rules.
   freeze: str = "freeze_lang_vision"
+  adaptor_ratio: int = 1  # bottleneck ratio: adaptor hidden = width // adaptor_ratio
   dropout_rate: float = 0.0
   scan_layers: bool = True
   remat_policy: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
+  @property
+  def experts(self) -> tuple[str, ...]:
+    return tuple(self.vision.experts)
+
   def setup(self):
     check_experts(self.experts)
     frozen_patterns(self.freeze)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.vision = PrismerVision(
-        width=self.vision_width, depth=self.vision_layers, num_heads=self.vision_heads,
-        mlp_dim=self.vision_mlp_dim, patch_size=self.patch_size, image_size=self.image_size,
-        experts=tuple(self.experts), num_latents=self.num_latents,
-        resampler_layers=self.resampler_layers, resampler_heads=self.resampler_heads,
-        num_instance_embeddings=self.num_instance_embeddings, adaptor_ratio=self.adaptor_ratio,
-        dropout_rate=self.dropout_rate, scan_layers=self.scan_layers,
-        remat_policy=self.remat_policy, dtype=dtype, param_dtype=param_dtype)
+    lm = self.lm
     # RoBERTa's N(0, 0.02) init (nn.Embed's is N(0, 1)): the table also gives the tied logits.
     self.word_embedding = self.param(
         "word_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                        ("vocab", "embed")),
-        (self.vocab_size, self.width), param_dtype)
-    self.pos_embedding = embeddings.PositionEmbedding((self.max_text_length,), self.width,
+        (lm.vocab_size, lm.width), param_dtype)
+    self.pos_embedding = embeddings.PositionEmbedding((lm.max_text_length,), lm.width,
                                                       param_dtype=param_dtype)
     self.token_type_embedding = self.param(
         "token_type_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                              ("embed",)),
-        (self.width,), param_dtype)
+        (lm.width,), param_dtype)
     self.embed_norm = norms.LayerNorm(1e-5, True, dtype, param_dtype)
     self.embed_dropout = nn.Dropout(self.dropout_rate)
-    layer_kwargs = dict(num_heads=self.num_heads, head_dim=self.width // self.num_heads,
-                        mlp_dim=self.mlp_dim, adaptor_ratio=self.adaptor_ratio,
-                        dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype)
+    layer_kwargs = dict(num_heads=lm.num_heads, head_dim=lm.width // lm.num_heads,
+                        mlp_dim=lm.mlp_dim, norm_epsilon=1e-5,
+                        adaptor_ratio=self.adaptor_ratio, dropout_rate=self.dropout_rate,
+                        dtype=dtype, param_dtype=param_dtype)
     self.decoder = transformer.layer_stack(
-        RobertaLayer, num_layers=self.num_layers, scan_layers=self.scan_layers,
+        RobertaLayer, num_layers=lm.num_layers, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, cross_attention=True, **layer_kwargs)
     self.output_layer = RobertaLayer(cross_attention=False, **layer_kwargs)
     self.lm_head_dense = nn.Dense(
-        self.width, dtype=dtype, param_dtype=param_dtype,
+        lm.width, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                  ("embed", "mlp")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
     self.lm_head_norm = norms.LayerNorm(1e-5, True, dtype, param_dtype)
     self.lm_head_bias = self.param(
         "lm_head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-        (self.vocab_size,), param_dtype)
+        (lm.vocab_size,), param_dtype)
 
   def expert_inputs(self, batch) -> tuple[dict, Any]:
     maps = {}
@@ -367,19 +214,20 @@ class Prismer(nn.Module):
     (learned absolute positions), accepted for the decoding interface (vlm_jax/decode.py).
     """
     del key_positions
+    lm = self.lm
     if positions is None:
       length = tokens.shape[1]
-      if length + self.position_offset > self.max_text_length:
-        raise ValueError(f"text length {length} + position_offset {self.position_offset} "
-                         f"exceeds config.model.max_text_length={self.max_text_length}.")
+      if length + lm.position_offset > lm.max_text_length:
+        raise ValueError(f"text length {length} + position_offset {lm.position_offset} "
+                         f"exceeds config.model.lm.max_text_length={lm.max_text_length}.")
       positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-    pos = jnp.take(self.pos_embedding(), positions + self.position_offset, axis=0)
+    pos = jnp.take(self.pos_embedding(), positions + lm.position_offset, axis=0)
     words = jnp.take(self.word_embedding, tokens, axis=0).astype(self.dtype)
     x = words + pos.astype(self.dtype) + self.token_type_embedding.astype(self.dtype)
     x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
     self_mask = attention_lib.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
     cross_mask = None if encoder_mask is None else attention_lib.padding_mask(None, encoder_mask)
-    context = (encoded, self_mask, cross_mask)
+    context = transformer.LayerContext(mask=self_mask, encoded=encoded, cross_mask=cross_mask)
     x = self.decoder(x, context, deterministic, decode)
     x = self.output_layer(x, context, deterministic, decode)
     x = self.lm_head_norm(nn.gelu(self.lm_head_dense(x), approximate=False))
@@ -391,6 +239,18 @@ class Prismer(nn.Module):
     encoded = self.encode_images(batch, deterministic)
     return self.decode(encoded, None, batch["tokens"], batch["loss_mask"],
                        deterministic=deterministic)
+
+
+def build(model_config) -> Prismer:
+  c = model_config
+  registry.check_keys(c, ("lm", "vision", "freeze", "adaptor_ratio", "dropout_rate"))
+  common = registry.common(c)
+  vision = registry.part(PrismerVision, c, "vision", adaptor_ratio=c.adaptor_ratio,
+                         dropout_rate=c.dropout_rate, **common)
+  return Prismer(lm=RobertaConfig(**registry.sub_config(RobertaConfig, c, "lm")),
+                 vision=vision, freeze=c.freeze, adaptor_ratio=c.adaptor_ratio,
+                 dropout_rate=c.dropout_rate, scan_layers=c.scan_layers,
+                 remat_policy=c.remat_policy, dtype=c.dtype, param_dtype=c.param_dtype)
 
 
 def batch_spec(data_config, batch_size: int) -> dict:
@@ -408,3 +268,54 @@ def batch_spec(data_config, batch_size: int) -> dict:
     if name == "obj_detection":
       shapes[INSTANCES_KEY] = ((batch_size, label, label), i32)
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def flops_parts(config, causal_half=True) -> dict:
+  """Parts by how training treats them (`flops_treatment`): the frozen ViT and RoBERTa
+  layers are separate from the adaptors, cross-attention and everything else trainable."""
+  lm, vision, data = config.model.lm, config.model.vision, config.data
+  vw, p, experts = vision.width, vision.patch_size, tuple(vision.experts)
+  grid, expert_grid = data.image_size // p, data.expert_size // p
+  vheads = vision.num_heads
+  stems = F.dense(grid * grid, p * p * 3, vw)
+  latents = vision.num_latents if experts else 0
+  if experts:
+    for name in experts:
+      label = name in LABEL_EXPERTS
+      channels = data.label_dim if label else DENSE_EXPERTS[name]
+      stems += F.expert_stem(expert_grid, vw, channels,
+                             expert_stem.LABEL_STRIDES if label else expert_stem.DENSE_STRIDES,
+                             data.expert_size)
+    keys = len(experts) * expert_grid ** 2 + latents
+    rheads = vision.resampler_heads
+    stems += vision.resampler_layers * (F.attention(latents, keys, vw, rheads, vw // rheads)
+                                        + F.mlp(latents, vw, 4 * vw))
+  n = grid * grid + latents
+  vit_layer = F.attention(n, n, vw, vheads, vw // vheads) + F.mlp(n, vw, vision.mlp_dim)
+  ratio = config.model.adaptor_ratio
+  t, width, heads = data.text_length, lm.width, lm.num_heads
+  self_layer = (F.attention(t, t, width, heads, width // heads, causal_half=causal_half)
+                + F.mlp(t, width, lm.mlp_dim))
+  cross = (F.dense(t, width, width) + F.dense(n, vw, 2 * width) + F.dense(t, width, width)
+           + 2 * 2.0 * t * n * width)
+  return {
+      "vision_stems": stems,
+      "vision_layers": vision.depth * vit_layer,
+      "vision_adaptors": vision.depth * 2 * F.dense(n, vw, vw // ratio),
+      "decoder_layers": lm.num_layers * self_layer,
+      "decoder_cross": lm.num_layers * (cross + 2 * F.dense(t, width, width // ratio)),
+      "output_layer": self_layer,
+      "logits": F.dense(t, width, width) + F.dense(t, width, lm.vocab_size),
+  }
+
+
+def flops_treatment(config) -> dict:
+  """Frozen layers sit under trainable adaptors / cross-attention (and, in the ViT, behind
+  trainable stems), so gradients pass through them: 4N."""
+  mode = config.model.freeze
+  treatment = {}
+  if mode in ("freeze_lang_vision", "freeze_vision"):
+    treatment["vision_layers"] = F.FROZEN_PASSTHROUGH
+  if mode in ("freeze_lang_vision", "freeze_lang"):
+    treatment["decoder_layers"] = F.FROZEN_PASSTHROUGH
+  return treatment

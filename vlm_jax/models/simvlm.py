@@ -6,8 +6,10 @@
     decoder: causal self-attention over the suffix + cross-attention to the encoder
     logits: tied to the token embedding (scaled by width**-0.5) or a separate projection
 
-`position='relative'` replaces the text position tables by T5's relative position bias (one
-bucketed table per stack, over the encoder's whole [image ; prefix] sequence and the
+config.model (`build`): `lm` (`TextConfig`: the text encoder-decoder), `vision` (the conv
+stem's `width` and `stage_blocks`), `dropout_rate`, `drop_path_rate`.
+`lm.position='relative'` replaces the text position tables by T5's relative position bias
+(one bucketed table per stack, over the encoder's whole [image ; prefix] sequence and the
 decoder's suffix); with norm_type='rmsnorm', mlp_activation='geglu', use_bias=False and
 tie_embeddings=False the text path is T5 v1.1, so a T5 checkpoint warm-starts it
 (`vlm_jax.convert.t5`, `--config.init.lm`). The image keeps its learned 2-D grid.
@@ -35,22 +37,47 @@ attention output, never NaN.
 The input embeddings pass through `self.perturb('prefix_embeddings' | 'suffix_embeddings')`
 so tests and analyses can take gradients with respect to them (flax 'perturbations').
 """
+import dataclasses
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from vlm_jax.nn import attention, conv_stem, embeddings, norms, relative_position, transformer
+from vlm_jax.models import registry
+from vlm_jax.nn import attention, conv_stem, decoder_lm, embeddings, norms, relative_position
+from vlm_jax.nn import transformer
+from vlm_jax.nn import flops as F
 
 POSITIONS = ("learned", "relative")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """The text encoder-decoder (config.model.lm)."""
+  vocab_size: int
+  width: int
+  num_heads: int
+  mlp_dim: int
+  encoder_layers: int
+  decoder_layers: int
+  head_dim: int | None = None  # None: width // num_heads
+  mlp_activation: str = "gelu"
+  norm_type: str = "layernorm"
+  max_text_length: int = 64  # size of the prefix and suffix position tables
+  position: str = "learned"  # learned | relative (T5 bucketed bias)
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  use_bias: bool = True  # in attention and MLP projections
+  tie_embeddings: bool = True
 
 
 class ImageEmbedder(nn.Module):
   """images [B, N, H, W, C] -> tokens [B, N*h*w, D] with a learned [h, w, D] position grid."""
   width: int
-  stem_width: int
-  stem_blocks: tuple[int, ...]
+  stem: Any  # ConvStem fields (width, stage_blocks)
   drop_path_rate: float
   dtype: Any
   param_dtype: Any
@@ -58,8 +85,8 @@ class ImageEmbedder(nn.Module):
   @nn.compact
   def __call__(self, images, deterministic: bool = True):
     batch, num_images = images.shape[:2]
-    x = conv_stem.ConvStem(self.width, self.stem_width, tuple(self.stem_blocks),
-                           self.drop_path_rate, self.dtype, self.param_dtype, name="stem")(
+    x = conv_stem.ConvStem(self.width, **self.stem, drop_path_rate=self.drop_path_rate,
+                           dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(
                                images.reshape((-1,) + images.shape[2:]), deterministic)
     grid = x.shape[1:3]
     x = x + embeddings.PositionEmbedding(grid, self.width, param_dtype=self.param_dtype,
@@ -72,23 +99,8 @@ class SimVLM(nn.Module):
   # config.init.lm: a T5 v1.1 checkpoint fills the text encoder-decoder (see convert/t5.py).
   PRETRAINED_PARTS = {"lm": {"path": "", "exclude": (r"image_embedder/.*",), "arch": "t5"}}
 
-  vocab_size: int
-  width: int
-  num_heads: int
-  mlp_dim: int
-  encoder_layers: int
-  decoder_layers: int
-  head_dim: int | None = None  # None: width // num_heads
-  mlp_activation: str = "gelu"
-  norm_type: str = "layernorm"
-  stem_width: int = 64
-  stem_blocks: tuple[int, ...] = (3, 4, 6)
-  max_text_length: int = 64  # size of the prefix and suffix position tables
-  position: str = "learned"  # learned | relative (T5 bucketed bias)
-  relative_buckets: int = 32
-  relative_max_distance: int = 128
-  use_bias: bool = True  # in attention and MLP projections
-  tie_embeddings: bool = True
+  lm: TextConfig
+  vision: Any = flax.core.FrozenDict()  # ConvStem fields: width, stage_blocks
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0  # conv stage and encoder only, as in the paper
   scan_layers: bool = True
@@ -98,40 +110,41 @@ class SimVLM(nn.Module):
 
   def setup(self):
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    lm = self.lm
     layer_kwargs = dict(
-        num_heads=self.num_heads, head_dim=self.head_dim or self.width // self.num_heads,
-        mlp_dim=self.mlp_dim, mlp_activation=self.mlp_activation, norm_type=self.norm_type,
-        use_bias=self.use_bias, dropout_rate=self.dropout_rate, dtype=dtype,
+        num_heads=lm.num_heads, head_dim=lm.head_dim or lm.width // lm.num_heads,
+        mlp_dim=lm.mlp_dim, mlp_activation=lm.mlp_activation, norm_type=lm.norm_type,
+        use_bias=lm.use_bias, dropout_rate=self.dropout_rate, dtype=dtype,
         param_dtype=param_dtype)
-    self.image_embedder = ImageEmbedder(self.width, self.stem_width, tuple(self.stem_blocks),
-                                        self.drop_path_rate, dtype, param_dtype)
-    self.token_embedder = embeddings.Embed(self.vocab_size, self.width, dtype, param_dtype)
-    if self.position not in POSITIONS:
-      raise ValueError(f"position={self.position!r}: expected one of {POSITIONS}.")
-    if self.position == "learned":
+    self.image_embedder = ImageEmbedder(lm.width, self.vision, self.drop_path_rate, dtype,
+                                        param_dtype)
+    self.token_embedder = embeddings.Embed(lm.vocab_size, lm.width, dtype, param_dtype)
+    if lm.position not in POSITIONS:
+      raise ValueError(f"position={lm.position!r}: expected one of {POSITIONS}.")
+    if lm.position == "learned":
       self.prefix_pos_embedding = embeddings.PositionEmbedding(
-          (self.max_text_length,), self.width, param_dtype=param_dtype)
+          (lm.max_text_length,), lm.width, param_dtype=param_dtype)
       self.suffix_pos_embedding = embeddings.PositionEmbedding(
-          (self.max_text_length,), self.width, param_dtype=param_dtype)
+          (lm.max_text_length,), lm.width, param_dtype=param_dtype)
     else:
-      relative = dict(num_heads=self.num_heads, num_buckets=self.relative_buckets,
-                      max_distance=self.relative_max_distance, param_dtype=param_dtype)
+      relative = dict(num_heads=lm.num_heads, num_buckets=lm.relative_buckets,
+                      max_distance=lm.relative_max_distance, param_dtype=param_dtype)
       self.encoder_relative_bias = relative_position.RelativePositionBias(
           bidirectional=True, **relative)
       self.decoder_relative_bias = relative_position.RelativePositionBias(
           bidirectional=False, **relative)
     self.embed_dropout = nn.Dropout(self.dropout_rate)
     self.encoder = transformer.layer_stack(
-        transformer.EncoderLayer, num_layers=self.encoder_layers, scan_layers=self.scan_layers,
+        transformer.Layer, num_layers=lm.encoder_layers, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, drop_path_rate=self.drop_path_rate, **layer_kwargs)
-    self.encoder_norm = norms.make_norm(self.norm_type, dtype, param_dtype)
+    self.encoder_norm = norms.make_norm(lm.norm_type, dtype=dtype, param_dtype=param_dtype)
     self.decoder = transformer.layer_stack(
-        transformer.DecoderLayer, num_layers=self.decoder_layers, scan_layers=self.scan_layers,
-        remat_policy=self.remat_policy, **layer_kwargs)
-    self.decoder_norm = norms.make_norm(self.norm_type, dtype, param_dtype)
-    if not self.tie_embeddings:
+        transformer.CrossAttentionLayer, num_layers=lm.decoder_layers,
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy, **layer_kwargs)
+    self.decoder_norm = norms.make_norm(lm.norm_type, dtype=dtype, param_dtype=param_dtype)
+    if not lm.tie_embeddings:
       self.logits_projection = nn.Dense(
-          self.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+          lm.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                    ("embed", "vocab")))
 
@@ -143,17 +156,18 @@ class SimVLM(nn.Module):
     image_valid = jnp.repeat(batch["image_mask"] > 0, tokens_per_image, axis=1)
     prefix_tokens = batch["prefix_tokens"]
     prefix = self.token_embedder(prefix_tokens)
-    if self.position == "learned":
+    if self.lm.position == "learned":
       self._check_length(prefix_tokens.shape[1], "prefix")
       prefix = prefix + self.prefix_pos_embedding()[:prefix_tokens.shape[1]].astype(prefix.dtype)
     prefix = self.perturb("prefix_embeddings", prefix)
     x = jnp.concatenate([image_tokens, prefix], axis=1)
     valid = jnp.concatenate([image_valid, batch["prefix_mask"] > 0], axis=1)
     x = self.embed_dropout(x, deterministic=deterministic)
-    context = (attention.padding_mask(None, valid),)
-    if self.position == "relative":
+    bias = None
+    if self.lm.position == "relative":
       order = jnp.arange(x.shape[1])
-      context += (self.encoder_relative_bias(order[None], order),)
+      bias = self.encoder_relative_bias(order[None], order)
+    context = transformer.LayerContext(mask=attention.padding_mask(None, valid), bias=bias)
     x = self.encoder(x, context, deterministic)
     return self.encoder_norm(x), valid
 
@@ -171,35 +185,47 @@ class SimVLM(nn.Module):
     cross-attention keys/values cached by an earlier decode call that passed it.
     """
     if positions is None:
-      if self.position == "learned":
+      if self.lm.position == "learned":
         self._check_length(tokens.shape[1], "suffix")
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.token_embedder(tokens)
-    if self.position == "learned":
+    if self.lm.position == "learned":
       x = x + jnp.take(self.suffix_pos_embedding(), positions, axis=0).astype(x.dtype)
     x = self.perturb("suffix_embeddings", x)
     x = self.embed_dropout(x, deterministic=deterministic)
     self_mask = attention.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
-    cross_mask = attention.padding_mask(None, encoder_mask)
-    context = (encoded, self_mask, cross_mask)
-    if self.position == "relative":
+    bias = None
+    if self.lm.position == "relative":
       keys = key_positions if decode else jnp.arange(tokens.shape[1])  # None: cache slots
-      context += (self.decoder_relative_bias(positions, keys),)
+      bias = self.decoder_relative_bias(positions, keys)
+    context = transformer.LayerContext(mask=self_mask, bias=bias, encoded=encoded,
+                                       cross_mask=attention.padding_mask(None, encoder_mask))
     x = self.decoder(x, context, deterministic, decode)
     x = self.decoder_norm(x)
-    if self.tie_embeddings:
-      return self.token_embedder.attend(x) * self.width ** -0.5
+    if self.lm.tie_embeddings:
+      return self.token_embedder.attend(x) * self.lm.width ** -0.5
     return nn.with_logical_constraint(self.logits_projection(x), ("batch", "length", "vocab"))
 
   def _check_length(self, length, what):
-    if length > self.max_text_length:
-      raise ValueError(f"{what} length {length} exceeds config.model.max_text_length="
-                       f"{self.max_text_length} (the position table size).")
+    if length > self.lm.max_text_length:
+      raise ValueError(f"{what} length {length} exceeds config.model.lm.max_text_length="
+                       f"{self.lm.max_text_length} (the position table size).")
 
   def __call__(self, batch, deterministic: bool = True):
     encoded, encoder_mask = self.encode(batch, deterministic)
     return self.decode(encoded, encoder_mask, batch["tokens"], batch["loss_mask"],
                        deterministic=deterministic)
+
+
+def build(model_config) -> SimVLM:
+  c = model_config
+  registry.check_keys(c, ("lm", "vision", "dropout_rate", "drop_path_rate"))
+  return SimVLM(lm=TextConfig(**registry.sub_config(TextConfig, c, "lm")),
+                vision=registry.sub_config(conv_stem.ConvStem, c, "vision",
+                                           fixed=("out_features", "drop_path_rate")),
+                dropout_rate=c.dropout_rate, drop_path_rate=c.drop_path_rate,
+                scan_layers=c.scan_layers, remat_policy=c.remat_policy, dtype=c.dtype,
+                param_dtype=c.param_dtype)
 
 
 def batch_spec(data_config, batch_size: int) -> dict:
@@ -213,3 +239,53 @@ def batch_spec(data_config, batch_size: int) -> dict:
       "loss_mask": ((batch_size, suffix), f32), "loss_weight": ((batch_size,), f32),
   }
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def flops_parts(config, causal_half=True) -> dict:
+  lm, data = config.model.lm, config.data
+  width, heads = lm.width, lm.num_heads
+  head_dim = lm.get("head_dim") or width // heads
+  act = lm.get("mlp_activation", "gelu")
+  stem, grid = F.conv_stem(data.image_size, config.model.vision.width,
+                           config.model.vision.stage_blocks, width)
+  enc_len = grid * grid + data.prefix_length
+  dec_len = data.suffix_length
+  enc_layer = (F.attention(enc_len, enc_len, width, heads, head_dim)
+               + F.mlp(enc_len, width, lm.mlp_dim, act))
+  dec_layer = (F.attention(dec_len, dec_len, width, heads, head_dim, causal_half=causal_half)
+               + F.attention(dec_len, enc_len, width, heads, head_dim)
+               + F.mlp(dec_len, width, lm.mlp_dim, act))
+  return {
+      "image_embedder": stem,
+      "encoder": lm.encoder_layers * enc_layer,
+      "decoder": lm.decoder_layers * dec_layer,
+      "logits": F.dense(dec_len, width, lm.vocab_size),
+  }
+
+
+def attention_masks(config, batch, example: int = 0) -> dict:
+  """SimVLM's encoder self, decoder self and decoder cross masks, and the same model seen as
+  one decoder-only PrefixLM over [image ; prefix ; suffix] (`decoder_lm.prefix_lm_mask`),
+  for the model notebook."""
+  _, grid = F.conv_stem(config.data.image_size, config.model.vision.width,
+                        config.model.vision.stage_blocks, config.model.lm.width)
+  prefix_valid = jnp.asarray(batch["prefix_mask"][example:example + 1] > 0)
+  suffix_valid = jnp.asarray(batch["loss_mask"][example:example + 1] > 0)
+  encoder_valid = jnp.concatenate([jnp.ones((1, grid * grid), bool), prefix_valid], axis=1)
+  causal = jnp.concatenate([jnp.zeros_like(encoder_valid), jnp.ones_like(suffix_valid)], axis=1)
+  all_valid = jnp.concatenate([encoder_valid, suffix_valid], axis=1)
+  masks = {
+      "encoder self-attention": attention.padding_mask(None, encoder_valid),
+      "decoder self-attention": attention.causal_mask(suffix_valid.shape[1])
+                                & attention.padding_mask(None, suffix_valid),
+      "decoder cross-attention": attention.padding_mask(None, encoder_valid),
+      "as one PrefixLM": decoder_lm.prefix_lm_mask(causal)
+                         & attention.padding_mask(None, all_valid),
+  }
+  # Padding masks hold one row for every query: draw them at their [queries, keys] size.
+  queries = {"encoder self-attention": encoder_valid.shape[1],
+             "decoder self-attention": suffix_valid.shape[1],
+             "decoder cross-attention": suffix_valid.shape[1],
+             "as one PrefixLM": all_valid.shape[1]}
+  return {k: np.broadcast_to(np.asarray(m[0, 0]), (queries[k], m.shape[-1]))
+          for k, m in masks.items()}

@@ -8,7 +8,7 @@ The up-projection starts at zero, so a norm_late=False adaptor starts as the ide
 frozen pretrained backbone keeps its function at initialisation (the language adaptor
 starts as a LayerNorm). `AdaptedEncoderLayer` is the pre-LN encoder layer of
 `nn/transformer.py` with an adaptor between self-attention and MLP, as in Prismer's ViT;
-its other params keep EncoderLayer's names, so plain ViT weights load unchanged.
+its other params keep transformer.Layer's names, so plain ViT weights load unchanged.
 """
 from typing import Any
 
@@ -49,16 +49,13 @@ class Adaptor(nn.Module):
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
-class AdaptedEncoderLayer(transformer.EncoderLayer):
-  """x + SelfAttn(LN(x)); Adaptor(x); x + MLP(LN(x)). context = (mask,)."""
+class AdaptedEncoderLayer(transformer.Layer):
+  """x + SelfAttn(LN(x)); Adaptor(x); x + MLP(LN(x))."""
   adaptor_ratio: int = 1
 
   @nn.compact
   def __call__(self, x, context, deterministic: bool = True, decode: bool = False):
-    (mask,) = context
-    h = self._attention("self_attention", self.use_rotary)(
-        self._norm("pre_attention_norm")(x), mask=mask)
-    x = self._residual(x, h, deterministic)
+    x = self.self_attention_block(x, context, deterministic, decode)
     x = Adaptor(self.adaptor_ratio, norm_late=False, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="adaptor")(x)
-    return self._mlp(x, deterministic)
+    return self.mlp_block(x, context, deterministic)

@@ -1,4 +1,5 @@
-"""Token embeddings (with `attend` for tied logits), learned position embeddings, rotary."""
+"""Token embeddings (with `attend` for tied logits), learned position embeddings, rotary,
+and splicing other embeddings (visual tokens) into a token sequence."""
 from typing import Any
 
 import flax.linen as nn
@@ -80,3 +81,14 @@ def apply_rotary(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def splice(embeddings: jax.Array, inserted: jax.Array, positions: jax.Array,
+           present: jax.Array) -> jax.Array:
+  """Writes inserted [B, N, L, D] into embeddings [B, T, D] at positions [B, N] where
+  present [B, N] is true (visual tokens overwriting their placeholder slots)."""
+  put = jax.vmap(lambda e, v, p: jax.lax.dynamic_update_slice(e, v, (p, 0)))
+  for n in range(inserted.shape[1]):
+    written = put(embeddings, inserted[:, n].astype(embeddings.dtype), positions[:, n])
+    embeddings = jnp.where(present[:, n, None, None], written, embeddings)
+  return embeddings

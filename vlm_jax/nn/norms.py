@@ -108,11 +108,13 @@ class RMSNorm(nn.Module):
     return normalize(x, scale, center=False, epsilon=self.epsilon).astype(self.dtype)
 
 
-def make_norm(norm_type: str, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
-              epsilon: float = 1e-6):
-  """`norm_type` is 'layernorm' or 'rmsnorm' (a config string)."""
+def make_norm(norm_type: str, epsilon: float = 1e-6, use_bias: bool = True,
+              dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+              name: str | None = None):
+  """The one norm factory: `norm_type` 'layernorm' (with a bias when `use_bias`, e.g. MPT's
+  has none) or 'rmsnorm' (never a bias), a config string."""
   if norm_type == "layernorm":
-    return LayerNorm(epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+    return LayerNorm(epsilon, use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
   if norm_type == "rmsnorm":
     return RMSNorm(epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
   raise ValueError(f"norm_type={norm_type!r}: expected 'layernorm' or 'rmsnorm'.")

@@ -1,13 +1,21 @@
-"""Pre-LN transformer layers and a layer stack that is scanned (or not) and rematerialised.
+"""The transformer layer contract: one layer class family, one context, one stack.
 
-A layer is called as `layer(x, context, deterministic, decode)`: `context` is a tuple of the
-arrays every layer shares (masks, encoder output), `deterministic` and `decode` are Python
-bools. With `scan_layers=True` the stack is one `nn.scan` over a single layer whose params
-carry a leading `layers` axis (param path `.../layers/...`); with `scan_layers=False` the
-layers are `layers_0 .. layers_{n-1}`; the same weights give the same outputs either way
-(stack the unscanned params on axis 0 to get the scanned ones).
+Every layer is called as `layer(x, context, deterministic, decode)`: `context` is a
+`LayerContext` of what all layers of a stack share (masks, positions, an encoder output,
+family-specific `extra`), `deterministic` and `decode` are Python bools. `Layer` is the
+pre-norm layer (ViT encoders, decoder-only LMs); its steps are methods a subclass overrides
+(`norm`, `attention_module`, `mlp_module` factories; `attention_branch` / `mlp_branch`: norm +
+sublayer; `self_attention_block` / `mlp_block`: branch + residual; `__call__`).
+`CrossAttentionLayer` adds cross-attention to `context.encoded` between them (SimVLM's
+decoder). Families subclass `Layer` for their own layers (CogAgent's cross-module, Flamingo's
+gated groups, Prismer's post-LN RoBERTa layer and adapted ViT layer).
+
+With `scan_layers=True` a stack is one `nn.scan` over a single layer whose params carry a
+leading `layers` axis (param path `.../layers/...`); with `scan_layers=False` the layers are
+`layers_0 .. layers_{n-1}`; the same weights give the same outputs either way (stack the
+unscanned params on axis 0 to get the scanned ones).
 """
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -15,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.nn import attention as attention_lib
+from vlm_jax.nn import lora
 from vlm_jax.nn import mlp as mlp_lib
 from vlm_jax.nn import norms
 
@@ -24,6 +33,16 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+class LayerContext(NamedTuple):
+  """What every layer of a stack receives besides x (broadcast through the scan)."""
+  mask: jax.Array | None = None  # self-attention, bool broadcastable to [B, N, T, T]
+  positions: jax.Array | None = None  # [B, T] rotary positions (None: attention's default)
+  bias: jax.Array | None = None  # added to self-attention logits (T5 relative positions)
+  encoded: jax.Array | None = None  # [B, S, D] cross-attended (None while decoding: cached)
+  cross_mask: jax.Array | None = None  # bool broadcastable to [B, N, T, S]
+  extra: Any = None  # family-specific pytree (media, token types, high-res tokens, ...)
 
 
 class DropPath(nn.Module):
@@ -40,78 +59,112 @@ class DropPath(nn.Module):
     return jnp.where(kept, x / keep, jnp.zeros_like(x))
 
 
-class _LayerBase(nn.Module):
+class Layer(nn.Module):
+  """Pre-norm layer: x + Attn(norm(x)); x + MLP(norm(x)) (or both from x: parallel residual,
+  GPT-NeoX). `use_bias` covers the projections and a LayerNorm's bias (MPT has neither)."""
   num_heads: int
   head_dim: int
   mlp_dim: int
-  num_kv_heads: int | None = None
+  num_kv_heads: int | None = None  # None: = num_heads; fewer: grouped-query attention
   mlp_activation: str = "gelu"
   norm_type: str = "layernorm"
   norm_epsilon: float = 1e-6
   use_bias: bool = True
   use_rotary: bool = False
+  rotary_max_wavelength: float = 10_000.0
+  parallel_residual: bool = False
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
+  lora_targets: tuple[str, ...] = ()  # e.g. ('query', 'value'); () = no LoRA params
+  lora_rank: int = 8
+  lora_alpha: float = 8.0
+  lora_dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _norm(self, name):
-    return norms.make_norm(self.norm_type, self.dtype, self.param_dtype, name=name,
-                           epsilon=self.norm_epsilon)
+  SELF_ATTENTION_NORM = "pre_attention_norm"
 
-  def _attention(self, name, use_rotary):
-    return attention_lib.MultiHeadAttention(
-        num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
-        use_bias=self.use_bias, use_rotary=use_rotary, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+  # --- module factories -------------------------------------------------------------------
+  def norm(self, name):
+    return norms.make_norm(self.norm_type, self.norm_epsilon, self.use_bias, self.dtype,
+                           self.param_dtype, name=name)
 
-  def _residual(self, x, branch, deterministic):
+  def attention_module(self, deterministic: bool, name: str = "self_attention",
+                       use_rotary: bool | None = None):
+    kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim,
+                  num_kv_heads=self.num_kv_heads, use_bias=self.use_bias,
+                  use_rotary=self.use_rotary if use_rotary is None else use_rotary,
+                  rotary_max_wavelength=self.rotary_max_wavelength,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    if self.lora_targets:
+      return lora.LoraMultiHeadAttention(
+          **kwargs, lora_targets=tuple(self.lora_targets), lora_rank=self.lora_rank,
+          lora_alpha=self.lora_alpha, lora_dropout_rate=self.lora_dropout_rate,
+          deterministic=deterministic)
+    return attention_lib.MultiHeadAttention(**kwargs)
+
+  def mlp_module(self, name: str = "mlp"):
+    return mlp_lib.Mlp(self.mlp_dim, self.mlp_activation, use_bias=self.use_bias,
+                       dropout_rate=self.dropout_rate, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=name)
+
+  # --- steps ------------------------------------------------------------------------------
+  def residual(self, x, branch, deterministic):
     branch = nn.Dropout(self.dropout_rate)(branch, deterministic=deterministic)
     branch = DropPath(self.drop_path_rate)(branch, deterministic=deterministic)
     return nn.with_logical_constraint(x + branch, ("batch", "length", "embed"))
 
-  def _mlp(self, x, deterministic):
-    h = mlp_lib.Mlp(self.mlp_dim, self.mlp_activation, use_bias=self.use_bias,
-                    dropout_rate=self.dropout_rate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="mlp")(self._norm("pre_mlp_norm")(x),
-                                                              deterministic)
-    return self._residual(x, h, deterministic)
+  def attention_branch(self, x, context: LayerContext, deterministic, decode):
+    return self.attention_module(deterministic)(
+        self.norm(self.SELF_ATTENTION_NORM)(x), mask=context.mask,
+        positions=context.positions, bias=context.bias, decode=decode)
 
+  def mlp_branch(self, x, context: LayerContext, deterministic):
+    del context  # used by overrides (e.g. a visual expert's token types)
+    return self.mlp_module()(self.norm("pre_mlp_norm")(x), deterministic)
 
-class EncoderLayer(_LayerBase):
-  """x + SelfAttn(LN(x)); x + MLP(LN(x)). context = (mask,) or (mask, bias): mask
-  [B|1, 1|N, T, T]; bias (optional) added to the attention logits (T5 relative positions)."""
+  def self_attention_block(self, x, context, deterministic, decode):
+    return self.residual(x, self.attention_branch(x, context, deterministic, decode),
+                         deterministic)
 
-  @nn.compact
-  def __call__(self, x, context, deterministic: bool = True, decode: bool = False):
-    mask, bias = (tuple(context) + (None,))[:2]
-    h = self._attention("self_attention", self.use_rotary)(
-        self._norm("pre_attention_norm")(x), mask=mask, bias=bias)
-    x = self._residual(x, h, deterministic)
-    return self._mlp(x, deterministic)
-
-
-class DecoderLayer(_LayerBase):
-  """Causal self-attention, cross-attention to the encoder, MLP; all pre-LN.
-
-  context = (encoded [B, S, D], self_mask [.., T, T] or None, cross_mask [.., T, S]) and
-  optionally a self-attention logits bias [.., T, T] (T5 relative positions).
-  With decode=True the self-attention uses the KV cache (it adds the causal mask itself) and
-  the cross-attention caches the encoder's keys/values; `encoded` None then reuses them.
-  """
+  def mlp_block(self, x, context, deterministic):
+    return self.residual(x, self.mlp_branch(x, context, deterministic), deterministic)
 
   @nn.compact
-  def __call__(self, x, context, deterministic: bool = True, decode: bool = False):
-    encoded, self_mask, cross_mask, self_bias = (tuple(context) + (None,))[:4]
-    h = self._attention("self_attention", self.use_rotary)(
-        self._norm("pre_self_attention_norm")(x), mask=self_mask, decode=decode,
-        bias=self_bias)
-    x = self._residual(x, h, deterministic)
-    h = self._attention("cross_attention", False)(
-        self._norm("pre_cross_attention_norm")(x), encoded, mask=cross_mask, decode=decode,
-        kv_from_cache=decode and encoded is None)
-    x = self._residual(x, h, deterministic)
-    return self._mlp(x, deterministic)
+  def __call__(self, x, context: LayerContext, deterministic: bool = True,
+               decode: bool = False):
+    if self.parallel_residual:  # GPT-NeoX: x + Attn(ln1(x)) + MLP(ln2(x))
+      h = self.attention_branch(x, context, deterministic, decode)
+      return self.residual(self.residual(x, h, deterministic),
+                           self.mlp_branch(x, context, deterministic), deterministic)
+    x = self.self_attention_block(x, context, deterministic, decode)
+    return self.mlp_block(x, context, deterministic)
+
+
+class CrossAttentionLayer(Layer):
+  """Self-attention (causal in a decoder), cross-attention to `context.encoded` under
+  `context.cross_mask`, MLP; all pre-norm. While decoding, `encoded` None reads the
+  cross-attention keys/values an earlier call cached."""
+  SELF_ATTENTION_NORM = "pre_self_attention_norm"
+
+  def cross_attention_block(self, x, context: LayerContext, deterministic, decode):
+    h = self.attention_module(deterministic, "cross_attention", use_rotary=False)(
+        self.norm("pre_cross_attention_norm")(x), context.encoded, mask=context.cross_mask,
+        decode=decode, kv_from_cache=decode and context.encoded is None)
+    return self.residual(x, h, deterministic)
+
+  @nn.compact
+  def __call__(self, x, context: LayerContext, deterministic: bool = True,
+               decode: bool = False):
+    x = self.self_attention_block(x, context, deterministic, decode)
+    x = self.cross_attention_block(x, context, deterministic, decode)
+    return self.mlp_block(x, context, deterministic)
+
+
+def layer_fields(layer: Layer) -> dict:
+  """The `Layer` fields of `layer` (a subclass instance), e.g. to build a plain sublayer."""
+  return {name: getattr(layer, name) for name in Layer.__dataclass_fields__
+          if name not in ("parent", "name")}
 
 
 def _scan_body(layer, x, context, deterministic, decode):
@@ -127,7 +180,8 @@ class LayerStack(nn.Module):
   remat_policy: str = "none"
 
   @nn.compact
-  def __call__(self, x, context, deterministic: bool = True, decode: bool = False):
+  def __call__(self, x, context: LayerContext, deterministic: bool = True,
+               decode: bool = False):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}: expected one of "
                        f"{tuple(REMAT_POLICIES)}.")

@@ -17,6 +17,27 @@ from vlm_jax.nn import embeddings, norms, transformer
 
 Dtype = Any
 
+# Sizes by name (width, depth, heads, MLP), as big_vision's `decode_variant`: ViT-Ti..H
+# (Dosovitskiy et al.; Zhai et al.), EVA ViT-g (1408 wide, MLP 6144: MiniGPT-v2's), EVA2-CLIP-E
+# (CogAgent's low-res encoder).
+VARIANTS = {
+    "Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096), "H": (1280, 32, 16, 5120), "g": (1408, 40, 16, 6144),
+    "E": (1792, 64, 16, 15360),
+}
+
+
+def variant(name: str, **overrides) -> dict:
+  """'L/14' -> ViT fields (width, depth, num_heads, mlp_dim, patch_size), then `overrides`
+  (e.g. depth=39: MiniGPT-v2 drops EVA ViT-g's last layer)."""
+  size, _, patch = name.partition("/")
+  if size not in VARIANTS or not patch.isdigit():
+    raise ValueError(f"ViT variant {name!r}: expected <size>/<patch> with size in "
+                     f"{sorted(VARIANTS)}, e.g. 'L/14'.")
+  width, depth, num_heads, mlp_dim = VARIANTS[size]
+  return {**dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                 patch_size=int(patch)), **overrides}
+
 
 class ViT(nn.Module):
   patch_size: int
@@ -60,12 +81,12 @@ class ViT(nn.Module):
                           name="pre_norm")(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = transformer.layer_stack(
-        transformer.EncoderLayer, num_layers=self.depth, scan_layers=self.scan_layers,
+        transformer.Layer, num_layers=self.depth, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, name="encoder", num_heads=self.num_heads,
         head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
         mlp_activation=self.mlp_activation, norm_epsilon=self.norm_epsilon,
         dropout_rate=self.dropout_rate,
         drop_path_rate=self.drop_path_rate, dtype=self.dtype,
-        param_dtype=self.param_dtype)(x, (None,), deterministic)
+        param_dtype=self.param_dtype)(x, transformer.LayerContext(), deterministic)
     return norms.LayerNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="encoder_norm")(x)

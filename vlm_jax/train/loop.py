@@ -1,4 +1,4 @@
-"""The training loop: every family trains through it, chosen by `config.model.name`."""
+"""The training loop: every family trains through it, found by `config.model.name`."""
 import contextlib
 import logging
 import math
@@ -57,7 +57,8 @@ class Trainer:
     self.schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
     self.tx = optimizer_lib.make_optimizer(config)
     self.data = pipeline.make_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.data.seed)
+        config.data, config.model.name, global_batch_size=config.batch_size,
+        seed=config.data.seed)
     batch_spec = _example_batch_spec(self.data, config.batch_size)
     example = {k: jnp.zeros(s.shape, s.dtype) for k, s in batch_spec.items()}
     with self.mesh_context():
@@ -68,11 +69,11 @@ class Trainer:
     self.checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     train_step = step_lib.make_train_step(self.model, self.tx, config, self.schedule)
     repl = sharding.replicated(self.mesh)
-    self.train_step = distributed.synced_after_compile(jax.jit(
+    self.train_step = distributed.jit(
         train_step,
         in_shardings=(self.factory.shardings, self.batch_shardings, repl),
         out_shardings=(self.factory.shardings, repl),
-        donate_argnums=(0,)))
+        donate_argnums=(0,))
 
   @contextlib.contextmanager
   def mesh_context(self):
@@ -109,7 +110,7 @@ class Trainer:
     writer = metrics_lib.MetricWriter(self.workdir)
     peak, peak_source = metrics_lib.peak_flops(self.mesh.size)
     flops_per_step = flops_lib.flops_per_example(
-        config.model, config.data, flops_lib.config_treatment(config))["train"] * config.batch_size
+        config, flops_lib.config_treatment(config))["train"] * config.batch_size
     progress = metrics_lib.Progress(config.num_train_steps, config.batch_size, flops_per_step,
                                     peak)
     _log(f"Model FLOPs per train step {flops_per_step:.3e}; peak {peak:.3e} "

@@ -3,7 +3,6 @@
 Frozen sub-trees (config.frozen regexes) live outside the differentiated tree, so no gradient
 is ever computed for them and the optimizer holds no moments for them.
 """
-import re
 from typing import Any
 
 import flax
@@ -11,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
+from vlm_jax import params as params_lib
 from vlm_jax import sharding
 from vlm_jax.config import ConfigError
 
@@ -28,34 +27,6 @@ class TrainState:
   nonfinite_step: jax.Array
 
 
-def split_frozen(params, frozen_patterns) -> tuple[dict, dict]:
-  """Splits a param tree into (trainable, frozen) nested dicts by '/'-path regexes."""
-  compiled = [re.compile(p) for p in frozen_patterns]
-  flat = traverse_util.flatten_dict(params, sep="/")
-  frozen = {k: v for k, v in flat.items() if any(c.fullmatch(k) for c in compiled)}
-  trainable = {k: v for k, v in flat.items() if k not in frozen}
-  unflatten = lambda d: traverse_util.unflatten_dict(d, sep="/")
-  return unflatten(trainable), unflatten(frozen)
-
-
-def merge_params(trainable, frozen) -> dict:
-  flat = traverse_util.flatten_dict(trainable, sep="/")
-  flat.update(traverse_util.flatten_dict(frozen, sep="/"))
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def unmatched_patterns(params, frozen_patterns) -> list[str]:
-  keys = traverse_util.flatten_dict(params, sep="/").keys()
-  return [p for p in frozen_patterns if not any(re.fullmatch(p, k) for k in keys)]
-
-
-def strip_boxes(tree):
-  """Removes `nn.Partitioned` boxes without applying sharding constraints (usable eagerly)."""
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
-                      is_leaf=is_box)
-
-
 class StateFactory:
   """Builds the abstract state, its shardings, and the state itself directly sharded."""
 
@@ -63,15 +34,15 @@ class StateFactory:
     self.model, self.tx, self.config, self.mesh = model, tx, config, mesh
     self.rules = sharding.rules_from_config(config)
     self._example_batch = example_batch
-    boxed = jax.eval_shape(self._init_boxed_params, jax.random.key(0))
-    self.abstract_params = strip_boxes(boxed)
-    missing = unmatched_patterns(self.abstract_params, config.frozen)
+    boxed = params_lib.boxed_abstract(model, example_batch)
+    self.abstract_params = params_lib.strip_boxes(boxed)
+    missing = params_lib.unmatched_patterns(self.abstract_params, config.frozen)
     if missing:
-      some = list(traverse_util.flatten_dict(self.abstract_params, sep="/"))[:3]
+      some = list(params_lib.flatten(self.abstract_params))[:3]
       raise ConfigError(f"config.frozen: pattern(s) {missing} match no parameter; fix or "
                         f"remove them (parameter paths look like {some}).")
     param_shardings = sharding.logical_shardings(boxed, mesh, self.rules)
-    trainable_sh, frozen_sh = split_frozen(param_shardings, config.frozen)
+    trainable_sh, frozen_sh = params_lib.split_frozen(param_shardings, config.frozen)
     self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
     repl = sharding.replicated(mesh)
     opt_sh = optax.tree_utils.tree_map_params(
@@ -80,15 +51,9 @@ class StateFactory:
     self.shardings = TrainState(step=repl, params=trainable_sh, frozen=frozen_sh,
                                 opt_state=opt_sh, nonfinite_step=repl)
 
-  def _init_boxed_params(self, rng):
-    params_rng, dropout_rng = jax.random.split(rng)
-    variables = self.model.init({"params": params_rng, "dropout": dropout_rng},
-                                self._example_batch, deterministic=True)
-    return variables["params"]
-
   def _init_state(self, rng) -> TrainState:
-    params = nn.unbox(self._init_boxed_params(rng))
-    trainable, frozen = split_frozen(params, self.config.frozen)
+    params = nn.unbox(params_lib.init_boxed(self.model, self._example_batch, rng))
+    trainable, frozen = params_lib.split_frozen(params, self.config.frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                       opt_state=self.tx.init(trainable),
                       nonfinite_step=jnp.full((), -1, jnp.int32))

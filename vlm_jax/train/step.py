@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlm_jax.train.state import TrainState, merge_params
+from vlm_jax.params import merge_params
+from vlm_jax.train.state import TrainState
 
 
 def token_cross_entropy(logits, batch) -> tuple[jax.Array, jax.Array]:
@@ -74,10 +75,3 @@ def make_train_step(model, tx: optax.GradientTransformation, config, schedule=No
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(model):
-  def eval_step(trainable, frozen, batch):
-    logits = model.apply({"params": merge_params(trainable, frozen)}, batch, deterministic=True)
-    return token_cross_entropy(logits, batch)
-  return eval_step

@@ -61,17 +61,21 @@ def _check_batch(config, mesh: dict[str, int], process_count: int) -> None:
 
 
 def _check_image_and_patch(config) -> None:
-  """Every `*patch_size` model field must divide the matching `*image_size` data field."""
-  for field, patch in config.model.items():
-    if not field.endswith("patch_size") or not patch:
+  """A sub-config's `patch_size` (config.model.<part>.patch_size) must divide the images it
+  sees: config.data.<part>_image_size if the data has one (CogAgent's high_res), else
+  config.data.image_size."""
+  for part, sub in config.model.items():
+    patch = sub.get("patch_size") if hasattr(sub, "get") else None
+    if not patch:
       continue
-    prefix = field[:-len("patch_size")]
-    image_field = f"{prefix}image_size" if f"{prefix}image_size" in config.data else "image_size"
+    image_field = (f"{part}_image_size" if f"{part}_image_size" in config.data
+                   else "image_size")
     size = config.data.get(image_field)
     if size is not None and size % patch:
       raise ConfigError(
-          f"config.data.{image_field}={size} is not a multiple of config.model.{field}={patch}; "
-          f"use {max(patch, size // patch * patch)} or {(size // patch + 1) * patch}.")
+          f"config.data.{image_field}={size} is not a multiple of "
+          f"config.model.{part}.patch_size={patch}; use {max(patch, size // patch * patch)} "
+          f"or {(size // patch + 1) * patch}.")
 
 
 def _check_counts(config) -> None:
@@ -92,10 +96,7 @@ def _check_counts(config) -> None:
 
 def check_config(config, num_devices: int, process_count: int = 1) -> None:
   """Raises ConfigError for a config that cannot train on `num_devices` devices."""
-  name = config.model.name
-  if name not in registry.MODELS:
-    raise ConfigError(f"config.model.name={name!r} is not a known model; use one of "
-                      f"{sorted(registry.MODELS)}.")
+  registry.load(config.model.name)  # a clear error for an unknown family
   _check_counts(config)
   mesh = _mesh_shape(config, num_devices)
   _check_batch(config, mesh, process_count)

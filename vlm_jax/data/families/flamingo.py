@@ -1,0 +1,183 @@
+"""Flamingo data: interleaved documents and image-text pairs -> the Flamingo batch; tasks and
+the `pretrain_flamingo` mixture.
+
+Text layout (OpenFlamingo's): each media item is an `<image>` token that opens a chunk;
+`<|endofchunk|>` closes the chunk before the next `<image>` and at the end:
+
+    BOS text0 <image> text1 text2 <|endofchunk|> <image> text3 <|endofchunk|> EOS PAD...
+
+Loss (OpenFlamingo's MMC4 labels): on the text inside a chunk, its closing
+`<|endofchunk|>` included; not on `<image>` tokens, text before the first image, text
+between a chunk's end and the next image, BOS/EOS or padding. An image-text pair is the
+one-image document `<image> caption <|endofchunk|>`. A document is cut at its
+(max_images + 1)-th image and at `sequence_length` tokens; an image whose `<image>` token
+does not fit is dropped with everything after it.
+
+Video: with `frames_per_media` F > 0 every media item is F frames ([N, F, H, W, 3]); a
+clip (a list of frame bytes) is sampled to F evenly spaced frames (its last frame repeated
+when shorter), and a still image is repeated F times (Flamingo treats images as one-frame
+videos; repeating keeps the shapes fixed).
+
+Example (the pipeline stacks B of them; see `vlm_jax.models.flamingo` for the batch):
+
+    images          [N, H, W, 3] f32 (video [N, F, H, W, 3])   zeros in absent slots
+    image_mask      [N] f32          1 for a real media item
+    image_positions [N] i32          index of item n's `<image>` token in `tokens` (0 if absent)
+    tokens, targets, loss_mask, token_mask   [T]
+    loss_weight     [] f32           the task's loss weight
+
+Tasks (catalog; synthetic sample data, generated on first use):
+
+    flamingo_mmc4     MMC4 jsonl (images inline), interleaved, loss weight 1.0
+    flamingo_obelics  OBELICS parquet, interleaved, loss weight 1.0
+    flamingo_pairs    image-text pairs (webdataset), loss weight 0.2
+
+`pretrain_flamingo` samples them at 0.35 / 0.35 / 0.3. The paper's loss weights are M3W 1.0,
+ALIGN 0.2, LTIP 0.2 (VTP 0.03 for video pairs, which we have no data for); the paper
+accumulates gradients over per-dataset batches, here one batch mixes them by rate and the
+weights scale each example's token losses.
+"""
+import numpy as np
+
+from vlm_jax.data import catalog, preprocessors
+from vlm_jax.data import processor as processor_lib
+from vlm_jax.data.synthetic import scenes
+from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
+
+IMAGE_TOKEN, END_OF_CHUNK_TOKEN = "<image>", "<|endofchunk|>"
+
+# One template: a pair is the one-image document.
+TEMPLATES = {"document": ("interleaved", "pairs")}
+TASKS = (
+    catalog.sample_task("flamingo_mmc4", "interleaved", "mmc4",
+                        f"{catalog.SAMPLE_INTERLEAVED}/mmc4.jsonl"),
+    catalog.sample_task("flamingo_obelics", "interleaved", "obelics",
+                        f"{catalog.SAMPLE_INTERLEAVED}/obelics.parquet"),
+    catalog.sample_task("flamingo_pairs", "pairs", "webdataset", catalog.SAMPLE_PAIRS,
+                        loss_weight=0.2),
+)
+MIXTURES = {"pretrain_flamingo": (("flamingo_mmc4", 0.35), ("flamingo_obelics", 0.35),
+                                  ("flamingo_pairs", 0.3))}
+_CAPTION = ("exact_match", "cider", "bleu4")
+EVAL_TASKS = (
+    catalog.EvalTask("flamingo_captions", "flamingo_pairs", metrics=_CAPTION, captions=True),
+    catalog.EvalTask("flamingo_captions_2shot", "flamingo_pairs", metrics=_CAPTION, shots=2),
+    catalog.EvalTask("flamingo_captions_2shot_similar", "flamingo_pairs", metrics=_CAPTION,
+                     shots=2, support="similar", num_examples=16),
+    catalog.EvalTask("flamingo_rank_captions", "flamingo_pairs", kind="rank",
+                     keep=scenes.is_scene, num_examples=8),
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Document -> fixed-shape token arrays
+# ----------------------------------------------------------------------------------------
+def document_items(raw: dict) -> list:
+  """A raw record -> [("text", str) | ("image", media)] in document order (media: image
+  bytes, or a list of frame bytes for a clip)."""
+  if raw.get("kind") == "interleaved" or "texts" in raw:
+    items = []
+    for text, image in zip(raw["texts"], raw["images"]):
+      if image is not None:
+        items.append(("image", image))
+      elif text and text.strip():
+        items.append(("text", preprocessors.clean_text(text)))
+    return items
+  return [("image", raw["image"]), ("text", preprocessors.caption_of(raw))]
+
+
+def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: int,
+                    loss_weight: float = 1.0) -> tuple[dict, list]:
+  """(token arrays of the module docstring's layout, the media kept, in order)."""
+  image_id = vocab.token_id(IMAGE_TOKEN)
+  chunk_id = vocab.token_id(END_OF_CHUNK_TOKEN)
+  ids, media = [BOS_ID], []
+  for kind, value in items:
+    if kind == "image":
+      if len(media) == max_images:
+        break
+      if media:
+        ids.append(chunk_id)
+      media.append((len(ids), value))
+      ids.append(image_id)
+    else:
+      ids += vocab.encode(value)
+  if media:
+    ids.append(chunk_id)
+  ids.append(EOS_ID)
+  ids = ids[:sequence_length + 1]
+  n = len(ids) - 1  # inputs ids[:-1] predict ids[1:]
+  media = [(p, m) for p, m in media if p < n]
+  if not media:
+    raise preprocessors.BadRecord("no image fits in the sequence")
+  in_chunk, labelled = False, []
+  for token in ids:
+    if token == image_id:
+      in_chunk = True
+      labelled.append(False)
+      continue
+    labelled.append(in_chunk)
+    if token == chunk_id:
+      in_chunk = False
+  tokens = np.full((sequence_length,), PAD_ID, np.int32)
+  targets = np.full((sequence_length,), PAD_ID, np.int32)
+  tokens[:n], targets[:n] = ids[:-1], ids[1:]
+  loss_mask = np.zeros((sequence_length,), np.float32)
+  loss_mask[:n] = labelled[1:]
+  token_mask = np.zeros((sequence_length,), np.float32)
+  token_mask[:n] = 1.0
+  positions = np.zeros((max_images,), np.int32)
+  positions[:len(media)] = [p for p, _ in media]
+  image_mask = np.zeros((max_images,), np.float32)
+  image_mask[:len(media)] = 1.0
+  return ({"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+           "token_mask": token_mask, "image_positions": positions, "image_mask": image_mask,
+           "loss_weight": np.float32(loss_weight)}, [m for _, m in media])
+
+
+def sample_frames(frames: list, count: int) -> list:
+  """`count` evenly spaced frames of a clip (the last one repeated when it is shorter)."""
+  if not frames:
+    raise preprocessors.BadRecord("video with no frames")
+  if len(frames) <= count:
+    return list(frames) + [frames[-1]] * (count - len(frames))
+  return [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
+
+
+def media_pixels(media, *, image_size: int, frames_per_media: int, resize_mode: str = "pad",
+                 max_pixels: int = preprocessors.DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """One media item -> [H, W, 3] (frames_per_media 0) or [F, H, W, 3] f32 in [-1, 1]."""
+  load = lambda data: preprocessors.load_image(data, image_size, resize_mode, max_pixels)
+  if not frames_per_media:
+    if isinstance(media, (list, tuple)):
+      raise preprocessors.BadRecord("a video clip, but data.frames_per_media is 0")
+    return load(media)
+  clip = list(media) if isinstance(media, (list, tuple)) else [media]
+  return np.stack([load(frame) for frame in sample_frames(clip, frames_per_media)])
+
+
+def convert(raw: dict, *, vocab: Vocab, image_size: int, sequence_length: int,
+            max_images: int, frames_per_media: int = 0, loss_weight: float = 1.0,
+            resize_mode: str = "pad", max_pixels: int = preprocessors.DEFAULT_MAX_PIXELS):
+  example, media = encode_document(vocab, document_items(raw), sequence_length=sequence_length,
+                                   max_images=max_images, loss_weight=loss_weight)
+  frame_shape = (frames_per_media,) if frames_per_media else ()
+  images = np.zeros((max_images,) + frame_shape + (image_size, image_size, 3), np.float32)
+  for n, item in enumerate(media):
+    images[n] = media_pixels(item, image_size=image_size, frames_per_media=frames_per_media,
+                             resize_mode=resize_mode, max_pixels=max_pixels)
+  example["images"] = images
+  return example
+
+
+class Processor(processor_lib.RecordProcessor):
+  """Raw record (interleaved document or pair) -> Flamingo example; deterministic (held-out
+  examples are built as training's)."""
+
+  def convert(self, spec, raw, rng):
+    del rng  # no random choices per example
+    d = self.data_config
+    return convert(raw, vocab=self.vocab, loss_weight=spec.loss_weight,
+                   image_size=d.image_size, sequence_length=d.sequence_length,
+                   max_images=d.max_images, frames_per_media=d.get("frames_per_media", 0),
+                   resize_mode=d.resize_mode, max_pixels=d.max_pixels)
