@@ -110,8 +110,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Root of generated/ingested data; "" = $VLM_JAX_DATA_DIR or ~/.cache/vlm_jax/sample_data.
   d.data_dir = ""
   d.vocab_path = ""  # "" = $VLM_JAX_VOCAB or the sample model shipped in the package
-  # A mixture or task of the family's data module, or a directory `vlm-data ingest` wrote.
-  d.mixture = ""
+  # What training reads (vlm_jax/data/mixture.py, data/README.md): a mixture or task of the
+  # family's data module, a directory `vlm-data ingest` wrote, a seqio task or mixture, a
+  # TFDS dataset `tfds:name/config:version`; or a list of sources with rates, loss weights
+  # and templates. Typed `object` so a config file may assign a list.
+  d.mixture = ml_collections.FieldReference("", field_type=object)
+  d.tasks_module = ""  # a module (or .py path) registering seqio Tasks/Mixtures; "" = none
+  d.tfds_data_dir = ""  # TFDS data dir of `tfds:` sources; "" = $TFDS_DATA_DIR or TFDS's
   d.image_size = 64
   d.resize_mode = "pad"  # pad (letterbox) | crop (centre) | stretch
   d.seed = 0  # shuffle/prefix seed; combined with the trainer's seed argument
@@ -205,7 +210,7 @@ def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> No
     value = tuple(value)
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
-  if old is not None and not isinstance(value, type(old)):
+  if old is not None and node.get_type(key) is not object and not isinstance(value, type(old)):
     raise ConfigError(
         f"config key {dotted!r} expects {type(old).__name__} (now {old!r}); "
         f"got {text!r} ({type(value).__name__}).")

@@ -8,6 +8,7 @@ maps (shown beside the RGB image), and boxes found in the text in the family's b
 (its data module's `BOX_FORMAT`). `vlm-data inspect` prints the same views as text.
 """
 import collections
+import copy
 import glob
 import os
 
@@ -22,11 +23,12 @@ EXPERT_PREFIX, INSTANCES_SUFFIX = "expert_", "_instances"
 
 
 def with_mixture(config, mixture: str):
-  """A copy of `config` reading `mixture` (a task or mixture name; '' keeps the config's)."""
-  config = config.copy_and_resolve_references()
+  """A copy of `config` reading `mixture` (any form of config.data.mixture; '' keeps the
+  config's)."""
+  config = copy.deepcopy(config)  # keeps config.data.mixture's `object` type
   if mixture:
-    catalog.resolve(mixture, families.load(config.model.name))  # a clear error if unknown
     config.data.mixture = mixture
+    pipeline.resolve(config.data, config.model.name)  # a clear error if unknown
   return config
 
 

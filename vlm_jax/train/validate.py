@@ -10,6 +10,7 @@ import uuid
 
 from vlm_jax import sharding
 from vlm_jax.config import ConfigError
+from vlm_jax.data import mixture as mixture_lib
 from vlm_jax.models import registry
 from vlm_jax.train import nonfinite
 
@@ -94,6 +95,15 @@ def _check_counts(config) -> None:
                       f"{nonfinite.POLICIES}.")
 
 
+def _check_mixture(config) -> None:
+  """config.data.mixture: every source known and non-empty, rates and loss weights > 0,
+  templates the family has (data/mixture.py)."""
+  try:
+    mixture_lib.check(config.data, config.model.name)
+  except mixture_lib.MixtureError as e:
+    raise ConfigError(str(e)) from None
+
+
 def check_config(config, num_devices: int, process_count: int = 1) -> None:
   """Raises ConfigError for a config that cannot train on `num_devices` devices."""
   registry.load(config.model.name)  # a clear error for an unknown family
@@ -101,6 +111,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
   mesh = _mesh_shape(config, num_devices)
   _check_batch(config, mesh, process_count)
   _check_image_and_patch(config)
+  _check_mixture(config)
 
 
 # ----------------------------------------------------------------------------------------------
