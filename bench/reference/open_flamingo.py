@@ -63,7 +63,7 @@ class ClipVisual(torch.nn.Module):
 
 
 def build(sizes: dict):
-  """(model, optimizer, parameters to clip) at `sizes` (see vs_reference.flamingo_sizes)."""
+  """(model, optimizer, parameters to clip) at `sizes` (see vs_reference.pair_sizes)."""
   from transformers import CLIPVisionConfig, MptConfig, MptForCausalLM
   of = _open_flamingo_src()
   torch.manual_seed(0)
