@@ -11,8 +11,9 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/vlm_jax_test_jax_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-
 import pytest  # noqa: E402  (after the environment above)
+
+from gcs_server import gcs, gcs_dir  # noqa: E402,F401  (fixtures: a local GCS server)
 
 
 @pytest.fixture(scope="session")

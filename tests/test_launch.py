@@ -191,3 +191,31 @@ def test_the_gpu_xla_flags_exist_in_this_jaxlib():
   result = subprocess.run([sys.executable, "-c",
                            "import jax.numpy as jnp; print(jnp.ones(2).sum())"], env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "2.0" in result.stdout, result.stderr[-2000:]
+
+
+def test_tpu_with_a_gcs_workdir_copies_each_workers_log_there_before_its_status(capsys):
+  train = ["--config", "configs/simvlm.py:large", "--workdir", "gs://b/runs/large"]
+  with pytest.raises(SystemExit) as exit_info:
+    launch_cli.main(["tpu", "--name", "vlm", "--zone", "z", "--accelerator-type", "v5p-32",
+                     "--runtime-version", "r", "--code", "none", "--service-account",
+                     "trainer@p.iam.gserviceaccount.com", "--scopes", "cloud-platform",
+                     "--dry-run", *train])
+  assert exit_info.value.code == 0
+  captured = capsys.readouterr()
+  lines = captured.out.splitlines()
+  assert lines[0].endswith("gcloud compute tpus tpu-vm create vlm --accelerator-type=v5p-32 "
+                           "--version=r --service-account=trainer@p.iam.gserviceaccount.com "
+                           "--scopes=cloud-platform --zone=z")
+  upload = ("python -c '\"'\"'import sys; from vlm_jax import storage; storage.copy(sys.argv[1], "
+            "sys.argv[2])'\"'\"' ~/vlm_jax_run.log gs://b/runs/large/launch_logs/tpu_\"$(hostname)\""
+            ".log; ")
+  assert (f"vlm-train --config configs/simvlm.py:large --workdir gs://b/runs/large; "
+          f"status=$?; {upload}echo $status > ~/vlm_jax_run.status)") in lines[1], lines[1]
+  assert captured.err == ""  # no note: gs:// needs no shared mount
+
+
+def test_tpu_with_a_local_workdir_notes_the_shared_mount_it_needs(capsys):
+  with pytest.raises(SystemExit):
+    launch_cli.main(["tpu", "--name", "vlm", "--zone", "z", "--accelerator-type", "v5p-32",
+                     "--runtime-version", "r", "--code", "none", "--dry-run", *TRAIN])
+  assert "--workdir /mnt/runs/large is not gs://" in capsys.readouterr().err

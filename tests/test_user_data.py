@@ -3,15 +3,17 @@
 A tasks module outside the package (seqio Tasks and a Mixture over TFDS datasets built here,
 tests/user_data.py), directories written by `vlm-data ingest` (img2dataset pairs, MMC4
 documents) and ArrayRecord TFDS datasets are named, with rates and loss weights, in
-config.data.mixture on the vlm-train command line. For Flamingo, MiniGPT-v2 (a grounding TFDS
-dataset, no synthetic task) and SimVLM (a seqio mixture) tiny: the loss falls, the realised
-rates in metrics.jsonl are within 2 points of the declared ones, every example carries its
-source's loss weight, a run killed with kill -9 and resumed logs the losses of an
-uninterrupted run (a seqio source read again up to the restored position), and vlm-eval
-evaluates the TFDS and seqio sources by name (a seqio task with its own metric function).
+config.data.mixture on the command line of a 2-process `vlm-launch local` job. For Flamingo,
+MiniGPT-v2 (a grounding TFDS dataset, no synthetic task) and SimVLM (a seqio mixture) tiny:
+the loss falls, the realised rates in metrics.jsonl are within 2 points of the declared ones,
+every example carries its source's loss weight, a job with one process killed with kill -9
+and resumed logs the losses of an uninterrupted job (a seqio source read again up to the
+restored position), and vlm-eval evaluates the TFDS and seqio sources by name (a seqio task
+with its own metric function).
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,10 +39,13 @@ def _overrides(user_data, mixture) -> list[str]:
 
 
 def _train(config, workdir, overrides, log):
-  command = [sys.executable, "-m", "vlm_jax.cli.train", "--config", config, "--workdir",
-             str(workdir), f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
+  """A 2-process `vlm-launch local` job (2 CPU devices each), as users' jobs are."""
+  command = [sys.executable, "-m", "vlm_jax.cli.launch", "local", "--num-processes", "2",
+             "--cpu-devices-per-process", "2", "--config", config, "--workdir", str(workdir),
+             f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
              "--config.checkpoint.every_steps=5", "--num-samples=0", *overrides]
-  return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
 
 
 def _finish(proc, log_path):
@@ -64,9 +69,11 @@ def straight_killed_and_resumed(tmp_path, config, overrides) -> tuple[dict, dict
     assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
     assert time.time() < deadline, "timed out waiting for the checkpoint"
     time.sleep(0.02)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait(timeout=60)
-  assert killed.returncode == -signal.SIGKILL
+  # kill -9 one process of the job: the other stops and the launcher fails.
+  pid = re.search(r"vlm-launch: process 1 pid (\d+)", (tmp_path / "killed.log").read_text())
+  os.kill(int(pid.group(1)), signal.SIGKILL)
+  killed.wait(timeout=180)
+  assert killed.returncode != 0
   assert STEPS not in read_losses(tmp_path / "killed"), "killed too late: the run had finished"
   _finish(straight, tmp_path / "straight.log")
   resumed = _train(config, tmp_path / "killed", overrides, logs["resumed"])

@@ -69,6 +69,10 @@ def base_config(name: str = "", options=None) -> ml_collections.ConfigDict:
       ("conv_out", "tensor"),
   )
 
+  # JAX's persistent compilation cache (train/compilation_cache.py): "" = <workdir>/jax_cache
+  # (or $JAX_COMPILATION_CACHE_DIR when set), "none" = off, or a local or gs:// directory.
+  c.compilation_cache_dir = ""
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200
   c.checkpoint.keep = 3

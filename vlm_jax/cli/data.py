@@ -16,13 +16,18 @@
       --beam_option direct_running_mode=multi_processing
   vlm-data experts --input 'shards/*.tar' --output out/labelled --experts edge,depth \
       --labels /data/expert_labels --runner beam                # Prismer expert labels
+  vlm-data ingest --format img2dataset --input 'gs://b/laion/*.tar' --output gs://b/pairs \
+      --runner beam --beam_option runner=DataflowRunner --beam_option project=P \
+      --beam_option region=us-central1 --beam_option temp_location=gs://b/tmp \
+      --beam_option setup_file=./setup.py [--dry-run]         # Dataflow (data/README.md)
 """
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
+
+from vlm_jax import storage
 
 
 def _generate(args):
@@ -47,7 +52,7 @@ def _inspect(args):
   from vlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from vlm_jax.data import catalog  # pylint: disable=g-import-not-at-top
   from vlm_jax.inspection import common, data  # pylint: disable=g-import-not-at-top
-  if args.name and os.path.isdir(args.name):
+  if args.name and storage.isdir(args.name):
     what, records = data.directory_records(args.name, args.num)
     print(f"{args.name}: {what}")
     print("\n".join(data.record_lines(r) for r in records))
@@ -84,7 +89,7 @@ def _ingest(args):
                         beam_options=args.beam_option, shard_size=args.shard_size,
                         min_similarity=args.min_similarity, max_images=args.max_images,
                         image_tars=args.images, max_bad_fraction=args.max_bad_fraction,
-                        max_pixels=args.max_pixels,
+                        max_pixels=args.max_pixels, dry_run=args.dry_run,
                         filters=_filters(args), experts=args.experts)
   print(json.dumps(manifest, indent=2))
 
@@ -98,6 +103,9 @@ def _add_runner_args(parser):
                       "direct_num_workers=8, direct_running_mode=multi_processing, "
                       "runner=FlinkRunner (see data/README.md)")
   parser.add_argument("--shard-size", type=int, default=10_000, help="records per shard")
+  parser.add_argument("--dry-run", action="store_true", help="--runner beam: build the "
+                      "pipeline (on Dataflow: the job request, not submitted), print it and "
+                      "write nothing")
 
 
 def _experts(args):
@@ -112,13 +120,13 @@ def _experts(args):
                      f"--experts {args.experts!r}")
   else:  # any labeller spec (labellers.py)
     spec = args.experts
-  if os.path.isfile(os.path.join(args.input, records.MANIFEST)):
-    fmt, pattern = "arrayrecord", os.path.join(args.input, "*.array_record")
+  if storage.exists(storage.join(args.input, records.MANIFEST)):
+    fmt, pattern = "arrayrecord", storage.join(args.input, "*.array_record")
   else:
     fmt, pattern = "img2dataset", args.input
   manifest = ingest.run(fmt, pattern, args.output, runner=args.runner,
                         beam_options=args.beam_option, shard_size=args.shard_size,
-                        experts=spec)
+                        dry_run=args.dry_run, experts=spec)
   print(json.dumps(manifest, indent=2))
 
 

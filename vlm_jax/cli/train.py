@@ -11,7 +11,6 @@ preempted after saving a checkpoint: rerun the same command to resume.
 import argparse
 import contextlib
 import io
-import os
 import sys
 
 from vlm_jax.cli import common
@@ -38,7 +37,7 @@ def main(argv=None):
   import absl.flags  # grain's worker processes read absl flags (DESIGN.md gotchas)
   absl.flags.FLAGS.mark_as_parsed()
   import jax
-  from vlm_jax import distributed
+  from vlm_jax import distributed, storage
   distributed.initialize()  # a multi-process launch: before anything touches a device
   from vlm_jax.config import ConfigError
   from vlm_jax.train import checkpoint, loop, preemption, validate
@@ -46,8 +45,8 @@ def main(argv=None):
   try:
     validate.check_workdir_writable(args.workdir)
     if jax.process_index() == 0:
-      with open(os.path.join(args.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      storage.write_atomic(storage.join(args.workdir, "config.json"),
+                           config.to_json_best_effort(indent=2))
     trainer = loop.Trainer(config, args.workdir)
     state = trainer.run()
   except ConfigError as e:

@@ -14,7 +14,6 @@ reads), IGNORE (checkpoint tensors dropped on purpose), `slots(paths, names)`, `
 and `hf_config(module, shapes)`.
 """
 import json
-import os
 import re
 from collections.abc import Mapping
 
@@ -22,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax import storage
 from vlm_jax.convert import clip, gpt_neox, llama, roberta, t5, transfer
 from vlm_jax.convert.checkpoint import Checkpoint, ConversionError
 from vlm_jax.convert.transfer import flatten, unflatten
@@ -105,8 +105,7 @@ def export_hf(params: Mapping, module, directory: str, *, arch: str | None = Non
       dtypes.pop() if len(dtypes) == 1 else "float32")
   names = transfer.export(params, module_arch, directory, dtype=dtype,
                           max_shard_bytes=max_shard_bytes)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  storage.write_atomic(storage.join(directory, "config.json"), json.dumps(config, indent=2))
   return names
 
 

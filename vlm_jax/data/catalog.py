@@ -16,10 +16,9 @@ seqio's registry because importing seqio pulls in TensorFlow (~5 s), which every
 process and each grain worker would otherwise pay.
 """
 import dataclasses
-import glob
-import os
 from typing import Any, Callable
 
+from vlm_jax import storage
 from vlm_jax.data import records
 from vlm_jax.data.sources import arrayrecord, interleaved, jsonl, seqio_stream, tfds_source
 from vlm_jax.data.sources import webdataset
@@ -137,11 +136,11 @@ def task_from_directory(path: str) -> TaskSpec:
   """A directory written by `vlm-data ingest`, as a task named by its path."""
   manifest = records.read_manifest(path)
   return TaskSpec(path, manifest["kind"], "arrayrecord",
-                  os.path.join(os.path.abspath(path), "*.array_record"))
+                  storage.join(storage.abspath(path), "*.array_record"))
 
 
 def is_ingested(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, records.MANIFEST))
+  return storage.exists(storage.join(path, records.MANIFEST))
 
 
 def resolve(name: str, family=None) -> Mixture:
@@ -177,8 +176,8 @@ def files(spec: TaskSpec, data_dir: str, split: str) -> list:
   if spec.ensure:
     spec.ensure(data_dir, split)
   # An ingested directory has one split; its absolute pattern ignores data_dir.
-  pattern = os.path.join(data_dir, spec.pattern.format(split=split))
-  paths = sorted(glob.glob(pattern))
+  pattern = storage.join(data_dir, spec.pattern.format(split=split))
+  paths = storage.glob(pattern)
   if not paths:
     raise FileNotFoundError(f"task {spec.name!r}: no files match {pattern!r} "
                             "(config data.data_dir; `vlm-data ingest` writes them).")

@@ -159,11 +159,15 @@ def make_train_iterator(data_config, family: str, *, global_batch_size, seed, sp
 def skipped_record_counts(iterator) -> dict:
   """{'examples': n, 'skipped_records': m, 'examples/<task>': n_t, 'rate/<task>': n_t / n}
   delivered so far by this process's iterator (the realised mixture rates)."""
-  counts = dict(iterator.counters)
+  return with_rates(iterator.counters)
+
+
+def with_rates(counters: dict) -> dict:
+  """An iterator's counters (or their sum over processes) and 'rate/<task>' of each task."""
+  counts = dict(counters)
   total = counts["examples"]
   counts.update({f"rate/{key[len('examples/'):]}": value / total
-                 for key, value in iterator.counters.items()
-                 if key.startswith("examples/") and total})
+                 for key, value in counters.items() if key.startswith("examples/") and total})
   return counts
 
 

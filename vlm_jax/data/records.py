@@ -10,8 +10,9 @@ blobs back to back; the header names each blob's size. JSON + raw bytes rather t
 so reading a shard never executes code from it.
 """
 import json
-import os
 import struct
+
+from vlm_jax import storage
 
 MAGIC = b"VLM1"
 MANIFEST = "dataset.json"  # beside the shards: kind, format, inputs, counts (ingest/local.py)
@@ -55,5 +56,4 @@ def decode(data: bytes) -> dict:
 
 def read_manifest(directory: str) -> dict:
   """The manifest of a directory written by `vlm-data ingest`."""
-  with open(os.path.join(directory, MANIFEST)) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(storage.join(directory, MANIFEST)))

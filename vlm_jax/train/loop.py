@@ -2,7 +2,6 @@
 import contextlib
 import logging
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -12,10 +11,12 @@ import numpy as np
 from vlm_jax import distributed
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
+from vlm_jax import storage
 from vlm_jax.data import pipeline
 from vlm_jax.evaluation import runner as eval_runner
 from vlm_jax.models import registry
 from vlm_jax.train import checkpoint as checkpoint_lib
+from vlm_jax.train import compilation_cache
 from vlm_jax.train import init_from as init_from_lib
 from vlm_jax.train import init_weights
 from vlm_jax.train import metrics as metrics_lib
@@ -51,6 +52,8 @@ class Trainer:
     validate.check_config(config, len(devices if devices is not None else jax.devices()),
                           jax.process_count())
     validate.check_workdir_writable(workdir)
+    cache = compilation_cache.configure(config, workdir)
+    _log(f"Persistent compilation cache: {cache or 'off'}")
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config)
     self.model = registry.build(config.model)
@@ -189,8 +192,9 @@ class Trainer:
     scalars = {k: float(np.mean([m[k] for m in good])) for k in host[0]}
     scalars["nonfinite"] = float(sum(m["nonfinite"] for m in host))
     scalars.update(progress.update(step))
-    # This process's totals (bad records are skipped where they are read, per process).
-    scalars.update({f"data/{k}": v for k, v in pipeline.skipped_record_counts(self.data).items()})
+    # The job's totals: each process counts the records it reads and skips.
+    counts = pipeline.with_rates(distributed.sum_over_processes(self.data.counters))
+    scalars.update({f"data/{k}": v for k, v in counts.items()})
     writer.write(step, scalars)
     _log(progress.line(step, scalars))
 
@@ -201,6 +205,6 @@ def _nbytes(abstract_tree) -> int:
 
 def train(config, workdir: str, devices=None):
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the state."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   logging.getLogger("absl").setLevel(logging.WARNING)
   return Trainer(config, workdir, devices).run()
