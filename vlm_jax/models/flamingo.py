@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import registry
-from vlm_jax.nn import decoder_lm, gated_xattn, resampler, segment_mask, vit
+from vlm_jax.nn import decoder_lm, embeddings, gated_xattn, resampler, segment_mask, vit
 from vlm_jax.nn import flops as F
 
 
@@ -87,7 +87,8 @@ class Flamingo(nn.Module):
   def setup(self):
     self.new_token_embedding = self.param(
         "new_token_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+        nn.with_logical_partitioning(embeddings.lm_embedding_init(self.lm.width),
+                                     (None, "embed")),
         (len(self.new_token_ids), self.lm.width), jnp.dtype(self.lm.param_dtype))
 
   def encode_media(self, images: jax.Array) -> jax.Array:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from vlm_jax.nn import embeddings
 from vlm_jax.nn import fused_attention
+from vlm_jax.nn import linear
 from vlm_jax.nn import segment_mask
 
 Dtype = Any
@@ -103,8 +104,7 @@ class Projection(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                         tuple(in_shape) + features, self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    contract = tuple(range(x.ndim - self.num_in_axes, x.ndim))
-    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.num_in_axes))), ((), ())))
+    y = linear.contract(x, kernel, self.num_in_axes)
     if self.use_bias:
       bias_axes = self.kernel_axes[self.num_in_axes:]
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),

@@ -67,6 +67,7 @@ import jax.numpy as jnp
 
 from vlm_jax.nn import attention as attention_lib
 from vlm_jax.nn import embeddings
+from vlm_jax.nn import linear
 from vlm_jax.nn import norms
 from vlm_jax.nn import segment_mask
 from vlm_jax.nn import transformer
@@ -151,8 +152,9 @@ class DecoderLM(nn.Module):
       raise ValueError(f"num_layers={self.num_layers} is not a multiple of "
                        f"layers_per_unit={self.layers_per_unit}.")
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.embed_tokens = embeddings.Embed(self.vocab_size, self.width, dtype, param_dtype,
-                                         name="embed")
+    self.embed_tokens = embeddings.Embed(
+        self.vocab_size, self.width, dtype, param_dtype,
+        embedding_init=embeddings.lm_embedding_init(self.width), name="embed")
     if self.position == "learned":
       self.pos_embedding = embeddings.PositionEmbedding((self.max_length,), self.width,
                                                         param_dtype=param_dtype)
@@ -180,6 +182,7 @@ class DecoderLM(nn.Module):
     if not self.tie_embeddings:
       self.logits_projection = nn.Dense(
           self.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+          dot_general=linear.dot_general,
           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                    ("embed", "vocab")))
 

@@ -58,13 +58,16 @@ def make_train_step(model, tx: optax.GradientTransformation, config, schedule=No
     grads = jax.tree.map(lambda g: g / den, grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def update(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    new_params, new_opt_state = jax.lax.cond(finite, update, lambda *old: old, state.params,
+                                             state.opt_state)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep_if_bad(new_params, state.params),
-        opt_state=keep_if_bad(new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step,
                                  state.nonfinite_step))
     metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": den,
