@@ -49,3 +49,16 @@ def test_a_mesh_that_does_not_divide_the_topology_is_a_usage_error():
   assert result.returncode == 2
   assert "the mesh does not divide topology v5p:2x2x2 (8 devices)" in result.stderr
   assert "config.mesh.shape=(3, 1, 1)" in result.stderr
+
+
+def test_tiny_simvlm_compiles_for_tpu_with_the_splash_attention_kernel():
+  # Encoder key padding, causal decoder, padded cross-attention: each a Pallas kernel in the
+  # forward pass (scanned: once per stack) plus its two backward kernels (dq, dk/dv).
+  result = vlm_compile("--config", os.path.join(REPO, "configs/simvlm.py:tiny"),
+                       "--topology", "v5p:2x2x1", "--config.mesh.shape=(1,-1,1)",
+                       "--config.model.attention_impl=splash", "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report["fits"] and report["num_devices"] == 4
+  assert report["pallas_kernels"] == 9, report
+  assert "Pallas kernels in the step's HLO (fused attention; static count): 9" in result.stdout

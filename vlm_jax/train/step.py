@@ -1,7 +1,7 @@
 """The loss and the train step shared by every family.
 
 loss = sum_bt(w_b * m_bt * ce_bt) / sum_bt(m_bt): per-example weights (mixture loss weights)
-scale an example's tokens; the denominator counts target tokens, so gradient accumulation over
+scale an example's tokens (packed rows: w_bt, each token its example's weight); the denominator counts target tokens, so gradient accumulation over
 micro-batches gives exactly the full-batch gradient.
 """
 import jax
@@ -17,7 +17,9 @@ def token_cross_entropy(logits, batch) -> tuple[jax.Array, jax.Array]:
   ce = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
-  weight = batch["loss_weight"].astype(jnp.float32)[:, None]
+  weight = batch["loss_weight"].astype(jnp.float32)
+  if weight.ndim == 1:  # per example; packed rows carry one per token (data/packing.py)
+    weight = weight[:, None]
   return jnp.sum(ce * mask * weight), jnp.sum(mask)
 
 
