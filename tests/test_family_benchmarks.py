@@ -1,7 +1,8 @@
 """Benchmarks in a family's own prompt format (evaluation/family_benchmarks.py): the exact
-prompt each family builds for a VQAv2 question, and `vlm-eval --vqa-questions` end to end on
-the shipped VQAv2-layout fixture (tests/data/benchmarks: questions, annotations, images),
-in one process and as a 2-process `vlm-launch local --program eval` job."""
+prompt each family builds for a VQAv2 question / referring expression, and `vlm-eval
+--vqa-questions` / `--refcoco` end to end on the shipped fixtures (tests/data/benchmarks:
+VQAv2-layout questions, annotations and images; RefCOCO-style records and images), in one
+process and as a 2-process `vlm-launch local --program eval` job."""
 import ast
 import json
 import os
@@ -16,7 +17,8 @@ from vlm_jax.cli import eval as eval_cli
 from vlm_jax.data.families import flamingo as flamingo_data
 from vlm_jax.data.families import minigpt_v2 as minigpt_data
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, Vocab
-from vlm_jax.evaluation import family_benchmarks, vqa
+from vlm_jax.data.boxes import percent
+from vlm_jax.evaluation import family_benchmarks, grounding, vqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "data", "benchmarks")
@@ -89,17 +91,19 @@ def test_vlm_eval_scores_minigpt_v2_s_generations_with_vqa_accuracy(tmp_path, ca
       vqa.mean_vqa_accuracy(generated, HUMANS))
 
 
-def test_bad_vqa_flags_and_families_without_a_vqa_prompt_are_usage_errors(tmp_path, capsys):
+def test_bad_benchmark_flags_and_families_without_the_prompt_are_usage_errors(tmp_path, capsys):
   for args in (["--config=configs/minigpt_v2.py:tiny", "--vqa-questions", "q.json"],
                ["--config=configs/simvlm.py:tiny", *VQA_ARGS],
                ["--config=configs/minigpt_v2.py:tiny", "--coco-captions", "c.json",
-                *VQA_ARGS]):
+                *VQA_ARGS],
+               ["--config=configs/flamingo.py:tiny", "--refcoco", "r.json"]):
     with pytest.raises(SystemExit):
       eval_cli.main([*args, "--workdir", str(tmp_path), "--random-init"])
   err = capsys.readouterr().err
   assert "--vqa-questions and --vqa-annotations go together" in err
   assert "the 'simvlm' family has no 'vqa' benchmark prompt" in err
-  assert "pass one of --task, --coco-captions, --vqa-questions" in err
+  assert "pass one of --task, --coco-captions, --vqa-questions, --refcoco" in err
+  assert "the 'flamingo' family has no 'refer' benchmark prompt" in err
   config = config_lib.load_config("configs/minigpt_v2.py:tiny")
   with pytest.raises(ValueError, match="none of 2 questions could be used"):  # no images
     family_benchmarks.evaluate_vqa(None, None, config, VQA_ARGS[1], VQA_ARGS[3], str(tmp_path))
@@ -121,3 +125,32 @@ def test_flamingo_vqa_as_a_two_process_vlm_launch_job(tmp_path):
   generated = _printed_answers(done.stdout)
   assert written["eval/vqa/vqa_accuracy"] == pytest.approx(
       vqa.mean_vqa_accuracy(generated, HUMANS))
+
+
+REFCOCO_ARGS = ["--refcoco", os.path.join(FIXTURES, "refcoco.jsonl"),
+                "--refcoco-images", os.path.join(FIXTURES, "refcoco_images")]
+
+
+def test_minigpt_v2_asks_refcoco_with_refer_and_scores_its_boxes_by_iou(tmp_path, capsys):
+  config = config_lib.load_config("configs/minigpt_v2.py:tiny")
+  vocab = Vocab(config.data.vocab_path)
+  example, _ = minigpt_data.benchmark_example("refer", _image(), "the cat", config.data, vocab)
+  asked = vocab.encode("</Img> [refer] give me the location of the cat [/INST]")
+  assert _prompt_ids(example)[-len(asked):] == asked
+  workdir = tmp_path / "run"
+  eval_cli.main(["--config=configs/minigpt_v2.py:tiny", "--workdir", str(workdir),
+                 "--random-init", *REFCOCO_ARGS])
+  printed = capsys.readouterr().out
+  with open(workdir / "metrics.jsonl") as f:
+    written = json.loads(f.readlines()[-1])
+  # Three expressions (two sentences of record 0, one of record 1), images 100x80 pixels.
+  assert written["eval/refcoco/expressions"] == 3 and written["eval/refcoco/skipped"] == 0
+  truths = [(10, 25, 40, 75)] * 2 + [(0, 0, 50, 50)]  # the fixture's boxes in 0..100
+  assert [line.split("truth: ")[1] for line in printed.splitlines() if "truth: " in line] == [
+      repr(percent.box_text(t)) for t in truths]
+  generated = _printed_answers(printed)
+  assert written["eval/refcoco/iou@0.5"] == pytest.approx(
+      grounding.iou_accuracy(generated, truths, percent))
+  # The metric itself: the truth's own box text is a hit, a box beside it a miss.
+  assert grounding.iou_accuracy([percent.box_text(truths[0]), "{<60><0><99><20>}"],
+                                truths[:2], percent) == 0.5

@@ -13,7 +13,9 @@ its images) instead, scored against every reference (eval/coco_captions/...).
 benchmark (v2_OpenEnded_*_questions.json, v2_mscoco_*_annotations.json, images named
 <--vqa-image-prefix><12-digit image id>.jpg) in the family's own prompt format (MiniGPT-v2
 `[vqa] ...`, Flamingo `Question:... Short answer:`), scored with the official VQA accuracy
-(eval/vqa/...).
+(eval/vqa/...). --refcoco FILE --refcoco-images DIR asks each referring expression of a
+RefCOCO/+/g-style file for its box in the family's prompt and box format (MiniGPT-v2
+`[refer] give me the location of ...`), scored by IoU >= 0.5 (eval/refcoco/...).
 """
 import argparse
 import sys
@@ -45,6 +47,9 @@ def main(argv=None):
   parser.add_argument("--vqa-images", default="", help="the images of --vqa-questions")
   parser.add_argument("--vqa-image-prefix", default="COCO_val2014_",
                       help="image file name before the 12-digit image id")
+  parser.add_argument("--refcoco", default="",
+                      help="RefCOCO/+/g-style referring expressions (json or json lines)")
+  parser.add_argument("--refcoco-images", default="", help="the images of --refcoco")
   config, args = common.parse_with_config(parser, argv)
 
   import absl.flags  # grain's worker processes read absl flags (DESIGN.md gotchas)
@@ -62,9 +67,10 @@ def main(argv=None):
     parser.error("--vqa-questions and --vqa-annotations go together")
   chosen = [flag for flag, value in (("--task", args.task), ("--coco-captions",
                                                               args.coco_captions),
-                                      ("--vqa-questions", args.vqa_questions)) if value]
+                                      ("--vqa-questions", args.vqa_questions),
+                                      ("--refcoco", args.refcoco)) if value]
   if len(chosen) > 1:
-    parser.error(f"pass one of --task, --coco-captions, --vqa-questions (got "
+    parser.error(f"pass one of --task, --coco-captions, --vqa-questions, --refcoco (got "
                  f"{', '.join(chosen)})")
   try:
     if args.coco_captions:
@@ -73,6 +79,9 @@ def main(argv=None):
     elif args.vqa_questions:
       family_benchmarks.family_module(config, family_benchmarks.VQA)
       names = [family_benchmarks.VQA]
+    elif args.refcoco:
+      family_benchmarks.family_module(config, family_benchmarks.REFER)
+      names = [family_benchmarks.REFCOCO]
     else:
       names = runner.task_names(config, args.task)
   except ValueError as e:
@@ -95,17 +104,21 @@ def main(argv=None):
       # The weights only: the data state was saved per process, by however many there were.
       state = trainer.checkpointer.restore(step, trainer.factory.abstract_with_shardings())
   sizes = {"num_examples": args.num_examples, "batch_size": args.batch_size}
-  if args.coco_captions or args.vqa_questions:
+  if args.coco_captions or args.vqa_questions or args.refcoco:
     try:
       if args.coco_captions:
         scalars, samples = runner.evaluate_benchmark(
             trainer, state, coco.TASK_NAME, coco.evaluate, args.coco_captions, args.image_dir,
             **sizes)
-      else:
+      elif args.vqa_questions:
         scalars, samples = runner.evaluate_benchmark(
             trainer, state, family_benchmarks.VQA, family_benchmarks.evaluate_vqa,
             args.vqa_questions, args.vqa_annotations, args.vqa_images,
             image_prefix=args.vqa_image_prefix, **sizes)
+      else:
+        scalars, samples = runner.evaluate_benchmark(
+            trainer, state, family_benchmarks.REFCOCO, family_benchmarks.evaluate_refcoco,
+            args.refcoco, args.refcoco_images, **sizes)
     except (OSError, ValueError) as e:
       print(f"vlm-eval: error: {e}", file=sys.stderr)
       sys.exit(1)
