@@ -2,7 +2,8 @@
 prompt each family builds for a VQAv2 question / referring expression, and `vlm-eval
 --vqa-questions` / `--refcoco` end to end on the shipped fixtures (tests/data/benchmarks:
 VQAv2-layout questions, annotations and images; RefCOCO-style records and images), in one
-process and as a 2-process `vlm-launch local --program eval` job."""
+process and as a 2-process `vlm-launch local --program eval` job; and RICES few-shot support
+selection as a 2-process job."""
 import ast
 import json
 import os
@@ -154,3 +155,21 @@ def test_minigpt_v2_asks_refcoco_with_refer_and_scores_its_boxes_by_iou(tmp_path
   # The metric itself: the truth's own box text is a hit, a box beside it a miss.
   assert grounding.iou_accuracy([percent.box_text(truths[0]), "{<60><0><99><20>}"],
                                 truths[:2], percent) == 0.5
+
+
+def test_rices_few_shot_task_as_a_two_process_vlm_launch_job(tmp_path):
+  """The support images' vision features are computed through distributed.jit in both
+  processes (tests/test_evaluation.py checks which supports they choose)."""
+  done = subprocess.run(
+      [sys.executable, "-m", "vlm_jax.cli.launch", "local", "--num-processes", "2",
+       "--cpu-devices-per-process", "1", "--program", "eval",
+       "--config", "configs/flamingo.py:tiny", "--workdir", str(tmp_path / "run"),
+       "--random-init", "--task", "flamingo_captions_2shot_similar", "--num-examples", "4"],
+      capture_output=True, text=True, timeout=600, cwd=REPO,
+      env={**os.environ, "PYTHONPATH": REPO})
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert done.stdout.count("flamingo_captions_2shot_similar (step 0)") == 1, done.stdout[-3000:]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    written = json.loads(f.readlines()[-1])
+  assert {"cider", "bleu4", "exact_match"} <= {
+      k.split("/")[-1] for k in written if k.startswith("eval/flamingo_captions_2shot_similar/")}
