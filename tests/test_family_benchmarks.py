@@ -15,10 +15,11 @@ import pytest
 
 from vlm_jax import config as config_lib
 from vlm_jax.cli import eval as eval_cli
+from vlm_jax.data.families import cogagent as cogagent_data
 from vlm_jax.data.families import flamingo as flamingo_data
 from vlm_jax.data.families import minigpt_v2 as minigpt_data
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, Vocab
-from vlm_jax.data.boxes import percent
+from vlm_jax.data.boxes import percent, permille
 from vlm_jax.evaluation import family_benchmarks, grounding, vqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,3 +174,30 @@ def test_rices_few_shot_task_as_a_two_process_vlm_launch_job(tmp_path):
     written = json.loads(f.readlines()[-1])
   assert {"cider", "bleu4", "exact_match"} <= {
       k.split("/")[-1] for k in written if k.startswith("eval/flamingo_captions_2shot_similar/")}
+
+
+def test_cogagent_asks_refcoco_in_its_template_and_reads_permille_boxes(tmp_path, capsys):
+  config = config_lib.load_config("configs/cogagent.py:tiny")
+  vocab = Vocab(config.data.vocab_path)
+  example, stop = cogagent_data.benchmark_example("refer", _image(), "the cat", config.data,
+                                                  vocab)
+  assert _prompt_ids(example) == [BOS_ID] + [cogagent_data.PLACEHOLDER_ID] * (
+      config.data.image_tokens) + vocab.encode(
+          "Question: Where is the cat? answer in [[x0,y0,x1,y1]] format. Answer:")
+  assert stop == EOS_ID and example["high_res_images"].shape[1] == config.data.high_res_image_size
+  example, _ = cogagent_data.benchmark_example("vqa", _image(), "How many dogs?", config.data,
+                                               vocab)
+  assert _prompt_ids(example)[config.data.image_tokens + 1:] == vocab.encode(
+      "Question: How many dogs? Answer:")
+  workdir = tmp_path / "run"
+  eval_cli.main(["--config=configs/cogagent.py:tiny", "--workdir", str(workdir),
+                 "--random-init", *REFCOCO_ARGS])
+  printed = capsys.readouterr().out
+  with open(workdir / "metrics.jsonl") as f:
+    written = json.loads(f.readlines()[-1])
+  assert written["eval/refcoco/expressions"] == 3
+  truths = [(100, 250, 400, 750)] * 2 + [(0, 0, 500, 500)]  # the fixture's boxes in 0..999
+  assert [line.split("truth: ")[1] for line in printed.splitlines() if "truth: " in line] == [
+      repr(permille.box_text(t)) for t in truths]
+  assert written["eval/refcoco/iou@0.5"] == pytest.approx(
+      grounding.iou_accuracy(_printed_answers(printed), truths, permille))

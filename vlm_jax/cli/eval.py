@@ -11,11 +11,14 @@ its images) instead, scored against every reference (eval/coco_captions/...).
 
 --vqa-questions Q --vqa-annotations A --vqa-images DIR answers a VQAv2 / OK-VQA-format
 benchmark (v2_OpenEnded_*_questions.json, v2_mscoco_*_annotations.json, images named
-<--vqa-image-prefix><12-digit image id>.jpg) in the family's own prompt format (MiniGPT-v2
-`[vqa] ...`, Flamingo `Question:... Short answer:`), scored with the official VQA accuracy
-(eval/vqa/...). --refcoco FILE --refcoco-images DIR asks each referring expression of a
-RefCOCO/+/g-style file for its box in the family's prompt and box format (MiniGPT-v2
-`[refer] give me the location of ...`), scored by IoU >= 0.5 (eval/refcoco/...).
+<--vqa-image-prefix><12-digit image id>.jpg) in the family's own prompt format
+(MiniGPT-v2 `[vqa] ...`, Flamingo `Question:... Short answer:`, CogAgent `Question: ...
+Answer:`), scored with the official VQA accuracy (eval/vqa/...).
+
+--refcoco FILE --refcoco-images DIR asks for the box of each referring expression of a
+RefCOCO/+/g-style file in the family's prompt and box format (MiniGPT-v2 `[refer] give me
+the location of ...`, CogAgent `Where is ...? answer in [[x0,y0,x1,y1]] format.`), scored
+by IoU >= 0.5 (eval/refcoco/...).
 """
 import argparse
 import sys
