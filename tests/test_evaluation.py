@@ -18,6 +18,7 @@ from vlm_jax.data.families import flamingo as flamingo_data
 from vlm_jax.data.synthetic import scenes
 from vlm_jax.evaluation import benchmarks, captions, fewshot, heldout, runner, scoring, tasks
 from vlm_jax.evaluation import vqa
+from vlm_jax.models import registry
 from vlm_jax.train import loop
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "benchmarks")
@@ -102,25 +103,32 @@ def test_support_examples_are_seeded_distinct_and_exclude_the_query():
   assert fewshot.nearest_support(features, 0, 2) == [3, 1]
 
 
-def test_similar_support_picks_the_images_nearest_the_query():
-  # Pixel features are centred per image: where the dark part is counts, not the brightness.
-  def dark(rows, cols, level):
-    pixels = np.full((24, 24, 3), level, np.float32)
-    pixels[rows, cols] = 0
-    return pixels
-  left, top = (slice(None), slice(0, 12)), (slice(0, 12), slice(None))
-  images = [dark(*left, 255), dark(*top, 255), dark(slice(None), slice(0, 9), 120),
-            dark(slice(0, 9), slice(None), 90), dark(slice(0, 12), slice(0, 12), 255)]
-  pool = []
-  for pixels in images:
-    out = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
-    pool.append({"image": out.getvalue()})
-  assert fewshot.support_sets(pool, 2, 1, "similar") == [[2], [3]]
-  assert fewshot.support_sets(pool, 2, 2, "random", seed=5) == [
+def test_rices_support_is_the_nearest_by_the_model_s_vision_features():
+  """Six images, each a slightly noisy copy of another's: with the tiny Flamingo's own
+  (random) CLIP-layout tower, each query's first support is its twin, and the choices are
+  the cosine-nearest by the tower's class token computed independently of fewshot.py."""
+  config = config_lib.load_config("configs/flamingo.py:tiny")
+  model = registry.build(config.model)
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  base = rng.uniform(-1, 1, (3, size, size, 3)).astype(np.float32)
+  images = np.concatenate([base, base + rng.normal(0, 0.05, base.shape).astype(np.float32)])
+  params = nn.unbox(model.init(jax.random.key(0), images[:1],
+                               method=fewshot._pooled_vision_tokens))["params"]
+  features = fewshot.vision_features(model, params, images, batch_size=4)
+  want = np.asarray(model.vision.apply({"params": params["vision"]}, images))[:, 0]
+  np.testing.assert_allclose(features, want, rtol=1e-4, atol=1e-5)
+  unit = want / np.linalg.norm(want, axis=1, keepdims=True)
+  similarity = unit @ unit.T - 2 * np.eye(6)  # the query itself never supports itself
+  supports = fewshot.support_sets(6, 6, 2, "similar", features=features)
+  assert supports == [list(np.argsort(-similarity[q], kind="stable")[:2]) for q in range(6)]
+  assert [s[0] for s in supports] == [3, 4, 5, 0, 1, 2]
+  assert fewshot.support_sets(5, 2, 2, "random", seed=5) == [
       fewshot.choose_support(5, q, 2, seed=5) for q in range(2)]
   with pytest.raises(ValueError, match="support='best'"):
-    fewshot.support_sets(pool, 2, 2, "best")
+    fewshot.support_sets(5, 2, 2, "best")
+  with pytest.raises(ValueError, match="needs features of the 5 pool images"):
+    fewshot.support_sets(5, 2, 2, "similar")
 
 
 def test_few_shot_document_interleaves_support_then_query():

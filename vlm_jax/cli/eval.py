@@ -8,6 +8,17 @@ instead (a smoke test of the evaluation path: the figures mean nothing).
 
 --coco-captions FILE --image-dir DIR captions a COCO-format benchmark (captions_*.json and
 its images) instead, scored against every reference (eval/coco_captions/...).
+
+--vqa-questions Q --vqa-annotations A --vqa-images DIR answers a VQAv2 / OK-VQA-format
+benchmark (v2_OpenEnded_*_questions.json, v2_mscoco_*_annotations.json, images named
+<--vqa-image-prefix><12-digit image id>.jpg) in the family's own prompt format
+(MiniGPT-v2 `[vqa] ...`, Flamingo `Question:... Short answer:`, CogAgent `Question: ...
+Answer:`), scored with the official VQA accuracy (eval/vqa/...).
+
+--refcoco FILE --refcoco-images DIR asks for the box of each referring expression of a
+RefCOCO/+/g-style file in the family's prompt and box format (MiniGPT-v2 `[refer] give me
+the location of ...`, CogAgent `Where is ...? answer in [[x0,y0,x1,y1]] format.`), scored
+by IoU >= 0.5 (eval/refcoco/...).
 """
 import argparse
 import sys
@@ -32,6 +43,16 @@ def main(argv=None):
   parser.add_argument("--coco-captions", default="",
                       help="a COCO captions json (e.g. captions_val2014.json) to caption")
   parser.add_argument("--image-dir", default="", help="the images of --coco-captions")
+  parser.add_argument("--vqa-questions", default="",
+                      help="VQAv2/OK-VQA questions json (v2_OpenEnded_*_questions.json)")
+  parser.add_argument("--vqa-annotations", default="",
+                      help="VQAv2/OK-VQA annotations json (v2_mscoco_*_annotations.json)")
+  parser.add_argument("--vqa-images", default="", help="the images of --vqa-questions")
+  parser.add_argument("--vqa-image-prefix", default="COCO_val2014_",
+                      help="image file name before the 12-digit image id")
+  parser.add_argument("--refcoco", default="",
+                      help="RefCOCO/+/g-style referring expressions (json or json lines)")
+  parser.add_argument("--refcoco-images", default="", help="the images of --refcoco")
   config, args = common.parse_with_config(parser, argv)
 
   import absl.flags  # grain's worker processes read absl flags (DESIGN.md gotchas)
@@ -39,18 +60,31 @@ def main(argv=None):
   import jax
   from vlm_jax import distributed
   distributed.initialize()  # a multi-process launch: before anything touches a device
-  from vlm_jax.evaluation import coco, runner, tasks as tasks_lib
+  from vlm_jax.evaluation import coco, family_benchmarks, runner, tasks as tasks_lib
   from vlm_jax.train import loop, metrics
 
   if args.task == ["list"]:
     print("\n".join(tasks_lib.tasks_for(config)))
     return
+  if bool(args.vqa_questions) != bool(args.vqa_annotations):
+    parser.error("--vqa-questions and --vqa-annotations go together")
+  chosen = [flag for flag, value in (("--task", args.task), ("--coco-captions",
+                                                              args.coco_captions),
+                                      ("--vqa-questions", args.vqa_questions),
+                                      ("--refcoco", args.refcoco)) if value]
+  if len(chosen) > 1:
+    parser.error(f"pass one of --task, --coco-captions, --vqa-questions, --refcoco (got "
+                 f"{', '.join(chosen)})")
   try:
     if args.coco_captions:
-      if args.task:
-        parser.error("--coco-captions replaces --task; pass one or the other")
       coco.caption_task(config)
       names = [coco.TASK_NAME]
+    elif args.vqa_questions:
+      family_benchmarks.family_module(config, family_benchmarks.VQA)
+      names = [family_benchmarks.VQA]
+    elif args.refcoco:
+      family_benchmarks.family_module(config, family_benchmarks.REFER)
+      names = [family_benchmarks.REFCOCO]
     else:
       names = runner.task_names(config, args.task)
   except ValueError as e:
@@ -72,11 +106,22 @@ def main(argv=None):
         sys.exit(1)
       # The weights only: the data state was saved per process, by however many there were.
       state = trainer.checkpointer.restore(step, trainer.factory.abstract_with_shardings())
-  if args.coco_captions:
+  sizes = {"num_examples": args.num_examples, "batch_size": args.batch_size}
+  if args.coco_captions or args.vqa_questions or args.refcoco:
     try:
-      scalars, samples = runner.evaluate_coco(trainer, state, args.coco_captions,
-                                              args.image_dir, num_examples=args.num_examples,
-                                              batch_size=args.batch_size)
+      if args.coco_captions:
+        scalars, samples = runner.evaluate_benchmark(
+            trainer, state, coco.TASK_NAME, coco.evaluate, args.coco_captions, args.image_dir,
+            **sizes)
+      elif args.vqa_questions:
+        scalars, samples = runner.evaluate_benchmark(
+            trainer, state, family_benchmarks.VQA, family_benchmarks.evaluate_vqa,
+            args.vqa_questions, args.vqa_annotations, args.vqa_images,
+            image_prefix=args.vqa_image_prefix, **sizes)
+      else:
+        scalars, samples = runner.evaluate_benchmark(
+            trainer, state, family_benchmarks.REFCOCO, family_benchmarks.evaluate_refcoco,
+            args.refcoco, args.refcoco_images, **sizes)
     except (OSError, ValueError) as e:
       print(f"vlm-eval: error: {e}", file=sys.stderr)
       sys.exit(1)

@@ -57,7 +57,8 @@ class EvalTask:
   generate   greedy generation with the KV cache, then `metrics` of the generated answers
              against the truth (exact_match, cider, bleu4, vqa_accuracy, iou@0.5 in the
              family's `BOX_FORMAT`); `shots` > 0 builds few-shot interleaved prompts with
-             `support` examples chosen at random or by image similarity
+             `support` examples chosen at random or by RICES (the nearest images by the
+             model's own vision features)
   rank       closed set: every held-out answer is a candidate for every prompt; accuracy of
              the true one having the highest log-likelihood
   zero_shot  classification by the likelihood of `class_prompt` filled with each of
@@ -69,7 +70,7 @@ class EvalTask:
   metrics: tuple[str, ...] = ("exact_match", "cider", "bleu4")
   keep: Callable[[dict], bool] | None = None  # which raw records it evaluates
   shots: int = 0
-  support: str = "random"  # few-shot support: 'random' (seeded) or 'similar'
+  support: str = "random"  # few-shot support: 'random' (seeded) or 'similar' (RICES)
   captions: bool = False  # image captioning: what `vlm-eval --coco-captions` runs
   classes: tuple[str, ...] = ()
   class_prompt: str = "{}"

@@ -3,7 +3,6 @@ from `vlm-eval`. Scalars are named eval/<task>/<metric> for the metric writers."
 import time
 
 from vlm_jax import params as params_lib
-from vlm_jax.evaluation import coco
 from vlm_jax.evaluation import tasks as tasks_lib
 
 
@@ -30,17 +29,17 @@ def evaluate(trainer, state, names, *, num_examples: int = 0, batch_size: int = 
   return scalars, samples
 
 
-def evaluate_coco(trainer, state, annotations: str, image_dir: str, *, num_examples: int = 0,
-                  batch_size: int = 8):
-  """`evaluate`'s outputs for a COCO-format captioning benchmark (`coco.py`)."""
+def evaluate_benchmark(trainer, state, name: str, evaluate_fn, *args, **kwargs):
+  """`evaluate`'s outputs for a benchmark file: evaluate_fn(model, params, config, *args,
+  **kwargs) -> (metrics, samples), e.g. `coco.evaluate`,
+  `family_benchmarks.evaluate_vqa`."""
   params = params_lib.merge_params(state.params, state.frozen)
   start = time.perf_counter()
   with trainer.mesh_context():
-    metrics, pairs = coco.evaluate(trainer.model, params, trainer.config, annotations,
-                                   image_dir, num_examples=num_examples, batch_size=batch_size)
-  scalars = {f"eval/{coco.TASK_NAME}/{k}": v for k, v in metrics.items()}
-  scalars[f"eval/{coco.TASK_NAME}/seconds"] = time.perf_counter() - start
-  return scalars, {coco.TASK_NAME: pairs}
+    metrics, pairs = evaluate_fn(trainer.model, params, trainer.config, *args, **kwargs)
+  scalars = {f"eval/{name}/{k}": v for k, v in metrics.items()}
+  scalars[f"eval/{name}/seconds"] = time.perf_counter() - start
+  return scalars, {name: pairs}
 
 
 def due(config, step: int) -> bool:

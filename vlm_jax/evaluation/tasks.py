@@ -76,14 +76,19 @@ def get(name: str, config) -> EvalTask:
 # ----------------------------------------------------------------------------------------
 # Examples
 # ----------------------------------------------------------------------------------------
-def _examples(task, config, count):
+def _examples(task, config, count, model, params, batch_size):
   if not task.shots:
     return heldout.load_examples(config, task.source, count, keep=task.keep)
   pool = heldout.load_examples(config, task.source, count + task.shots, keep=task.keep)
   raws = [raw for _, raw in pool]
   spec = heldout.task_spec(config, task.source)
   convert = heldout.processor(config)
-  supports = fewshot.support_sets(raws, min(count, len(raws)), task.shots, task.support)
+  features = None
+  if task.support == "similar":  # RICES: each pool pair's (first) image, as preprocessed
+    images = np.stack([e["images"].reshape((-1,) + e["images"].shape[-3:])[0] for e, _ in pool])
+    features = fewshot.vision_features(model, params, images, batch_size)
+  supports = fewshot.support_sets(len(raws), min(count, len(raws)), task.shots, task.support,
+                                  features=features)
   out = []
   for query, support in enumerate(supports):
     record = fewshot.interleaved_record(raws, support, query)
@@ -168,7 +173,8 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
         batch_size: int = 8) -> tuple[dict, list[tuple[str, str]]]:
   data_config = config.data
   vocab = Vocab(data_config.vocab_path)
-  examples = _examples(task, config, num_examples or task.num_examples)
+  examples = _examples(task, config, num_examples or task.num_examples, model, params,
+                       batch_size)
   prompts = [heldout.as_prompt(e) for e, _ in examples]
   truths = [_text(vocab, answer, stop) for _, answer, stop in prompts]
   stop_id = prompts[0][2]

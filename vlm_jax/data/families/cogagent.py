@@ -179,3 +179,29 @@ class Processor(processor_lib.RecordProcessor):
     return convert(raw, spec.template, vocab=self.vocab, image_size=d.image_size,
                    high_res_image_size=d.high_res_image_size, image_tokens=d.image_tokens,
                    sequence_length=d.sequence_length, rng=rng, loss_weight=spec.loss_weight)
+
+
+# ----------------------------------------------------------------------------------------
+# Benchmarks (`vlm_jax.evaluation.family_benchmarks`): CogVLM / CogAgent's own prompts
+# ----------------------------------------------------------------------------------------
+# The question inside the template's `Question: ... Answer:` (CogVLM's VQA template; its
+# referring-expression prompt, answered in `permille` boxes).
+BENCHMARK_PROMPTS = {"vqa": "{}", "refer": "Where is {}? answer in [[x0,y0,x1,y1]] format."}
+
+
+def benchmark_prompt(kind: str, text: str) -> str:
+  if kind not in BENCHMARK_PROMPTS:
+    raise ValueError(f"CogAgent has no {kind!r} benchmark prompt; it has "
+                     f"{sorted(BENCHMARK_PROMPTS)}")
+  return BENCHMARK_PROMPTS[kind].format(text)
+
+
+def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab):
+  """(generation inputs `<s> [image slots] Question: ... Answer:`, stop id EOS); the image
+  is stretched to the squares, so boxes relative to it stay exact."""
+  example = encode_example(vocab, benchmark_prompt(kind, text), "",
+                           image_tokens=data_config.image_tokens,
+                           sequence_length=data_config.sequence_length, open_answer=True)
+  example.update(images_of(preprocessors.decode_image(image), data_config.image_size,
+                           data_config.high_res_image_size))
+  return example, EOS_ID

@@ -41,6 +41,8 @@ ALIGN 0.2, LTIP 0.2 (VTP 0.03 for video pairs, which we have no data for); the p
 accumulates gradients over per-dataset batches, here one batch mixes them by rate and the
 weights scale each example's token losses.
 """
+import re
+
 import numpy as np
 
 from vlm_jax.data import catalog, preprocessors
@@ -190,3 +192,40 @@ class Processor(processor_lib.RecordProcessor):
                    max_images=d.max_images, frames_per_media=d.get("frames_per_media", 0),
                    resize_mode=d.resize_mode, max_pixels=d.max_pixels,
                    text_only=spec.template == "text")
+
+
+# ----------------------------------------------------------------------------------------
+# Benchmarks (`vlm_jax.evaluation.benchmark_eval`): OpenFlamingo's zero-shot prompts
+# ----------------------------------------------------------------------------------------
+BENCHMARK_PROMPTS = {"vqa": "Question:{} Short answer:"}  # OpenFlamingo's get_vqa_prompt
+
+
+def benchmark_prompt(kind: str, text: str) -> str:
+  """The text after the query's `<image>` for a benchmark question."""
+  if kind not in BENCHMARK_PROMPTS:
+    raise ValueError(f"Flamingo has no {kind!r} benchmark prompt; it has "
+                     f"{sorted(BENCHMARK_PROMPTS)}")
+  return BENCHMARK_PROMPTS[kind].format(text)
+
+
+def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab):
+  """(generation inputs `BOS <image>Question:... Short answer:`, stop id `<|endofchunk|>`)."""
+  raw = {"kind": "interleaved", "texts": [None, benchmark_prompt(kind, text)],
+         "images": [image, None]}
+  example = convert(raw, vocab=vocab, image_size=data_config.image_size,
+                    sequence_length=data_config.sequence_length,
+                    max_images=data_config.max_images,
+                    frames_per_media=data_config.get("frames_per_media", 0),
+                    resize_mode=data_config.resize_mode, max_pixels=data_config.max_pixels)
+  chunk_id = vocab.token_id(END_OF_CHUNK_TOKEN)
+  end = int(np.flatnonzero(example["tokens"] == chunk_id)[-1])  # the answer starts here
+  example["tokens"][end:] = PAD_ID
+  example["token_mask"][end:] = 0.0
+  return example, chunk_id
+
+
+def benchmark_answer(kind: str, generated: str) -> str:
+  """OpenFlamingo's postprocess_vqa_generation: the text before a new 'Question'/'Answer'/
+  'Short', up to the first ', '."""
+  del kind
+  return re.split("Question|Answer|Short", generated, maxsplit=1)[0].split(", ")[0].strip()

@@ -330,3 +330,34 @@ class Processor(processor_lib.RecordProcessor):
     return convert(raw, spec.template, vocab=self.vocab, image_size=d.image_size,
                    image_tokens=d.image_tokens, sequence_length=d.sequence_length, rng=rng,
                    loss_weight=spec.loss_weight, resize_mode=d.resize_mode)
+
+
+# ----------------------------------------------------------------------------------------
+# Benchmarks (`vlm_jax.evaluation.benchmark_eval`): MiniGPT-v2's own evaluation prompts
+# ----------------------------------------------------------------------------------------
+# The instructions of MiniGPT-v2's released evaluation code (eval_vqa.py, eval_ref.py).
+BENCHMARK_PROMPTS = {
+    "vqa": "[vqa] Based on the image, respond to this question with a short answer: {}",
+    "refer": "[refer] give me the location of {}",
+}
+
+
+def benchmark_prompt(kind: str, text: str) -> str:
+  """The instruction (task identifier first) for a benchmark question / expression."""
+  if kind not in BENCHMARK_PROMPTS:
+    raise ValueError(f"MiniGPT-v2 has no {kind!r} benchmark prompt; it has "
+                     f"{sorted(BENCHMARK_PROMPTS)}")
+  return BENCHMARK_PROMPTS[kind].format(text)
+
+
+def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab):
+  """(generation inputs: the chat prompt ending in '[/INST]', stop id) for one image and
+  question / expression."""
+  task, instruction = split_task(benchmark_prompt(kind, text))
+  example = encode_conversation(vocab, [Turn(instruction, "", task)],
+                                image_tokens=data_config.image_tokens,
+                                sequence_length=data_config.sequence_length, open_last=True)
+  pixels = preprocessors.load_image(image, data_config.image_size, data_config.resize_mode)
+  example["images"] = pixels[None].astype(np.float32)
+  example["image_mask"] = np.ones((1,), np.float32)
+  return example, EOS_ID

@@ -1,0 +1,110 @@
+"""Benchmarks asked in a family's own prompt format: VQAv2 / OK-VQA style question
+answering (`vlm-eval --vqa-questions Q --vqa-annotations A --vqa-images DIR`) and RefCOCO /
+RefCOCO+ / RefCOCOg referring expressions (`vlm-eval --refcoco FILE --refcoco-images DIR`).
+
+The family's data module declares the prompt (the hook `benchmark_example(kind, image,
+text, data_config, vocab) -> (generation inputs, stop id)`, its `BENCHMARK_PROMPTS` and an
+optional `benchmark_answer(kind, generated)` post-processing): MiniGPT-v2 asks `[vqa] ...`
+in its chat template, Flamingo OpenFlamingo's `<image>Question:... Short answer:`. Answers
+are generated greedily with the KV cache (`tasks.generate_texts`, through the distributed
+decode in a multi-process job) and scored with the official VQA normalisation and soft
+accuracy against every annotator's answer (`vqa.py`). Each referring expression (every
+sentence of a RefCOCO record) asks for its box (MiniGPT-v2 `[refer] give me the location of
+...`); the first box of the answer, read in the family's `BOX_FORMAT`, is a hit when its IoU
+with the truth (converted to that format with the image's size) is at least 0.5. Unreadable
+images and prompts that do not fit are skipped and counted.
+"""
+import collections
+import io
+
+from PIL import Image
+
+from vlm_jax import storage
+from vlm_jax.data import catalog, families, preprocessors
+from vlm_jax.data.vocab import Vocab
+from vlm_jax.evaluation import benchmarks, grounding, heldout, tasks, vqa
+
+VQA, REFER = "vqa", "refer"
+REFCOCO = "refcoco"  # the task name of --refcoco's scalars (eval/refcoco/...)
+MAX_NEW_TOKENS = {VQA: 10, REFER: 20}  # short answers; a box and its markup
+
+
+def family_module(config, kind: str):
+  """The family's data module, after checking that it has a `kind` benchmark prompt."""
+  module = families.load(config.model.name)
+  if kind not in getattr(module, "BENCHMARK_PROMPTS", {}):
+    raise ValueError(f"the {config.model.name!r} family has no {kind!r} benchmark prompt "
+                     "(BENCHMARK_PROMPTS and benchmark_example in its data module).")
+  return module
+
+
+def prompts(config, kind: str, pairs) -> tuple[list, list, list]:
+  """[(inputs, None, stop id)] for the usable (image path, text) pairs, their (index, image
+  (width, height)), and the problems of the skipped ones."""
+  module = family_module(config, kind)
+  vocab = Vocab(config.data.vocab_path)
+  out, kept, skipped = [], [], []
+  for index, (image_path, text) in enumerate(pairs):
+    try:
+      image = storage.read_bytes(image_path)
+      example, stop_id = module.benchmark_example(kind, image, text, config.data, vocab)
+    except OSError as e:
+      skipped.append(f"{image_path}: {e.strerror or e}")
+      continue
+    except preprocessors.BadRecord as e:
+      skipped.append(f"{image_path}: {e}")
+      continue
+    out.append(({k: v for k, v in example.items() if k not in heldout.DROP}, None, stop_id))
+    kept.append((index, Image.open(io.BytesIO(image)).size))
+  return out, kept, skipped
+
+
+def answers(config, kind: str, model, params, prompt_triples, batch_size: int) -> list[str]:
+  """Greedy answers, post-processed as the family's own evaluation does."""
+  task = catalog.EvalTask(kind, "", max_new_tokens=MAX_NEW_TOKENS.get(kind, 24))
+  generated = tasks.generate_texts(task, model, params, config.data, prompt_triples,
+                                   batch_size)
+  post = getattr(families.load(config.model.name), "benchmark_answer", None)
+  return [post(kind, g) for g in generated] if post else generated
+
+
+def evaluate_vqa(model, params, config, questions: str, annotations: str, image_dir: str, *,
+                 image_prefix: str = "COCO_val2014_", num_examples: int = 0,
+                 batch_size: int = 8):
+  """({vqa_accuracy, questions, skipped}, [(most common human answer, model's answer)])."""
+  items = benchmarks.vqa_v2(questions, annotations, image_dir, image_prefix)
+  if num_examples:
+    items = items[:num_examples]
+  triples, kept, skipped = prompts(config, VQA, [(i.image_path, i.question) for i in items])
+  if not triples:
+    raise ValueError(f"{questions}: none of {len(items)} questions could be used; first "
+                     f"problems: {skipped[:3]}")
+  generated = answers(config, VQA, model, params, triples, batch_size)
+  humans = [items[i].answers for i, _ in kept]
+  metrics = {"vqa_accuracy": vqa.mean_vqa_accuracy(generated, humans),
+             "questions": float(len(triples)), "skipped": float(len(skipped))}
+  common = [collections.Counter(h).most_common(1)[0][0] for h in humans]
+  return metrics, list(zip(common, generated))
+
+
+def evaluate_refcoco(model, params, config, path: str, image_dir: str, *,
+                     num_examples: int = 0, batch_size: int = 8):
+  """({iou@0.5, expressions, skipped}, [(truth box text, model's answer)]) over every
+  sentence of the file's records (the first `num_examples` sentences, 0: all)."""
+  box_format = families.box_format(config.model.name)
+  if box_format is None:
+    raise ValueError(f"the {config.model.name!r} family has no BOX_FORMAT to read boxes in.")
+  queries = [(item, sentence) for item in benchmarks.refcoco(path, image_dir)
+             for sentence in item.sentences]
+  if num_examples:
+    queries = queries[:num_examples]
+  triples, kept, skipped = prompts(config, REFER, [(item.image_path, sentence)
+                                                   for item, sentence in queries])
+  if not triples:
+    raise ValueError(f"{path}: none of {len(queries)} expressions could be used; first "
+                     f"problems: {skipped[:3]}")
+  generated = answers(config, REFER, model, params, triples, batch_size)
+  truths = [box_format.normalise_box(queries[i][0].box, *size) for i, size in kept]
+  metrics = {"iou@0.5": grounding.iou_accuracy(generated, truths, box_format),
+             "expressions": float(len(triples)), "skipped": float(len(skipped))}
+  return metrics, [(box_format.box_text(t), g) for t, g in zip(truths, generated)]
