@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a process whose heartbeats stop this long ends the job")
   loc.add_argument("--grace-s", type=float, default=60.0,
                    help="after a failure, how long the others get to stop by themselves")
+  loc.add_argument("--max-hang-restarts", type=int, default=3,
+                   help="restart vlm-train this many times after its watchdog found a hang "
+                   "(exit 76); it resumes from its newest checkpoint")
 
   tp = target("tpu", "a Cloud TPU VM slice (or several: --num-slices)")
   tp.add_argument("--name", required=True, help="TPU (or queued resource) name")
@@ -73,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
   sl.add_argument("--setup", action="append", default=[],
                   help="shell line before srun, e.g. 'source ~/venv/bin/activate'")
   sl.add_argument("--env", action="append", default=[], help="KEY=VALUE exported")
+  sl.add_argument("--max-hang-requeues", type=int, default=3,
+                  help="requeue the job at most this many times after vlm-train hung (exit 76)")
   sl.add_argument("--script", default=None,
                   help="where to write the sbatch script (default: <workdir>/launch.sbatch)")
   return parser
@@ -129,7 +134,19 @@ def _local(args, train_args, workdir) -> int:
   if args.dry_run:
     print("\n".join(local.commands(train_args, envs)))
     return 0
-  return local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s)
+  if args.max_hang_restarts < 0:
+    raise ValueError(f"--max-hang-restarts={args.max_hang_restarts} must be >= 0.")
+  for restart in range(args.max_hang_restarts + 1):
+    reports = local.hang_reports(workdir)
+    status = local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s)
+    if not local.hung(status, reports, workdir) or restart == args.max_hang_restarts:
+      return status
+    print(f"vlm-launch: vlm-train hung (its report is in {workdir}/hangs); restarting it "
+          f"(restart {restart + 1} of at most {args.max_hang_restarts}); it resumes from its "
+          "newest checkpoint", flush=True)
+    envs = local.process_envs(args.num_processes, cpu_devices, local.free_port(),
+                              args.heartbeat_timeout_s)
+  return status
 
 
 def _tpu(args, train_args) -> int:
@@ -152,7 +169,8 @@ def _slurm(args, train_args, workdir) -> int:
       nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
       cpu_devices_per_task=args.cpu_devices_per_task, time=args.time, signal=args.signal,
       job_name=args.job_name, partition=args.partition, account=args.account,
-      cpus_per_task=args.cpus_per_task, setup=tuple(args.setup), env=tuple(args.env))
+      cpus_per_task=args.cpus_per_task, setup=tuple(args.setup), env=tuple(args.env),
+      max_hang_requeues=args.max_hang_requeues)
   text = slurm.script(target, train_args, os.path.abspath(workdir), REPO_ROOT)
   path = args.script or os.path.join(workdir, "launch.sbatch")
   if args.dry_run:

@@ -7,6 +7,8 @@ goes to <workdir>/launch_logs/process_<i>.log.
 
 When a process fails, the others are left to stop by themselves (the coordination service
 terminates them once its heartbeats stop, as it would on a pod) for `grace_s`, then killed.
+When vlm-train hung (its watchdog exited with EXIT_HUNG, or left a report in
+<workdir>/hangs/ while another process's status came first), cli/launch.py restarts it.
 """
 import os
 import re
@@ -19,6 +21,7 @@ import threading
 import time
 
 from vlm_jax import distributed
+from vlm_jax.train.watchdog import EXIT_HUNG, HANG_REPORTS
 
 TRAIN_MODULE = "vlm_jax.cli.train"
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
@@ -46,6 +49,16 @@ def process_envs(num_processes: int, cpu_devices: int | None, port: int,
                  distributed.ENV_NUM_PROCESSES: str(num_processes),
                  distributed.ENV_HEARTBEAT_TIMEOUT: str(heartbeat_timeout_s)})
   return [{**common, distributed.ENV_PROCESS_ID: str(i)} for i in range(num_processes)]
+
+
+def hang_reports(workdir: str) -> set:
+  directory = os.path.join(workdir, HANG_REPORTS)
+  return set(os.listdir(directory)) if os.path.isdir(directory) else set()
+
+
+def hung(status: int, reports_before: set, workdir: str) -> bool:
+  """Whether a run that ended with `status` hung: its status, or a new watchdog report."""
+  return status == EXIT_HUNG or bool(hang_reports(workdir) - reports_before)
 
 
 def commands(train_args, envs) -> list[str]:
