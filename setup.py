@@ -31,8 +31,11 @@ EXTRAS = {
         # open-flamingo (numerical oracle) pins torch==2.0.1 and needs open_clip at import:
         # CI installs it with `pip install --no-deps open-flamingo==2.0.1` beside this.
         "einops-exts",
+        "wandb",  # tests/test_profile_and_wandb.py writes an offline W&B run
     ],
     "tpu": ["jax[tpu]"],
+    # config.wandb.mode = offline | online (vlm_jax/train/wandb_writer.py).
+    "wandb": ["wandb"],
     "notebooks": ["jupyter", "nbclient", "nbformat", "matplotlib"],
     # `vlm-data ingest --runner beam`. Beam needs protobuf<7; the pins above
     # (sentencepiece==0.2.1) keep the rest importable on protobuf 6 (DESIGN.md).

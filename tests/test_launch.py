@@ -102,6 +102,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.90
 notice=""
 trap 'notice=1; echo "vlm-launch: preemption notice (SIGUSR1); SIGTERM to every task"; \
 scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
+hangs_before=$(ls /mnt/runs/large/hangs 2>/dev/null | wc -l) || true
 srun --kill-on-bad-exit=1 python -m vlm_jax.cli.train --config configs/simvlm.py:large \
 --workdir /mnt/runs/large '--config.mesh.shape=(1,-1,1)' &
 step=$!
@@ -109,6 +110,18 @@ while true; do
   wait "$step" && status=0 || status=$?
   kill -0 "$step" 2>/dev/null || break
 done
+hangs_after=$(ls /mnt/runs/large/hangs 2>/dev/null | wc -l) || true
+if [ "$status" = 76 ] || [ "$hangs_after" != "$hangs_before" ]; then
+  requeues=$(( $(cat /mnt/runs/large/hang_requeues 2>/dev/null || echo 0) + 1 ))
+  echo "$requeues" > /mnt/runs/large/hang_requeues
+  if [ "$requeues" -le 3 ]; then
+    echo "vlm-launch: vlm-train hung (its report is in the workdir's hangs/); requeueing job \
+$SLURM_JOB_ID (hang requeue $requeues of at most 3)"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "vlm-launch: vlm-train hung again after 3 requeue(s); not requeueing"
+fi
 if [ "$status" = 75 ] || {{ [ -n "$notice" ] && [ "$status" != 0 ]; }}; then
   echo "vlm-launch: requeueing job $SLURM_JOB_ID (tasks exited $status); it resumes from its \
 newest checkpoint"
@@ -134,6 +147,51 @@ def test_slurm_cpu_script_sets_the_platform_and_devices_per_task(capsys):
 def test_the_requeue_status_is_vlm_trains_preemption_status():
   from vlm_jax.cli import train  # pylint: disable=g-import-not-at-top
   assert slurm.EXIT_PREEMPTED == train.EXIT_PREEMPTED
+
+
+# The sbatch script's decisions after srun, run by bash with `srun` and `scontrol` replaced by
+# scripts that act out how a job ended (the real cluster runs are in tests/test_slurm.py).
+_FAKE_SRUN = """#!/bin/bash
+[ -n "$HANG_REPORT" ] && mkdir -p "$WORKDIR/hangs" && echo stacks > "$WORKDIR/hangs/$HANG_REPORT"
+exit "$SRUN_STATUS"
+"""
+_FAKE_SCONTROL = """#!/bin/bash
+echo "$@" >> "$WORKDIR/scontrol_calls"
+"""
+
+
+@pytest.mark.parametrize("srun_status, report, requeues_before, requeued, status", [
+    (76, "", 0, True, 0),  # every task's watchdog fired
+    (137, "process_1_1.txt", 0, True, 0),  # one task hung, srun killed the others
+    (137, "process_1_2.txt", 3, False, 137),  # the 4th hang: a person must look
+    (137, "", 0, False, 137),  # a crash without a hang report is the job's failure
+    (75, "", 3, True, 0),  # preemptions requeue whatever the hang count
+])
+def test_the_sbatch_script_requeues_hangs_at_most_max_hang_requeues_times(
+    tmp_path, srun_status, report, requeues_before, requeued, status):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  if requeues_before:
+    (workdir / "hang_requeues").write_text(f"{requeues_before}\n")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  target = slurm.SlurmTarget(nodes=1, tasks_per_node=2, cpu_devices_per_task=1)
+  script = slurm.script(target, ["--config", "c.py:tiny", "--workdir", str(workdir)],
+                        str(workdir), str(tmp_path))
+  env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+         "SLURM_JOB_ID": "42", "WORKDIR": str(workdir), "SRUN_STATUS": str(srun_status),
+         "HANG_REPORT": report}
+  result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == status, result.stdout + result.stderr
+  calls = (workdir / "scontrol_calls").read_text() if requeued else ""
+  assert calls == ("requeue 42\n" if requeued else ""), result.stdout
+  assert not (workdir / "scontrol_calls").exists() or requeued
+  if srun_status != 75 and (report or srun_status == 76):
+    assert (workdir / "hang_requeues").read_text().strip() == str(requeues_before + 1)
 
 
 def test_local_two_processes(capsys):

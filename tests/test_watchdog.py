@@ -64,15 +64,18 @@ def _clock_with(recent: dict, current=None):
 
 def test_the_bound_is_the_median_multiple_then_the_floor_then_the_absolute_bound():
   config = types.SimpleNamespace(factor=10.0, min_s=3.0, timeout_s=100.0)
-  dog = watchdog.Watchdog(_clock_with({"device": [0.5, 0.9, 1.0, 1.1, 50.0]}), config)
+  dog = watchdog.Watchdog(_clock_with({"device": [0.5, 0.9, 1.0, 1.1, 50.0],
+                                       "data": [1.0, 1.0]}), config)
   try:
     assert dog.bound("device")[0] == pytest.approx(10.0)  # 10 x median 1.0
     assert dog.bound("device", units=4)[0] == pytest.approx(40.0)  # per step, 4 steps queued
     assert dog.bound("device", units=20)[0] == 100.0  # capped by timeout_s
-    assert dog.bound("data")[0] == 100.0  # no history: the absolute bound
+    assert dog.bound("data")[0] == 100.0  # too little history: the absolute bound
+    assert dog.bound("eval")[0] == 100.0
+    assert dog.bound("eval")[0] == 100.0
   finally:
     dog.stop()
-  quick = watchdog.Watchdog(_clock_with({"data": [0.01] * 5}), config)
+  quick = watchdog.Watchdog(_clock_with({"data": [0.01] * 3}), config)
   try:
     assert quick.bound("data")[0] == 3.0  # the floor, not 0.1 s
   finally:
@@ -102,3 +105,21 @@ def test_the_hang_status_is_the_same_everywhere():
   assert train_cli.EXIT_HUNG == watchdog.EXIT_HUNG == slurm.EXIT_HUNG == 76
   assert len({train_cli.EXIT_HUNG, train_cli.EXIT_PREEMPTED, train_cli.EXIT_WORKDIR,
               train_cli.EXIT_NONFINITE, train_cli.EXIT_CONFIG}) == 5
+
+
+def test_vlm_launch_local_restarts_a_hung_run_which_resumes_from_its_checkpoint(tmp_path):
+  # The stall is injected into every run, so the run restarted from step 5 hangs again at
+  # step 9 (3 device waits later: enough history for the relative bound) and the launcher
+  # gives up after --max-hang-restarts, with vlm-train's hang status.
+  command = [sys.executable, "-m", "vlm_jax.cli.launch", "local", "--max-hang-restarts", "1",
+             *_train_command(tmp_path, 12)[3:], "--config.checkpoint.async_save=False",
+             "--config.watchdog.factor=5", f"--config.watchdog.min_s={MIN_S}",
+             "--config.watchdog.timeout_s=600"]
+  env = {**os.environ, phases.INJECT_STALL_ENV: "device@9"}
+  result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+  out = result.stdout + result.stderr
+  assert result.returncode == watchdog.EXIT_HUNG, out[-3000:]
+  assert out.count("watchdog: no progress for") == 2
+  assert out.count("restarting it (restart 1 of at most 1)") == 1
+  assert "Resuming from checkpoint step 5 in" in out
+  assert len(os.listdir(tmp_path / "hangs")) == 2

@@ -120,10 +120,16 @@ class Goodput:
     self.current = _Attempt(number, resume_step)
     self._base = self._phase_time()
 
-  def first_step_done(self) -> None:
-    """Marks the end of this process's first step: launch to here is its start-up latency."""
+  def first_step_done(self) -> str:
+    """Marks the end of this process's first step: launch to here is its start-up latency;
+    returns a line saying where it went."""
     if self.first_step_s is None:
       self.first_step_s = self.clock.elapsed()
+    totals = self.clock.totals
+    parts = [f"start-up {self.clock.startup() + totals['startup']:.1f} s"] + [
+        f"{name} {totals[name]:.1f} s" for name in ("init", "restore", "compile", "data")
+        if totals[name]]
+    return f"Launch to first step: {self.first_step_s:.1f} s ({', '.join(parts)})"
 
   def totals(self) -> dict:
     """{category: seconds} for the whole run so far, and 'wall'."""

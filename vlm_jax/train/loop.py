@@ -179,7 +179,7 @@ class Trainer:
         self.profiler.after(step, state)
         pending.append((step, step_metrics))
         if first:
-          self.goodput.first_step_done()
+          _log(self.goodput.first_step_done())
           progress.update(start + 1)
         last = step == config.num_train_steps
         notice = None if last else watch.notice(step, self.checkpointer.manager)

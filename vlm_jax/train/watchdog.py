@@ -26,7 +26,7 @@ import traceback
 
 # vlm-train's exit status after a hang (cli/train.py and launch/ repeat it; a test checks).
 EXIT_HUNG = 76
-MIN_HISTORY = 5  # phases of a kind seen before the relative bound applies
+MIN_HISTORY = 3  # phases of a kind seen before the relative bound applies
 REPORT_WRITE_S = 10.0
 HANG_REPORTS = "hangs"  # the directory in the workdir
 _WAITING_FOR = {
