@@ -234,7 +234,9 @@ def test_vlm_eval_runs_every_task_of_every_family(family, tmp_path, capsys):
   for name in names:
     assert f"{name} (step {step}):" in printed
     metrics = [k for k in written if k.startswith(f"eval/{name}/") and not k.endswith("seconds")]
-    assert metrics and all(0.0 <= written[k] <= 100.0 for k in metrics)
+    scores = [k for k in metrics if not k.endswith("log_likelihood")]
+    assert scores and all(0.0 <= written[k] <= 100.0 for k in scores)
+    assert all(written[k] < 0.0 for k in metrics if k.endswith("log_likelihood"))
   with pytest.raises(ValueError, match="unknown evaluation task"):
     runner.task_names(config, ["nope"])
 

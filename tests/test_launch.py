@@ -209,6 +209,17 @@ def test_local_two_processes(capsys):
       for i in range(2)]
 
 
+def test_program_eval_runs_vlm_eval_on_every_target(capsys):
+  local = dry_run(capsys, "local", "--num-processes", "2", "--program", "eval")
+  assert all(" -m vlm_jax.cli.eval --config " in line for line in local.splitlines())
+  tpu = dry_run(capsys, "tpu", "--name", "vlm", "--zone", "z", "--accelerator-type", "v5p-16",
+                "--runtime-version", "r", "--program", "eval")
+  assert "VLM_JAX_DISTRIBUTED=auto vlm-eval --config" in tpu and "vlm-train" not in tpu
+  sbatch = dry_run(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "8", "--program", "eval")
+  assert "srun --kill-on-bad-exit=1 python -m vlm_jax.cli.eval --config" in sbatch
+  assert "launch_eval.sbatch" in sbatch
+
+
 @pytest.mark.parametrize("argv, message", [
     (["tpu", "--name", "Bad_Name", "--zone", "z", "--accelerator-type", "v5p-8",
       "--runtime-version", "r"], "--name='Bad_Name'"),
@@ -235,6 +246,6 @@ def test_train_arguments_are_required(capsys):
 
 def test_the_gpu_xla_flags_exist_in_this_jaxlib():
   env = {**os.environ, "XLA_FLAGS": " ".join(slurm.GPU_XLA_FLAGS), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(jnp.ones(2).sum())"],
-                          env=env, capture_output=True, text=True, timeout=120)
+  result = subprocess.run([sys.executable, "-c",
+                           "import jax.numpy as jnp; print(jnp.ones(2).sum())"], env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "2.0" in result.stdout, result.stderr[-2000:]

@@ -1,6 +1,6 @@
 """The inspection notebooks run top to bottom on tiny configs, and every plot cell draws.
 
-One short SimVLM training run provides the workdir the run notebook reads. Notebook
+One short 2-process SimVLM training job provides the workdir the run notebook reads. Notebook
 parameters travel as environment variables (the kernel inherits this process's
 environment, conftest's 8 simulated devices included). Cells tagged "plot" must output an
 image.
@@ -13,9 +13,6 @@ import nbclient
 import nbformat
 import pytest
 
-from vlm_jax import config as config_lib
-from vlm_jax.train import loop
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 TIMEOUT_S = 600
@@ -23,15 +20,15 @@ TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+  """A workdir as a pod job writes it: 2 processes (the notebook itself is one)."""
   path = str(tmp_path_factory.mktemp("run"))
-  overrides = {"batch_size": "8", "num_train_steps": "4", "log_every_steps": "1",
-               "checkpoint.every_steps": "2", "checkpoint.async_save": "False",
-               "optimizer.warmup_steps": "2"}
-  config = config_lib.load_config(os.path.join(REPO, "configs", "simvlm.py:tiny"),
-                                  list(overrides.items()))
-  loop.train(config, path)
-  with open(os.path.join(path, "config.json"), "w") as f:  # as vlm-train writes it
-    f.write(config.to_json_best_effort(indent=2))
+  subprocess.run([sys.executable, "-m", "vlm_jax.cli.launch", "local", "--num-processes", "2",
+                  "--config", os.path.join(REPO, "configs", "simvlm.py:tiny"), "--workdir", path,
+                  "--config.batch_size=8", "--config.num_train_steps=4",
+                  "--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
+                  "--config.optimizer.warmup_steps=2"],
+                 check=True, capture_output=True, timeout=900,
+                 env={**os.environ, "PYTHONPATH": REPO})
   return path
 
 

@@ -26,14 +26,11 @@ from test_train import read_losses, tiny_config
 from vlm_jax.train import loop
 
 LOCAL_SLURM = os.path.join(REPO, "launch", "local_slurm.sh")
-# Multi-process runs crash in the end-of-run generations (issue 19); delete once it is fixed.
-WORKAROUND_ISSUE_19 = ["--num-samples=0"]
 # With the constant schedule the first N losses of any run are those of an N-step run, so one
 # 1-process reference serves every test.
 TRAIN_ARGS = ["--config", TINY, "--config.batch_size=8", "--config.log_every_steps=1",
               "--config.checkpoint.every_steps=1000", "--config.checkpoint.async_save=False",
-              "--config.optimizer.warmup_steps=2", "--config.optimizer.schedule=constant",
-              *WORKAROUND_ISSUE_19]
+              "--config.optimizer.warmup_steps=2", "--config.optimizer.schedule=constant"]
 TWO_TASKS = ["--nodes", "1", "--tasks-per-node", "2", "--cpu-devices-per-task", "2",
              "--cpus-per-task", "1"]
 HEARTBEAT_TIMEOUT_S = 60  # vlm_jax.distributed's default, which these jobs use
@@ -153,6 +150,18 @@ def test_two_tasks_train_like_one_process_and_the_job_completes(slurm_env, unint
   assert runs(slurm_env, job) == [("COMPLETED", "0:0")]
   assert "over 4 device(s)" in output(workdir, job)  # one mesh across both tasks
   assert_losses_equal(workdir, reference.losses(steps))
+
+
+def test_vlm_eval_runs_as_a_two_task_job_on_the_newest_checkpoint(slurm_env, uninterrupted):
+  workdir, _, steps = uninterrupted
+  job = submit(slurm_env, workdir, steps, "--time", "30", "--program", "eval")
+  assert wait_until_finished(slurm_env, job) == [("COMPLETED", "0:0")]
+  text = output(workdir, job)
+  assert text.count(f"simvlm_rank_captions (step {steps}): accuracy") == 1, text[-3000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert any(r["step"] == steps and "eval/simvlm_rank_captions/log_likelihood" in r
+             for r in records)
 
 
 def test_a_training_error_fails_the_job_with_its_exit_code(slurm_env, tmp_path):

@@ -25,11 +25,13 @@ Outputs (`Generated`): tokens [B, L] (EOS included, then PAD), log_probs [B, L] 
 of the model's logits at the chosen token, 0 after EOS), scores [B] (sum of log_probs; beam:
 the length-penalised score). Beam search returns the best beam; `beams` holds all K.
 """
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax import distributed
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 3  # docs/architecture.md
 NEG_INF = -1e9
@@ -193,7 +195,7 @@ def _choose(logits, rng, i, options, top_k):
 
 # Special ids, temperature and top_p are traced (changing them does not recompile); top_k
 # (None: greedy) is static for lax.top_k.
-@functools.partial(jax.jit, static_argnames=("adapter", "max_len", "top_k"))
+@distributed.jit(static_argnames=("adapter", "max_len", "top_k"))
 def _search(params, batch, rng, ids, options, *, adapter, max_len, top_k):
   bos_id, eos_id, pad_id = ids
   logits, cache, state = adapter.prefill(params, batch, max_len, bos_id)
@@ -243,7 +245,7 @@ def _gather_beams(tree, beam_index, batch_size, beams):
   return jax.tree_util.tree_map_with_path(gather, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("adapter", "max_len", "beams"))
+@distributed.jit(static_argnames=("adapter", "max_len", "beams"))
 def _beam_search(params, batch, ids, alpha, *, adapter, max_len, beams):
   bos_id, eos_id, pad_id = ids
   batch = jax.tree.map(lambda a: jnp.repeat(a, beams, axis=0), batch)
@@ -319,21 +321,21 @@ def generate(model, params, batch, max_len: int, *, method: str = "greedy", beam
              top_p: float = 1.0, rng=None, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
              pad_id: int = PAD_ID) -> Generated:
   """Up to `max_len` new tokens per example of `batch` (the model's own batch layout; see
-  the module docstring). method: 'greedy' | 'sample' | 'beam'. `params` is unboxed."""
+  the module docstring). method: 'greedy' | 'sample' | 'beam'. `params` is unboxed (global
+  arrays in a multi-process job, where every process passes the same batch); the outputs are
+  host numpy arrays in every process."""
   if max_len < 1:
     raise ValueError(f"max_len={max_len}: need at least one token.")
-  max_text = getattr(model, "max_text_length", None)
-  if max_text is not None and max_len > max_text:
-    raise ValueError(f"max_len={max_len} exceeds the model's max_text_length={max_text}.")
   adapter = adapter_for(model)
-  batch = {k: jnp.asarray(v) for k, v in batch.items()
+  # Host arrays: in a multi-process job jit takes them as the same global value everywhere.
+  batch = {k: np.asarray(v) for k, v in batch.items()
            if k not in ("targets", "loss_mask", "loss_weight")}
   ids = jnp.array([bos_id, eos_id, pad_id], jnp.int32)
   if method == "beam":
     if beams < 1:
       raise ValueError(f"beams={beams}: need at least 1.")
-    return _beam_search(params, batch, ids, jnp.float32(length_alpha), adapter=adapter,
-                        max_len=max_len, beams=beams)
+    return distributed.fetch(_beam_search(params, batch, ids, jnp.float32(length_alpha),
+                                          adapter=adapter, max_len=max_len, beams=beams))
   if method == "greedy":
     top_k = None
   elif method == "sample":
@@ -345,5 +347,5 @@ def generate(model, params, batch, max_len: int, *, method: str = "greedy", beam
     raise ValueError(f"method={method!r}: expected 'greedy', 'sample' or 'beam'.")
   rng = jax.random.key(0) if rng is None else rng
   options = (jnp.float32(temperature), jnp.float32(top_p))
-  return _search(params, batch, rng, ids, options, adapter=adapter, max_len=max_len,
-                 top_k=top_k)
+  return distributed.fetch(_search(params, batch, rng, ids, options, adapter=adapter,
+                                   max_len=max_len, top_k=top_k))

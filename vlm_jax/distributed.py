@@ -14,11 +14,15 @@ VLM_JAX_HEARTBEAT_TIMEOUT_S (default 60) bounds how long the survivors of a dead
 live: the coordination service stops receiving its heartbeats and terminates every other
 process of the job.
 """
+import functools
+import itertools
 import os
 import sys
 import traceback
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 ENV_COORDINATOR = "VLM_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "VLM_JAX_NUM_PROCESSES"
@@ -29,7 +33,7 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 
 # Exit status of a process that stopped on an uncaught exception in a multi-process job.
 EXIT_FAILED = 1
-# How long processes wait for each other to finish compiling the train step.
+# How long processes wait for each other to finish compiling a program.
 COMPILE_BARRIER_TIMEOUT_S = 3600
 
 
@@ -88,27 +92,62 @@ def _exit_now_on_uncaught_exception(kind, value, tb):
   os._exit(EXIT_FAILED)  # pylint: disable=protected-access
 
 
-class _SyncedAfterCompile:
-  """A jitted step whose first call compiles, waits for every process, then runs.
+def barrier(name: str) -> None:
+  """Waits until every process of the job reaches the barrier `name` (unique per use)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  jax_distributed.global_state.client.wait_at_barrier(name, COMPILE_BARRIER_TIMEOUT_S * 1000)
 
-  CPU collectives (gloo) set up their connections at the first collective and give up after
-  30 s; a process that compiles more slowly than its peers (a loaded host, a compilation
-  cache hit on only some hosts) would fail the job there. The coordination service's
-  barrier has no such limit.
+
+def _signature(tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(
+      (np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None)) for x in leaves)
+
+
+class SyncedJit:
+  """A jitted function whose every new compilation waits for all processes, then runs.
+
+  CPU collectives (gloo) set up their connections at a program's first collective and give
+  up after 30 s; a process that compiles more slowly than its peers (a loaded host, a
+  compilation cache hit on only some hosts) would fail the job there. The coordination
+  service's barrier has no such limit. Processes run the same programs in the same order, so
+  the n-th compilation of every process meets at barrier n. In a single process, it is the
+  jitted function itself.
   """
+  _compilations = itertools.count()
 
-  def __init__(self, jitted):
-    self._jitted, self._compiled = jitted, None
+  def __init__(self, jitted, static_argnames=()):
+    self._jitted, self._static = jitted, frozenset(static_argnames)
+    self._compiled = {}
 
-  def __call__(self, *args):
-    if self._compiled is None:
-      self._compiled = self._jitted.lower(*args).compile()
-      from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-      jax_distributed.global_state.client.wait_at_barrier(
-          "vlm_jax_train_step_compiled", COMPILE_BARRIER_TIMEOUT_S * 1000)
-    return self._compiled(*args)
+  def __call__(self, *args, **kwargs):
+    if jax.process_count() == 1:
+      return self._jitted(*args, **kwargs)
+    dynamic = {k: v for k, v in kwargs.items() if k not in self._static}
+    key = (_signature((args, dynamic)),
+           tuple(sorted((k, v) for k, v in kwargs.items() if k in self._static)))
+    compiled = self._compiled.get(key)
+    if compiled is None:
+      compiled = self._jitted.lower(*args, **kwargs).compile()
+      barrier(f"vlm_jax_compiled_{next(SyncedJit._compilations)}")
+      self._compiled[key] = compiled
+    return compiled(*args, **dynamic)
 
 
-def synced_after_compile(jitted):
-  """`jitted` itself in a single process; in a multi-process job, see _SyncedAfterCompile."""
-  return _SyncedAfterCompile(jitted) if jax.process_count() > 1 else jitted
+def jit(fun=None, *, static_argnames=(), **jit_kwargs):
+  """`jax.jit` for programs that may run in a multi-process job (see SyncedJit); usable as
+  `@distributed.jit(static_argnames=...)`."""
+  if fun is None:
+    return functools.partial(jit, static_argnames=static_argnames, **jit_kwargs)
+  return SyncedJit(jax.jit(fun, static_argnames=static_argnames, **jit_kwargs),
+                   static_argnames)
+
+
+def fetch(tree):
+  """Host numpy copies of a tree's arrays in every process. Arrays split over other
+  processes' devices are all-gathered first: a collective, so every process must call it."""
+  def one(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree.map(one, tree)

@@ -98,9 +98,8 @@ from vlm_jax.inspection import data as data_insp
 from vlm_jax.train import loop
 
 trainer = loop.Trainer(config, WORKDIR)
-with trainer.mesh_context():
-  state = trainer.checkpointer.restore(STEP, trainer.factory.abstract_with_shardings(),
-                                       trainer.data)
+with trainer.mesh_context():  # the weights only: a pod job saved one data state per process
+  state = trainer.checkpointer.restore(STEP, trainer.factory.abstract_with_shardings())
 print(f"loaded step {int(state.step)} from {trainer.checkpointer.directory}")
 for truth, generated in samples.generate_captions(trainer, state, SAMPLES):
   print(f"truth: {truth!r}\n  generated: {generated!r}")

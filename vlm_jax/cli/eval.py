@@ -37,6 +37,8 @@ def main(argv=None):
   import absl.flags  # grain's worker processes read absl flags (DESIGN.md gotchas)
   absl.flags.FLAGS.mark_as_parsed()
   import jax
+  from vlm_jax import distributed
+  distributed.initialize()  # a multi-process launch: before anything touches a device
   from vlm_jax.evaluation import coco, runner, tasks as tasks_lib
   from vlm_jax.train import loop, metrics
 
@@ -68,8 +70,8 @@ def main(argv=None):
               f"{trainer.checkpointer.directory} (have {trainer.checkpointer.manager.all_steps()})",
               file=sys.stderr)
         sys.exit(1)
-      state = trainer.checkpointer.restore(step, trainer.factory.abstract_with_shardings(),
-                                           trainer.data)
+      # The weights only: the data state was saved per process, by however many there were.
+      state = trainer.checkpointer.restore(step, trainer.factory.abstract_with_shardings())
   if args.coco_captions:
     try:
       scalars, samples = runner.evaluate_coco(trainer, state, args.coco_captions,

@@ -1,6 +1,7 @@
-"""vlm-launch TARGET [launcher options] --config ... --workdir ... [other vlm-train args]
+"""vlm-launch TARGET [launcher options] --config ... --workdir ... [other program args]
 
-One command line for every target; arguments the launcher does not know go to vlm-train.
+One command line for every target; arguments the launcher does not know go to the program
+every process runs: vlm-train, or vlm-eval with `--program eval`.
 
   vlm-launch local --config configs/simvlm.py:tiny --workdir /tmp/run
   vlm-launch local --num-processes 2 --cpu-devices-per-process 2 --config ... --workdir ...
@@ -8,6 +9,7 @@ One command line for every target; arguments the launcher does not know go to vl
       --runtime-version v2-alpha-tpuv5 --config configs/simvlm.py:large --workdir /mnt/runs/a
   vlm-launch slurm --nodes 2 --gpus-per-node 8 --partition gpu --config ... --workdir ...
   vlm-launch slurm --nodes 1 --tasks-per-node 2 --cpu-devices-per-task 2 --config ... --workdir ...
+  vlm-launch local --num-processes 2 --program eval --config ... --workdir ... [--task NAME]
 
 --dry-run prints exactly what would run (commands, environment, the sbatch script) and runs
 nothing. Docs: docs/launch.md.
@@ -17,6 +19,7 @@ import os
 import subprocess
 import sys
 
+from vlm_jax import launch
 from vlm_jax.launch import local, slurm, tpu
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
   def target(name, help_text):
     sub = targets.add_parser(name, help=help_text, allow_abbrev=False)
     sub.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+    sub.add_argument("--program", choices=sorted(launch.PROGRAMS), default="train",
+                     help="what every process runs: vlm-train (default) or vlm-eval")
     return sub
 
   loc = target("local", "this machine: one process, or N CPU processes via jax.distributed")
@@ -79,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
   sl.add_argument("--max-hang-requeues", type=int, default=3,
                   help="requeue the job at most this many times after vlm-train hung (exit 76)")
   sl.add_argument("--script", default=None,
-                  help="where to write the sbatch script (default: <workdir>/launch.sbatch)")
+                  help="where to write the sbatch script (default: <workdir>/launch.sbatch; "
+                  "launch_eval.sbatch for --program eval)")
   return parser
 
 
@@ -89,7 +95,7 @@ def _workdir(parser, train_args) -> str:
       return train_args[i + 1]
     if arg.startswith("--workdir="):
       return arg.split("=", 1)[1]
-  parser.error("vlm-train needs --workdir DIR (and --config path.py:arg)")
+  parser.error("the program needs --workdir DIR (and --config path.py:arg)")
 
 
 def _run_shell_plan(steps, final) -> int:
@@ -111,7 +117,7 @@ def main(argv=None):
   parser = _parser()
   args, train_args = parser.parse_known_args(argv)
   if not any(a == "--config" or a.startswith("--config=") for a in train_args):
-    parser.error("vlm-train needs --config path.py:arg")
+    parser.error("the program needs --config path.py:arg")
   workdir = _workdir(parser, train_args)
   try:
     if args.target == "local":
@@ -132,13 +138,14 @@ def _local(args, train_args, workdir) -> int:
   port = args.port or local.free_port()
   envs = local.process_envs(args.num_processes, cpu_devices, port, args.heartbeat_timeout_s)
   if args.dry_run:
-    print("\n".join(local.commands(train_args, envs)))
+    print("\n".join(local.commands(train_args, envs, args.program)))
     return 0
   if args.max_hang_restarts < 0:
     raise ValueError(f"--max-hang-restarts={args.max_hang_restarts} must be >= 0.")
   for restart in range(args.max_hang_restarts + 1):
     reports = local.hang_reports(workdir)
-    status = local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s)
+    status = local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s,
+                       args.program)
     if not local.hung(status, reports, workdir) or restart == args.max_hang_restarts:
       return status
     print(f"vlm-launch: vlm-train hung (its report is in {workdir}/hangs); restarting it "
@@ -154,7 +161,7 @@ def _tpu(args, train_args) -> int:
       name=args.name, zone=args.zone, accelerator_type=args.accelerator_type,
       runtime_version=args.runtime_version, project=args.project, num_slices=args.num_slices,
       queued=args.queued, spot=args.spot, code=args.code, delete=args.delete,
-      env=tuple(args.env))
+      env=tuple(args.env), program=args.program)
   plan = tpu.plan(target, train_args, REPO_ROOT)
   if args.dry_run:
     print("\n".join(plan["steps"]))
@@ -170,9 +177,10 @@ def _slurm(args, train_args, workdir) -> int:
       cpu_devices_per_task=args.cpu_devices_per_task, time=args.time, signal=args.signal,
       job_name=args.job_name, partition=args.partition, account=args.account,
       cpus_per_task=args.cpus_per_task, setup=tuple(args.setup), env=tuple(args.env),
-      max_hang_requeues=args.max_hang_requeues)
+      program=args.program, max_hang_requeues=args.max_hang_requeues)
   text = slurm.script(target, train_args, os.path.abspath(workdir), REPO_ROOT)
-  path = args.script or os.path.join(workdir, "launch.sbatch")
+  name = "launch.sbatch" if args.program == "train" else f"launch_{args.program}.sbatch"
+  path = args.script or os.path.join(workdir, name)
   if args.dry_run:
     print(f"# {path}\n{text}# then: {' '.join(slurm.submit_command(path))}")
     return 0

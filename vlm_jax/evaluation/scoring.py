@@ -7,12 +7,11 @@ those tokens is summed (`model.apply(batch)` logits, so every family scores thro
 training forward: SimVLM/Prismer rank with the decoder over the encoded image and prefix,
 decoder-only families with the prompt in context).
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax import distributed
 from vlm_jax.data.vocab import BOS_ID, PAD_ID
 
 
@@ -46,7 +45,7 @@ def with_answer(inputs: dict, answer_ids, stop_id: int, suffix_length: int | Non
   return example
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@distributed.jit(static_argnames=("model",))
 def _log_likelihood(params, batch, *, model):
   logits = model.apply({"params": params}, batch).astype(jnp.float32)
   log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None],
@@ -55,9 +54,10 @@ def _log_likelihood(params, batch, *, model):
 
 
 def sequence_log_likelihood(model, params, batch) -> np.ndarray:
-  """[B] sum over loss_mask of log p(targets) under the model's full forward."""
-  return np.asarray(_log_likelihood(params, {k: jnp.asarray(v) for k, v in batch.items()},
-                                    model=model))
+  """[B] sum over loss_mask of log p(targets) under the model's full forward (host numpy in
+  every process of a multi-process job, which all pass the same batch)."""
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  return distributed.fetch(_log_likelihood(params, batch, model=model))
 
 
 def rank_candidates(model, params, prompts: list[dict], candidates: list[list[int]],

@@ -157,4 +157,8 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
   predicted = np.argmax(log_likelihoods, axis=1)
   samples = [(labels[t], labels[p]) for t, p in zip(truth_index, predicted)]
   metrics = score(("accuracy",), [p for _, p in samples], [t for t, _ in samples])
-  return dict(metrics, num_candidates=float(len(labels))), samples
+  # The mean log-likelihood of the true answers: finer-grained than accuracy (it moves
+  # while the argmax does not).
+  truth_ll = log_likelihoods[np.arange(len(truth_index)), truth_index]
+  return dict(metrics, log_likelihood=float(np.mean(truth_ll)),
+              num_candidates=float(len(labels))), samples

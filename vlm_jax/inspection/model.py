@@ -4,9 +4,9 @@ import collections
 import math
 
 import flax.linen as nn
-import jax
 import numpy as np
 
+from vlm_jax import distributed
 from vlm_jax import flops as flops_lib
 from vlm_jax import params as params_lib
 from vlm_jax import sharding
@@ -92,7 +92,7 @@ def attention_masks(config, batch, example: int = 0) -> dict:
 # Parameter values of interest
 # ----------------------------------------------------------------------------------------
 def flat_params(params) -> dict:
-  return params_lib.flatten(jax.device_get(params))
+  return params_lib.flatten(distributed.fetch(params))
 
 
 def gate_values(params) -> dict:

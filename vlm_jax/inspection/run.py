@@ -1,6 +1,5 @@
 """What a training run did: its metrics, its checkpoints, and where a trained encoder-decoder
 model looks in the image when it generates a token."""
-import functools
 import json
 import os
 
@@ -10,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import config as config_lib
+from vlm_jax import distributed
 from vlm_jax import params as params_lib
 from vlm_jax.nn import attention
 
@@ -98,11 +98,12 @@ def cross_attention_maps(model, params, batch, tokens) -> np.ndarray:
   ([image tokens ; prefix]). Recomputed from the captured query/key projections of an
   unscanned copy of the model, with the model's own encoder mask."""
   keys = ("images", "image_mask", "prefix_tokens", "prefix_mask")
-  return np.asarray(_cross_attention_maps(params, {k: batch[k] for k in keys}, tokens,
-                                          model=model))
+  batch = {k: np.asarray(batch[k]) for k in keys}
+  return distributed.fetch(_cross_attention_maps(params, batch, np.asarray(tokens),
+                                                 model=model))
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@distributed.jit(static_argnames=("model",))
 def _cross_attention_maps(params, batch, tokens, *, model):
   if model.scan_layers:
     params = {**params, **{name: unstack_layers(params[name]) for name in ("encoder", "decoder")

@@ -3,7 +3,7 @@
 N processes with K CPU devices each behave like N hosts of a pod (per-process data rows,
 global arrays, cooperative checkpoints, process-0 logging), which is how multi-host code is
 tested without a pod. Process 0's output streams to the console; every process's output
-goes to <workdir>/launch_logs/process_<i>.log.
+goes to <workdir>/launch_logs/process_<i>.log (eval_process_<i>.log for `--program eval`).
 
 When a process fails, the others are left to stop by themselves (the coordination service
 terminates them once its heartbeats stop, as it would on a pod) for `grace_s`, then killed.
@@ -21,9 +21,9 @@ import threading
 import time
 
 from vlm_jax import distributed
+from vlm_jax import launch
 from vlm_jax.train.watchdog import EXIT_HUNG, HANG_REPORTS
 
-TRAIN_MODULE = "vlm_jax.cli.train"
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
 
 
@@ -61,9 +61,13 @@ def hung(status: int, reports_before: set, workdir: str) -> bool:
   return status == EXIT_HUNG or bool(hang_reports(workdir) - reports_before)
 
 
-def commands(train_args, envs) -> list[str]:
+def _argv(program: str, args) -> list[str]:
+  return [sys.executable, "-m", launch.module(program), *args]
+
+
+def commands(args, envs, program: str = "train") -> list[str]:
   """One shell line per process: exactly what runs (the dry-run output)."""
-  argv = [sys.executable, "-m", TRAIN_MODULE, *train_args]
+  argv = _argv(program, args)
   return [" ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " " +
           shlex.join(argv) for env in envs]
 
@@ -80,13 +84,14 @@ def _exit_status(code: int) -> int:
   return 128 - code if code < 0 else code  # killed by signal s -> 128 + s, as shells report
 
 
-def run(train_args, envs, log_dir: str, grace_s: float) -> int:
+def run(args, envs, log_dir: str, grace_s: float, program: str = "train") -> int:
   """Runs the processes; returns 0, or the exit status of the first one that failed."""
   os.makedirs(log_dir, exist_ok=True)
-  argv = [sys.executable, "-m", TRAIN_MODULE, *train_args]
+  argv = _argv(program, args)
   procs, logs, threads = [], [], []
+  prefix = "" if program == "train" else f"{program}_"  # a later vlm-eval keeps train's logs
   for i, env in enumerate(envs):
-    log = open(os.path.join(log_dir, f"process_{i}.log"), "wb")
+    log = open(os.path.join(log_dir, f"{prefix}process_{i}.log"), "wb")
     logs.append(log)
     stdout = subprocess.PIPE if i == 0 else log
     procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=stdout,

@@ -22,6 +22,7 @@ import shlex
 import signal
 
 from vlm_jax import distributed
+from vlm_jax import launch
 from vlm_jax.train.watchdog import EXIT_HUNG, HANG_REPORTS
 
 # vlm-train's exit status after a preemption checkpoint (cli/train.py, which library code
@@ -44,7 +45,6 @@ GPU_ENV = (
     # Leave a little GPU memory to cuDNN/NCCL workspaces outside XLA's allocator.
     "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90",
 )
-
 
 
 def _wait_and_requeue(workdir: str, max_hang_requeues: int) -> tuple:
@@ -99,6 +99,7 @@ class SlurmTarget:
   cpus_per_task: int = 8
   setup: tuple = ()  # shell lines run before srun (module load, venv activate)
   env: tuple = ()  # extra KEY=VALUE exports
+  program: str = "train"  # what every task runs: vlm-train | vlm-eval
   max_hang_requeues: int = 3
 
   def __post_init__(self):
@@ -119,6 +120,7 @@ class SlurmTarget:
     if not re.fullmatch(r"\d+(-\d+)?(:\d+){0,2}", self.time):
       raise ValueError(f"--time={self.time!r}: expected [D-]HH:MM:SS.")
     self.notice_signal()  # validates --signal
+    launch.module(self.program)  # validates --program
     for item in self.env:
       if "=" not in item:
         raise ValueError(f"--env {item!r}: expected KEY=VALUE.")
@@ -158,8 +160,8 @@ def script(t: SlurmTarget, train_args, workdir: str, repo_root: str) -> str:
   directives += [f"--signal=B:{notice}@{lead_s}", "--requeue", "--open-mode=append",
                  f"--output={workdir}/slurm-%j.out"]
   exports = [f"{distributed.ENV_AUTO}=auto", *t._exports(), *t.env]
-  srun = shlex.join(["srun", "--kill-on-bad-exit=1", "python", "-m", "vlm_jax.cli.train",
-                     *train_args])
+  srun = shlex.join(["srun", "--kill-on-bad-exit=1", "python", "-m",
+                     launch.module(t.program), *train_args])
   trap = (f"trap 'notice=1; echo \"vlm-launch: preemption notice (SIG{notice}); SIGTERM to "
           f"every task\"; scancel --signal=TERM \"$SLURM_JOB_ID\" || true' {notice}")
   lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "set -euo pipefail",

@@ -1,4 +1,5 @@
-"""`vlm-launch tpu`: a Cloud TPU VM slice (or several, multi-slice) running vlm-train.
+"""`vlm-launch tpu`: a Cloud TPU VM slice (or several, multi-slice) running vlm-train (or
+vlm-eval: `--program eval`).
 
 The plan is a list of shell lines, run in order by `run_plan` (or printed by --dry-run):
 
@@ -19,6 +20,7 @@ import re
 import shlex
 
 from vlm_jax import distributed
+from vlm_jax import launch
 
 REMOTE_DIR = "~/vlm_jax"
 REMOTE_LOG = "~/vlm_jax_run.log"
@@ -39,7 +41,8 @@ class TpuTarget:
   spot: bool = False
   code: str = "copy"  # copy | none | pip:SPEC
   delete: bool = False
-  env: tuple = ()  # ("KEY=VALUE", ...) for the training processes
+  env: tuple = ()  # ("KEY=VALUE", ...) for the processes
+  program: str = "train"  # what every worker runs: vlm-train | vlm-eval
 
   def __post_init__(self):
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name):
@@ -52,6 +55,7 @@ class TpuTarget:
     for item in self.env:
       if "=" not in item:
         raise ValueError(f"--env {item!r}: expected KEY=VALUE.")
+    launch.module(self.program)  # validates --program
 
   @property
   def uses_queue(self) -> bool:
@@ -119,7 +123,8 @@ def code_lines(t: TpuTarget, repo_root: str) -> list[str]:
 
 def train_command(t: TpuTarget, train_args) -> str:
   env = [f"{distributed.ENV_AUTO}=auto", *t.env]
-  return " ".join(shlex.quote(e) for e in env) + " " + shlex.join(["vlm-train", *train_args])
+  return " ".join(shlex.quote(e) for e in env) + " " + shlex.join([f"vlm-{t.program}",
+                                                                   *train_args])
 
 
 def run_lines(t: TpuTarget, train_args) -> list[str]:

@@ -78,11 +78,11 @@ class Trainer:
     self.checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     train_step = step_lib.make_train_step(self.model, self.tx, config, self.schedule)
     repl = sharding.replicated(self.mesh)
-    self.train_step = distributed.synced_after_compile(jax.jit(
+    self.train_step = distributed.jit(
         train_step,
         in_shardings=(self.factory.shardings, self.batch_shardings, repl),
         out_shardings=(self.factory.shardings, repl),
-        donate_argnums=(0,)))
+        donate_argnums=(0,))
 
   @contextlib.contextmanager
   def mesh_context(self):
