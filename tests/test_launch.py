@@ -1,5 +1,6 @@
 """vlm-launch --dry-run: the exact commands (tpu, local) and sbatch script (slurm) it would run;
-the GPU XLA flags it sets are ones this jaxlib knows (an unknown flag aborts every process)."""
+the GPU XLA flags it sets are ones this jaxlib knows (an unknown flag aborts every process);
+what the local launcher and the sbatch script do after a hang (exit 76)."""
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from vlm_jax.cli import launch as launch_cli
-from vlm_jax.launch import slurm
+from vlm_jax.launch import local, slurm
 
 REPO = launch_cli.REPO_ROOT
 TRAIN = ["--config", "configs/simvlm.py:large", "--workdir", "/mnt/runs/large",
@@ -192,6 +193,32 @@ def test_the_sbatch_script_requeues_hangs_at_most_max_hang_requeues_times(
   assert not (workdir / "scontrol_calls").exists() or requeued
   if srun_status != 75 and (report or srun_status == 76):
     assert (workdir / "hang_requeues").read_text().strip() == str(requeues_before + 1)
+
+
+@pytest.mark.parametrize("outcomes, max_restarts, runs, status", [
+    ([(76, ""), (0, "")], 3, 2, 0),  # hung, restarted, finished
+    ([(137, "process_1_1.txt"), (0, "")], 3, 2, 0),  # one process hung, the other was killed
+    ([(76, "")] * 3, 1, 2, 76),  # hangs again after the last restart: given up
+    ([(1, "")], 3, 1, 1),  # a crash is not a hang
+])
+def test_vlm_launch_local_restarts_hangs_at_most_max_hang_restarts_times(
+    tmp_path, capsys, outcomes, max_restarts, runs, status):
+  ran = []
+
+  def run_once():  # acts out one run of the job: its status, and a watchdog report it wrote
+    code, report = outcomes[len(ran)]
+    ran.append(code)
+    if report:
+      (tmp_path / "hangs").mkdir(exist_ok=True)
+      (tmp_path / "hangs" / report).write_text("stacks")
+    return code
+
+  assert local.restarting_hangs(run_once, str(tmp_path), max_restarts) == status
+  assert len(ran) == runs
+  out = capsys.readouterr().out
+  assert out.count("restarting it (restart") == min(runs - 1, max_restarts)
+  with pytest.raises(ValueError, match="--max-hang-restarts=-1 must be >= 0"):
+    local.restarting_hangs(run_once, str(tmp_path), -1)
 
 
 def test_local_two_processes(capsys):

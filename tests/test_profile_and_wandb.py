@@ -10,7 +10,7 @@ from jax.profiler import ProfileData
 from wandb.proto import wandb_internal_pb2
 
 from test_train import tiny_config  # noqa: F401  (tests/ is on sys.path)
-from vlm_jax.train import loop, wandb_writer
+from vlm_jax.train import loop, profiling, wandb_writer
 
 STEPS = 6
 
@@ -26,8 +26,9 @@ def workdir(tmp_path_factory):
 
 
 def test_the_profiled_steps_are_in_a_trace_the_profiler_loads(workdir):
-  traces = glob.glob(str(workdir / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  traces = profiling.traces(str(workdir))
   assert len(traces) == 1, traces  # steps 3 and 4: one trace
+  assert traces[0].startswith(str(workdir / "tensorboard" / "profiles" / "process_0"))
   plane = ProfileData.from_file(traces[0]).find_plane_with_name("/host:CPU")
   events = [e for line in plane.lines for e in line.events]
   steps = sorted(dict(e.stats)["step_num"] for e in events if e.name == "train")

@@ -140,20 +140,17 @@ def _local(args, train_args, workdir) -> int:
   if args.dry_run:
     print("\n".join(local.commands(train_args, envs, args.program)))
     return 0
-  if args.max_hang_restarts < 0:
-    raise ValueError(f"--max-hang-restarts={args.max_hang_restarts} must be >= 0.")
-  for restart in range(args.max_hang_restarts + 1):
-    reports = local.hang_reports(workdir)
+
+  def run_once():
+    nonlocal envs
     status = local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s,
                        args.program)
-    if not local.hung(status, reports, workdir) or restart == args.max_hang_restarts:
-      return status
-    print(f"vlm-launch: vlm-train hung (its report is in {workdir}/hangs); restarting it "
-          f"(restart {restart + 1} of at most {args.max_hang_restarts}); it resumes from its "
-          "newest checkpoint", flush=True)
-    envs = local.process_envs(args.num_processes, cpu_devices, local.free_port(),
+    # A restart gets a new coordinator port: the old one may not be free yet.
+    envs = local.process_envs(args.num_processes, cpu_devices, args.port or local.free_port(),
                               args.heartbeat_timeout_s)
-  return status
+    return status
+
+  return local.restarting_hangs(run_once, workdir, args.max_hang_restarts)
 
 
 def _tpu(args, train_args) -> int:

@@ -61,6 +61,26 @@ def hung(status: int, reports_before: set, workdir: str) -> bool:
   return status == EXIT_HUNG or bool(hang_reports(workdir) - reports_before)
 
 
+def restarting_hangs(run_once, workdir: str, max_restarts: int) -> int:
+  """Calls `run_once()` (-> exit status) again after each hang, at most `max_restarts` times;
+  returns the last status. A hang that recurs after that needs a person."""
+  if max_restarts < 0:
+    raise ValueError(f"--max-hang-restarts={max_restarts} must be >= 0.")
+  for restart in range(max_restarts + 1):
+    reports = hang_reports(workdir)
+    status = run_once()
+    if not hung(status, reports, workdir):
+      return status
+    if restart == max_restarts:
+      print(f"vlm-launch: vlm-train hung again after {max_restarts} restart(s); not restarting "
+            f"it (the reports are in {os.path.join(workdir, HANG_REPORTS)})", flush=True)
+      return status
+    print(f"vlm-launch: vlm-train hung (its report is in "
+          f"{os.path.join(workdir, HANG_REPORTS)}); restarting it (restart {restart + 1} of at "
+          f"most {max_restarts}); it resumes from its newest checkpoint", flush=True)
+  return status
+
+
 def _argv(program: str, args) -> list[str]:
   return [sys.executable, "-m", launch.module(program), *args]
 
@@ -91,7 +111,8 @@ def run(args, envs, log_dir: str, grace_s: float, program: str = "train") -> int
   procs, logs, threads = [], [], []
   prefix = "" if program == "train" else f"{program}_"  # a later vlm-eval keeps train's logs
   for i, env in enumerate(envs):
-    log = open(os.path.join(log_dir, f"{prefix}process_{i}.log"), "wb")
+    # Appended to: a restarted or resumed run keeps the earlier attempts' logs.
+    log = open(os.path.join(log_dir, f"{prefix}process_{i}.log"), "ab")
     logs.append(log)
     stdout = subprocess.PIPE if i == 0 else log
     procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=stdout,

@@ -1,6 +1,6 @@
 """Goodput: where a run's wall time went, across restarts.
 
-Every second of a process, from its launch to now, falls in one category:
+Every second of a run, from its first launch to now, falls in one category:
 
   startup     launch to the training loop: interpreter, imports, jax (and jax.distributed),
               the data pipeline, model and state shapes; the metric writers' set-up and the
@@ -13,6 +13,11 @@ Every second of a process, from its launch to now, falls in one category:
   checkpoint  saving checkpoints (the blocking part, and waiting for asynchronous writes)
   eval        evaluations during training
   other       the rest: logging, metric writers, the loop's own bookkeeping
+  restart     the end of a failed attempt and the start of the next: from the previous
+              process's last metric record to this process's launch (a hang until the
+              watchdog fired, a crash, a preemption; the launcher's or scheduler's restart,
+              a queue included), and the phase a process was in when an exception ended it
+              (waiting on a peer that died)
   lost        data and step time of steps whose results were thrown away: those after the
               checkpoint a restart (or a non-finite rewind) resumed from, up to the last step
               the earlier attempt logged; taken out of `data` and `step`
@@ -23,20 +28,25 @@ overlaps the device's work on queued steps, so it is the time the host spent get
 is, `step` grows and `data` shrinks). An attempt is a stretch of training from one state:
 a process, or the part of one after a rewind. Each metrics.jsonl record carries the run's
 totals and the attempt's own counters, so a restarted run reads what was lost from the
-records of the attempts before it. The time between a crashed attempt's last record and its
-death is not known, and the time between attempts (a scheduler's queue) is not counted.
+records of the attempts before it, and each record's Unix time tells the next process how
+long the restart took. So the categories add up to the run's wall time: from the first
+launch to the newest record, restarts included (process 0 writes the records; hosts' clocks
+are assumed to agree to well under a second, as NTP keeps them).
 """
 import json
 import os
+import time
 
 import numpy as np
 
+from vlm_jax.train import phases
+
 CATEGORIES = ("startup", "init", "restore", "compile", "data", "step", "checkpoint", "eval",
-              "other", "lost")
+              "other", "restart", "lost")
 # Loop phases (train/phases.py) counted under another category's name.
-_PHASE_CATEGORY = {"dispatch": "step", "device": "step"}
+_PHASE_CATEGORY = {"dispatch": "step", "device": "step", phases.INTERRUPTED: "restart"}
 _ATTEMPT_KEYS = ("time/attempt", "time/resumed_from", "time/attempt_data_s",
-                 "time/attempt_step_s")
+                 "time/attempt_step_s", "time/unix")
 
 
 class _Attempt:
@@ -74,10 +84,11 @@ def redone_time(attempts, resume_step: int) -> np.ndarray:
 
 
 def read_history(metrics_path: str):
-  """(attempts, the run's totals in the newest record) from an earlier metrics.jsonl."""
-  attempts, totals = {}, {}
+  """(attempts, the run's totals in the newest record, that record's Unix time or None) from
+  an earlier metrics.jsonl."""
+  attempts, totals, written = {}, {}, None
   if not os.path.isfile(metrics_path):
-    return [], totals
+    return [], totals, written
   with open(metrics_path) as f:
     for line in f:
       if not line.endswith("\n"):
@@ -93,7 +104,8 @@ def read_history(metrics_path: str):
       else:
         attempt.points.append(point)
       totals = {c: record.get(f"time/{c}_s", 0.0) for c in CATEGORIES}
-  return [attempts[n] for n in sorted(attempts)], totals
+      written = record["time/unix"]
+  return [attempts[n] for n in sorted(attempts)], totals, written
 
 
 class Goodput:
@@ -102,7 +114,8 @@ class Goodput:
 
   def __init__(self, clock, metrics_path: str):
     self.clock = clock
-    self.attempts, self.carried = read_history(metrics_path)
+    self.attempts, self.carried, last_written = read_history(metrics_path)
+    self.restart_s = max(0.0, clock.launch_time - last_written) if last_written else 0.0
     self.lost = np.zeros(2)  # [data s, step s] this process found lost
     self.current = None
     self._base = np.zeros(2)
@@ -138,11 +151,11 @@ class Goodput:
     for phase, seconds in list(clock.totals.items()):
       mine[_PHASE_CATEGORY.get(phase, phase)] += seconds
     mine["startup"] += clock.startup()  # and the writers' and peak FLOPs' set-up
-    wall = clock.elapsed()
-    mine["other"] = wall - sum(mine.values())
+    mine["other"] = clock.elapsed() - sum(mine.values())
     mine["data"] -= self.lost[0]
     mine["step"] -= self.lost[1]
     mine["lost"] = float(self.lost.sum())
+    mine["restart"] += self.restart_s
     run = {c: self.carried.get(c, 0.0) + mine[c] for c in CATEGORIES}
     run["wall"] = sum(run.values())
     return run
@@ -160,7 +173,8 @@ class Goodput:
     scalars.update({"goodput": run["step"] / run["wall"] if run["wall"] > 0 else 0.0,
                     "time/attempt": self.current.number,
                     "time/resumed_from": self.current.resumed_from,
-                    "time/attempt_data_s": point[1], "time/attempt_step_s": point[2]})
+                    "time/attempt_data_s": point[1], "time/attempt_step_s": point[2],
+                    "time/unix": time.time()})
     if self.first_step_s is not None:
       scalars["time/first_step_s"] = self.first_step_s
     return scalars

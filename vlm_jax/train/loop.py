@@ -58,7 +58,7 @@ class Trainer:
                           jax.process_count())
     validate.check_workdir_writable(workdir)
     compilation_cache.use(config, workdir)
-    self.profiler = profiling.StepProfiler(config.profile, workdir, _log)
+    self.profiler = profiling.StepProfiler(config.profile, workdir, jax.process_index(), _log)
     wandb_writer.check_mode(config.wandb)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config)
@@ -115,7 +115,7 @@ class Trainer:
     """Trains to `num_train_steps`. Raises preemption.Preempted after saving on a preemption
     notice, NonFiniteError per config.nonfinite, CheckpointSaveError if a save fails; exits
     the process with watchdog.EXIT_HUNG if the loop hangs."""
-    self.clock = phases.PhaseClock()
+    self.clock = phases.PhaseClock(process_index=jax.process_index())
     self.goodput = goodput_lib.Goodput(self.clock, os.path.join(self.workdir, "metrics.jsonl"))
     self._last_record = None
     hang_watch = watchdog_lib.Watchdog(
@@ -128,7 +128,10 @@ class Trainer:
 
   def _run(self):
     config, clock = self.config, self.clock
-    with clock.phase("restore" if self.checkpointer.latest_step() is not None else "init", 0):
+    resuming = self.checkpointer.latest_step() is not None
+    if resuming:
+      clock.disarm_stall()
+    with clock.phase("restore" if resuming else "init", 0):
       state = self.initial_state()
     self.goodput.begin_attempt(int(state.step))
     with clock.phase("startup", 0):
