@@ -56,7 +56,8 @@ def test_a_phase_past_its_bound_is_reported_and_one_within_is_not():
 
 def test_no_thread_when_every_bound_is_off():
   config = types.SimpleNamespace(factor=0.0, min_s=0.0, timeout_s=0.0)
-  assert watchdog.Watchdog(_clock_with({}), config)._thread is None  # pylint: disable=protected-access
+  dog = watchdog.Watchdog(_clock_with({}), config)
+  assert dog._thread is None  # pylint: disable=protected-access
 
 
 def test_the_hang_status_is_the_same_everywhere():

@@ -1,8 +1,9 @@
 # %% [markdown]
 # # Inspect a run
 # Point at a training workdir: loss, learning rate, gradient norm, throughput and MFU from
-# its `metrics.jsonl`; where its time went (goodput) and its profiles; its checkpoints; captions generated from one of them for held-out
-# images; and the decoder's cross-attention over the image for each generated token.
+# its `metrics.jsonl`; where its time went (goodput) and its profiles; its checkpoints;
+# captions generated from one of them for held-out images; and the decoder's
+# cross-attention over the image for each generated token.
 #
 # Parameters: `VLM_NB_WORKDIR` (default: a short tiny SimVLM run is trained into
 # `/tmp/vlm_nb_run` first), `VLM_NB_CONFIG` (`path.py:arg`, used when the workdir has no
