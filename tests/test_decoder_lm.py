@@ -124,6 +124,8 @@ def test_neox_and_mpt_style_variants_decode_consistently():
   for kwargs in (dict(norm_type="layernorm", use_bias=True, mlp_activation="gelu",
                       parallel_residual=True),  # GPT-NeoX / RedPajama
                  dict(norm_type="layernorm", mlp_activation="gelu", tie_embeddings=True,
+                      position="alibi"),  # MPT
+                 dict(norm_type="layernorm", mlp_activation="gelu", tie_embeddings=True,
                       position="learned", max_length=16)):  # MPT with learned positions
     model = decoder_lm.DecoderLM(**dict(LLAMA, num_kv_heads=None), **kwargs)
     tokens = _tokens(length=6)

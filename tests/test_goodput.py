@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from vlm_jax import storage
 from vlm_jax.train import goodput, phases
 
 
@@ -41,27 +42,33 @@ def test_a_fresh_run_carries_nothing_and_reads_no_lost_time(tmp_path):
   assert total == pytest.approx(scalars["time/wall_s"])
 
 
-def goodput_clock(launched_s_ago: float = 1.0):
-  return phases.PhaseClock(launch_time=time.time() - launched_s_ago)
+def goodput_clock():
+  return phases.PhaseClock(launch_time=time.time() - 1.0)
 
 
-def test_a_restart_counts_the_gap_since_the_last_record_and_the_phase_a_failure_ended(tmp_path):
+@pytest.mark.parametrize("workdir", ["tmp_path", "gcs_dir"])
+def test_a_restart_counts_the_gap_since_the_last_record_and_the_phase_a_failure_ended(
+    request, workdir):
+  metrics_path = storage.join(str(request.getfixturevalue(workdir)), "metrics.jsonl")
   # The previous process logged step 3 ten seconds ago; this one was launched 4 s ago.
+  now = time.time()
+  clock = phases.PhaseClock(launch_time=now - 4.0)
   history = {"step": 3, "time/attempt": 1, "time/resumed_from": 0, "time/attempt_data_s": 0.3,
-             "time/attempt_step_s": 3.0, "time/unix": time.time() - 10.0,
+             "time/attempt_step_s": 3.0, "time/unix": now - 10.0,
              **{f"time/{c}_s": 1.0 for c in goodput.CATEGORIES}}
-  (tmp_path / "metrics.jsonl").write_text(json.dumps(history) + "\n")
-  clock = goodput_clock(launched_s_ago=4.0)
-  accounts = goodput.Goodput(clock, str(tmp_path / "metrics.jsonl"))
+  storage.write_atomic(metrics_path, json.dumps(history) + "\n")
+  accounts = goodput.Goodput(clock, metrics_path)
   accounts.begin_attempt(2)  # resumed from step 2: step 3 is redone
   with pytest.raises(RuntimeError):
     with clock.phase("device", 3):
       time.sleep(0.05)
       raise RuntimeError("a peer died in the collective")
+  interrupted = clock.totals[phases.INTERRUPTED]
+  assert interrupted >= 0.05
   run = accounts.totals()
-  assert run["restart"] == pytest.approx(1.0 + 6.0 + 0.05, abs=0.03)
+  assert run["restart"] == pytest.approx(1.0 + 6.0 + interrupted, abs=0.01)
   assert run["step"] == pytest.approx(1.0 - 1.0)  # the earlier 1 s, less step 3's redone 1 s
   assert run["lost"] == pytest.approx(1.0 + 1.0 + 0.1)  # and its 0.1 s of data
-  assert run["wall"] == pytest.approx(sum(history[f"time/{c}_s"] for c in goodput.CATEGORIES)
-                                      + 10.0 + 0.05, abs=0.03)
+  # The earlier processes' 11 s, the 6 s between them and this one, this one's own time.
+  assert run["wall"] == pytest.approx(11.0 + 6.0 + clock.elapsed(), abs=0.01)
   assert clock.recent("device") == []  # a failed phase is no measure of the next one

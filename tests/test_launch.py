@@ -153,12 +153,40 @@ def test_the_requeue_status_is_vlm_trains_preemption_status():
 # The sbatch script's decisions after srun, run by bash with `srun` and `scontrol` replaced by
 # scripts that act out how a job ended (the real cluster runs are in tests/test_slurm.py).
 _FAKE_SRUN = """#!/bin/bash
-[ -n "$HANG_REPORT" ] && mkdir -p "$WORKDIR/hangs" && echo stacks > "$WORKDIR/hangs/$HANG_REPORT"
+[ -n "$HANG_REPORT" ] && "$PYTHON" -c "import os; from vlm_jax import storage; \\
+storage.write_atomic(storage.join(os.environ['REPORTS'], os.environ['HANG_REPORT']), 'stacks')"
 exit "$SRUN_STATUS"
 """
 _FAKE_SCONTROL = """#!/bin/bash
 echo "$@" >> "$WORKDIR/scontrol_calls"
 """
+
+
+def run_sbatch_script(tmp_path, srun_status, report, requeues_before=0, reports=""):
+  """(bash's result, the job's output directory) after the script ran with srun ending as
+  `srun_status`, one task's watchdog having written `report` ("": none) into `reports`."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  if requeues_before:
+    (workdir / "hang_requeues").write_text(f"{requeues_before}\n")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  reports = reports or str(workdir / "hangs")
+  target = slurm.SlurmTarget(nodes=1, tasks_per_node=2, cpu_devices_per_task=1)
+  script = slurm.script(target, ["--config", "c.py:tiny", "--workdir", str(workdir)],
+                        str(workdir), REPO, reports)
+  # `python` in the script (a gs:// count) is the job's: this interpreter.
+  env = {**os.environ, "PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable),
+                                                os.environ["PATH"]]),
+         "PYTHONPATH": REPO, "PYTHON": sys.executable, "SLURM_JOB_ID": "42",
+         "WORKDIR": str(workdir), "REPORTS": reports, "SRUN_STATUS": str(srun_status),
+         "HANG_REPORT": report}
+  result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120)
+  return result, workdir
 
 
 @pytest.mark.parametrize("srun_status, report, requeues_before, requeued, status", [
@@ -170,29 +198,21 @@ echo "$@" >> "$WORKDIR/scontrol_calls"
 ])
 def test_the_sbatch_script_requeues_hangs_at_most_max_hang_requeues_times(
     tmp_path, srun_status, report, requeues_before, requeued, status):
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  if requeues_before:
-    (workdir / "hang_requeues").write_text(f"{requeues_before}\n")
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  for name, text in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL)):
-    (bin_dir / name).write_text(text)
-    (bin_dir / name).chmod(0o755)
-  target = slurm.SlurmTarget(nodes=1, tasks_per_node=2, cpu_devices_per_task=1)
-  script = slurm.script(target, ["--config", "c.py:tiny", "--workdir", str(workdir)],
-                        str(workdir), str(tmp_path))
-  env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-         "SLURM_JOB_ID": "42", "WORKDIR": str(workdir), "SRUN_STATUS": str(srun_status),
-         "HANG_REPORT": report}
-  result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=60)
+  result, workdir = run_sbatch_script(tmp_path, srun_status, report, requeues_before)
   assert result.returncode == status, result.stdout + result.stderr
   calls = (workdir / "scontrol_calls").read_text() if requeued else ""
   assert calls == ("requeue 42\n" if requeued else ""), result.stdout
   assert not (workdir / "scontrol_calls").exists() or requeued
   if srun_status != 75 and (report or srun_status == 76):
     assert (workdir / "hang_requeues").read_text().strip() == str(requeues_before + 1)
+
+
+def test_the_sbatch_script_sees_a_hang_report_in_a_gs_workdir(tmp_path, gcs_dir):
+  reports = f"{gcs_dir}/hangs"
+  result, workdir = run_sbatch_script(tmp_path, 137, "process_1_1.txt", reports=reports)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert (workdir / "scontrol_calls").read_text() == "requeue 42\n"
+  assert "hang requeue 1 of at most 3" in result.stdout
 
 
 @pytest.mark.parametrize("outcomes, max_restarts, runs, status", [
@@ -276,3 +296,31 @@ def test_the_gpu_xla_flags_exist_in_this_jaxlib():
   result = subprocess.run([sys.executable, "-c",
                            "import jax.numpy as jnp; print(jnp.ones(2).sum())"], env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "2.0" in result.stdout, result.stderr[-2000:]
+
+
+def test_tpu_with_a_gcs_workdir_copies_each_workers_log_there_before_its_status(capsys):
+  train = ["--config", "configs/simvlm.py:large", "--workdir", "gs://b/runs/large"]
+  with pytest.raises(SystemExit) as exit_info:
+    launch_cli.main(["tpu", "--name", "vlm", "--zone", "z", "--accelerator-type", "v5p-32",
+                     "--runtime-version", "r", "--code", "none", "--service-account",
+                     "trainer@p.iam.gserviceaccount.com", "--scopes", "cloud-platform",
+                     "--dry-run", *train])
+  assert exit_info.value.code == 0
+  captured = capsys.readouterr()
+  lines = captured.out.splitlines()
+  assert lines[0].endswith("gcloud compute tpus tpu-vm create vlm --accelerator-type=v5p-32 "
+                           "--version=r --service-account=trainer@p.iam.gserviceaccount.com "
+                           "--scopes=cloud-platform --zone=z")
+  upload = ("python -c '\"'\"'import sys; from vlm_jax import storage; storage.copy(sys.argv[1], "
+            "sys.argv[2])'\"'\"' ~/vlm_jax_run.log gs://b/runs/large/launch_logs/tpu_\"$(hostname)\""
+            ".log; ")
+  assert (f"vlm-train --config configs/simvlm.py:large --workdir gs://b/runs/large; "
+          f"status=$?; {upload}echo $status > ~/vlm_jax_run.status)") in lines[1], lines[1]
+  assert captured.err == ""  # no note: gs:// needs no shared mount
+
+
+def test_tpu_with_a_local_workdir_notes_the_shared_mount_it_needs(capsys):
+  with pytest.raises(SystemExit):
+    launch_cli.main(["tpu", "--name", "vlm", "--zone", "z", "--accelerator-type", "v5p-32",
+                     "--runtime-version", "r", "--code", "none", "--dry-run", *TRAIN])
+  assert "--workdir /mnt/runs/large is not gs://" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 
 from vlm_jax import config as config_lib
+from vlm_jax import storage
 from vlm_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,12 +28,12 @@ def tiny_config(**overrides):
 
 
 def read_losses(workdir) -> dict[int, float]:
-  """step -> loss; a step logged twice (replayed after a resume) keeps its last value."""
+  """step -> loss (local or gs:// workdir); a step logged twice (replayed after a resume)
+  keeps its last value."""
   losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      losses[record["step"]] = record["loss"]
+  for line in storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines():
+    record = json.loads(line)
+    losses[record["step"]] = record["loss"]
   return losses
 
 

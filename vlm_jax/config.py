@@ -69,6 +69,10 @@ def base_config(name: str = "", options=None) -> ml_collections.ConfigDict:
       ("conv_out", "tensor"),
   )
 
+  # JAX's persistent compilation cache (train/compilation_cache.py): "" = <workdir>/jax_cache
+  # (or $JAX_COMPILATION_CACHE_DIR when set), "none" = off, or a local or gs:// directory.
+  c.compilation_cache_dir = ""
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200
   c.checkpoint.keep = 3
@@ -113,10 +117,6 @@ def base_config(name: str = "", options=None) -> ml_collections.ConfigDict:
   c.wandb.project = "vlm_jax"
   c.wandb.entity = ""
   c.wandb.name = ""  # "": the workdir's name
-  # XLA's persistent compilation cache, which makes restarts compile in seconds: "" = the
-  # $JAX_COMPILATION_CACHE_DIR environment variable if set, else <workdir>/compilation_cache;
-  # "none" = no cache.
-  c.compilation_cache_dir = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.name = name
@@ -139,8 +139,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Root of generated/ingested data; "" = $VLM_JAX_DATA_DIR or ~/.cache/vlm_jax/sample_data.
   d.data_dir = ""
   d.vocab_path = ""  # "" = $VLM_JAX_VOCAB or the sample model shipped in the package
-  # A mixture or task of the family's data module, or a directory `vlm-data ingest` wrote.
-  d.mixture = ""
+  # What training reads (vlm_jax/data/mixture.py, data/README.md): a mixture or task of the
+  # family's data module, a directory `vlm-data ingest` wrote, a seqio task or mixture, a
+  # TFDS dataset `tfds:name/config:version`; or a list of sources with rates, loss weights
+  # and templates. Typed `object` so a config file may assign a list.
+  d.mixture = ml_collections.FieldReference("", field_type=object)
+  d.tasks_module = ""  # a module (or .py path) registering seqio Tasks/Mixtures; "" = none
+  d.tfds_data_dir = ""  # TFDS data dir of `tfds:` sources; "" = $TFDS_DATA_DIR or TFDS's
   d.image_size = 64
   d.resize_mode = "pad"  # pad (letterbox) | crop (centre) | stretch
   d.seed = 0  # shuffle/prefix seed; combined with the trainer's seed argument
@@ -234,7 +239,7 @@ def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> No
     value = tuple(value)
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
-  if old is not None and not isinstance(value, type(old)):
+  if old is not None and node.get_type(key) is not object and not isinstance(value, type(old)):
     raise ConfigError(
         f"config key {dotted!r} expects {type(old).__name__} (now {old!r}); "
         f"got {text!r} ({type(value).__name__}).")

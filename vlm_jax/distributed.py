@@ -151,3 +151,16 @@ def fetch(tree):
       return multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
   return jax.tree.map(one, tree)
+
+
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+  """{key: sum over every process} of each process's integer counts (the same keys in every
+  process): a collective. Exact past 2**31 although jax gathers 32-bit integers: each count
+  travels as its high and low 31-bit halves."""
+  if jax.process_count() == 1:
+    return dict(counts)
+  values = np.asarray(list(counts.values()), np.int64)
+  halves = np.stack([values >> 31, values & (2**31 - 1)]).astype(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves), np.int64)  # (processes, 2, n)
+  totals = (gathered[:, 0] << 31) + gathered[:, 1]
+  return dict(zip(counts, totals.sum(axis=0).tolist()))

@@ -5,7 +5,6 @@ vlm-info, vlm-convert and the notebooks).
 Paths are '/'-joined (`lm/layers/layers/self_attention/query/kernel`); `config.frozen`
 regexes fullmatch them.
 """
-import os
 import re
 
 import flax.linen as nn
@@ -13,6 +12,7 @@ import jax
 from flax import traverse_util
 
 from vlm_jax import sharding
+from vlm_jax import storage
 from vlm_jax.models import registry
 
 
@@ -80,10 +80,10 @@ def _manager(path: str):
   nothing, with a finished checkpoint."""
   import grain  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  for directory in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(directory):
+  for directory in (storage.join(path, "checkpoints"), path):
+    if storage.isdir(directory):
       manager = ocp.CheckpointManager(
-          os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False),
+          storage.abspath(directory), options=ocp.CheckpointManagerOptions(create=False),
           item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                          "data": grain.checkpoint.CheckpointHandler()})
       if manager.latest_step() is not None:

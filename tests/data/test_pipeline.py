@@ -4,7 +4,7 @@ import pytest
 import dataclasses
 
 from vlm_jax import config as config_lib
-from vlm_jax.data import catalog, pipeline, processor
+from vlm_jax.data import catalog, mixture, pipeline, processor
 from vlm_jax.data.families import simvlm
 from vlm_jax.data.vocab import Vocab
 from vlm_jax.evaluation import heldout
@@ -131,7 +131,9 @@ def test_mixture_rates_in_batches(data_config):
   it, batches = _batches(data_config, 25, batch=40)
   image_fraction = np.mean([b["image_mask"].mean() for b in batches])
   assert abs(image_fraction - 0.8) < 0.02
-  assert pipeline.skipped_record_counts(it) == {"examples": 1000, "skipped_records": 0}
+  assert pipeline.skipped_record_counts(it) == {
+      "examples": 1000, "skipped_records": 0, "examples/synthetic_pairs": 800,
+      "examples/synthetic_text": 200, "rate/synthetic_pairs": 0.8, "rate/synthetic_text": 0.2}
 
 
 def test_held_out_examples_are_captioning(data_config):
@@ -151,7 +153,7 @@ def test_held_out_examples_are_captioning(data_config):
 
 def test_unknown_mixture_names_choices(data_config):
   data_config.mixture = "pretrain_simvlmm"
-  with pytest.raises(KeyError, match="pretrain_simvlm"):
+  with pytest.raises(mixture.MixtureError, match="did you mean pretrain_simvlm"):
     _batches(data_config, 1)
 
 
@@ -163,7 +165,8 @@ def test_single_task_as_mixture(data_config):
 
 def test_a_task_the_family_cannot_read_is_a_clear_error(data_config):
   data_config.mixture = "flamingo_mmc4"  # another family's task
-  with pytest.raises(KeyError, match="unknown mixture or task 'flamingo_mmc4'"):
+  with pytest.raises(mixture.MixtureError,
+                     match="config.data.mixture='flamingo_mmc4': unknown source"):
     _batches(data_config, 1)
   documents = catalog.TaskSpec("docs", "interleaved", "mmc4", "docs/*.jsonl")
   with pytest.raises(ValueError, match="task 'docs' holds 'interleaved' records; no template"):

@@ -72,3 +72,15 @@ def test_vlm_train_prints_one_line_and_exits_2(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("vlm-train: error: config.batch_size=12 is not divisible") and \
       err.count("\n") == 1, err
+
+
+def test_an_init_from_without_a_checkpoint_exits_2_in_one_line(tmp_path, capsys):
+  argv = ["--config", os.path.join(REPO, "configs", "simvlm.py") + ":tiny",
+          "--workdir", str(tmp_path / "run"), f"--config.init_from={tmp_path / 'nowhere'}",
+          "--num-samples=0"]
+  with pytest.raises(SystemExit) as exit_info:
+    train_cli.main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("vlm-train: error: config.init_from: ") and "nowhere" in err and \
+      err.count("\n") == 1, err

@@ -5,6 +5,10 @@
   vlm-data inspect pretrain_simvlm --num 4                      # examples + realised rates
   vlm-data inspect /path/to/shards                              # any directory we can read
   vlm-data inspect /path/to/ingested --config configs/minigpt_v2.py:tiny  # + as trained
+  vlm-data inspect --config configs/examples/flamingo_blend.py \
+      --config.data.tasks_module=my_tasks        # the config's mixture + realised rates
+  vlm-data inspect "tfds:coco_captions:1.1.0 rate=1; /data/laion rate=2" \
+      --config configs/simvlm.py:tiny            # a mixture written as on the command line
   vlm-data ingest --format mmc4 --input 'docs/*.jsonl' --output out/mmc4
   vlm-data ingest --format img2dataset --input 'pairs/*.tar' --output out/pairs \
       --min-image-side 64 --min-meta similarity=0.28 --dedup image,url \
@@ -12,13 +16,18 @@
       --beam_option direct_running_mode=multi_processing
   vlm-data experts --input 'shards/*.tar' --output out/labelled --experts edge,depth \
       --labels /data/expert_labels --runner beam                # Prismer expert labels
+  vlm-data ingest --format img2dataset --input 'gs://b/laion/*.tar' --output gs://b/pairs \
+      --runner beam --beam_option runner=DataflowRunner --beam_option project=P \
+      --beam_option region=us-central1 --beam_option temp_location=gs://b/tmp \
+      --beam_option setup_file=./setup.py [--dry-run]         # Dataflow (data/README.md)
 """
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
+
+from vlm_jax import storage
 
 
 def _generate(args):
@@ -37,23 +46,33 @@ def _train_tokenizer(args):
 
 
 def _inspect(args):
-  """A directory's records; a task, mixture or (with --config) ingested directory as the
-  family's training examples, with realised mixture proportions."""
+  """A directory's records; a task, mixture or (with --config) ingested directory, TFDS
+  dataset, seqio task or mixture expression, or the config's own mixture, as the family's
+  training examples, with realised mixture proportions."""
   from vlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from vlm_jax.data import catalog  # pylint: disable=g-import-not-at-top
   from vlm_jax.inspection import common, data  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(args.name):
+  if args.name and storage.isdir(args.name):
     what, records = data.directory_records(args.name, args.num)
     print(f"{args.name}: {what}")
     print("\n".join(data.record_lines(r) for r in records))
     if not (args.config and catalog.is_ingested(args.name)):
       return
-  if args.config:
-    config = config_lib.load_config(args.config)
-  else:
-    config = common.family_config(data.family_of(args.name), "tiny")
-  config.data.mixture, config.data.data_dir = args.name, args.data_dir
-  print("\n".join(data.stream_lines(config, args.num, args.mixture_examples)))
+  try:
+    if args.config:
+      config = config_lib.load_config(args.config, args.overrides)
+    elif args.name:
+      config = common.family_config(data.family_of(args.name), "tiny")
+    else:
+      raise ValueError("name a task, mixture or directory, or pass --config")
+    if args.name:
+      config.data.mixture = args.name
+    if args.data_dir:
+      config.data.data_dir = args.data_dir
+    print("\n".join(data.stream_lines(config, args.num, args.mixture_examples)))
+  except (KeyError, ValueError) as e:  # config.ConfigError, mixture.MixtureError, ...
+    message = str(e).strip("'")  # a KeyError's text comes quoted
+    sys.exit(f"vlm-data: error: {message}")
 
 
 def _filters(args):
@@ -70,7 +89,7 @@ def _ingest(args):
                         beam_options=args.beam_option, shard_size=args.shard_size,
                         min_similarity=args.min_similarity, max_images=args.max_images,
                         image_tars=args.images, max_bad_fraction=args.max_bad_fraction,
-                        max_pixels=args.max_pixels,
+                        max_pixels=args.max_pixels, dry_run=args.dry_run,
                         filters=_filters(args), experts=args.experts)
   print(json.dumps(manifest, indent=2))
 
@@ -84,6 +103,9 @@ def _add_runner_args(parser):
                       "direct_num_workers=8, direct_running_mode=multi_processing, "
                       "runner=FlinkRunner (see data/README.md)")
   parser.add_argument("--shard-size", type=int, default=10_000, help="records per shard")
+  parser.add_argument("--dry-run", action="store_true", help="--runner beam: build the "
+                      "pipeline (on Dataflow: the job request, not submitted), print it and "
+                      "write nothing")
 
 
 def _experts(args):
@@ -98,13 +120,13 @@ def _experts(args):
                      f"--experts {args.experts!r}")
   else:  # any labeller spec (labellers.py)
     spec = args.experts
-  if os.path.isfile(os.path.join(args.input, records.MANIFEST)):
-    fmt, pattern = "arrayrecord", os.path.join(args.input, "*.array_record")
+  if storage.exists(storage.join(args.input, records.MANIFEST)):
+    fmt, pattern = "arrayrecord", storage.join(args.input, "*.array_record")
   else:
     fmt, pattern = "img2dataset", args.input
   manifest = ingest.run(fmt, pattern, args.output, runner=args.runner,
                         beam_options=args.beam_option, shard_size=args.shard_size,
-                        experts=spec)
+                        dry_run=args.dry_run, experts=spec)
   print(json.dumps(manifest, indent=2))
 
 
@@ -128,9 +150,12 @@ def build_parser():
   tok.set_defaults(run=_train_tokenizer)
 
   ins = sub.add_parser("inspect", help="print examples of a task, mixture or directory")
-  ins.add_argument("name", help="a family's task or mixture name, or a directory of shards")
+  ins.add_argument("name", nargs="?", default="", help="a family's task or mixture name, a "
+                   "directory of shards, or (with --config) a seqio task, tfds:dataset or "
+                   "mixture expression (vlm_jax/data/mixture.py); default: --config's mixture")
   ins.add_argument("--config", default="", help="configs/<family>.py:<size>: read the "
-                   "name with this family (default: the family that declares it, tiny)")
+                   "name with this family (default: the family that declares it, tiny); "
+                   "--config.a.b=value overrides it")
   ins.add_argument("--data-dir", default="")
   ins.add_argument("--num", type=int, default=3)
   ins.add_argument("--mixture-examples", type=int, default=2000,
@@ -183,7 +208,12 @@ def build_parser():
 
 
 def main(argv=None):
-  args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else argv
+  # --config.a.b=value overrides (inspect), as vlm-train takes them
+  overrides = [a[len("--config."):].partition("=")[::2] for a in argv
+               if a.startswith("--config.")]
+  args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+  args.overrides = overrides
   args.run(args)
 
 

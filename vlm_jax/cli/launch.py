@@ -6,7 +6,7 @@ every process runs: vlm-train, or vlm-eval with `--program eval`.
   vlm-launch local --config configs/simvlm.py:tiny --workdir /tmp/run
   vlm-launch local --num-processes 2 --cpu-devices-per-process 2 --config ... --workdir ...
   vlm-launch tpu --name my-v5p --zone us-east5-a --accelerator-type v5p-32 \\
-      --runtime-version v2-alpha-tpuv5 --config configs/simvlm.py:large --workdir /mnt/runs/a
+      --runtime-version v2-alpha-tpuv5 --config configs/simvlm.py:large --workdir gs://b/runs/a
   vlm-launch slurm --nodes 2 --gpus-per-node 8 --partition gpu --config ... --workdir ...
   vlm-launch slurm --nodes 1 --tasks-per-node 2 --cpu-devices-per-task 2 --config ... --workdir ...
   vlm-launch local --num-processes 2 --program eval --config ... --workdir ... [--task NAME]
@@ -19,8 +19,9 @@ import os
 import subprocess
 import sys
 
-from vlm_jax import launch
+from vlm_jax import launch, storage
 from vlm_jax.launch import local, slurm, tpu
+from vlm_jax.train.watchdog import HANG_REPORTS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
   tp.add_argument("--code", default="copy", help="copy | none | pip:SPEC (how workers get it)")
   tp.add_argument("--delete", action="store_true", help="delete the slice at the end")
   tp.add_argument("--env", action="append", default=[], help="KEY=VALUE for vlm-train")
+  tp.add_argument("--service-account", default="", help="the VMs' service account, which "
+                  "reads and writes gs:// (default: the project's default compute one)")
+  tp.add_argument("--scopes", default="", help="its OAuth scopes, e.g. cloud-platform")
 
   sl = target("slurm", "a SLURM cluster: sbatch, one task per GPU (or N CPU tasks per node)")
   sl.add_argument("--nodes", type=int, required=True)
@@ -123,9 +127,9 @@ def main(argv=None):
     if args.target == "local":
       sys.exit(_local(args, train_args, workdir))
     if args.target == "tpu":
-      sys.exit(_tpu(args, train_args))
+      sys.exit(_tpu(args, train_args, workdir))
     sys.exit(_slurm(args, train_args, workdir))
-  except ValueError as e:
+  except (ValueError, storage.StorageError) as e:
     parser.error(str(e))
 
 
@@ -153,13 +157,18 @@ def _local(args, train_args, workdir) -> int:
   return local.restarting_hangs(run_once, workdir, args.max_hang_restarts)
 
 
-def _tpu(args, train_args) -> int:
+def _tpu(args, train_args, workdir) -> int:
   target = tpu.TpuTarget(
       name=args.name, zone=args.zone, accelerator_type=args.accelerator_type,
       runtime_version=args.runtime_version, project=args.project, num_slices=args.num_slices,
       queued=args.queued, spot=args.spot, code=args.code, delete=args.delete,
-      env=tuple(args.env), program=args.program)
-  plan = tpu.plan(target, train_args, REPO_ROOT)
+      env=tuple(args.env), service_account=args.service_account, scopes=args.scopes,
+      program=args.program)
+  if not storage.is_gcs(storage.validate(workdir)):
+    print(f"vlm-launch: note: --workdir {workdir} is not gs://: the TPU VMs share no disk, so "
+          "it must be a mount every worker sees at that path (NFS/Filestore); use "
+          "gs://bucket/run otherwise", file=sys.stderr)
+  plan = tpu.plan(target, train_args, REPO_ROOT, workdir)
   if args.dry_run:
     print("\n".join(plan["steps"]))
     for line in plan["finally"]:
@@ -175,13 +184,19 @@ def _slurm(args, train_args, workdir) -> int:
       job_name=args.job_name, partition=args.partition, account=args.account,
       cpus_per_task=args.cpus_per_task, setup=tuple(args.setup), env=tuple(args.env),
       program=args.program, max_hang_requeues=args.max_hang_requeues)
-  text = slurm.script(target, train_args, os.path.abspath(workdir), REPO_ROOT)
+  if storage.is_gcs(workdir) and not args.script:
+    raise ValueError(f"--workdir {workdir}: sbatch reads its script and writes its output on "
+                     "a filesystem, not gs://; pass --script /shared/dir/launch.sbatch (the "
+                     "output goes beside it)")
   name = "launch.sbatch" if args.program == "train" else f"launch_{args.program}.sbatch"
   path = args.script or os.path.join(workdir, name)
+  output_dir = os.path.dirname(os.path.abspath(path)) if storage.is_gcs(workdir) else workdir
+  text = slurm.script(target, train_args, os.path.abspath(output_dir), REPO_ROOT,
+                      storage.join(storage.abspath(workdir), HANG_REPORTS))
   if args.dry_run:
     print(f"# {path}\n{text}# then: {' '.join(slurm.submit_command(path))}")
     return 0
-  os.makedirs(workdir, exist_ok=True)  # sbatch writes its --output there
+  os.makedirs(output_dir, exist_ok=True)  # sbatch writes its --output there
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     f.write(text)

@@ -13,7 +13,6 @@ the same command to resume from the newest checkpoint.
 import argparse
 import contextlib
 import io
-import os
 import sys
 
 from vlm_jax.cli import common
@@ -41,19 +40,19 @@ def main(argv=None):
   import absl.flags  # grain's worker processes read absl flags (DESIGN.md gotchas)
   absl.flags.FLAGS.mark_as_parsed()
   import jax
-  from vlm_jax import distributed
+  from vlm_jax import distributed, storage
   distributed.initialize()  # a multi-process launch: before anything touches a device
   from vlm_jax.config import ConfigError
-  from vlm_jax.train import checkpoint, loop, preemption, validate
+  from vlm_jax.train import checkpoint, init_from, loop, preemption, validate
 
   try:
     validate.check_workdir_writable(args.workdir)
     if jax.process_index() == 0:
-      with open(os.path.join(args.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      storage.write_atomic(storage.join(args.workdir, "config.json"),
+                           config.to_json_best_effort(indent=2))
     trainer = loop.Trainer(config, args.workdir)
     state = trainer.run()
-  except ConfigError as e:
+  except (ConfigError, init_from.InitFromError) as e:
     _fail(str(e), EXIT_CONFIG)
   except loop.NonFiniteError as e:
     _fail(str(e), EXIT_NONFINITE)

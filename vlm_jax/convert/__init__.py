@@ -6,15 +6,18 @@ Python API (see docs/weights.md):
     module, params = convert.import_hf("path/to/llama")            # module built from config.json
     flat = convert.load_part("path/to/llama", target)               # into given shardings
     convert.export_hf(params, module, "out/dir")                    # LoRA merged, config.json
+    model, params = convert.released.import_released(convert.openflamingo, {
+        "checkpoint": "checkpoint.pt", "lm": "mpt-7b/", "vision": "open_clip_pytorch_model.bin"})
 
 `target` maps '/'-paths (relative to the sub-tree being filled) to ShapeDtypeStructs whose
-`sharding` is where each array lands. One module per source architecture holds the name/shape
-mapping (`llama`, `gpt_neox`, `clip`, ...): NAME, MODEL_TYPES (config.json `model_type`s it
-reads), IGNORE (checkpoint tensors dropped on purpose), `slots(paths, names)`, `build(config)`
-and `hf_config(module, shapes)`.
+`sharding` is where each array lands. One module per source architecture holds the
+name/shape mapping (`llama`, `gpt_neox`, `mpt`, `clip`, ...): NAME, MODEL_TYPES (config.json
+`model_type`s it reads), IGNORE (checkpoint tensors dropped on purpose), `slots(paths,
+names)`, `build(config)` and `hf_config(module, shapes)`. The seed systems' released
+checkpoints (OpenFlamingo, MiniGPT-v2, Prismer, CogAgent: several files, torch pickles read
+with weights_only=True) have one module each in RELEASES (see released.py).
 """
 import json
-import os
 import re
 from collections.abc import Mapping
 
@@ -22,17 +25,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.convert import clip, gpt_neox, llama, roberta, t5, transfer
+from vlm_jax import storage
+from vlm_jax.convert import clip, cogagent, gpt_neox, llama, minigpt_v2, mpt, open_clip
+from vlm_jax.convert import openflamingo, prismer, released, roberta, sources, t5, transfer
 from vlm_jax.convert.checkpoint import Checkpoint, ConversionError
 from vlm_jax.convert.transfer import flatten, unflatten
 from vlm_jax.nn import lora
 
-ARCHS = {m.NAME: m for m in (llama, gpt_neox, clip, roberta, t5)}
+ARCHS = {m.NAME: m for m in (llama, gpt_neox, mpt, clip, open_clip, roberta, t5)}
+# The seed systems' released checkpoints (whole models from their published files).
+RELEASES = {m.NAME: m for m in (openflamingo, minigpt_v2, prismer, cogagent)}
 # Our parameters that no HF checkpoint has; they keep their initialisation on import.
 ALWAYS_NEW = (r"(.*/)?lora_[ab]",)
 
-__all__ = ["ARCHS", "Checkpoint", "ConversionError", "arch_for", "plan", "load_part",
-           "import_hf", "export_hf", "flatten", "unflatten"]
+__all__ = ["ARCHS", "RELEASES", "Checkpoint", "ConversionError", "arch_for", "plan",
+           "load_part", "import_hf", "export_hf", "flatten", "unflatten", "released",
+           "sources"]
 
 
 def arch_for(checkpoint: Checkpoint, arch: str | None = None):
@@ -53,7 +61,7 @@ def arch_for(checkpoint: Checkpoint, arch: str | None = None):
 def plan(path: str, target: Mapping, *, arch: str | None = None,
          new: tuple[str, ...] = ()) -> transfer.ImportPlan:
   """Opens and checks the checkpoint at `path` against `target`; nothing is read yet."""
-  checkpoint = Checkpoint(path)
+  checkpoint = sources.open_checkpoint(path)
   return transfer.plan_import(checkpoint, arch_for(checkpoint, arch), target,
                               tuple(new) + ALWAYS_NEW)
 
@@ -89,9 +97,9 @@ def export_hf(params: Mapping, module, directory: str, *, arch: str | None = Non
               dtype=None, max_shard_bytes: int = 2 << 30, drop: tuple[str, ...] = ()) -> list[str]:
   """Writes `params` of `module` (a DecoderLM, ViT, ...) as an HF checkpoint in `directory`:
   safetensors shards + config.json, LoRA merged into the base weights first. `arch` defaults
-  to the module's usual source ('llama' for a DecoderLM with RMSNorm, 'gpt_neox' with
-  LayerNorm, 'clip' for a ViT). `drop`: fullmatch regexes of params the HF model has no
-  place for (parts new to our model). Returns the tensor names written."""
+  to the module's usual source ('llama' for a DecoderLM with RMSNorm, 'mpt' with ALiBi,
+  'gpt_neox' with LayerNorm, 'clip' for a ViT). `drop`: fullmatch regexes of params the HF
+  model has no place for (parts new to our model). Returns the tensor names written."""
   dropped = [re.compile(p) for p in drop]
   params = unflatten({p: a for p, a in flatten(params).items()
                       if not any(r.fullmatch(p) for r in dropped)})
@@ -105,14 +113,15 @@ def export_hf(params: Mapping, module, directory: str, *, arch: str | None = Non
       dtypes.pop() if len(dtypes) == 1 else "float32")
   names = transfer.export(params, module_arch, directory, dtype=dtype,
                           max_shard_bytes=max_shard_bytes)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  storage.write_atomic(storage.join(directory, "config.json"), json.dumps(config, indent=2))
   return names
 
 
 def _default_arch(module):
   name = type(module).__name__
   if name == "DecoderLM":
+    if module.position == "alibi":
+      return mpt
     return llama if module.norm_type == "rmsnorm" else gpt_neox
   if name == "ViT":
     return clip

@@ -7,15 +7,22 @@ Pickle (`pytorch_model.bin`) is refused: loading it runs arbitrary code.
 
 Tensors are read with safetensors' `flax` framework on the host CPU device, because its numpy
 framework cannot represent bfloat16; `np.asarray` of the result is an ml_dtypes array.
+safetensors opens local files only: a gs:// checkpoint is downloaded to a temporary directory
+for the reader's life, and a gs:// output is written locally, then uploaded (index last).
 """
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 from safetensors import safe_open
-from safetensors.flax import save_file
+from safetensors.numpy import save_file
+
+from vlm_jax import storage
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -38,6 +45,11 @@ class Checkpoint:
   """Names, shapes, dtypes and files of a checkpoint's tensors; `read(name)` -> np.ndarray."""
 
   def __init__(self, path: str):
+    self._download = contextlib.ExitStack()
+    if storage.is_gcs(path):
+      if not storage.exists(path):
+        raise ConversionError(f"checkpoint {path!r} does not exist.")
+      path = self._download.enter_context(storage.local_copy(path))
     self.path = os.path.abspath(path)
     if os.path.isfile(self.path) and self.path.endswith(".safetensors"):
       self.directory = os.path.dirname(self.path)
@@ -110,6 +122,7 @@ class Checkpoint:
     for handle in self._open.values():
       handle.__exit__(None, None, None)
     self._open.clear()
+    self._download.close()
 
   def __enter__(self):
     return self
@@ -123,8 +136,10 @@ class ShardWriter:
   (one tensor may exceed it) plus the index json, holding one shard in memory at a time."""
 
   def __init__(self, directory: str, max_shard_bytes: int = 2 << 30):
-    self.directory, self.max_shard_bytes = directory, max_shard_bytes
-    os.makedirs(directory, exist_ok=True)
+    self.target, self.max_shard_bytes = directory, max_shard_bytes
+    self.directory = tempfile.mkdtemp(prefix="vlm_jax_hf_") if storage.is_gcs(
+        directory) else directory
+    os.makedirs(self.directory, exist_ok=True)
     self._pending: dict[str, np.ndarray] = {}
     self._pending_bytes = 0
     self._written: list[tuple[str, list[str]]] = []  # temporary file, names
@@ -139,15 +154,21 @@ class ShardWriter:
 
   def _flush(self):
     path = os.path.join(self.directory, f".shard-{len(self._written)}.tmp")
-    with jax.default_device(host_cpu()):
-      save_file({k: jax.numpy.asarray(v) for k, v in self._pending.items()}, path,
-                metadata={"format": "pt"})
+    # numpy arrays as they are (ml_dtypes' bfloat16 included; through jax, int64 would
+    # become int32)
+    save_file(dict(self._pending), path, metadata={"format": "pt"})
     self._written.append((path, list(self._pending)))
     self._pending, self._pending_bytes = {}, 0
 
   def close(self):
     if self._pending or not self._written:
       self._flush()
+    self._finish()
+    if self.directory != self.target:
+      storage.put_tree(self.directory, self.target, last=(INDEX, SINGLE))
+      shutil.rmtree(self.directory)
+
+  def _finish(self):
     count = len(self._written)
     if count == 1:
       os.replace(self._written[0][0], os.path.join(self.directory, SINGLE))

@@ -18,7 +18,11 @@ import math
 import re
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.convert.checkpoint import ConversionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,50 @@ def dense(target: str, source: str, in_axes: int = 1) -> Rule:
   return Rule((target,), (source,), lambda w, shapes: (w.T.reshape(shapes[0]),), to_hf)
 
 
+def layer_norm(ours: str, hf: str) -> list[Rule]:
+  """nn.LayerNorm `hf`.{weight,bias} <-> our `ours`/{scale,bias}."""
+  return [copy(f"{ours}/scale", f"{hf}.weight"), copy(f"{ours}/bias", f"{hf}.bias")]
+
+
+def linear(ours: str, hf: str, in_axes: int = 1) -> list[Rule]:
+  """nn.Linear `hf`.{weight,bias} <-> our `ours`/{kernel,bias}."""
+  return [dense(f"{ours}/kernel", f"{hf}.weight", in_axes), vector(f"{ours}/bias", f"{hf}.bias")]
+
+
+def constant(fills: dict[str, Callable]) -> Rule:
+  """Our params that no file holds because the reference fixes them (e.g. a LayerNorm left
+  at its initialisation): path -> fill(shape) on import; on export they must still hold
+  that value (the format has no place for another) and nothing is written."""
+  def to_hf(*ours):
+    for (path, fill), value in zip(fills.items(), ours):
+      if not isinstance(value, jax.core.Tracer) and not np.array_equal(value, fill(value.shape)):
+        raise ConversionError(f"{path} differs from the value the format fixes; the export has "
+                              "no place for it.")
+    return ()
+  return Rule(tuple(fills), (), lambda shapes: tuple(f(s) for f, s in zip(fills.values(), shapes)),
+              to_hf)
+
+
+def fused(targets: tuple[str, ...], source: str) -> Rule:
+  """One nn.Linear weight whose output rows are the parts one after the other (MPT's Wqkv,
+  torch MultiheadAttention's in_proj_weight: [q; k; v], each (heads, head_dim)) <-> one of
+  our kernels [D, *out] per part."""
+  def to_ours(w, shapes):
+    return tuple(p.T.reshape(s) for p, s in zip(jnp.split(w, len(targets)), shapes))
+
+  def to_hf(*kernels):
+    return (jnp.concatenate([k.reshape(k.shape[0], -1).T for k in kernels]),)
+  return Rule(tuple(targets), (source,), to_ours, to_hf)
+
+
+def fused_vector(targets: tuple[str, ...], source: str) -> Rule:
+  """The bias of a `fused` projection [parts * N*H] <-> one [N, H] (or any shape) per part."""
+  def to_ours(b, shapes):
+    return tuple(p.reshape(s) for p, s in zip(jnp.split(b, len(targets)), shapes))
+  return Rule(tuple(targets), (source,), to_ours,
+              lambda *parts: (jnp.concatenate([p.reshape(-1) for p in parts]),))
+
+
 def conv(target: str, source: str) -> Rule:
   """nn.Conv2d weight [out, in, kh, kw] <-> flax Conv kernel [kh, kw, in, out]."""
   return Rule((target,), (source,), lambda w, shapes: (jnp.transpose(w, (2, 3, 1, 0)),),
@@ -71,6 +119,24 @@ def conv(target: str, source: str) -> Rule:
 def prefixed(rules: list[Rule], prefix: str) -> list[Rule]:
   """The same rules with `prefix` before every HF name (e.g. 'model.')."""
   return [dataclasses.replace(r, sources=tuple(prefix + s for s in r.sources)) for r in rules]
+
+
+def under(slots: list["Slot"], path_prefix: str, name_prefix: str) -> list["Slot"]:
+  """Slots made for a sub-tree and one checkpoint of several, re-rooted: our paths under
+  `path_prefix` (e.g. 'vision/'), tensor names under `name_prefix` (e.g. 'vision:')."""
+  return [dataclasses.replace(s, targets=tuple(path_prefix + t for t in s.targets),
+                              sources=tuple(name_prefix + n for n in s.sources))
+          for s in slots]
+
+
+def subtree(items, prefix: str):
+  """The entries of a dict (our paths -> shapes) or a set (tensor names) under `prefix`, the
+  prefix removed; None (export: no checkpoint names) stays None."""
+  if items is None:
+    return None
+  if isinstance(items, dict):
+    return {k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix)}
+  return {k[len(prefix):] for k in items if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -165,24 +165,33 @@ def _host(array, index) -> np.ndarray:
   return np.asarray(array if index is None else array[index])
 
 
-def export(params: Mapping, arch, directory: str, *, dtype=None,
-           max_shard_bytes: int = 2 << 30) -> list[str]:
-  """Writes our (LoRA-free) sub-tree `params` as HF tensors into `directory`; returns the
-  tensor names. One HF shard is in host memory at a time."""
+def export_tensors(params: Mapping, arch, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, host array) for our (LoRA-free) sub-tree `params`, one tensor at a time;
+  every parameter must have a place in the format."""
   flat = flatten(params)
   slots = arch.slots({p: tuple(np.shape(a)) for p, a in flat.items()}, None)
   produced = {p for slot in slots for p in slot.targets}
   left = sorted(set(flat) - produced)
   if left:
     raise ConversionError(_listed(left, f"parameters the {arch.NAME} format has no place for"))
-  writer = ckpt_lib.ShardWriter(directory, max_shard_bytes)
-  names = []
   with jax.default_device(ckpt_lib.host_cpu()):
     for slot in slots:
       ours = [_host(flat[p], slot.index) for p in slot.targets]
       for name, tensor in zip(slot.sources, slot.rule.to_hf(*ours)):
         tensor = np.asarray(tensor)
-        writer.add(name, np.ascontiguousarray(tensor.astype(dtype or tensor.dtype)))
-        names.append(name)
+        if dtype and jax.numpy.issubdtype(tensor.dtype, jax.numpy.floating):  # not ints
+          tensor = tensor.astype(dtype)
+        yield name, np.ascontiguousarray(tensor)
+
+
+def export(params: Mapping, arch, directory: str, *, dtype=None,
+           max_shard_bytes: int = 2 << 30) -> list[str]:
+  """Writes our (LoRA-free) sub-tree `params` as HF tensors into `directory`; returns the
+  tensor names. One HF shard is in host memory at a time."""
+  writer = ckpt_lib.ShardWriter(directory, max_shard_bytes)
+  names = []
+  for name, tensor in export_tensors(params, arch, dtype):
+    writer.add(name, tensor)
+    names.append(name)
   writer.close()
   return names

@@ -6,35 +6,42 @@ are shared by every family; a family's data module (`families/<family>.py`) decl
 `TASKS` and `MIXTURES` beside its processor, and an ingested directory is a task by its path.
 `resolve(name, family)` turns any of these into a `Mixture` of concrete specs.
 
+Sources that are not files are named: a TFDS dataset (`sources/tfds_source.py`, random
+access) and a seqio task (`sources/seqio_stream.py`, its tf.data stream); `mixture.py` turns
+`config.data.mixture` (a name or a list of sources) into a `Mixture` of such specs.
+
 `pipeline.py` builds grain datasets from a `Mixture`; `seqio_tasks.py` registers the same
 specs as seqio Tasks/Mixtures (the declarative view). The grain path does not go through
 seqio's registry because importing seqio pulls in TensorFlow (~5 s), which every training
 process and each grain worker would otherwise pay.
 """
 import dataclasses
-import glob
-import os
 from typing import Any, Callable
 
+from vlm_jax import storage
 from vlm_jax.data import records
-from vlm_jax.data.sources import arrayrecord, interleaved, jsonl, webdataset
+from vlm_jax.data.sources import arrayrecord, interleaved, jsonl, seqio_stream, tfds_source
+from vlm_jax.data.sources import webdataset
 from vlm_jax.data.synthetic import photos, sample_data
 
-KINDS = ("pairs", "text", "interleaved")
+# grounding: an image with boxed phrases (`objects`, records.py), e.g. a TFDS grounding set
+KINDS = ("pairs", "text", "interleaved", "grounding")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   name: str
-  kind: str  # one of KINDS: image + caption | document | aligned texts and images
-  format: str  # key of READERS
-  pattern: str  # glob under the data dir (or absolute); `{split}` is filled in
+  kind: str  # one of KINDS: image + caption | document | aligned texts and images | boxes
+  format: str  # key of READERS (files), or of NAMED_SOURCES ("tfds", "seqio")
+  pattern: str  # glob under the data dir (or absolute), `{split}` filled in; or the name
   # The family template the records feed (e.g. MiniGPT-v2's "vqa"); "" = the family's
   # default for `kind`. A field, never inferred from the task's name.
   template: str = ""
   loss_weight: float = 1.0
   # ensure(data_dir, split): writes generated data that is missing (sample data only).
   ensure: Callable[[str, str], Any] | None = None
+  splits: tuple = ()  # ((pipeline split, the source's split), ...); unlisted: the same name
+  args: tuple = ()  # ((key, value), ...) a named source's options (TFDS data dir, fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,10 @@ class EvalTask:
   label: Callable[[dict], str | None] | None = None
   num_examples: int = 32
   max_new_tokens: int = 24
+  # fn(targets, predictions) -> {metric: value} used instead of `metrics` (a seqio task's own
+  # metric functions), each applied to texts after `postprocess(text, is_target)`.
+  metric_fns: tuple = ()
+  postprocess: Callable[[str, bool], str] | None = None
 
 
 READERS = {
@@ -125,11 +136,11 @@ def task_from_directory(path: str) -> TaskSpec:
   """A directory written by `vlm-data ingest`, as a task named by its path."""
   manifest = records.read_manifest(path)
   return TaskSpec(path, manifest["kind"], "arrayrecord",
-                  os.path.join(os.path.abspath(path), "*.array_record"))
+                  storage.join(storage.abspath(path), "*.array_record"))
 
 
 def is_ingested(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, records.MANIFEST))
+  return storage.exists(storage.join(path, records.MANIFEST))
 
 
 def resolve(name: str, family=None) -> Mixture:
@@ -154,18 +165,35 @@ def default_data_dir() -> str:
   return sample_data.default_data_dir()
 
 
+def source_split(spec: TaskSpec, split: str) -> str:
+  """The split of `spec`'s source that the pipeline's `split` ('train', 'validation') reads."""
+  return dict(spec.splits).get(split, split)
+
+
 def files(spec: TaskSpec, data_dir: str, split: str) -> list:
   data_dir = data_dir or default_data_dir()
+  split = source_split(spec, split)
   if spec.ensure:
     spec.ensure(data_dir, split)
   # An ingested directory has one split; its absolute pattern ignores data_dir.
-  pattern = os.path.join(data_dir, spec.pattern.format(split=split))
-  paths = sorted(glob.glob(pattern))
+  pattern = storage.join(data_dir, spec.pattern.format(split=split))
+  paths = storage.glob(pattern)
   if not paths:
     raise FileNotFoundError(f"task {spec.name!r}: no files match {pattern!r} "
                             "(config data.data_dir; `vlm-data ingest` writes them).")
   return paths
 
 
-def make_source(spec: TaskSpec, data_dir: str, split: str):
+# Sources named rather than globbed: opened as fn(spec, source split, seed=, shuffle=).
+NAMED_SOURCES = {"tfds": tfds_source.TfdsSource.for_spec,
+                 "seqio": seqio_stream.SeqioStream.for_spec}
+
+
+def make_source(spec: TaskSpec, data_dir: str, split: str, *, seed: int = 0,
+                shuffle: bool = False):
+  """A random-access source of `spec`'s `split`. A seqio task's stream is shuffled (by
+  `seed`) and repeated by seqio itself when `shuffle` (its `shuffles_itself` is then True)."""
+  if spec.format in NAMED_SOURCES:
+    return NAMED_SOURCES[spec.format](spec, source_split(spec, split), seed=seed,
+                                      shuffle=shuffle)
   return READERS[spec.format](files(spec, data_dir, split))

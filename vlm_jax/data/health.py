@@ -7,7 +7,8 @@ the source when more than `max_fraction` of its last `window` records were bad: 
 broken shard or a wrong format is an error, not noise. The number skipped travels with the
 next good example (`SKIPPED_KEY`), because the dropping happens in grain's worker
 processes and their Python counters are invisible to the trainer; `CountSkipped` removes
-the key from each batch and accumulates totals the trainer can log.
+the key from each batch and accumulates totals the trainer can log, and likewise counts the
+examples of each mixture task (`TASK_KEY`, set by the pipeline).
 """
 import collections
 import dataclasses
@@ -18,6 +19,7 @@ import grain
 import numpy as np
 
 SKIPPED_KEY = "_skipped_records"
+TASK_KEY = "_task"  # the example's task, numbered in the mixture's order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +117,20 @@ class SkipBadRecords(grain.IterDataset):
 
 class _CountSkippedIterator(grain.DatasetIterator):
 
-  def __init__(self, parent):
+  def __init__(self, parent, tasks):
     super().__init__(parent)
-    self.counters = {"examples": 0, "skipped_records": 0}
+    self._tasks = [f"examples/{name}" for name in tasks]
+    self.counters = {"examples": 0, "skipped_records": 0, **dict.fromkeys(self._tasks, 0)}
 
   def __next__(self):
     batch = next(self._parent)
     skipped = batch.pop(SKIPPED_KEY)
     self.counters["examples"] += len(skipped)
     self.counters["skipped_records"] += int(np.sum(skipped))
+    if TASK_KEY in batch:
+      counts = np.bincount(batch.pop(TASK_KEY), minlength=len(self._tasks))
+      for key, count in zip(self._tasks, counts):
+        self.counters[key] += int(count)
     return batch
 
   def get_state(self):
@@ -131,10 +138,15 @@ class _CountSkippedIterator(grain.DatasetIterator):
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
-    self.counters = dict(state["counters"])
+    self.counters = {**dict.fromkeys(self._tasks, 0), **state["counters"]}
 
 
 class CountSkipped(grain.IterDataset):
+  """Totals of examples, skipped records and examples per task (named `tasks`)."""
+
+  def __init__(self, parent, tasks=()):
+    super().__init__(parent)
+    self._task_names = tuple(tasks)
 
   def __iter__(self):
-    return _CountSkippedIterator(self._parent.__iter__())
+    return _CountSkippedIterator(self._parent.__iter__(), self._task_names)

@@ -8,15 +8,16 @@ process i of n reads only rows i*G/n .. (i+1)*G/n - 1 of each, so the global bat
 depend on how many processes share it (ProcessRows). Each element is converted by the
 family's Processor (`families/<family>.py`) with a generator seeded by (seed, global stream
 position), so a given step always sees the same examples and prefix lengths. Bad records
-are skipped and counted (health.py); batching and the heavy per-example work run in worker
-processes when `num_workers > 0`.
+are skipped and counted (health.py), and so are the examples of each task (the realised
+rates, `data/rate/<task>` in the training metrics); batching and the heavy per-example work
+run in worker processes when `num_workers > 0`. A seqio task is a stream addressed by
+position (`sources/seqio_stream.py`): seqio shuffles and repeats it, grain does not.
 """
 import numpy as np
 
 import grain
 
-from vlm_jax.data import catalog, families, health
-from vlm_jax.data import processor as processor_lib
+from vlm_jax.data import catalog, families, health, mixture as mixture_lib
 
 
 class _Tagged:
@@ -30,13 +31,10 @@ class _Tagged:
 
 
 def resolve(data_config, family: str) -> catalog.Mixture:
-  """config.data.mixture for `family`, each task's template resolved and checked against the
-  family's templates (a clear error names the task otherwise)."""
-  module = families.load(family)
-  mixture = catalog.resolve(data_config.mixture, module)
-  return catalog.Mixture(mixture.name, tuple(
-      (processor_lib.with_template(spec, module.TEMPLATES, family), rate)
-      for spec, rate in mixture.tasks))
+  """config.data.mixture for `family` (a name or a list of sources: mixture.py), each task's
+  template resolved and checked against the family's templates; `mixture.MixtureError` (one
+  line naming the field) otherwise."""
+  return mixture_lib.resolve(data_config, family)
 
 
 def make_processor(data_config, family: str, seed: int, evaluation: bool = False):
@@ -59,17 +57,18 @@ def _process_info(process_index, process_count):
 def task_dataset(spec, data_config, split, *, seed, shuffle=True) -> grain.MapDataset:
   """One task's records as (spec, raw record), shuffled and repeated forever, or once in
   file order (`shuffle=False`)."""
-  source = catalog.make_source(spec, data_config.data_dir, split)
+  source = catalog.make_source(spec, data_config.data_dir, split, seed=seed, shuffle=shuffle)
   ds = grain.MapDataset.source(source)
-  if shuffle:
+  if shuffle and not getattr(source, "shuffles_itself", False):
     ds = ds.shuffle(seed=seed).repeat()
   return ds.map(_Tagged(spec))
 
 
-def mixed_records(data_config, family: str, *, seed, split="train") -> grain.MapDataset:
+def mixed_records(data_config, family: str, *, seed, split="train",
+                  mixture=None) -> grain.MapDataset:
   """The endless, shuffled, mixed stream of (task spec, raw record); the same in every
-  process."""
-  mixture = resolve(data_config, family)
+  process. `mixture`: `resolve(data_config, family)` when the caller has it."""
+  mixture = mixture or resolve(data_config, family)
   tasks = [task_dataset(spec, data_config, split, seed=_task_seed(seed, i))
            for i, (spec, _) in enumerate(mixture.tasks)]
   rates = [rate for _, rate in mixture.tasks]
@@ -102,14 +101,18 @@ class ProcessRows(grain.MapDataset):
 
 
 class _AtGlobalIndex:
-  """Calls an ExampleProcessor with the element's global stream position (picklable)."""
+  """Calls an ExampleProcessor with the element's global stream position and marks the
+  example with its task's number in `tasks` (picklable)."""
 
-  def __init__(self, processor):
-    self.processor = processor
+  def __init__(self, processor, tasks):
+    self.processor, self.numbers = processor, {name: i for i, name in enumerate(tasks)}
 
   def __call__(self, indexed):
     position, record = indexed
-    return self.processor(position, record)
+    example = self.processor(position, record)
+    if not isinstance(example, health.Skipped):
+      example[health.TASK_KEY] = np.int32(self.numbers[record[0].name])
+    return example
 
 
 def make_dataset(data_config, family: str, *, global_batch_size, seed, split="train",
@@ -120,14 +123,17 @@ def make_dataset(data_config, family: str, *, global_batch_size, seed, split="tr
                      f"{process_count} processes")
   seed = int(np.random.SeedSequence([seed, data_config.seed]).generate_state(1)[0])
   per_process = global_batch_size // process_count
-  ds = ProcessRows(mixed_records(data_config, family, seed=seed, split=split), per_process,
-                   process_index, process_count)
+  mixture = resolve(data_config, family)
+  tasks = [spec.name for spec, _ in mixture.tasks]
+  ds = ProcessRows(mixed_records(data_config, family, seed=seed, split=split, mixture=mixture),
+                   per_process, process_index, process_count)
   # Threads overlap file reads and PIL work (which releases the GIL); the buffer is in
   # examples, so keep it near a batch: at 224 px each example is 0.6 MB of float32.
   read_options = grain.ReadOptions(num_threads=data_config.read_threads,
                                    prefetch_buffer_size=max(2 * per_process, 16))
   # Seeded by global stream position (not process), so any process count draws the same.
-  processor = _AtGlobalIndex(make_processor(data_config, family, _task_seed(seed, 1000)))
+  processor = _AtGlobalIndex(make_processor(data_config, family, _task_seed(seed, 1000)),
+                             tasks)
   ds = ds.map(processor).to_iter_dataset(read_options)
   ds = health.SkipBadRecords(ds, data_config.bad_window, data_config.max_bad_fraction,
                              data_config.warn_every_s)
@@ -137,7 +143,7 @@ def make_dataset(data_config, family: str, *, global_batch_size, seed, split="tr
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers,
         per_worker_buffer_size=data_config.worker_buffer_size))
-  return health.CountSkipped(ds)
+  return health.CountSkipped(ds, tasks)
 
 
 def make_train_iterator(data_config, family: str, *, global_batch_size, seed, split="train",
@@ -151,8 +157,18 @@ def make_train_iterator(data_config, family: str, *, global_batch_size, seed, sp
 
 
 def skipped_record_counts(iterator) -> dict:
-  """{'examples': n, 'skipped_records': m} delivered so far by this process's iterator."""
-  return dict(iterator.counters)
+  """{'examples': n, 'skipped_records': m, 'examples/<task>': n_t, 'rate/<task>': n_t / n}
+  delivered so far by this process's iterator (the realised mixture rates)."""
+  return with_rates(iterator.counters)
+
+
+def with_rates(counters: dict) -> dict:
+  """An iterator's counters (or their sum over processes) and 'rate/<task>' of each task."""
+  counts = dict(counters)
+  total = counts["examples"]
+  counts.update({f"rate/{key[len('examples/'):]}": value / total
+                 for key, value in counters.items() if key.startswith("examples/") and total})
+  return counts
 
 
 def _allow_grain_flags():

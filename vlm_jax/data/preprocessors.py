@@ -19,7 +19,15 @@ class BadRecord(Exception):
   """An input record that cannot be used (corrupt image, missing caption, ...)."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+  """Encoded image bytes, or decoded uint8 pixels [H, W, 3|1] / [H, W] (a TFDS or seqio
+  example's image), -> RGB."""
+  if isinstance(data, np.ndarray):
+    if data.dtype != np.uint8 or data.ndim not in (2, 3) or not data.size:
+      raise BadRecord(f"image pixels of shape {data.shape} and dtype {data.dtype}: expected "
+                      "uint8 [H, W, C]")
+    return Image.fromarray(data.squeeze(-1) if data.ndim == 3 and data.shape[-1] == 1
+                           else data).convert("RGB")
   if not data:
     raise BadRecord("empty image")
   try:
@@ -87,6 +95,33 @@ def text_from_json_line(line: str, field: str) -> str:
   if not isinstance(value, str):
     raise BadRecord(f"field {field!r} is not a string")
   return value
+
+
+def text_of(record) -> str:
+  """A text record's document: its `text`, or the `json_field` of a raw jsonl line."""
+  text = record.get("text")
+  if record.get("json_field"):
+    text = text_from_json_line(text, record["json_field"])
+  return clean_text(text)
+
+
+def objects_of(record) -> list[tuple[str, tuple]]:
+  """A grounding record's objects as [(phrase, (x0, y0, x1, y1) in [0, 1])] (records.py);
+  malformed or missing ones make it a bad record."""
+  objects = record.get("objects") or []
+  out = []
+  for obj in objects:
+    try:
+      phrase, box = clean_text(obj["phrase"]), tuple(float(v) for v in obj["box"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise BadRecord(f"malformed object {obj!r}: {e}") from None
+    x0, y0, x1, y1 = box if len(box) == 4 else (1, 1, 0, 0)
+    if not 0 <= x0 <= x1 <= 1 or not 0 <= y0 <= y1 <= 1:
+      raise BadRecord(f"object box {box} is not (x0, y0, x1, y1) within [0, 1]")
+    out.append((phrase, box))
+  if not out:
+    raise BadRecord("no objects with boxes")
+  return out
 
 
 def caption_of(record) -> str:

@@ -2,13 +2,17 @@
 
 Kinds: `pairs` (image + caption + metadata), `text` (a document), `interleaved` (aligned
 `texts`/`images` lists, exactly one non-null per position, as OBELICS; MMC4 is converted to
-it). Encoding: b"VLM1", a little-endian uint32 header length, a JSON header, then the image
+it), `grounding` (an image + `objects`: [{"phrase": str, "box": [x0, y0, x1, y1]}] with
+coordinates in [0, 1] of the image's width/height, optionally a caption `text`; read from
+TFDS / seqio sources, `sources/features.py`). Records from TFDS or seqio may hold decoded
+uint8 pixels instead of image bytes. Encoding: b"VLM1", a little-endian uint32 header length, a JSON header, then the image
 blobs back to back; the header names each blob's size. JSON + raw bytes rather than pickle,
 so reading a shard never executes code from it.
 """
 import json
-import os
 import struct
+
+from vlm_jax import storage
 
 MAGIC = b"VLM1"
 MANIFEST = "dataset.json"  # beside the shards: kind, format, inputs, counts (ingest/local.py)
@@ -52,5 +56,4 @@ def decode(data: bytes) -> dict:
 
 def read_manifest(directory: str) -> dict:
   """The manifest of a directory written by `vlm-data ingest`."""
-  with open(os.path.join(directory, MANIFEST)) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(storage.join(directory, MANIFEST)))

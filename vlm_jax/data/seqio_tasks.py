@@ -4,7 +4,8 @@ This is the declarative view (`seqio.get_mixture_or_task("pretrain_simvlm")` aft
 this module), served by seqio's tf.data path from the same readers the grain pipeline uses.
 Training does not go through here: seqio's grain backend is a stub and its feature
 converters drop `image` (DESIGN.md), so pipeline.py executes the catalog with grain and the
-family processors. Data comes from `$VLM_JAX_DATA_DIR` (default ~/.cache/vlm_jax/sample_data); the vocabulary from
+family processors. A user's own seqio Tasks (`config.data.tasks_module`) are what training
+does read from seqio: `sources/seqio_stream.py`. Data comes from `$VLM_JAX_DATA_DIR` (default ~/.cache/vlm_jax/sample_data); the vocabulary from
 `$VLM_JAX_VOCAB` or the shipped sample model.
 
 A seqio Mixture's get_dataset keeps only the declared output features (`text`), so the

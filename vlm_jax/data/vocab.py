@@ -9,6 +9,8 @@ import os
 
 import sentencepiece as spm
 
+from vlm_jax import storage
+
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<image>", "<|endofchunk|>", "[vqa]", "[caption]", "[grounding]",
                   "[refer]", "[detection]", "[identify]")
@@ -29,11 +31,10 @@ class Vocab:
 
   def __init__(self, path: str = ""):
     self.path = resolve_path(path)
-    if not os.path.isfile(self.path):
+    if not storage.exists(self.path):
       raise FileNotFoundError(f"SentencePiece model {self.path!r} not found "
                               "(config data.vocab_path).")
-    with open(self.path, "rb") as f:
-      self._proto = f.read()
+    self._proto = storage.read_bytes(self.path)  # local or gs://
     self._load()
 
   def _load(self):

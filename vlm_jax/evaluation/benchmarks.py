@@ -21,6 +21,8 @@ import json
 import os
 from typing import NamedTuple
 
+from vlm_jax import storage
+
 
 class CaptionItem(NamedTuple):
   image_id: int
@@ -43,8 +45,7 @@ class RefItem(NamedTuple):
 
 
 def _load(path):
-  with open(path) as f:
-    text = f.read()
+  text = storage.read_text(path)
   try:
     return json.loads(text)
   except json.JSONDecodeError:  # JSON lines

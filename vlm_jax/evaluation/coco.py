@@ -8,6 +8,7 @@ cache; CIDEr-D and BLEU-4 are computed against all of the image's references (CI
 over the evaluated images). Unreadable images and records the processor rejects are skipped
 and counted, never fatal one by one.
 """
+from vlm_jax import storage
 from vlm_jax.data import health
 from vlm_jax.evaluation import benchmarks, captions, heldout, tasks
 
@@ -28,8 +29,7 @@ def _examples(items, config, task):
   out, skipped = [], []
   for index, item in enumerate(items):
     try:
-      with open(item.image_path, "rb") as f:
-        image = f.read()
+      image = storage.read_bytes(item.image_path)
     except OSError as e:
       skipped.append(f"{item.image_path}: {e.strerror or e}")
       continue

@@ -22,10 +22,14 @@ def processor(config, seed: int = 0):
 
 
 def task_spec(config, name: str) -> catalog.TaskSpec:
-  """The family's task `name` with its template resolved."""
+  """The family's task `name`, or the mixture's source `name`, with its template resolved."""
   module = families.load(config.model.name)
   known = catalog.tasks(module)
   if name not in known:
+    sources = {spec.name: spec for spec, _ in pipeline.resolve(config.data,
+                                                               config.model.name).tasks}
+    if name in sources:
+      return sources[name]
     raise ValueError(f"unknown task {name!r} for evaluation of the {config.model.name!r} "
                      f"family; known: {sorted(known)}")
   return processor_lib.with_template(known[name], module.TEMPLATES, config.model.name)

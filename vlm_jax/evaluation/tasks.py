@@ -6,13 +6,17 @@ data module (`data/families/<family>.py`); boxes in answers are read in the fami
 `run(task, model, params, config)` returns ({metric: value}, [(truth, generated)]).
 `vlm_jax.evaluation.seqio_tasks` registers every task with seqio (`eval:<name>`), with
 these metric functions.
+
+The sources of `config.data.mixture` that are read by name (TFDS datasets, seqio tasks) are
+evaluation tasks too, by their mixture name, on their evaluation split (`source_tasks`).
 """
 from typing import Callable
 
 import numpy as np
 
 from vlm_jax import decode
-from vlm_jax.data import catalog, families
+from vlm_jax.data import catalog, families, mixture
+from vlm_jax.data.sources import seqio_stream
 from vlm_jax.data.vocab import Vocab
 from vlm_jax.evaluation import captions, fewshot, grounding, heldout, scoring, vqa
 
@@ -24,13 +28,45 @@ def family_tasks(config) -> dict:
   return {t.name: t for t in getattr(families.load(config.model.name), "EVAL_TASKS", ())}
 
 
+CAPTION_METRICS = ("exact_match", "cider", "bleu4")
+
+
+def source_tasks(config) -> dict:
+  """{name: EvalTask} of the mixture's TFDS and seqio sources with an evaluation split: the
+  settings (metrics, answer length) of the family's evaluation task on a task of the same
+  template, else captioning's; a seqio task's own metric functions when it has any."""
+  named = [spec for _, spec, _ in mixture.sources(config.data, config.model.name)
+           if spec.format in catalog.NAMED_SOURCES and mixture.has_split(spec, "validation")]
+  if not named:
+    return {}
+  by_template = {}
+  for task in family_tasks(config).values():
+    if task.kind == "generate" and not task.shots:
+      by_template.setdefault(heldout.task_spec(config, task.source).template, task)
+  out = {}
+  for spec in named:
+    like = by_template.get(spec.template)
+    fields = {"metrics": like.metrics if like else CAPTION_METRICS,
+              "max_new_tokens": like.max_new_tokens if like else 24}
+    if spec.format == "seqio":
+      fns, postprocess = seqio_stream.metric_functions(spec.pattern,
+                                                       dict(spec.args)["tasks_module"])
+      if fns:
+        fields.update(metric_fns=fns, postprocess=postprocess)
+    out[spec.name] = EvalTask(spec.name, spec.name, **fields)
+  return out
+
+
 def tasks_for(config) -> list[str]:
-  """The names of the evaluation tasks of the config's family."""
-  return list(family_tasks(config))
+  """The names of the evaluation tasks of the config's family and mixture sources."""
+  return list(family_tasks(config)) + [n for n in source_tasks(config)
+                                       if n not in family_tasks(config)]
 
 
 def get(name: str, config) -> EvalTask:
   known = family_tasks(config)
+  if name not in known:
+    known = {**source_tasks(config), **known}
   if name not in known:
     raise ValueError(f"unknown evaluation task {name!r} for the {config.model.name!r} family; "
                      f"its tasks: {sorted(known)}")
@@ -138,8 +174,14 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
   stop_id = prompts[0][2]
   if task.kind == "generate":
     generated = generate_texts(task, model, params, data_config, prompts, batch_size)
-    return (score(task.metrics, generated, truths, families.box_format(config.model.name)),
-            list(zip(truths, generated)))
+    if task.metric_fns:  # a seqio task's own
+      metrics = {}
+      for fn in task.metric_fns:
+        metrics.update(fn([task.postprocess(t, True) for t in truths],
+                          [task.postprocess(g, False) for g in generated]))
+    else:
+      metrics = score(task.metrics, generated, truths, families.box_format(config.model.name))
+    return metrics, list(zip(truths, generated))
   suffix = data_config.get("suffix_length")
   inputs = [p for p, _, _ in prompts]
   if task.kind == "rank":

@@ -8,11 +8,11 @@ maps (shown beside the RGB image), and boxes found in the text in the family's b
 (its data module's `BOX_FORMAT`). `vlm-data inspect` prints the same views as text.
 """
 import collections
-import glob
-import os
+import copy
 
 import numpy as np
 
+from vlm_jax import storage
 from vlm_jax.data import catalog, families, health, pipeline
 from vlm_jax.data.boxes import BoxFormatError
 from vlm_jax.data.sources import arrayrecord, jsonl, webdataset
@@ -22,11 +22,12 @@ EXPERT_PREFIX, INSTANCES_SUFFIX = "expert_", "_instances"
 
 
 def with_mixture(config, mixture: str):
-  """A copy of `config` reading `mixture` (a task or mixture name; '' keeps the config's)."""
-  config = config.copy_and_resolve_references()
+  """A copy of `config` reading `mixture` (any form of config.data.mixture; '' keeps the
+  config's)."""
+  config = copy.deepcopy(config)  # keeps config.data.mixture's `object` type
   if mixture:
-    catalog.resolve(mixture, families.load(config.model.name))  # a clear error if unknown
     config.data.mixture = mixture
+    pipeline.resolve(config.data, config.model.name)  # a clear error if unknown
   return config
 
 
@@ -188,15 +189,16 @@ def record_lines(record: dict) -> str:
 def directory_records(path: str, num: int) -> tuple[str, list]:
   """(what the directory holds, its first `num` raw records): ingested ArrayRecord,
   webdataset tars, jsonl or parquet."""
-  if glob.glob(os.path.join(path, "*.parquet")) and not glob.glob(os.path.join(path, "*.tar")):
+  if storage.glob(storage.join(path, "*.parquet")) and not storage.glob(
+      storage.join(path, "*.tar")):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    table = pq.ParquetFile(sorted(glob.glob(os.path.join(path, "*.parquet")))[0])
+    table = pq.ParquetFile(storage.open(storage.glob(storage.join(path, "*.parquet"))[0], "rb"))
     rows = next(table.iter_batches(batch_size=num)).to_pylist()[:num]
     return f"parquet, {table.metadata.num_rows} rows in the first file", rows
   for pattern, make in (("*.array_record", arrayrecord.ArrayRecordSource),
                         ("*.tar", webdataset.WebDatasetSource),
                         ("*.jsonl", jsonl.JsonlTextSource)):
-    paths = sorted(glob.glob(os.path.join(path, pattern)))
+    paths = storage.glob(storage.join(path, pattern))
     if paths:
       source = make(paths)
       return repr(source), [source[i] for i in range(min(num, len(source)))]

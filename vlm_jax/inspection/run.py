@@ -1,7 +1,6 @@
 """What a training run did: its metrics, its checkpoints, and where a trained encoder-decoder
 model looks in the image when it generates a token."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,22 +10,23 @@ import numpy as np
 from vlm_jax import config as config_lib
 from vlm_jax import distributed
 from vlm_jax import params as params_lib
+from vlm_jax import storage
 from vlm_jax.nn import attention
 
 BOS_ID = 3  # docs/architecture.md
 
 
 def read_metrics(workdir: str) -> dict:
-  """{metric: ([steps], [values])} from metrics.jsonl; a step logged twice (replayed after a
-  resume) keeps its last value."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  """{metric: ([steps], [values])} from metrics.jsonl; a metric logged twice at a step
+  (replayed after a resume) keeps its last value; lines of one step (training, then
+  vlm-eval's) are merged."""
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir!r} a training workdir?")
   by_step = {}
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line)
-      by_step[record.pop("step")] = record
+  for line in storage.read_text(path).splitlines():
+    record = json.loads(line)
+    by_step.setdefault(record.pop("step"), {}).update(record)
   series = {}
   for step in sorted(by_step):
     for key, value in by_step[step].items():
@@ -58,14 +58,13 @@ def latest_params(workdir: str) -> tuple[int, dict]:
 
 def checkpoints(workdir: str) -> list:
   """[(step, size in bytes)] of the finished checkpoints (orbax names them by step)."""
-  directory = os.path.join(workdir, "checkpoints")
+  directory = storage.join(workdir, "checkpoints")
   found = []
-  for name in sorted(os.listdir(directory) if os.path.isdir(directory) else [], key=_step_key):
-    path = os.path.join(directory, name)
-    if name.isdigit() and os.path.isdir(path):
-      size = sum(os.path.getsize(os.path.join(root, f))
-                 for root, _, files in os.walk(path) for f in files)
-      found.append((int(name), size))
+  for name in sorted(storage.listdir(directory) if storage.isdir(directory) else [],
+                     key=_step_key):
+    path = storage.join(directory, name)
+    if name.isdigit() and storage.isdir(path):
+      found.append((int(name), storage.tree_size(path)))
   return found
 
 
@@ -84,10 +83,9 @@ def _tuples(value):
 def run_config(workdir: str, spec: str, overrides=()) -> ml_collections.ConfigDict:
   """The run's config: `workdir/config.json` (written by vlm-train) when present, else
   `spec` (path.py:arg) with ('a.b', 'value') overrides."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      return ml_collections.ConfigDict(_tuples(json.load(f)))
+  path = storage.join(workdir, "config.json")
+  if storage.exists(path):
+    return ml_collections.ConfigDict(_tuples(json.loads(storage.read_text(path))))
   return config_lib.load_config(spec, overrides)
 
 

@@ -3,7 +3,8 @@
 N processes with K CPU devices each behave like N hosts of a pod (per-process data rows,
 global arrays, cooperative checkpoints, process-0 logging), which is how multi-host code is
 tested without a pod. Process 0's output streams to the console; every process's output
-goes to <workdir>/launch_logs/process_<i>.log (eval_process_<i>.log for `--program eval`).
+goes to <workdir>/launch_logs/process_<i>.log (eval_process_<i>.log for `--program eval`;
+with a gs:// workdir: to a local directory, uploaded when the processes end).
 
 When a process fails, the others are left to stop by themselves (the coordination service
 terminates them once its heartbeats stop, as it would on a pod) for `grace_s`, then killed.
@@ -17,11 +18,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 from vlm_jax import distributed
 from vlm_jax import launch
+from vlm_jax import storage
 from vlm_jax.train.watchdog import EXIT_HUNG, HANG_REPORTS
 
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
@@ -52,8 +55,8 @@ def process_envs(num_processes: int, cpu_devices: int | None, port: int,
 
 
 def hang_reports(workdir: str) -> set:
-  directory = os.path.join(workdir, HANG_REPORTS)
-  return set(os.listdir(directory)) if os.path.isdir(directory) else set()
+  directory = storage.join(workdir, HANG_REPORTS)
+  return set(storage.listdir(directory)) if storage.isdir(directory) else set()
 
 
 def hung(status: int, reports_before: set, workdir: str) -> bool:
@@ -73,10 +76,10 @@ def restarting_hangs(run_once, workdir: str, max_restarts: int) -> int:
       return status
     if restart == max_restarts:
       print(f"vlm-launch: vlm-train hung again after {max_restarts} restart(s); not restarting "
-            f"it (the reports are in {os.path.join(workdir, HANG_REPORTS)})", flush=True)
+            f"it (the reports are in {storage.join(workdir, HANG_REPORTS)})", flush=True)
       return status
     print(f"vlm-launch: vlm-train hung (its report is in "
-          f"{os.path.join(workdir, HANG_REPORTS)}); restarting it (restart {restart + 1} of at "
+          f"{storage.join(workdir, HANG_REPORTS)}); restarting it (restart {restart + 1} of at "
           f"most {max_restarts}); it resumes from its newest checkpoint", flush=True)
   return status
 
@@ -106,6 +109,9 @@ def _exit_status(code: int) -> int:
 
 def run(args, envs, log_dir: str, grace_s: float, program: str = "train") -> int:
   """Runs the processes; returns 0, or the exit status of the first one that failed."""
+  upload_to = log_dir if storage.is_gcs(log_dir) else None
+  if upload_to:
+    log_dir = tempfile.mkdtemp(prefix="vlm_jax_launch_logs_")
   os.makedirs(log_dir, exist_ok=True)
   argv = _argv(program, args)
   procs, logs, threads = [], [], []
@@ -141,6 +147,9 @@ def run(args, envs, log_dir: str, grace_s: float, program: str = "train") -> int
     threads[0].join(timeout=10)
     for log in logs:
       log.close()
+    if upload_to:
+      storage.put_tree(log_dir, upload_to)
+      print(f"vlm-launch: logs copied to {upload_to}", flush=True)
   if first_failure is None:
     return 0
   for i, p in enumerate(procs):

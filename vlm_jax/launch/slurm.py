@@ -23,6 +23,7 @@ import signal
 
 from vlm_jax import distributed
 from vlm_jax import launch
+from vlm_jax import storage
 from vlm_jax.train.watchdog import EXIT_HUNG, HANG_REPORTS
 
 # vlm-train's exit status after a preemption checkpoint (cli/train.py, which library code
@@ -47,13 +48,22 @@ GPU_ENV = (
 )
 
 
-def _wait_and_requeue(workdir: str, max_hang_requeues: int) -> tuple:
+def _count_reports(reports: str) -> str:
+  """A shell command that prints how many hang reports the directory `reports` holds (a gs://
+  one through vlm_jax.storage, with the job's Python)."""
+  if storage.is_gcs(reports):
+    code = ("import sys; from vlm_jax import storage as s; d = sys.argv[1]; "
+            "print(len(s.listdir(d)) if s.isdir(d) else 0)")
+    return f"python -c {shlex.quote(code)} {shlex.quote(reports)}"
+  return f"ls {shlex.quote(reports)} 2>/dev/null | wc -l"
+
+
+def _wait_and_requeue(workdir: str, reports: str, max_hang_requeues: int) -> tuple:
   """After srun: wait for it (a trapped notice interrupts `wait`, so wait again until srun is
   gone), then requeue a job whose tasks stopped for a preemption. A notice followed by any
   other failure (a task killed before it could save) is requeued too: the rerun resumes from
   the newest complete checkpoint whatever happened. A hang is requeued a bounded number of
   times: one that recurs needs a person."""
-  reports = shlex.quote(f"{workdir}/{HANG_REPORTS}")
   counter = shlex.quote(f"{workdir}/hang_requeues")
   return (
       "step=$!",
@@ -61,7 +71,7 @@ def _wait_and_requeue(workdir: str, max_hang_requeues: int) -> tuple:
       '  wait "$step" && status=0 || status=$?',
       '  kill -0 "$step" 2>/dev/null || break',
       "done",
-      f"hangs_after=$(ls {reports} 2>/dev/null | wc -l) || true",
+      f"hangs_after=$({_count_reports(reports)}) || true",
       f'if [ "$status" = {EXIT_HUNG} ] || [ "$hangs_after" != "$hangs_before" ]; then',
       f"  requeues=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 ))",
       f'  echo "$requeues" > {counter}',
@@ -147,8 +157,12 @@ class SlurmTarget:
             f'--xla_force_host_platform_device_count={self.cpu_devices_per_task}"']
 
 
-def script(t: SlurmTarget, train_args, workdir: str, repo_root: str) -> str:
-  """The sbatch script: the exact text `sbatch` receives."""
+def script(t: SlurmTarget, train_args, workdir: str, repo_root: str,
+           hang_reports: str = "") -> str:
+  """The sbatch script: the exact text `sbatch` receives. `workdir` holds the job's output
+  and hang requeue count; `hang_reports` is where vlm-train's watchdog reports hangs
+  (default <workdir>/hangs; the run's gs:// workdir's when it has one)."""
+  reports = hang_reports or f"{workdir}/{HANG_REPORTS}"
   notice, lead_s = t.notice_signal()
   directives = [f"--job-name={t.job_name}", f"--nodes={t.nodes}", *t._resources(),
                 f"--time={t.time}"]
@@ -167,9 +181,8 @@ def script(t: SlurmTarget, train_args, workdir: str, repo_root: str) -> str:
   lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "set -euo pipefail",
            f"cd {shlex.quote(repo_root)}", *t.setup, *(f"export {e}" for e in exports),
            'notice=""', trap,
-           f"hangs_before=$(ls {shlex.quote(f'{workdir}/{HANG_REPORTS}')} 2>/dev/null | wc -l) "
-           "|| true",
-           f"{srun} &", *_wait_and_requeue(workdir, t.max_hang_requeues)]
+           f"hangs_before=$({_count_reports(reports)}) || true",
+           f"{srun} &", *_wait_and_requeue(workdir, reports, t.max_hang_requeues)]
   return "\n".join(lines) + "\n"
 
 

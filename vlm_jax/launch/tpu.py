@@ -11,8 +11,10 @@ The plan is a list of shell lines, run in order by `run_plan` (or printed by --d
    (`--code pip:SPEC`); or nothing (`--code none`: the image already has it);
 3. the run: on every worker of every slice, vlm-train starts detached (SIGHUP ignored) with
    VLM_JAX_DISTRIBUTED=auto, writing ~/vlm_jax_run.log and its exit status to
-   ~/vlm_jax_run.status; then worker 0 of slice 0's log is streamed until that status
-   appears, and the launcher exits with it. A dropped ssh connection does not stop training.
+   ~/vlm_jax_run.status (with a gs:// workdir, the log is first copied to
+   <workdir>/launch_logs/tpu_<worker hostname>.log); then worker 0 of slice 0's log is
+   streamed until that status appears, and the launcher exits with it. A dropped ssh
+   connection does not stop training.
 4. with --delete, the slice (or queued resource) is deleted at the end, success or not.
 """
 import dataclasses
@@ -21,12 +23,15 @@ import shlex
 
 from vlm_jax import distributed
 from vlm_jax import launch
+from vlm_jax import storage
 
 REMOTE_DIR = "~/vlm_jax"
 REMOTE_LOG = "~/vlm_jax_run.log"
 REMOTE_STATUS = "~/vlm_jax_run.status"
 CODE_ARCHIVE = "/tmp/vlm_jax_code.tar.gz"
 _FAILED_STATES = ("FAILED", "SUSPENDING", "SUSPENDED")
+# Copies a worker's log into a gs:// workdir with the credentials vlm-train used.
+_UPLOAD_LOG = "import sys; from vlm_jax import storage; storage.copy(sys.argv[1], sys.argv[2])"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,8 @@ class TpuTarget:
   delete: bool = False
   env: tuple = ()  # ("KEY=VALUE", ...) for the processes
   program: str = "train"  # what every worker runs: vlm-train | vlm-eval
+  service_account: str = ""  # the VMs' identity for gs:// ("" = the default compute one)
+  scopes: str = ""  # its OAuth scopes, comma-separated ("" = gcloud's default)
 
   def __post_init__(self):
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name):
@@ -79,6 +86,8 @@ def _gcloud(t: TpuTarget, group: str, verb: str, *args: str) -> str:
 
 def slice_lines(t: TpuTarget) -> list[str]:
   spot = ["--spot"] if t.spot else []
+  spot += [f"--service-account={t.service_account}"] if t.service_account else []
+  spot += [f"--scopes={t.scopes}"] if t.scopes else []
   if not t.uses_queue:
     create = _gcloud(t, "tpu-vm", "create", t.name, f"--accelerator-type={t.accelerator_type}",
                      f"--version={t.runtime_version}", *spot)
@@ -127,11 +136,23 @@ def train_command(t: TpuTarget, train_args) -> str:
                                                                    *train_args])
 
 
-def run_lines(t: TpuTarget, train_args) -> list[str]:
+def _save_log(workdir: str) -> str:
+  """Shell that copies this worker's log into a gs:// workdir (nothing for a local one)."""
+  if not storage.is_gcs(workdir):
+    return ""
+  target = shlex.quote(storage.join(workdir, "launch_logs", "tpu_")) + '"$(hostname)".log'
+  return f"python -c {shlex.quote(_UPLOAD_LOG)} {REMOTE_LOG} {target}; "
+
+
+def run_lines(t: TpuTarget, train_args, workdir: str = "") -> list[str]:
   workdir_cd = f"cd {REMOTE_DIR}" if t.code == "copy" else "cd ~"
   # A detached subshell that ignores SIGHUP, so closing the ssh session does not stop it.
+  # The status is written last: the launcher (and --delete) waits for it.
+  save_log = _save_log(workdir)
+  finish = (f"status=$?; {save_log}echo $status > {REMOTE_STATUS}" if save_log else
+            f"echo $? > {REMOTE_STATUS}")
   start = (f"rm -f {REMOTE_STATUS} && {workdir_cd} && (trap '' HUP; "
-           f"{train_command(t, train_args)}; echo $? > {REMOTE_STATUS}) "
+           f"{train_command(t, train_args)}; {finish}) "
            f"> {REMOTE_LOG} 2>&1 < /dev/null &")
   follow = (f"tail -n +1 -F {REMOTE_LOG} & while [ ! -f {REMOTE_STATUS} ]; do sleep 5; done; "
             f"sleep 2; kill %1; exit $(cat {REMOTE_STATUS})")
@@ -145,7 +166,8 @@ def delete_line(t: TpuTarget) -> str:
   return _gcloud(t, "tpu-vm", "delete", t.name, "--quiet")
 
 
-def plan(t: TpuTarget, train_args, repo_root: str) -> dict:
+def plan(t: TpuTarget, train_args, repo_root: str, workdir: str = "") -> dict:
   """{'steps': [shell lines], 'finally': [shell lines run even when a step fails]}."""
-  return {"steps": slice_lines(t) + code_lines(t, repo_root) + run_lines(t, train_args),
+  return {"steps": slice_lines(t) + code_lines(t, repo_root) + run_lines(t, train_args,
+                                                                          workdir),
           "finally": [delete_line(t)] if t.delete else []}

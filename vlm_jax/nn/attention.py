@@ -1,4 +1,5 @@
-"""Multi-head self-/cross-attention with boolean masks, rotary, grouped-query and a KV cache.
+"""Multi-head self-/cross-attention with boolean masks, rotary or ALiBi, grouped-query and a KV
+cache.
 
 Shapes use dimension letters: B batch, T query length, S key length, D model width,
 N query heads, K key/value heads (N % K == 0), H head dim.
@@ -15,6 +16,13 @@ Decoding (`decode=True`) with a mutable `cache` collection:
   cross-attention: a call with `inputs_kv` stores the projected keys/values; a later call
     with `kv_from_cache=True` (and no `inputs_kv`) attends to them, so decoding steps do not
     re-project the encoder output or media at every token.
+
+ALiBi (`use_alibi`, MPT's variant): head n adds slope_n * (key position - query position) to
+its logits, slopes from `alibi_slopes` (MPT's `gen_slopes` with `alibi_bias_max`). MPT
+writes the bias as slope_n * (key index - (S - 1)), which differs from ours by a constant
+per query row, so the softmax is the same. Positions are the rotary ones (default 0..T-1,
+or the cache index onwards); a decoding cache stores its keys' positions beside them, so a
+generated token after a padded prompt sees the prompt at its true distance.
 """
 import math
 from typing import Any
@@ -49,6 +57,23 @@ def decoder_self_mask(length: int, token_mask=None, key_mask=None, decode: bool 
     return None if key_mask is None else padding_mask(None, key_mask)
   mask = causal_mask(length)
   return mask if token_mask is None else mask & padding_mask(None, token_mask > 0)
+
+
+def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> jax.Array:
+  """[N] slopes 2^(-bias_max * k / n) for k = 1..n, n = num_heads rounded up to a power of
+  two; for other head counts MPT interleaves (odd k first) and keeps the first N."""
+  padded = 2 ** math.ceil(math.log2(num_heads))
+  slopes = 2.0 ** (-jnp.arange(1, padded + 1, dtype=jnp.float32) * (bias_max / padded))
+  if padded != num_heads:
+    slopes = jnp.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+  return slopes
+
+
+def alibi_bias(num_heads: int, query_positions: jax.Array, key_positions: jax.Array,
+               bias_max: float = 8.0) -> jax.Array:
+  """[B, N, T, S] ALiBi logits bias from positions [B, T] (queries) and [B, S] (keys)."""
+  distance = (key_positions[:, None, :] - query_positions[:, :, None]).astype(jnp.float32)
+  return alibi_slopes(num_heads, bias_max)[None, :, None, None] * distance[:, None]
 
 
 class Projection(nn.Module):
@@ -92,6 +117,8 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   use_rotary: bool = False
   rotary_max_wavelength: float = 10_000.0
+  use_alibi: bool = False  # MPT's ALiBi (self-attention; see the module docstring)
+  alibi_bias_max: float = 8.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -110,8 +137,8 @@ class MultiHeadAttention(nn.Module):
     bias: float added to the attention logits, broadcastable to [B, N, T, S] (S = the cache
     length when decoding), e.g. T5's relative position bias.
 
-    positions [B, T]: rotary positions of self-attention tokens (default 0..T-1, or the cache
-    index onwards when decoding).
+    positions [B, T]: rotary / ALiBi positions of self-attention tokens (default 0..T-1, or
+    the cache index onwards when decoding).
     """
     self_attention = inputs_kv is None and not kv_from_cache
     batch, q_len, features = inputs_q.shape
@@ -137,14 +164,18 @@ class MultiHeadAttention(nn.Module):
         self.put_variable("cache", "cross_value", v)
 
     cache_ready = decode and self.has_variable("cache", "cached_key")
+    if (self.use_rotary or self.use_alibi) and not self_attention:
+      raise ValueError("use_rotary / use_alibi are for self-attention.")
+    if (self.use_rotary or self.use_alibi) and positions is None:
+      start = self.get_variable("cache", "cache_index") if cache_ready else 0
+      positions = jnp.broadcast_to(start + jnp.arange(q_len), (batch, q_len))
     if self.use_rotary:
-      if not self_attention:
-        raise ValueError("use_rotary is for self-attention.")
-      if positions is None:
-        start = self.get_variable("cache", "cache_index") if cache_ready else 0
-        positions = jnp.broadcast_to(start + jnp.arange(q_len), (batch, q_len))
       q = embeddings.apply_rotary(q, positions, self.rotary_max_wavelength)
       k = embeddings.apply_rotary(k, positions, self.rotary_max_wavelength)
+    if self.use_alibi:
+      key_positions = self._cache_positions(positions, cache_ready) if decode else positions
+      alibi = alibi_bias(self.num_heads, positions, key_positions, self.alibi_bias_max)
+      bias = alibi if bias is None else alibi + jnp.asarray(bias, jnp.float32)
 
     if decode and self_attention:
       k, v, mask = self._update_cache(k, v, mask, cache_ready)
@@ -168,6 +199,16 @@ class MultiHeadAttention(nn.Module):
   def _out_proj(self, features):
     return Projection((features,), 2, ("heads", "kv", "embed"), self.use_bias, self.dtype,
                       self.param_dtype, name="out")
+
+  def _cache_positions(self, positions, cache_ready):
+    """[B, S] positions of the cached keys, this call's written at the cache index."""
+    cached = self.variable("cache", "cached_positions", jnp.zeros, positions.shape, jnp.int32)
+    if not cache_ready:  # the call that creates the cache
+      return positions
+    index = self.get_variable("cache", "cache_index")
+    cached.value = jax.lax.dynamic_update_slice(cached.value, positions.astype(jnp.int32),
+                                                (0, index))
+    return cached.value
 
   def _update_cache(self, k, v, mask, cache_ready):
     cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)

@@ -38,7 +38,7 @@ REMAT_POLICIES = {
 class LayerContext(NamedTuple):
   """What every layer of a stack receives besides x (broadcast through the scan)."""
   mask: jax.Array | None = None  # self-attention, bool broadcastable to [B, N, T, T]
-  positions: jax.Array | None = None  # [B, T] rotary positions (None: attention's default)
+  positions: jax.Array | None = None  # [B, T] rotary/ALiBi positions (None: attention's default)
   bias: jax.Array | None = None  # added to self-attention logits (T5 relative positions)
   encoded: jax.Array | None = None  # [B, S, D] cross-attended (None while decoding: cached)
   cross_mask: jax.Array | None = None  # bool broadcastable to [B, N, T, S]
@@ -72,6 +72,8 @@ class Layer(nn.Module):
   use_bias: bool = True
   use_rotary: bool = False
   rotary_max_wavelength: float = 10_000.0
+  use_alibi: bool = False  # MPT's ALiBi (self-attention only; nn/attention.py)
+  alibi_bias_max: float = 8.0
   parallel_residual: bool = False
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
@@ -90,11 +92,13 @@ class Layer(nn.Module):
                            self.param_dtype, name=name)
 
   def attention_module(self, deterministic: bool, name: str = "self_attention",
-                       use_rotary: bool | None = None):
+                       positional: bool = True):
+    """positional=False: no rotary / ALiBi (cross-attention has no relative positions)."""
     kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim,
                   num_kv_heads=self.num_kv_heads, use_bias=self.use_bias,
-                  use_rotary=self.use_rotary if use_rotary is None else use_rotary,
+                  use_rotary=self.use_rotary and positional,
                   rotary_max_wavelength=self.rotary_max_wavelength,
+                  use_alibi=self.use_alibi and positional, alibi_bias_max=self.alibi_bias_max,
                   dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     if self.lora_targets:
       return lora.LoraMultiHeadAttention(
@@ -148,7 +152,7 @@ class CrossAttentionLayer(Layer):
   SELF_ATTENTION_NORM = "pre_self_attention_norm"
 
   def cross_attention_block(self, x, context: LayerContext, deterministic, decode):
-    h = self.attention_module(deterministic, "cross_attention", use_rotary=False)(
+    h = self.attention_module(deterministic, "cross_attention", positional=False)(
         self.norm("pre_cross_attention_norm")(x), context.encoded, mask=context.cross_mask,
         decode=decode, kv_from_cache=decode and context.encoded is None)
     return self.residual(x, h, deterministic)

@@ -7,6 +7,10 @@ Parameter layout (so CLIP / HF ViT weights can be imported by a converter):
   pre_norm/{scale,bias} (when `pre_norm`)                          <- ln_pre
   encoder/layers/... (scanned) or encoder/layers_i/...              <- transformer.resblocks
   encoder_norm/{scale,bias}                                        <- ln_post
+
+`post_norm='class'` applies the final norm to the class token only and returns the other
+tokens as the last layer left them: open_clip's token output before 2.23 (its pooled token
+is normed, the tokens are not), which OpenFlamingo's resampler was trained on.
 """
 from typing import Any
 
@@ -50,6 +54,7 @@ class ViT(nn.Module):
   pre_norm: bool = False
   patch_bias: bool = True
   norm_epsilon: float = 1e-6  # CLIP: 1e-5
+  post_norm: str = "all"  # all | class (see the module docstring)
   scan_layers: bool = True
   remat_policy: str = "none"
   dropout_rate: float = 0.0
@@ -88,5 +93,10 @@ class ViT(nn.Module):
         dropout_rate=self.dropout_rate,
         drop_path_rate=self.drop_path_rate, dtype=self.dtype,
         param_dtype=self.param_dtype)(x, transformer.LayerContext(), deterministic)
-    return norms.LayerNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="encoder_norm")(x)
+    norm = norms.LayerNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="encoder_norm")
+    if self.post_norm == "class":
+      return jnp.concatenate([norm(x[:, :1]), x[:, 1:]], axis=1)
+    if self.post_norm != "all":
+      raise ValueError(f"post_norm={self.post_norm!r}: expected 'all' or 'class'.")
+    return norm(x)

@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state and the data iterator, side by side.
 
-A checkpoint is complete or ignored: orbax writes each step into `<step>.orbax-checkpoint-tmp`
-and renames it when every file is written, so a save cut off by a kill never becomes the
-latest step; the manager deletes such leftovers when it opens the directory, and we say so.
+A checkpoint is complete or ignored: on disk orbax writes each step into
+`<step>.orbax-checkpoint-tmp` and renames it when every file is written; in gs:// (no rename)
+it writes `<step>/` in place and commits it last with `<step>/commit_success.txt`. Either way
+a save cut off by a kill never becomes the latest step; the manager deletes such leftovers
+when it opens the directory, and we say so.
 A complete checkpoint whose files were damaged afterwards fails to restore: `restore_newest`
 names it, falls back to the previous one and moves the damaged one aside (kept for
 inspection) so the run can write that step again. Nothing is read with pickle: the state is
@@ -10,12 +12,13 @@ tensorstore (OCDBT) arrays plus JSON metadata, the data iterator state is JSON.
 """
 import os
 import re
-import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from vlm_jax import storage
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -50,8 +53,8 @@ def _os_error(error: BaseException) -> str:
 class Checkpointer:
 
   def __init__(self, workdir: str, ckpt_config):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.damaged_directory = os.path.join(os.path.abspath(workdir), "damaged_checkpoints")
+    self.directory = storage.join(storage.abspath(workdir), "checkpoints")
+    self.damaged_directory = storage.join(storage.abspath(workdir), "damaged_checkpoints")
     incomplete = self._incomplete_saves()
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -69,9 +72,11 @@ class Checkpointer:
     self._pending_step = None  # step of an asynchronous save that may still be writing
 
   def _incomplete_saves(self) -> list[str]:
-    if not os.path.isdir(self.directory):
+    if not storage.isdir(self.directory):
       return []
-    return sorted(n for n in os.listdir(self.directory) if TMP_MARKER in n)
+    return sorted(n for n in storage.listdir(self.directory) if TMP_MARKER in n or (
+        storage.is_gcs(self.directory) and
+        ocp.path.step.is_path_temporary(storage.as_path(self.directory) / n)))
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -163,12 +168,11 @@ class Checkpointer:
     if not steps:
       return
     if jax.process_index() == 0:
-      os.makedirs(self.damaged_directory, exist_ok=True)
+      storage.makedirs(self.damaged_directory)
       for step in steps:
-        target = os.path.join(self.damaged_directory, str(step))
-        if os.path.exists(target):
-          shutil.rmtree(target)
-        os.rename(os.path.join(self.directory, str(step)), target)
+        target = storage.join(self.damaged_directory, str(step))
+        storage.rmtree(target)
+        storage.move(storage.join(self.directory, str(step)), target)
         _log(f"Moved damaged checkpoint step {step} to {target}.")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("vlm_jax_move_damaged_checkpoints")

@@ -34,11 +34,11 @@ launch to the newest record, restarts included (process 0 writes the records; ho
 are assumed to agree to well under a second, as NTP keeps them).
 """
 import json
-import os
 import time
 
 import numpy as np
 
+from vlm_jax import storage
 from vlm_jax.train import phases
 
 CATEGORIES = ("startup", "init", "restore", "compile", "data", "step", "checkpoint", "eval",
@@ -87,24 +87,23 @@ def read_history(metrics_path: str):
   """(attempts, the run's totals in the newest record, that record's Unix time or None) from
   an earlier metrics.jsonl."""
   attempts, totals, written = {}, {}, None
-  if not os.path.isfile(metrics_path):
+  if not storage.exists(metrics_path):
     return [], totals, written
-  with open(metrics_path) as f:
-    for line in f:
-      if not line.endswith("\n"):
-        break  # a line cut off by a crash
-      record = json.loads(line)
-      if not all(k in record for k in _ATTEMPT_KEYS):
-        continue  # evaluation records, runs from before goodput accounting
-      number = int(record["time/attempt"])
-      attempt = attempts.setdefault(number, _Attempt(number, int(record["time/resumed_from"])))
-      point = (record["step"], record["time/attempt_data_s"], record["time/attempt_step_s"])
-      if attempt.points and attempt.points[-1][0] == point[0]:
-        attempt.points[-1] = point  # the end-of-attempt record repeats the last step
-      else:
-        attempt.points.append(point)
-      totals = {c: record.get(f"time/{c}_s", 0.0) for c in CATEGORIES}
-      written = record["time/unix"]
+  for line in storage.read_text(metrics_path).splitlines(keepends=True):
+    if not line.endswith("\n"):
+      break  # a line cut off by a crash
+    record = json.loads(line)
+    if not all(k in record for k in _ATTEMPT_KEYS):
+      continue  # evaluation records, runs from before goodput accounting
+    number = int(record["time/attempt"])
+    attempt = attempts.setdefault(number, _Attempt(number, int(record["time/resumed_from"])))
+    point = (record["step"], record["time/attempt_data_s"], record["time/attempt_step_s"])
+    if attempt.points and attempt.points[-1][0] == point[0]:
+      attempt.points[-1] = point  # the end-of-attempt record repeats the last step
+    else:
+      attempt.points.append(point)
+    totals = {c: record.get(f"time/{c}_s", 0.0) for c in CATEGORIES}
+    written = record["time/unix"]
   return [attempts[n] for n in sorted(attempts)], totals, written
 
 

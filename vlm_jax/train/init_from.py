@@ -28,11 +28,17 @@ def initial_state(path: str, factory, rng, log=print) -> TrainState:
   if not loaded:
     raise InitFromError(f"config.init_from={path!r} (step {step}): none of its parameter paths "
                         f"exist in this model (e.g. {sorted(target)[:3]}); another family?")
+  kept = sorted(set(target) - set(loaded))
+  log(f"Initialised {len(loaded)} of {len(target)} parameter arrays from {path} (step {step})"
+      + (f"; {len(kept)} keep their initialisation: {kept[:5]}" if kept else ""))
+  return with_params(factory, state, loaded)
+
+
+def with_params(factory, state: TrainState, loaded: dict) -> TrainState:
+  """`state` with the parameters in `loaded` ('/'-path -> array, either side of the split)
+  and a fresh optimizer state for them."""
   replace = lambda tree: params_lib.unflatten(
       {k: loaded.get(k, v) for k, v in params_lib.flatten(tree).items()})
   params, frozen = replace(state.params), replace(state.frozen)
   opt_state = jax.jit(factory.tx.init, out_shardings=factory.shardings.opt_state)(params)
-  kept = sorted(set(target) - set(loaded))
-  log(f"Initialised {len(loaded)} of {len(target)} parameter arrays from {path} (step {step})"
-      + (f"; {len(kept)} keep their initialisation: {kept[:5]}" if kept else ""))
   return state.replace(params=params, frozen=frozen, opt_state=opt_state)

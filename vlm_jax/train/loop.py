@@ -2,7 +2,6 @@
 import contextlib
 import logging
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -12,6 +11,8 @@ import numpy as np
 from vlm_jax import distributed
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
+from vlm_jax import storage
+from vlm_jax import storage
 from vlm_jax.data import pipeline
 from vlm_jax.evaluation import runner as eval_runner
 from vlm_jax.models import registry
@@ -57,7 +58,8 @@ class Trainer:
     validate.check_config(config, len(devices if devices is not None else jax.devices()),
                           jax.process_count())
     validate.check_workdir_writable(workdir)
-    compilation_cache.use(config, workdir)
+    cache = compilation_cache.configure(config, workdir)
+    _log(f"Persistent compilation cache: {cache or 'off'}")
     self.profiler = profiling.StepProfiler(config.profile, workdir, jax.process_index(), _log)
     wandb_writer.check_mode(config.wandb)
     self.mesh = sharding.make_mesh(config.mesh, devices)
@@ -116,10 +118,10 @@ class Trainer:
     notice, NonFiniteError per config.nonfinite, CheckpointSaveError if a save fails; exits
     the process with watchdog.EXIT_HUNG if the loop hangs."""
     self.clock = phases.PhaseClock(process_index=jax.process_index())
-    self.goodput = goodput_lib.Goodput(self.clock, os.path.join(self.workdir, "metrics.jsonl"))
+    self.goodput = goodput_lib.Goodput(self.clock, storage.join(self.workdir, "metrics.jsonl"))
     self._last_record = None
     hang_watch = watchdog_lib.Watchdog(
-        self.clock, self.config.watchdog, os.path.join(self.workdir, watchdog_lib.HANG_REPORTS),
+        self.clock, self.config.watchdog, storage.join(self.workdir, watchdog_lib.HANG_REPORTS),
         jax.process_index(), jax.process_count())
     try:
       return self._run()
@@ -233,8 +235,9 @@ class Trainer:
     scalars = {k: float(np.mean([m[k] for m in good])) for k in host[0]}
     scalars["nonfinite"] = float(sum(m["nonfinite"] for m in host))
     scalars.update(progress.update(step))
-    # This process's totals (bad records are skipped where they are read, per process).
-    scalars.update({f"data/{k}": v for k, v in pipeline.skipped_record_counts(self.data).items()})
+    # The job's totals: each process counts the records it reads and skips.
+    counts = pipeline.with_rates(distributed.sum_over_processes(self.data.counters))
+    scalars.update({f"data/{k}": v for k, v in counts.items()})
     scalars.update(self.goodput.scalars(step))
     self._last_record = (step, scalars)
     writer.write(step, scalars)
@@ -260,6 +263,6 @@ def _nbytes(abstract_tree) -> int:
 
 def train(config, workdir: str, devices=None):
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the state."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   logging.getLogger("absl").setLevel(logging.WARNING)
   return Trainer(config, workdir, devices).run()

@@ -5,12 +5,13 @@ Only process 0 writes. MFU = model FLOPs per second / peak. On CPU the peak is t
 device's published dense bf16 peak.
 """
 import json
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+
+from vlm_jax import storage
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets.
 _ACCELERATOR_PEAKS = {
@@ -61,10 +62,11 @@ class MetricWriter:
     self.active = jax.process_index() == 0
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    storage.makedirs(workdir)
+    # In gs://, each line is appended by composing objects (storage.AppendFile).
+    self._jsonl = storage.AppendFile(storage.join(workdir, "metrics.jsonl"))
     from tensorboardX import SummaryWriter  # imported here: heavy, and process 0 only
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))  # writes gs:// itself
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:

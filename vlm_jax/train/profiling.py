@@ -11,23 +11,23 @@ run per process) or `xprof --logdir <workdir>/tensorboard`. Each step is annotat
 with its step number) so the trace viewer separates steps. A trace waits for its last step
 to finish on the device before it stops, so traced steps are synchronous.
 """
-import glob
 import os
 
 import jax
 
+from vlm_jax import storage
 from vlm_jax.config import ConfigError
 
 
 def profile_dir(workdir: str, process_index: int) -> str:
   """The directory `jax.profiler` is given; traces land in its plugins/profile/."""
-  return os.path.join(workdir, "tensorboard", "profiles", f"process_{process_index}")
+  return storage.join(workdir, "tensorboard", "profiles", f"process_{process_index}")
 
 
 def traces(workdir: str) -> list[str]:
   """Every process's trace files, oldest session first."""
-  found = glob.glob(os.path.join(profile_dir(workdir, "*"), "plugins", "profile", "*",
-                                 "*.xplane.pb"))
+  found = storage.glob(storage.join(profile_dir(workdir, "*"), "plugins", "profile", "*",
+                                    "*.xplane.pb"))
   return sorted(found, key=lambda path: (os.path.basename(os.path.dirname(path)), path))
 
 

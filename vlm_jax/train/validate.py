@@ -9,7 +9,9 @@ import shutil
 import uuid
 
 from vlm_jax import sharding
+from vlm_jax import storage
 from vlm_jax.config import ConfigError
+from vlm_jax.data import mixture as mixture_lib
 from vlm_jax.models import registry
 from vlm_jax.train import nonfinite
 
@@ -94,20 +96,67 @@ def _check_counts(config) -> None:
                       f"{nonfinite.POLICIES}.")
 
 
+def _check_mixture(config) -> None:
+  """config.data.mixture: every source known and non-empty, rates and loss weights > 0,
+  templates the family has (data/mixture.py)."""
+  try:
+    mixture_lib.check(config.data, config.model.name)
+  except mixture_lib.MixtureError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _path_fields(config) -> dict[str, tuple[str, str]]:
+  """config field -> (path, "read" or "write") for every path the config names."""
+  fields = {"data.data_dir": config.data.get("data_dir", ""),
+            "data.vocab_path": config.data.get("vocab_path", ""),
+            "init_from": config.get("init_from", ""),
+            **{f"init.{part}": path for part, path in config.get("init", {}).items()}}
+  try:  # ingested directories named by URL (a malformed mixture: _check_mixture says why)
+    fields.update({e.at("source")[len("config."):]: e.source
+                   for e in mixture_lib.entries(config.data.mixture) if "://" in e.source})
+  except mixture_lib.MixtureError:
+    pass
+  paths = {field: (path, "read") for field, path in fields.items() if path}
+  cache = config.get("compilation_cache_dir", "")
+  if cache and cache != "none":
+    paths["compilation_cache_dir"] = (cache, "write")
+  return paths
+
+
+def _check_paths(config) -> None:
+  """Each path is local or gs://; a gs:// one is reachable with these credentials (bucket,
+  object, permission), so a wrong path fails here rather than after compiling."""
+  for field, (path, use) in _path_fields(config).items():
+    try:
+      if storage.is_gcs(storage.validate(path)):
+        (storage.check_writable if use == "write" else storage.check_readable)(path)
+    except storage.StorageError as e:
+      raise ConfigError(f"config.{field}: {e}") from None
+
+
 def check_config(config, num_devices: int, process_count: int = 1) -> None:
   """Raises ConfigError for a config that cannot train on `num_devices` devices."""
   registry.load(config.model.name)  # a clear error for an unknown family
   _check_counts(config)
+  _check_paths(config)
   mesh = _mesh_shape(config, num_devices)
   _check_batch(config, mesh, process_count)
   _check_image_and_patch(config)
+  _check_mixture(config)
 
 
 # ----------------------------------------------------------------------------------------------
 # Workdir: writable before training starts; room for one more checkpoint.
 # ----------------------------------------------------------------------------------------------
 def check_workdir_writable(workdir: str) -> None:
-  """Creates `workdir` and writes, syncs and deletes a probe file in it."""
+  """Creates `workdir` and writes, syncs and deletes a probe file in it (gs://: checks the
+  scheme, credentials, bucket and permission with a probe object)."""
+  try:
+    if storage.is_gcs(storage.validate(workdir)):
+      storage.check_writable(workdir)
+      return
+  except storage.StorageError as e:
+    raise WorkdirError(f"--workdir {e}") from None
   probe = os.path.join(workdir, f".write_probe_{uuid.uuid4().hex}")
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -124,6 +173,8 @@ def check_workdir_writable(workdir: str) -> None:
 
 
 def check_free_space(workdir: str, checkpoint_bytes: int) -> None:
+  if storage.is_gcs(workdir):  # a bucket has no free-space figure to check
+    return
   free = shutil.disk_usage(workdir).free
   if free < checkpoint_bytes:
     raise WorkdirError(f"--workdir {workdir} has {free / 2**20:.1f} MiB free but one checkpoint "

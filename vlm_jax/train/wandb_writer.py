@@ -2,7 +2,8 @@
 
 Selected by config.wandb.mode: "disabled" (the default), "offline" (the run is written under
 <workdir>/wandb/ with no network; `wandb sync <workdir>/wandb/offline-run-*` uploads it
-later) or "online" (needs `wandb login` or WANDB_API_KEY). The W&B run id is derived from the
+later) or "online" (needs `wandb login` or WANDB_API_KEY). W&B writes local files only: with
+a gs:// workdir they go to ~/.cache/vlm_jax/wandb/<run id>/wandb/ on process 0's host. The W&B run id is derived from the
 workdir, so a restarted run continues the same W&B run; W&B keeps the first value it got for
 a step, so steps a restart redoes keep the values of the attempt that logged them first
 (metrics.jsonl keeps both). Process 0 alone writes, as for the other writers. The console is
@@ -11,6 +12,7 @@ not captured (vlm-train's output already goes to the launcher's logs).
 import hashlib
 import os
 
+from vlm_jax import storage
 from vlm_jax.config import ConfigError
 from vlm_jax.train import metrics as metrics_lib
 
@@ -18,7 +20,16 @@ MODES = ("disabled", "offline", "online")
 
 
 def run_id(workdir: str) -> str:
-  return hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+  return hashlib.sha1(storage.abspath(workdir).encode()).hexdigest()[:16]
+
+
+def files_dir(workdir: str) -> str:
+  """Where W&B's files go (it makes a wandb/ directory in it)."""
+  if not storage.is_gcs(workdir):
+    return workdir
+  local = os.path.join(os.path.expanduser("~/.cache/vlm_jax/wandb"), run_id(workdir))
+  os.makedirs(local, exist_ok=True)
+  return local
 
 
 class WandbWriter:
@@ -29,8 +40,8 @@ class WandbWriter:
     self.run = wandb.init(
         mode=wandb_config.mode, project=wandb_config.project,
         entity=wandb_config.entity or None,
-        name=wandb_config.name or os.path.basename(os.path.abspath(workdir)),
-        id=run_id(workdir), resume="allow", dir=workdir, config=run_config,
+        name=wandb_config.name or os.path.basename(storage.abspath(workdir).rstrip("/")),
+        id=run_id(workdir), resume="allow", dir=files_dir(workdir), config=run_config,
         settings=wandb.Settings(console="off"))
 
   def write(self, step: int, scalars: dict) -> None:

@@ -24,6 +24,8 @@ import threading
 import time
 import traceback
 
+from vlm_jax import storage
+
 # vlm-train's exit status after a hang (cli/train.py and launch/ repeat it; a test checks).
 EXIT_HUNG = 76
 MIN_HISTORY = 3  # phases of a kind seen before the relative bound applies
@@ -109,13 +111,11 @@ class Watchdog:
     """Writes the report file from another thread, waiting at most REPORT_WRITE_S for it."""
     if not self.report_dir:
       return
-    path = os.path.join(self.report_dir, f"process_{self.process_index}_{int(time.time())}.txt")
+    path = storage.join(self.report_dir, f"process_{self.process_index}_{int(time.time())}.txt")
 
     def write():
       try:
-        os.makedirs(self.report_dir, exist_ok=True)
-        with open(path, "w") as f:
-          f.write(text)
+        storage.write_atomic(path, text)
       except OSError as e:
         sys.stderr.write(f"vlm-train: watchdog: could not write {path}: {e}\n")
 

@@ -20,6 +20,11 @@ downsampled):
                 'the text "cold river"', 'a red star icon')
     grounding   referring expression comprehension: element -> [[x0,y0,x1,y1]]
 
+refer_gen and grounding also take grounding records (real boxes: a TFDS grounding dataset,
+records.py): the record's own image (stretched to the square, so its [0, 1] boxes stay
+exact) and one of its objects (phrase <-> box) instead of a synthetic screen; grounding is
+the default template of such records.
+
 Boxes: `boxes.permille` (`[[x0,y0,x1,y1]]`, x1000, three digits). Mixture
 `cogagent_pretrain`: OCR 0.4, referring generation 0.3, grounding 0.3.
 
@@ -75,21 +80,33 @@ def _screen(raw, size, rng):
   return image, elements[int(rng.integers(len(elements)))]
 
 
-def refer_gen_example(raw, size, rng):
+def _target(raw, size, rng):
+  """(image, phrase, box text) of one object: a grounding record's own, else an element of
+  a synthetic screen."""
+  if raw.get("objects") is not None:
+    objects = preprocessors.objects_of(raw)
+    phrase, box = objects[int(rng.integers(len(objects)))]
+    image = preprocessors.decode_image(raw["image"]).resize((size, size), Image.BICUBIC)
+    return image, phrase, permille.format_box(box, 1.0, 1.0)
   image, element = _screen(raw, size, rng)
-  box = permille.format_box(element.box, size, size)
-  return image, f"What is the element at {box}?", element.name
+  return image, element.name, permille.format_box(element.box, size, size)
+
+
+def refer_gen_example(raw, size, rng):
+  image, phrase, box = _target(raw, size, rng)
+  return image, f"What is the element at {box}?", phrase
 
 
 def grounding_example(raw, size, rng):
-  image, element = _screen(raw, size, rng)
-  return (image, f"Where is {element.name}? Give its box.",
-          permille.format_box(element.box, size, size))
+  image, phrase, box = _target(raw, size, rng)
+  return image, f"Where is {phrase}? Give its box.", box
 
 
 BUILDERS = {"caption": caption_example, "ocr": ocr_example, "refer_gen": refer_gen_example,
             "grounding": grounding_example}
-TEMPLATES = {template: ("pairs",) for template in BUILDERS}
+# grounding before refer_gen: the default template of grounding records.
+TEMPLATES = {"caption": ("pairs",), "ocr": ("pairs",), "grounding": ("pairs", "grounding"),
+             "refer_gen": ("pairs", "grounding")}
 TASKS = tuple(catalog.sample_task(f"cogagent_{t}", "pairs", "webdataset", catalog.SAMPLE_PAIRS,
                                   template=t) for t in ("ocr", "refer_gen", "grounding"))
 MIXTURES = {"cogagent_pretrain": (("cogagent_ocr", 0.4), ("cogagent_refer_gen", 0.3),

@@ -26,6 +26,10 @@ Example (the pipeline stacks B of them; see `vlm_jax.models.flamingo` for the ba
     tokens, targets, loss_mask, token_mask   [T]
     loss_weight     [] f32           the task's loss weight
 
+Templates: `document` (interleaved documents and pairs) and `text` (a text-only document,
+e.g. C4: BOS text EOS with the loss on every token and no media, so the gated
+cross-attention passes the frozen LM's language modelling through).
+
 Tasks (catalog; synthetic sample data, generated on first use):
 
     flamingo_mmc4     MMC4 jsonl (images inline), interleaved, loss weight 1.0
@@ -46,8 +50,8 @@ from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
 
 IMAGE_TOKEN, END_OF_CHUNK_TOKEN = "<image>", "<|endofchunk|>"
 
-# One template: a pair is the one-image document.
-TEMPLATES = {"document": ("interleaved", "pairs")}
+# A pair is the one-image document; text records are documents without media.
+TEMPLATES = {"document": ("interleaved", "pairs"), "text": ("text",)}
 TASKS = (
     catalog.sample_task("flamingo_mmc4", "interleaved", "mmc4",
                         f"{catalog.SAMPLE_INTERLEAVED}/mmc4.jsonl"),
@@ -87,8 +91,9 @@ def document_items(raw: dict) -> list:
 
 
 def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: int,
-                    loss_weight: float = 1.0) -> tuple[dict, list]:
-  """(token arrays of the module docstring's layout, the media kept, in order)."""
+                    loss_weight: float = 1.0, text_only: bool = False) -> tuple[dict, list]:
+  """(token arrays of the module docstring's layout, the media kept, in order). text_only:
+  a document without media, loss on every token."""
   image_id = vocab.token_id(IMAGE_TOKEN)
   chunk_id = vocab.token_id(END_OF_CHUNK_TOKEN)
   ids, media = [BOS_ID], []
@@ -108,9 +113,9 @@ def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: in
   ids = ids[:sequence_length + 1]
   n = len(ids) - 1  # inputs ids[:-1] predict ids[1:]
   media = [(p, m) for p, m in media if p < n]
-  if not media:
+  if not media and not text_only:
     raise preprocessors.BadRecord("no image fits in the sequence")
-  in_chunk, labelled = False, []
+  in_chunk, labelled = text_only, []
   for token in ids:
     if token == image_id:
       in_chunk = True
@@ -158,9 +163,12 @@ def media_pixels(media, *, image_size: int, frames_per_media: int, resize_mode: 
 
 def convert(raw: dict, *, vocab: Vocab, image_size: int, sequence_length: int,
             max_images: int, frames_per_media: int = 0, loss_weight: float = 1.0,
-            resize_mode: str = "pad", max_pixels: int = preprocessors.DEFAULT_MAX_PIXELS):
-  example, media = encode_document(vocab, document_items(raw), sequence_length=sequence_length,
-                                   max_images=max_images, loss_weight=loss_weight)
+            resize_mode: str = "pad", max_pixels: int = preprocessors.DEFAULT_MAX_PIXELS,
+            text_only: bool = False):
+  items = [("text", preprocessors.text_of(raw))] if text_only else document_items(raw)
+  example, media = encode_document(vocab, items, sequence_length=sequence_length,
+                                   max_images=max_images, loss_weight=loss_weight,
+                                   text_only=text_only)
   frame_shape = (frames_per_media,) if frames_per_media else ()
   images = np.zeros((max_images,) + frame_shape + (image_size, image_size, 3), np.float32)
   for n, item in enumerate(media):
@@ -180,4 +188,5 @@ class Processor(processor_lib.RecordProcessor):
     return convert(raw, vocab=self.vocab, loss_weight=spec.loss_weight,
                    image_size=d.image_size, sequence_length=d.sequence_length,
                    max_images=d.max_images, frames_per_media=d.get("frames_per_media", 0),
-                   resize_mode=d.resize_mode, max_pixels=d.max_pixels)
+                   resize_mode=d.resize_mode, max_pixels=d.max_pixels,
+                   text_only=spec.template == "text")

@@ -19,9 +19,12 @@ Boxes: `boxes.percent` ({<x1><y1><x2><y2>}, int(coord / size * 100), 0..100).
 
 Templates (a task's `template` field; `BUILDERS`): caption and weak_caption read only the
 caption, so they run on any image-text pair (web alt-text, an ingested directory: the
-default for pairs); the others need objects with boxes. The paper's stage-1/2 data code was
-never released; our sample tasks derive every template from the shipped synthetic pairs,
-whose objects `synthetic.scene_objects` recovers from the pixels. Stages (mixtures):
+default for pairs); the others need objects with boxes. Real boxes come from `grounding`
+records (a TFDS grounding dataset: `objects` with phrases and boxes, records.py), which the
+box templates grounding (their default), refer, identify and detection take. The paper's
+stage-1/2 data code was never released; our sample tasks derive every template from the
+shipped synthetic pairs, whose objects `synthetic.scene_objects` recovers from the pixels.
+Stages (mixtures):
 
     minigpt_v2_stage1  weakly labelled (raw captions, grounded captions; sampled 70%)
                        + fine-grained tasks (30%)
@@ -192,10 +195,18 @@ def identify_turn(objects, caption, rng) -> Turn:
   return Turn(f"What is in {percent.box_text(obj.box)}?", obj.phrase, "[identify]")
 
 
+def _detection_name(obj) -> str:
+  """Synthetic shapes by their plural, rendered words as 'words', real objects (count 1,
+  `record_objects`) by their phrase."""
+  if obj.shape:
+    return _plural(obj.shape, 2)
+  return obj.phrase if obj.count else "words"
+
+
 def detection_turn(objects, caption, rng) -> Turn:
   names = {}
   for o in objects:
-    names.setdefault(_plural(o.shape, 2) if o.shape else "words", []).append(o.box)
+    names.setdefault(_detection_name(o), []).append(o.box)
   return Turn(", ".join(names), " ".join(percent.grounded_text(n, b) for n, b in names.items()),
               "[detection]")
 
@@ -237,7 +248,11 @@ BUILDERS = {
     "instruction": _single(instruction_turn),
     "multi_turn": multi_turn,
 }
-TEMPLATES = {template: ("pairs",) for template in BUILDERS}
+# Templates that need boxes also take grounding records (real boxes); `grounding` comes first
+# among them in BUILDERS, so it is the default template of grounding records.
+BOX_TEMPLATES = ("grounding", "refer", "identify", "detection")
+TEMPLATES = {template: ("pairs", "grounding") if template in BOX_TEMPLATES else ("pairs",)
+             for template in BUILDERS}
 # Builders that read only the caption: they run on any image-text pair (web alt-text, COCO),
 # not just the synthetic scenes whose objects `scene_objects` recovers from the pixels.
 CAPTION_ONLY = ("caption", "weak_caption")
@@ -271,16 +286,29 @@ BOX_FORMAT = percent
 # ----------------------------------------------------------------------------------------
 # Raw record -> example (the grain pipeline's processor protocol)
 # ----------------------------------------------------------------------------------------
+def record_objects(raw: dict) -> list:
+  """A grounding record's objects (boxes in [0, 1]) as SceneObjects with boxes.percent ints."""
+  objects = preprocessors.objects_of(raw)
+  if any("<" in phrase or ">" in phrase for phrase, _ in objects):
+    raise preprocessors.BadRecord("an object phrase holds '<' or '>' (box text markup)")
+  return [scene_objects.SceneObject(phrase, percent.normalise_box(box, 1.0, 1.0), count=1)
+          for phrase, box in objects]
+
+
 def convert(raw: dict, template: str, *, vocab: Vocab, image_size: int, image_tokens: int,
             sequence_length: int, rng: np.random.Generator, loss_weight: float = 1.0,
             resize_mode: str = "stretch") -> dict:
-  """One raw image-text record (`image` bytes, `text`/`meta` caption) -> example dict."""
+  """One raw image-text record (`image` bytes or pixels, `text`/`meta` caption; a grounding
+  record's `objects` for the box templates) -> example dict."""
   if template not in BUILDERS:
     raise ValueError(f"MiniGPT-v2 template {template!r}: expected one of {sorted(BUILDERS)}")
   decoded = preprocessors.decode_image(raw["image"])
-  caption = preprocessors.caption_of(raw)
-  objects = ([] if template in CAPTION_ONLY
-             else scene_objects.scene_objects(np.asarray(decoded, np.uint8), caption))
+  if template not in CAPTION_ONLY and raw.get("objects") is not None:  # real boxes
+    objects, caption = record_objects(raw), raw.get("text") or ""
+  else:
+    caption = preprocessors.caption_of(raw)
+    objects = ([] if template in CAPTION_ONLY
+               else scene_objects.scene_objects(np.asarray(decoded, np.uint8), caption))
   turns = BUILDERS[template](objects, caption, rng)
   example = encode_conversation(vocab, turns, image_tokens=image_tokens,
                                 sequence_length=sequence_length, loss_weight=loss_weight)

@@ -20,13 +20,20 @@ shards in the same order as `local.run_local` writes them, whatever the runner o
 number of workers. Memory per worker: one shard's records while it is written.
 
 Paths must be visible to every worker (a local disk for the DirectRunner, a shared
-filesystem on a cluster); see data/README.md for DirectRunner and Flink commands.
+filesystem or gs:// on a cluster; gs:// only on Dataflow, checked by `check_dataflow`).
+Shards, statistics and the manifest are written by our own steps through vlm_jax.storage,
+never by a Beam sink. See data/README.md for DirectRunner, Flink and Dataflow commands;
+`dry_run` builds a Dataflow job request without submitting it.
 """
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  SetupOptions, StandardOptions, TestOptions,
+                                                  WorkerOptions)
+from apache_beam.portability.api import beam_runner_api_pb2
 
+from vlm_jax import storage
 from vlm_jax.data.ingest import filters as filters_lib
 from vlm_jax.data.ingest import labellers
 from vlm_jax.data.ingest import local as ingest
@@ -223,9 +230,67 @@ def build(p, options: ingest.Options, paths, staging):
               lambda total: ingest.write_summary(staging, options, paths, total, "beam")))
 
 
-def run(options: ingest.Options, input_glob, output_dir, beam_options=()) -> dict:
+def is_dataflow(beam_opts: PipelineOptions) -> bool:
+  return (beam_opts.view_as(StandardOptions).runner or "").lower() in ("dataflowrunner",
+                                                                       "dataflow")
+
+
+def check_dataflow(beam_opts: PipelineOptions, paths: dict) -> None:
+  """What a Dataflow job needs, each missing piece named by its flag: a project, a region,
+  gs:// temp/staging locations, a way for the workers to get vlm_jax, and gs:// data
+  (`paths`: flag -> path; workers share no disk with this machine)."""
+  cloud = beam_opts.view_as(GoogleCloudOptions)
+  missing = [f for f in ("project", "region", "temp_location") if not getattr(cloud, f)]
+  if missing:
+    raise ValueError("runner=DataflowRunner needs " + ", ".join(
+        f"--beam_option {f}=..." for f in missing))
+  for flag in ("temp_location", "staging_location"):
+    value = getattr(cloud, flag)
+    if value and not storage.is_gcs(value):
+      raise ValueError(f"--beam_option {flag}={value}: Dataflow needs a gs:// location")
+  setup = beam_opts.view_as(SetupOptions)
+  if not (beam_opts.view_as(WorkerOptions).sdk_container_image or setup.setup_file or
+          setup.requirements_file):
+    raise ValueError("Dataflow workers need vlm_jax: --beam_option setup_file=./setup.py "
+                     "(builds this checkout and installs it on each worker), "
+                     "sdk_container_image=IMAGE (an image with vlm_jax installed) or "
+                     "requirements_file=FILE (naming a vlm_jax package)")
+  for flag, path in paths.items():
+    if path and not storage.is_gcs(path):
+      raise ValueError(f"{flag} {path}: Dataflow workers read and write gs:// paths only")
+
+
+def _dry_run(options, paths, output_dir, beam_opts) -> dict:
+  """Builds the pipeline and, on Dataflow, its job request (no submission, nothing
+  written); returns what would run."""
+  described = {"dry_run": True, "runner": beam_opts.view_as(StandardOptions).runner,
+               "inputs": len(paths), "output": output_dir,
+               "options": beam_opts.get_all_options(drop_default=True)}
+  if not is_dataflow(beam_opts):
+    return described
+  beam_opts.view_as(TestOptions).dry_run = True
+  p = beam.Pipeline(options=beam_opts)
+  build(p, options, paths, output_dir)
+  job = p.run().job
+  components = job.proto_pipeline.components
+  roots = [components.transforms[t] for t in job.proto_pipeline.root_transform_ids]
+  return {**described, "job_name": job.proto.name,
+          "steps": [components.transforms[t].unique_name
+                    for root in roots for t in root.subtransforms],
+          "worker_images": sorted({
+              beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image
+              for env in components.environments.values()})}
+
+
+def run(options: ingest.Options, input_glob, output_dir, beam_options=(),
+        dry_run=False) -> dict:
   start, paths = time.time(), ingest.list_inputs(input_glob)
   beam_opts = pipeline_options(beam_options)
+  if is_dataflow(beam_opts):
+    check_dataflow(beam_opts, {"--input": input_glob, "--output": output_dir,
+                               "--images": options.image_tars})
+  if dry_run:
+    return _dry_run(options, paths, output_dir, beam_opts)
   staging = ingest.start_output(output_dir)
   with beam.Pipeline(options=beam_opts) as p:
     build(p, options, paths, staging)

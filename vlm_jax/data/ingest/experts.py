@@ -22,10 +22,11 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from vlm_jax import storage
 
 
 DENSE_CHANNELS = {"depth": 1, "normal": 3, "edge": 1}
@@ -238,16 +239,15 @@ def read_precomputed(label_dir: str, key: str, experts) -> dict:
   out (the caller may compute them)."""
   out = {}
   for name in check_experts(experts):
-    png = os.path.join(label_dir, name, f"{key}.png")
-    if not os.path.isfile(png):
+    png = storage.join(label_dir, name, f"{key}.png")
+    if not storage.exists(png):
       continue
-    image = Image.open(png)
+    image = Image.open(io.BytesIO(storage.read_bytes(png)))
     if name in LABEL_EXPERTS:
-      meta = os.path.join(label_dir, name, f"{key}.json")
-      if not os.path.isfile(meta):
+      meta = storage.join(label_dir, name, f"{key}.json")
+      if not storage.exists(meta):
         raise FileNotFoundError(f"{png} needs {meta} naming its ids")
-      with open(meta) as f:
-        names = json.load(f)
+      names = json.loads(storage.read_text(meta))
       if isinstance(names, dict):
         listed = [None] * (max(int(k) for k in names) + 1) if names else []
         for k, v in names.items():
@@ -287,17 +287,17 @@ class LabelTable:
 
   @staticmethod
   def _load(path):
-    if not os.path.isfile(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f"label table {path!r} (config data.label_table) not found")
     if path.endswith(".npz"):
-      with np.load(path, allow_pickle=False) as data:
+      with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
         if "names" not in data or "vectors" not in data:
           raise ValueError(f"label table {path}: expected arrays 'names' and 'vectors'")
         return {str(n): np.asarray(v, np.float32) for n, v in zip(data["names"],
                                                                    data["vectors"])}
     if path.endswith(".json"):
-      with open(path) as f:
-        return {k: np.asarray(v, np.float32) for k, v in json.load(f).items()}
+      return {k: np.asarray(v, np.float32)
+              for k, v in json.loads(storage.read_text(path)).items()}
     raise ValueError(f"label table {path}: expected a .npz or .json file")
 
   def vector(self, name: str) -> np.ndarray:

@@ -24,6 +24,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from vlm_jax import storage
+
 from vlm_jax.data import preprocessors
 from vlm_jax.data.ingest import experts
 
@@ -60,7 +62,7 @@ def experts_spec(expert_names, label_dir="") -> str:
     raise experts.ExpertUnavailable(
         f"experts {need_labels} have no model here; give their precomputed labels with "
         f"--labels DIR (only {experts.IMAGE_ONLY_EXPERTS} run on images alone).")
-  if label_dir and not os.path.isdir(label_dir):
+  if label_dir and not storage.isdir(label_dir):
     raise FileNotFoundError(f"--labels {label_dir!r}: no such directory")
   return "experts=" + ",".join(expert_names) + (f";labels={label_dir}" if label_dir else "")
 

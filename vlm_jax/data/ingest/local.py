@@ -16,8 +16,8 @@ that order, `shard_size` per shard, so both executors write the same bytes to th
 shards whatever the parallelism.
 """
 import collections
+import contextlib
 import dataclasses
-import glob
 import io
 import json
 import math
@@ -27,6 +27,7 @@ import time
 
 from PIL import Image
 
+from vlm_jax import storage
 from vlm_jax.data import health, preprocessors, records
 from vlm_jax.data.ingest import filters as filters_lib
 from vlm_jax.data.ingest import labellers, readers
@@ -162,7 +163,7 @@ def _validate(record, options: Options, stats: Stats):
 def image_lookup(options: Options):
   """MMC4/OBELICS out-of-line images (built once per process: it indexes every tar)."""
   if options.format in ("mmc4", "obelics") and options.image_tars:
-    return readers.ImageLookup(sorted(glob.glob(options.image_tars)))
+    return readers.ImageLookup(storage.glob(options.image_tars))
   return None
 
 
@@ -181,7 +182,7 @@ def read_file(file_index: int, path: str, options: Options, stats: Stats, lookup
   `health.TooManyBadRecords` when the file is mostly bad (a wrong format or path)."""
   monitor = health.BadRecordMonitor(options.bad_window, options.max_bad_fraction,
                                     warn_every_s=10.0)
-  if os.path.getsize(path) == 0:  # an interrupted download: a bad record, not a crash
+  if storage.size(path) == 0:  # an interrupted download: a bad record, not a crash
     stream = [health.Skipped(path, "", "zero-byte file")]
   else:
     stream = _reader(options, path, lookup)
@@ -218,18 +219,21 @@ def label_record(label, record, stats: Stats):
 
 
 class ShardWriter:
-  """Writes records `shard_size` per file, numbering shards from `first_shard`."""
+  """Writes records `shard_size` per file, numbering shards from `first_shard`. Each shard
+  is written to a local file and appears at its place (gs://: uploaded) when complete."""
 
   def __init__(self, directory, shard_size, first_shard=0):
     self._directory, self._shard_size = directory, shard_size
     self.shard, self._writer, self._count = first_shard, None, 0
+    self._staged = contextlib.ExitStack()
 
   def write(self, record):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
     if self._count % self._shard_size == 0:
       self.close()
-      self._writer = array_record_module.ArrayRecordWriter(
-          os.path.join(self._directory, SHARD.format(self.shard)), "group_size:1")
+      local = self._staged.enter_context(storage.staged_write(
+          storage.join(self._directory, SHARD.format(self.shard))))
+      self._writer = array_record_module.ArrayRecordWriter(local, "group_size:1")
       self.shard += 1
     self._writer.write(records.encode(record))
     self._count += 1
@@ -238,24 +242,32 @@ class ShardWriter:
     if self._writer:
       self._writer.close()
       self._writer = None
+      self._staged.close()
 
 
 # ----------------------------------------------------------------------------------------
 # Output directory (both executors)
 # ----------------------------------------------------------------------------------------
 def list_inputs(input_glob):
-  paths = sorted(os.path.abspath(p) for p in glob.glob(input_glob))
+  paths = sorted(storage.abspath(p) for p in storage.glob(input_glob))
   if not paths:
     raise FileNotFoundError(f"no input files match {input_glob!r} (--input)")
   return paths
 
 
 def start_output(output_dir) -> str:
-  """Checks `output_dir` may be replaced; returns an empty staging directory beside it."""
-  if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(
-      os.path.join(output_dir, MANIFEST)):
+  """Checks `output_dir` may be replaced; returns an empty staging directory beside it. In
+  gs:// (no rename) the output directory itself, emptied manifest first: the manifest,
+  written last, is what makes it a dataset."""
+  if storage.isdir(output_dir) and storage.listdir(output_dir) and not storage.exists(
+      storage.join(output_dir, MANIFEST)):
     raise FileExistsError(f"{output_dir} exists and was not written by ingest; refusing to "
                           "replace it")
+  if storage.is_gcs(output_dir):
+    if storage.exists(storage.join(output_dir, MANIFEST)):
+      storage.remove(storage.join(output_dir, MANIFEST))
+    storage.rmtree(output_dir)
+    return output_dir
   staging = output_dir.rstrip("/") + ".tmp"
   shutil.rmtree(staging, ignore_errors=True)
   os.makedirs(staging)
@@ -271,8 +283,7 @@ def _kind(options: Options, paths):
 def write_summary(staging, options: Options, paths, stats: Stats, runner: str):
   """statistics.json and the manifest (the catalog reads its `kind`)."""
   out = stats.records["out"]
-  with open(os.path.join(staging, STATISTICS), "w") as f:
-    json.dump(stats.to_json(), f, indent=2)
+  storage.write_atomic(storage.join(staging, STATISTICS), json.dumps(stats.to_json(), indent=2))
   manifest = {"kind": _kind(options, paths), "format": options.format,
               "inputs": list(paths), "records": out,
               "shards": math.ceil(out / options.shard_size),
@@ -280,15 +291,15 @@ def write_summary(staging, options: Options, paths, stats: Stats, runner: str):
               "dropped_images": sum(stats.dropped_images.values()),
               "filters": dataclasses.asdict(options.filters), "experts": options.experts,
               "runner": runner}
-  with open(os.path.join(staging, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=2)
+  storage.write_atomic(storage.join(staging, MANIFEST), json.dumps(manifest, indent=2))
 
 
 def finish_output(staging, output_dir, seconds) -> dict:
   manifest = records.read_manifest(staging)
   manifest["seconds"] = round(seconds, 2)
-  with open(os.path.join(staging, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=2)
+  storage.write_atomic(storage.join(staging, MANIFEST), json.dumps(manifest, indent=2))
+  if staging == output_dir:  # gs://: written in place
+    return manifest
   shutil.rmtree(output_dir, ignore_errors=True)
   os.rename(staging, output_dir)
   return manifest
@@ -322,5 +333,4 @@ def run_local(options: Options, input_glob, output_dir) -> dict:
 
 
 def read_statistics(directory):
-  with open(os.path.join(directory, STATISTICS)) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(storage.join(directory, STATISTICS)))

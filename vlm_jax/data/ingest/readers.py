@@ -14,6 +14,7 @@ import binascii
 import json
 import os
 
+from vlm_jax import storage
 from vlm_jax.data.sources import files, webdataset
 from vlm_jax.data.health import Skipped
 
@@ -31,7 +32,7 @@ def read_webdataset(paths):
 
 def read_text(paths, field="text"):
   for path in sorted(paths):
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
       for number, line in enumerate(f):
         if not line.strip():
           continue
@@ -59,27 +60,29 @@ def read_img2dataset_tfrecord(paths):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   for path in sorted(paths):
     number = 0
-    try:
-      for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
-        number += 1
-        try:
-          example = tf.train.Example.FromString(serialized)
-        except Exception as e:  # pylint: disable=broad-except  (protobuf DecodeError)
-          yield Skipped(path, f"#{number - 1}", f"malformed tf.Example: {e}")
-          continue
-        features = example.features.feature
-        key = _feature_value(features["key"]) if "key" in features else f"#{number - 1}"
-        if "jpg" not in features:
-          yield Skipped(path, key, "no jpg feature")
-          continue
-        meta = {name: _feature_value(features[name]) for name in features
-                if name not in ("jpg", "txt")}
-        text = _feature_value(features["txt"]) if "txt" in features else None
-        yield {"kind": "pairs", "source": path, "key": key,
-               "image": features["jpg"].bytes_list.value[0], "text": text,
-               "meta": json.dumps(meta)}
-    except tf.errors.DataLossError as e:  # truncated/corrupt file: the rest is unreadable
-      yield Skipped(path, f"#{number}", f"corrupt tfrecord: {e.message.splitlines()[0]}")
+    # A local copy of a gs:// file: tf.io's GCS client has fixed endpoints (docs/storage.md).
+    with storage.local_copy(path) as local:
+      try:
+        for serialized in tf.data.TFRecordDataset(local).as_numpy_iterator():
+          number += 1
+          try:
+            example = tf.train.Example.FromString(serialized)
+          except Exception as e:  # pylint: disable=broad-except  (protobuf DecodeError)
+            yield Skipped(path, f"#{number - 1}", f"malformed tf.Example: {e}")
+            continue
+          features = example.features.feature
+          key = _feature_value(features["key"]) if "key" in features else f"#{number - 1}"
+          if "jpg" not in features:
+            yield Skipped(path, key, "no jpg feature")
+            continue
+          meta = {name: _feature_value(features[name]) for name in features
+                  if name not in ("jpg", "txt")}
+          text = _feature_value(features["txt"]) if "txt" in features else None
+          yield {"kind": "pairs", "source": path, "key": key,
+                 "image": features["jpg"].bytes_list.value[0], "text": text,
+                 "meta": json.dumps(meta)}
+      except tf.errors.DataLossError as e:  # truncated/corrupt file: the rest is unreadable
+        yield Skipped(path, f"#{number}", f"corrupt tfrecord: {e.message.splitlines()[0]}")
 
 
 class ImageLookup:
@@ -159,7 +162,7 @@ def _mmc4_document(doc, lookup, min_similarity, max_images):
 def read_mmc4(paths, image_tars=(), min_similarity=0.24, max_images=6):
   lookup = _lookup(image_tars)
   for path in sorted(paths):
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
       for number, line in enumerate(f):
         if not line.strip():
           continue
@@ -190,7 +193,7 @@ def read_obelics(paths, image_tars=(), max_images=30, batch_rows=256):
   lookup = _lookup(image_tars)
   for path in sorted(paths):
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+    for batch in pq.ParquetFile(storage.open(path, "rb")).iter_batches(batch_size=batch_rows):
       for row in batch.to_pylist():
         key = f"{os.path.basename(path)}:{number}"
         number += 1

@@ -1,7 +1,10 @@
 """File handles opened lazily per process, so a source pickles to grain's worker processes
-(an open file cannot) and its shards are read by offset, never loaded whole."""
+(an open file cannot) and its shards are read by offset, never loaded whole (gs://: one
+ranged GET per read)."""
 import os
 import threading
+
+from vlm_jax import storage
 
 
 class LazyFiles:
@@ -22,7 +25,10 @@ class LazyFiles:
     return self._fds[path]
 
   def read(self, path, offset, size) -> bytes:
-    data = os.pread(self._fd(path), size, offset)
+    if storage.is_gcs(path):
+      data = storage.read_range(path, offset, size)
+    else:
+      data = os.pread(self._fd(path), size, offset)
     if len(data) != size:
       raise OSError(f"{path}: short read at {offset} ({len(data)} of {size} bytes)")
     return data

@@ -1,6 +1,7 @@
 """Text documents in jsonl files as a random-access source: line offsets indexed once."""
 import os
 
+from vlm_jax import storage
 from vlm_jax.data.sources.files import LazyFiles
 
 
@@ -15,7 +16,7 @@ class JsonlTextSource:
     self._records = []  # (file number, offset, size)
     for number, path in enumerate(self.paths):
       offset = 0
-      with open(path, "rb") as f:
+      with storage.open(path, "rb") as f:
         for line in f:
           if line.strip():
             self._records.append((number, offset, len(line)))

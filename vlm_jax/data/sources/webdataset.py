@@ -6,6 +6,7 @@ a shard is never loaded whole and grain can shuffle and shard by index.
 import os
 import tarfile
 
+from vlm_jax import storage
 from vlm_jax.data.sources.files import LazyFiles
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -35,8 +36,8 @@ def _scan_ustar(path: str):
   pax or GNU long-name headers fall back to tarfile. Sizes are as the header claims: a
   truncated shard yields a last member that runs past the end of the file.
   """
-  file_size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  file_size = storage.size(path)
+  with storage.open(path, "rb") as f:
     offset = 0
     while offset + 512 <= file_size:
       f.seek(offset)
@@ -63,7 +64,7 @@ def _scan_ustar(path: str):
 
 
 def _scan_tarfile(path: str):
-  with tarfile.open(path, "r:") as tar:
+  with storage.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
     for member in tar:
       if member.isfile():
         yield member.name, member.offset_data, member.size
@@ -95,7 +96,7 @@ def index_tar(path: str):
   member truncated by a short shard, unreadable header); such records stay in the index
   so that the pipeline counts them like any other bad record.
   """
-  file_size = os.path.getsize(path)
+  file_size = storage.size(path)
   if file_size == 0:
     return [("@0", {}, "zero-byte file")]
   members, error = _list_members(path)

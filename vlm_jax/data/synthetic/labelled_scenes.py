@@ -8,10 +8,12 @@ import io
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlm_jax import storage
 from vlm_jax.data import records
 from vlm_jax.data.ingest import experts
 from vlm_jax.data.ingest import local as ingest
@@ -93,8 +95,8 @@ def sample_scene_with_truth(rng, size, text_fraction=0.15):
 
 def _scenes_complete(directory) -> bool:
   try:
-    with open(os.path.join(directory, records.MANIFEST)) as f:
-      return json.load(f).get("scenes_version") == VERSION
+    return json.loads(storage.read_text(storage.join(directory, records.MANIFEST))).get(
+        "scenes_version") == VERSION
   except (OSError, ValueError):
     return False
 
@@ -104,7 +106,7 @@ def ensure(data_dir: str, split: str) -> str:
   each write a private staging directory; the rename that loses the race is discarded."""
   if split not in SIZES:
     raise ValueError(f"labelled scenes have splits {sorted(SIZES)}, not {split!r}")
-  target = os.path.join(data_dir or sample_data.default_data_dir(), SUBDIR, split)
+  target = storage.join(data_dir or sample_data.default_data_dir(), SUBDIR, split)
   if _scenes_complete(target):
     return target
   rng = np.random.default_rng([7, sample_data.SPLIT_SEEDS[split]])
@@ -115,6 +117,11 @@ def ensure(data_dir: str, split: str) -> str:
       labels = experts.label_image(np.asarray(image, np.uint8), experts.ALL_EXPERTS, truth)
       yield _labelled_record(f"{index:06d}", caption, _jpeg(image), labels)
 
+  if storage.is_gcs(target):  # no rename: every caller uploads the same shards, manifest last
+    with tempfile.TemporaryDirectory(prefix="vlm_jax_scenes_") as staging:
+      _write_scenes(stream(), os.path.join(staging, "out"), split)
+      storage.put_tree(os.path.join(staging, "out"), target, last=(records.MANIFEST,))
+    return target
   staging = target + f".{os.getpid()}.tmp"
   _write_scenes(stream(), staging, split)
   if os.path.isdir(target) and not _scenes_complete(target):

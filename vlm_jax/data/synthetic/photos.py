@@ -17,6 +17,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from vlm_jax import storage
 from vlm_jax.data.synthetic import sample_data
 
 VERSION = 1
@@ -92,4 +93,4 @@ def generate(output_dir: str, crops_per_photo: int = 16, seed: int = 0) -> None:
 def ensure_photos(data_dir: str = "") -> str:
   """Returns `<data_dir>/photos`, writing it first if missing."""
   return sample_data.ensure_generated(
-      os.path.join(data_dir or sample_data.default_data_dir(), SUBDIR), VERSION, generate)
+      storage.join(data_dir or sample_data.default_data_dir(), SUBDIR), VERSION, generate)

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from vlm_jax import storage
 from vlm_jax.data.synthetic import formats, scenes
 
 VERSION = 2
@@ -48,7 +49,7 @@ def default_data_dir() -> str:
 
 
 def synthetic_dir(data_dir: str = "") -> str:
-  return os.path.join(data_dir or default_data_dir(), SUBDIR)
+  return storage.join(data_dir or default_data_dir(), SUBDIR)
 
 
 def _tar_add(tar, name, payload: bytes):
@@ -165,8 +166,8 @@ def generate(output_dir: str, sizes: SyntheticSizes = SyntheticSizes()) -> dict:
 
 def is_complete(directory: str, version: int = VERSION) -> bool:
   try:
-    with open(os.path.join(directory, "manifest.json")) as f:
-      return json.load(f)["version"] == version
+    return json.loads(storage.read_text(storage.join(directory, "manifest.json")))[
+        "version"] == version
   except (OSError, ValueError, KeyError):
     return False
 
@@ -176,9 +177,19 @@ def ensure_generated(target: str, version: int, generate_fn) -> str:
   `version`) if `target` is missing or of another version.
 
   Concurrent callers (several processes of one job) are safe: each writes a private temp
-  dir and renames it into place; a rename that loses the race is discarded.
+  dir and renames it into place; a rename that loses the race is discarded. In gs:// (no
+  rename) each uploads the same files, `manifest.json` last.
   """
   if is_complete(target, version):
+    return target
+  if storage.is_gcs(target):
+    with tempfile.TemporaryDirectory(prefix="vlm_jax_generate_") as staging:
+      generate_fn(os.path.join(staging, "out"))
+      if is_complete(target, version):  # another process finished meanwhile
+        return target
+      if storage.exists(storage.join(target, "manifest.json")):
+        storage.rmtree(target)  # an older version
+      storage.put_tree(os.path.join(staging, "out"), target, last=("manifest.json",))
     return target
   parent = os.path.dirname(target)
   os.makedirs(parent, exist_ok=True)
