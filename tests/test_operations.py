@@ -103,7 +103,7 @@ def test_the_time_accounts_add_up_to_the_wall_time_and_lost_is_the_redone_steps(
   categories = {c: final[f"time/{c}_s"] for c in goodput.CATEGORIES}
   assert sum(categories.values()) == pytest.approx(final["time/wall_s"], rel=1e-9)
   assert min(categories.values()) >= 0, categories
-  # The wall time measured here: process 0's first launch to the final record's write.
+  # The wall time measured here: process 0's first launch to the last record's write.
   measured = os.path.getmtime(workdir / "metrics.jsonl") - seen["launched"]
   assert final["time/wall_s"] == pytest.approx(measured, rel=0.02), (final, measured)
   # The hang (until the watchdog fired) and the relaunch are the restart's time.

@@ -13,10 +13,11 @@ Every second of a run, from its first launch to now, falls in one category:
   checkpoint  saving checkpoints (the blocking part, and waiting for asynchronous writes)
   eval        evaluations during training
   other       the rest: logging, metric writers, the loop's own bookkeeping
-  restart     the end of a failed attempt and the start of the next: from the previous
-              process's last metric record to this process's launch (a hang until the
-              watchdog fired, a crash, a preemption; the launcher's or scheduler's restart,
-              a queue included), and the phase a process was in when an exception ended it
+  restart     from the previous process's last metric record to this process's launch: the
+              end of the attempt it replaces (a hang until the watchdog fired, a crash, a
+              preemption's checkpoint, the final checkpoint of a finished run that is now
+              extended) and the launcher's or scheduler's restart (a queue included); in
+              the `Time:` line a failing process prints, also the phase an exception ended
               (waiting on a peer that died)
   lost        data and step time of steps whose results were thrown away: those after the
               checkpoint a restart (or a non-finite rewind) resumed from, up to the last step
@@ -31,7 +32,9 @@ totals and the attempt's own counters, so a restarted run reads what was lost fr
 records of the attempts before it, and each record's Unix time tells the next process how
 long the restart took. So the categories add up to the run's wall time: from the first
 launch to the newest record, restarts included (process 0 writes the records; hosts' clocks
-are assumed to agree to well under a second, as NTP keeps them).
+are assumed to agree to well under a second, as NTP keeps them). A record is written at each
+logging step only (consumers expect one per step): the `Time:` line printed at the end also
+counts the final checkpoint.
 """
 import json
 import time
@@ -98,10 +101,7 @@ def read_history(metrics_path: str):
     number = int(record["time/attempt"])
     attempt = attempts.setdefault(number, _Attempt(number, int(record["time/resumed_from"])))
     point = (record["step"], record["time/attempt_data_s"], record["time/attempt_step_s"])
-    if attempt.points and attempt.points[-1][0] == point[0]:
-      attempt.points[-1] = point  # the end-of-attempt record repeats the last step
-    else:
-      attempt.points.append(point)
+    attempt.points.append(point)
     totals = {c: record.get(f"time/{c}_s", 0.0) for c in CATEGORIES}
     written = record["time/unix"]
   return [attempts[n] for n in sorted(attempts)], totals, written
@@ -163,10 +163,7 @@ class Goodput:
     """The run's totals and this attempt's counters for the metric record of `step`."""
     attempt_time = self._phase_time() - self._base
     point = (step, float(attempt_time[0]), float(attempt_time[1]))
-    if self.current.points and self.current.points[-1][0] == step:
-      self.current.points[-1] = point
-    else:
-      self.current.points.append(point)
+    self.current.points.append(point)
     run = self.totals()
     scalars = {f"time/{c}_s": v for c, v in run.items()}
     scalars.update({"goodput": run["step"] / run["wall"] if run["wall"] > 0 else 0.0,

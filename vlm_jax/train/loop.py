@@ -119,7 +119,6 @@ class Trainer:
     the process with watchdog.EXIT_HUNG if the loop hangs."""
     self.clock = phases.PhaseClock(process_index=jax.process_index())
     self.goodput = goodput_lib.Goodput(self.clock, storage.join(self.workdir, "metrics.jsonl"))
-    self._last_record = None
     hang_watch = watchdog_lib.Watchdog(
         self.clock, self.config.watchdog, storage.join(self.workdir, watchdog_lib.HANG_REPORTS),
         jax.process_index(), jax.process_count())
@@ -162,7 +161,7 @@ class Trainer:
         with clock.phase("checkpoint", 0):
           self.checkpointer.wait()
       finally:
-        self._write_final_times(writer)
+        self._print_times()
         writer.close()
 
   def _train(self, state, writer, progress, watch):
@@ -239,22 +238,16 @@ class Trainer:
     counts = pipeline.with_rates(distributed.sum_over_processes(self.data.counters))
     scalars.update({f"data/{k}": v for k, v in counts.items()})
     scalars.update(self.goodput.scalars(step))
-    self._last_record = (step, scalars)
     writer.write(step, scalars)
     _log(progress.line(step, scalars))
 
-  def _write_final_times(self, writer):
-    """Repeats the last record with the time accounts up to now (the final checkpoint
-    included), and prints them."""
-    if self._last_record is None:
-      return
-    step, scalars = self._last_record
-    try:  # never in place of the exception that ended training (a preemption's exit 75)
-      writer.write(step, {**scalars, **self.goodput.scalars(step)})
+  def _print_times(self):
+    """The run's time accounts up to now, the final checkpoint included (the last metric
+    record has them up to its step; after a failure, the next process counts the rest as
+    `restart` time)."""
+    if self.goodput.first_step_s is not None:
       _log(f"Time: {goodput_lib.summary(self.goodput.totals())}; launch to first step "
-           f"{self.goodput.first_step_s or 0:.1f} s")
-    except Exception as e:  # pylint: disable=broad-except
-      _log(f"Could not write the final time accounts: {type(e).__name__}: {e}")
+           f"{self.goodput.first_step_s:.1f} s")
 
 
 def _nbytes(abstract_tree) -> int:
