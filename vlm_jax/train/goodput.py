@@ -12,7 +12,8 @@ Every second of a run, from its first launch to now, falls in one category:
   step        queueing steps and waiting for the device to finish them
   checkpoint  saving checkpoints (the blocking part, and waiting for asynchronous writes)
   eval        evaluations during training
-  other       the rest: logging, metric writers, the loop's own bookkeeping
+  other       the rest: logging (metric writers, the data counters' sum over processes), the
+              loop's own bookkeeping
   restart     from the previous process's last metric record to this process's launch: the
               end of the attempt it replaces (a hang until the watchdog fired, a crash, a
               preemption's checkpoint, the final checkpoint of a finished run that is now
@@ -47,7 +48,8 @@ from vlm_jax.train import phases
 CATEGORIES = ("startup", "init", "restore", "compile", "data", "step", "checkpoint", "eval",
               "other", "restart", "lost")
 # Loop phases (train/phases.py) counted under another category's name.
-_PHASE_CATEGORY = {"dispatch": "step", "device": "step", phases.INTERRUPTED: "restart"}
+_PHASE_CATEGORY = {"dispatch": "step", "device": "step", "log": "other",
+                   phases.INTERRUPTED: "restart"}
 _ATTEMPT_KEYS = ("time/attempt", "time/resumed_from", "time/attempt_data_s",
                  "time/attempt_step_s", "time/unix")
 

@@ -194,7 +194,8 @@ class Trainer:
             new, pending = self._fetch(pending), []
           fetched += new
           if log_now:
-            self._log_metrics(step, [m for _, m in fetched], writer, progress)
+            with self.clock.phase("log", step):  # sums the data counters over processes
+              self._log_metrics(step, [m for _, m in fetched], writer, progress)
             fetched = []
           self._apply_policy(state, new)
         if save_now and self.guard.may_checkpoint():

@@ -3,8 +3,9 @@
 The loop wraps its work in `clock.phase(name, step)`: `data` (the next batch), `compile` (a
 process's first step: trace, compile, run), `dispatch` (queueing a step), `device` (waiting
 for the device to finish the queued steps: where a hung collective shows), `checkpoint`,
-`eval`, `init` or `restore` (the train state). Goodput (train/goodput.py) sums the phases;
-the watchdog (train/watchdog.py) compares the phase in progress with recent ones of its kind.
+`eval`, `log` (a logging step's metrics), `init` or `restore` (the train state). Goodput
+(train/goodput.py) sums the phases; the watchdog (train/watchdog.py) compares the phase in
+progress with recent ones of its kind.
 
 Test-only hook: VLM_JAX_INJECT_STALL="<phase>@<step>[@<process>]" (e.g. "device@8@1") makes
 that phase stall (sleep for an hour) once, in every process or in process <process> only, so

@@ -4,7 +4,7 @@ It watches the loop's phases (train/phases.py). A phase is hung when it has last
 than `config.watchdog.factor` times the median of its kind's recent durations (per step, for
 a wait that covers several queued steps) and longer than `min_s`, or longer than
 `timeout_s` whatever its history (the first compile, the first checkpoint, an evaluation).
-Time outside any phase (logging, metric writers) has the `timeout_s` bound. Then the
+Time outside any phase (the loop's bookkeeping) has the `timeout_s` bound. Then the
 watchdog prints what hung (phase, step, host, process, the bound) and every thread's Python
 stack to stderr and to <workdir>/hangs/process_<i>_<time>.txt (given up on after
 REPORT_WRITE_S: the hang may be the storage's), and exits the process with EXIT_HUNG without
@@ -42,7 +42,9 @@ _WAITING_FOR = {
     "init": "the train state's initialisation",
     "restore": "a checkpoint restore",
     "startup": "the metric writers' set-up and the peak FLOPs measurement",
-    None: "the loop between phases (logging, metric writers)",
+    "log": "the metrics of a logging step: the processes' data counters (a collective: "
+           "another process stopped or is slow), the metric writers",
+    None: "the loop between phases",
 }
 
 
