@@ -12,7 +12,6 @@ from vlm_jax import distributed
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
 from vlm_jax import storage
-from vlm_jax import storage
 from vlm_jax.data import pipeline
 from vlm_jax.evaluation import runner as eval_runner
 from vlm_jax.models import registry
