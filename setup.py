@@ -31,7 +31,7 @@ EXTRAS = {
         "pytest-xdist",
         "torch==2.13.0",
         "transformers",
-        "peft",  # MiniGPT-v2's LoRA reference (tests/test_convert_minigpt_v2.py)
+        "peft",  # MiniGPT-v2's LoRA reference (tests/test_convert_minigpt_v2.py, bench/vs_reference.py)
         # open-flamingo (numerical oracle) pins torch==2.0.1 and needs open_clip at import;
         # open_clip_torch needs torchvision: CI installs both with `pip install --no-deps
         # open-flamingo==2.0.1 open_clip_torch==2.20.0` beside this (README).

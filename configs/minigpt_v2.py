@@ -13,7 +13,8 @@ mixture and schedule), `init_from` (the previous stage's workdir: its newest par
 start this run, see vlm_jax/train/init_from.py), `freeze_lm`
 (bool, default True as the paper; tiny/bench have no pretrained LM, so False lets a CPU run
 learn more than LoRA can on a random frozen LM), `scan` (bool), `remat` (none|full|dots),
-`dtype` (float32|bfloat16).
+`dtype` (float32|bfloat16), `packed` (bool: config.data.packing with rows of 2T tokens,
+data/packing.py).
 
 Sizes — LM width / layers / heads / MLP / vocab; ViT width / layers / heads / MLP; image px
 (patch 14) -> ViT tokens -> LM visual tokens; text length T; LoRA r / alpha / dropout:
@@ -67,7 +68,7 @@ TRAINING = {
     ("7b", 1): (96, 400_000, 1e-4, 1000), ("7b", 2): (64, 50_000, 1e-5, 1000),
     ("7b", 3): (24, 35_000, 1e-5, 1000),
 }
-OPTIONS = {"stage": int, "init_from": str, "freeze_lm": bool}
+OPTIONS = {"stage": int, "init_from": str, "freeze_lm": bool, "packed": bool}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -100,4 +101,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.resize_mode = "stretch"  # boxes are relative to the whole image
   c.data.sequence_length = sizes["length"]  # T, including the visual token slots
   c.data.image_tokens = (sizes["image"] // PATCH_SIZE) ** 2 // GROUP_SIZE
+  if options.get("packed", False):
+    # An example is its visual slots plus a short text (bench: 100-250 of 256 tokens), so a
+    # row of T holds at most two and packs to 86-91%; rows of 2T hold 3-4 and pack to 92-94%
+    # (docs/performance.md).
+    c.data.packing = True
+    c.data.sequence_length = 2 * sizes["length"]
   return c

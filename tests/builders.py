@@ -4,7 +4,8 @@ import ml_collections
 
 from vlm_jax.models import registry
 
-COMMON = dict(dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none")
+COMMON = dict(dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none",
+              attention_impl="xla")
 
 
 def build(name: str, **fields):

@@ -124,8 +124,8 @@ def test_the_top_level_of_data_is_its_core():
          if name.endswith(".py") or os.path.isfile(os.path.join(PACKAGE, "data", name,
                                                                 "__init__.py"))}
   assert top == {"__init__.py", "vocab.py", "records.py", "preprocessors.py", "processor.py",
-                 "health.py", "catalog.py", "mixture.py", "pipeline.py", "seqio_tasks.py",
-                 "boxes", "sources", "ingest", "families", "synthetic"}
+                 "health.py", "catalog.py", "mixture.py", "packing.py", "pipeline.py",
+                 "seqio_tasks.py", "boxes", "sources", "ingest", "families", "synthetic"}
 
 
 def test_no_file_over_400_lines():

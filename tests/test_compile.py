@@ -86,3 +86,16 @@ def test_search_order_tries_cheaper_settings_first():
   assert fit_search.rungs(("full", "dots", "none"), (2, 1)) == [
       ("none", 1), ("dots", 1), ("none", 2), ("dots", 2), ("full", 1), ("full", 2)]
   assert fit_search.parse_meshes("(1,4,1) 4x1x1") == [(1, 4, 1), (4, 1, 1)]
+
+
+def test_tiny_simvlm_compiles_for_tpu_with_the_splash_attention_kernel():
+  # Encoder key padding, causal decoder, padded cross-attention: each a Pallas kernel in the
+  # forward pass (scanned: once per stack) plus its two backward kernels (dq, dk/dv).
+  result = vlm_compile("--config", os.path.join(REPO, "configs/simvlm.py:tiny"),
+                       "--topology", "v5p:2x2x1", "--config.mesh.shape=(1,-1,1)",
+                       "--config.model.attention_impl=splash", "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report["fits"] and report["num_devices"] == 4
+  assert report["pallas_kernels"] == 9, report
+  assert "Pallas kernels in the step's HLO (fused attention; static count): 9" in result.stdout

@@ -99,3 +99,13 @@ def test_vit_shapes_and_clip_layout():
   assert "bias" not in params["patch_embedding"]
   assert params["pos_embedding"]["pos_embedding"].shape == (17, 32)
   assert params["encoder"]["layers"]["mlp"]["wi"]["kernel"].shape == (2, 32, 64)
+
+
+def test_gelu_matches_the_exact_gelu_and_its_derivative():
+  x = jnp.linspace(-10.0, 10.0, 20001)
+  exact = lambda v: jax.nn.gelu(v, approximate=False)
+  np.testing.assert_allclose(mlp.gelu(x), exact(x), rtol=1e-6, atol=1e-6)
+  grad = lambda f: jax.vmap(jax.grad(f))(x)
+  np.testing.assert_allclose(grad(mlp.gelu), grad(exact), rtol=1e-5, atol=1e-6)
+  jitted = jax.jit(jax.vmap(jax.grad(mlp.gelu)))(x)
+  np.testing.assert_allclose(jitted, grad(exact), rtol=1e-5, atol=1e-6)

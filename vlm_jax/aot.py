@@ -59,6 +59,7 @@ class Report:
   xla_flops_per_device: float = 0.0
   analytic_flops_per_device: float = 0.0
   collectives: dict = dataclasses.field(default_factory=dict)
+  pallas_kernels: int = 0  # Mosaic custom calls: fused attention (config.model.attention_impl)
   compile_s: float = 0.0
 
   @property
@@ -88,8 +89,15 @@ class Report:
         "body once, not once per layer)",
         f"collectives in the step's HLO (static count; ops in a scanned stack run once per "
         f"layer): {ops}",
+        f"Pallas kernels in the step's HLO (fused attention; static count): "
+        f"{self.pallas_kernels}",
         f"compiled in {self.compile_s:.1f} s",
     ]
+
+
+def out_of_memory(error: Exception) -> bool:
+  """Whether a compile error is XLA's: the program does not fit the device's memory."""
+  return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
 
 
 def topology_devices(topology: str):
@@ -172,7 +180,7 @@ def compile_train_step(config, topology: str, devices=None) -> Report:
       compiled = step.lower(abstract_state, abstract_batch, rng).compile()
     except Exception as e:  # pylint: disable=broad-except
       report.compile_s = time.perf_counter() - start
-      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      if out_of_memory(e):
         raise DoesNotFit(f"XLA could not fit the step into the {report.hbm_bytes / GIB:.0f} "
                          f"GiB HBM of a {kind} (mesh {report.mesh}): "
                          f"{str(e).splitlines()[0][:500]}\n{_ADVICE}", report) from None
@@ -187,7 +195,9 @@ def compile_train_step(config, topology: str, devices=None) -> Report:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.xla_flops_per_device = float(cost.get("flops", 0.0))
-  report.collectives = _count_collectives(compiled.as_text())
+  hlo = compiled.as_text()
+  report.collectives = _count_collectives(hlo)
+  report.pallas_kernels = hlo.count('custom_call_target="tpu_custom_call"')
   if not report.fits:
     raise DoesNotFit("\n".join(report.lines()) + f"\nthe step does not fit: {_ADVICE}", report)
   return report

@@ -124,6 +124,8 @@ def base_config(name: str = "", options=None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # none | full | dots
+  # Attention computation: xla | splash (Pallas, TPU) | cudnn (GPU, bf16); nn/fused_attention.py
+  c.model.attention_impl = "xla"
   for key, value in (options or {}).items():
     if key in _MODEL_FIELDS:
       c.model[_MODEL_FIELDS[key]] = value
@@ -158,6 +160,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.bad_window = 1000
   d.max_bad_fraction = 0.1
   d.warn_every_s = 10.0
+  # Sequence packing (data/packing.py; families whose data module declares PACKING): several
+  # examples per row with segment ids; packed_images image slots per row; packing_bins rows
+  # the best-fit packer fills at once (more: less padding, more examples in flight).
+  d.packing = False
+  d.packed_images = 4
+  d.packing_bins = 16
   return d
 
 

@@ -20,6 +20,8 @@ import numpy as np
 
 SKIPPED_KEY = "_skipped_records"
 TASK_KEY = "_task"  # the example's task, numbered in the mixture's order
+# A packed row (packing.py) holds several examples: its TASK_KEY is [T], the task number + 1
+# on each example's first token and 0 elsewhere, so a batch's TASK_KEY is [B] or [B, T].
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +127,17 @@ class _CountSkippedIterator(grain.DatasetIterator):
   def __next__(self):
     batch = next(self._parent)
     skipped = batch.pop(SKIPPED_KEY)
-    self.counters["examples"] += len(skipped)
     self.counters["skipped_records"] += int(np.sum(skipped))
-    if TASK_KEY in batch:
-      counts = np.bincount(batch.pop(TASK_KEY), minlength=len(self._tasks))
-      for key, count in zip(self._tasks, counts):
-        self.counters[key] += int(count)
+    if TASK_KEY not in batch:
+      self.counters["examples"] += len(skipped)
+      return batch
+    tasks = np.asarray(batch.pop(TASK_KEY))
+    if tasks.ndim == 2:  # packed rows
+      tasks = tasks[tasks > 0] - 1
+    self.counters["examples"] += tasks.size
+    counts = np.bincount(tasks, minlength=len(self._tasks))
+    for key, count in zip(self._tasks, counts):
+      self.counters[key] += int(count)
     return batch
 
   def get_state(self):

@@ -9,7 +9,8 @@ depend on how many processes share it (ProcessRows). Each element is converted b
 family's Processor (`families/<family>.py`) with a generator seeded by (seed, global stream
 position), so a given step always sees the same examples and prefix lengths. Bad records
 are skipped and counted (health.py), and so are the examples of each task (the realised
-rates, `data/rate/<task>` in the training metrics); batching and the heavy per-example work
+rates, `data/rate/<task>` in the training metrics); with `data.packing`, each process packs
+its examples into rows (packing.py) before batching; batching and the heavy per-example work
 run in worker processes when `num_workers > 0`. A seqio task is a stream addressed by
 position (`sources/seqio_stream.py`): seqio shuffles and repeats it, grain does not.
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 import grain
 
-from vlm_jax.data import catalog, families, health, mixture as mixture_lib
+from vlm_jax.data import catalog, families, health, mixture as mixture_lib, packing
 
 
 class _Tagged:
@@ -137,6 +138,9 @@ def make_dataset(data_config, family: str, *, global_batch_size, seed, split="tr
   ds = ds.map(processor).to_iter_dataset(read_options)
   ds = health.SkipBadRecords(ds, data_config.bad_window, data_config.max_bad_fraction,
                              data_config.warn_every_s)
+  if data_config.packing:
+    layout = packing.layout_of(families.load(family), family)
+    ds = packing.pack(ds, layout, data_config, seed=_task_seed(seed, 2000))
   ds = ds.batch(per_process, drop_remainder=True)
   if data_config.num_workers > 0:
     _allow_grain_flags()

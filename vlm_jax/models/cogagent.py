@@ -63,8 +63,8 @@ class CogAgentLayer(transformer.Layer):
     attention = visual_expert.ExpertAttention(
         num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
         use_bias=self.use_bias, use_rotary=self.use_rotary,
-        rotary_max_wavelength=self.rotary_max_wavelength, dtype=self.dtype,
-        param_dtype=self.param_dtype, is_vision=context.extra["is_vision"],
+        rotary_max_wavelength=self.rotary_max_wavelength, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, is_vision=context.extra["is_vision"],
         name="self_attention")
     return attention(self.norm("pre_attention_norm")(x), mask=context.mask,
                      positions=context.positions, decode=decode)
@@ -82,7 +82,8 @@ class CogAgentLayer(transformer.Layer):
   def cross_attention_block(self, x, context, deterministic, decode):
     attention = attention_lib.MultiHeadAttention(
         num_heads=self.cross_heads, head_dim=self.cross_width // self.cross_heads,
-        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="cross_attention")
+        use_bias=False, attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="cross_attention")
     high_res = context.extra["high_res"]  # None while decoding: the cached keys/values
     h = attention(self.norm("pre_cross_attention_norm")(x), high_res, decode=decode,
                   kv_from_cache=decode and high_res is None)

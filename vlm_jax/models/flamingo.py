@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import registry
-from vlm_jax.nn import decoder_lm, gated_xattn, resampler, vit
+from vlm_jax.nn import decoder_lm, embeddings, gated_xattn, resampler, segment_mask, vit
 from vlm_jax.nn import flops as F
 
 
@@ -66,7 +66,8 @@ class FlamingoLayerGroup(decoder_lm.DecoderLayerGroup):
     if index not in self.xattn_sublayers:
       return x
     return gated_xattn.GatedCrossAttentionDense(
-        **self.xattn, dtype=self.dtype, param_dtype=self.param_dtype, name=f"xattn_{index}")(
+        **self.xattn, attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=f"xattn_{index}")(
             x, context.extra["media"], context.extra["media_mask"], decode=decode)
 
 
@@ -86,7 +87,8 @@ class Flamingo(nn.Module):
   def setup(self):
     self.new_token_embedding = self.param(
         "new_token_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+        nn.with_logical_partitioning(embeddings.lm_embedding_init(self.lm.width),
+                                     (None, "embed")),
         (len(self.new_token_ids), self.lm.width), jnp.dtype(self.lm.param_dtype))
 
   def encode_media(self, images: jax.Array) -> jax.Array:
@@ -112,13 +114,17 @@ class Flamingo(nn.Module):
 
   def embed_inputs(self, batch) -> tuple[jax.Array, jax.Array, dict]:
     """(token embeddings [B, T, D], token_mask [B, T], the layers' `extra`: flattened visual
-    tokens [B, N*L, Dv] and their mask [B, 1, T, N*L])."""
+    tokens [B, N*L, Dv] and their mask: a SegmentMask, or [B, 1, T, N*L] when every previous
+    image is visible)."""
     tokens = batch["tokens"]
     media = self.encode_media(batch["images"])
     num_media, tokens_per_media = media.shape[1:3]
-    mask = gated_xattn.media_attention_mask(
-        batch["image_positions"], batch["image_mask"], tokens.shape[1], tokens_per_media,
-        self.only_attend_immediate)
+    if self.only_attend_immediate:
+      mask = gated_xattn.media_segment_mask(batch["image_positions"], batch["image_mask"],
+                                            tokens.shape[1], tokens_per_media)
+    else:
+      mask = gated_xattn.media_attention_mask(batch["image_positions"], batch["image_mask"],
+                                              tokens.shape[1], tokens_per_media, False)
     extra = {"media": media.reshape(media.shape[0], num_media * tokens_per_media, -1),
              "media_mask": mask}
     return self.embed_tokens(tokens), batch["token_mask"], extra
@@ -131,7 +137,7 @@ class Flamingo(nn.Module):
     """`extra` for one generated token: it sees the media the prompt's last token [B] sees
     (a generated `<image>` brings no new media), through the keys/values the prompt cached
     (media None)."""
-    mask = jnp.take_along_axis(extra["media_mask"], last[:, None, None, None], axis=2)
+    mask = segment_mask.take_query_rows(extra["media_mask"], last)
     return dict(extra, media_mask=mask, media=None)
 
   def __call__(self, batch, deterministic: bool = True):

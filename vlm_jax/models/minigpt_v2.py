@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models import registry
-from vlm_jax.nn import decoder_lm, embeddings, vit
+from vlm_jax.nn import decoder_lm, embeddings, segment_mask, vit
 from vlm_jax.nn import flops as F
 
 
@@ -101,8 +101,19 @@ class MiniGPTv2(nn.Module):
 
   def __call__(self, batch, deterministic: bool = True):
     x, token_mask, _ = self.embed_inputs(batch)
-    hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic)
+    hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic,
+                           **packed_context(batch))
     return self.lm.logits(hidden)
+
+
+def packed_context(batch) -> dict:
+  """trunk's mask and positions for packed rows (`segment_ids`, `positions`: data/packing.py):
+  causal attention inside each example, rotary positions restarting per example; {} when the
+  batch is not packed."""
+  if "segment_ids" not in batch:
+    return {}
+  return {"attention_mask": segment_mask.packed(batch["segment_ids"]),
+          "positions": batch["positions"]}
 
 
 def build(model_config) -> MiniGPTv2:
@@ -121,31 +132,41 @@ def frozen_patterns() -> tuple[str, ...]:
 def batch_spec(data_config, batch_size: int) -> dict:
   """ShapeDtypeStructs of a batch (eval_shape, ahead-of-time compilation, dummy data).
 
-  `data_config.sequence_length` is T (visual slots included); one image per example.
+  `data_config.sequence_length` is T (visual slots included); one image per example, or
+  with `data_config.packing` `packed_images` per row, per-token weights, segment ids and
+  positions (data/packing.py).
   """
   f32, i32 = jnp.float32, jnp.int32
   size, length = data_config.image_size, data_config.sequence_length
+  packed = data_config.get("packing", False)
+  images = data_config.packed_images if packed else 1
   shapes = {
-      "images": ((batch_size, 1, size, size, 3), f32), "image_mask": ((batch_size, 1), f32),
+      "images": ((batch_size, images, size, size, 3), f32),
+      "image_mask": ((batch_size, images), f32), "image_positions": ((batch_size, images), i32),
       "tokens": ((batch_size, length), i32), "targets": ((batch_size, length), i32),
       "loss_mask": ((batch_size, length), f32), "token_mask": ((batch_size, length), f32),
-      "image_positions": ((batch_size, 1), i32), "loss_weight": ((batch_size,), f32),
+      "loss_weight": ((batch_size, length) if packed else (batch_size,), f32),
   }
+  if packed:
+    shapes.update(segment_ids=((batch_size, length), i32), positions=((batch_size, length), i32))
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def flops_parts(config, causal_half=True) -> dict:
+  """Per row: one example, or with data.packing several sharing the row's T tokens and its
+  `packed_images` image slots, each of which the ViT and projection process (empty or not)."""
   lm, vision, data = config.model.lm, config.model.vision, config.data
   patches = (data.image_size // vision.patch_size) ** 2
+  images = data.packed_images if data.get("packing", False) else 1
   t, width, heads = data.sequence_length, lm.width, lm.num_heads
   head_dim, kv_heads = width // heads, lm.get("num_kv_heads") or heads
   group = config.model.group_size
   lora_layer = sum(F.dense(t, width, lm.lora_rank)
                    + F.dense(t, lm.lora_rank, (heads if n == "query" else kv_heads) * head_dim)
                    for n in lm.lora_targets)
-  return {"vision": F.vit(data.image_size, vision.patch_size, vision.width, vision.depth,
-                          vision.num_heads, vision.mlp_dim),
-          "projection": F.dense(patches // group, group * vision.width, width),
+  return {"vision": images * F.vit(data.image_size, vision.patch_size, vision.width,
+                                   vision.depth, vision.num_heads, vision.mlp_dim),
+          "projection": images * F.dense(patches // group, group * vision.width, width),
           "lm": lm.num_layers * F.decoder_lm_layer(t, lm, causal_half),
           "lora": lm.num_layers * lora_layer,
           "logits": F.dense(t, width, lm.vocab_size)}

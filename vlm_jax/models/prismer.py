@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from vlm_jax.models import registry
 from vlm_jax.nn import adaptor as adaptor_lib
 from vlm_jax.nn import attention as attention_lib
-from vlm_jax.nn import embeddings, expert_stem, norms, transformer
+from vlm_jax.nn import embeddings, expert_stem, norms, segment_mask, transformer
 from vlm_jax.nn import flops as F
 from vlm_jax.nn.expert_vit import (DENSE_EXPERTS, INSTANCES_KEY, LABEL_EXPERTS, PrismerVision,
                                    check_experts, expert_key)
@@ -129,6 +129,7 @@ class Prismer(nn.Module):
   dropout_rate: float = 0.0
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # xla | splash | cudnn (nn/fused_attention.py)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -157,7 +158,7 @@ class Prismer(nn.Module):
     layer_kwargs = dict(num_heads=lm.num_heads, head_dim=lm.width // lm.num_heads,
                         mlp_dim=lm.mlp_dim, norm_epsilon=1e-5,
                         adaptor_ratio=self.adaptor_ratio, dropout_rate=self.dropout_rate,
-                        dtype=dtype, param_dtype=param_dtype)
+                        attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
     self.decoder = transformer.layer_stack(
         RobertaLayer, num_layers=lm.num_layers, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, cross_attention=True, **layer_kwargs)
@@ -226,7 +227,8 @@ class Prismer(nn.Module):
     x = words + pos.astype(self.dtype) + self.token_type_embedding.astype(self.dtype)
     x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
     self_mask = attention_lib.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
-    cross_mask = None if encoder_mask is None else attention_lib.padding_mask(None, encoder_mask)
+    cross_mask = (None if encoder_mask is None
+                  else segment_mask.key_padding(encoder_mask, tokens.shape[1]))
     context = transformer.LayerContext(mask=self_mask, encoded=encoded, cross_mask=cross_mask)
     x = self.decoder(x, context, deterministic, decode)
     x = self.output_layer(x, context, deterministic, decode)
@@ -250,7 +252,8 @@ def build(model_config) -> Prismer:
   return Prismer(lm=RobertaConfig(**registry.sub_config(RobertaConfig, c, "lm")),
                  vision=vision, freeze=c.freeze, adaptor_ratio=c.adaptor_ratio,
                  dropout_rate=c.dropout_rate, scan_layers=c.scan_layers,
-                 remat_policy=c.remat_policy, dtype=c.dtype, param_dtype=c.param_dtype)
+                 remat_policy=c.remat_policy, attention_impl=c.attention_impl, dtype=c.dtype,
+                 param_dtype=c.param_dtype)
 
 
 def batch_spec(data_config, batch_size: int) -> dict:

@@ -26,7 +26,8 @@ from vlm_jax.config import ConfigError
 
 # Options every family's Model takes at the top level of config.model, passed on by the
 # family to each of its stacks (so they are not sub-config fields).
-COMMON = ("dtype", "param_dtype", "scan_layers", "remat_policy")
+# attention_impl: xla | splash | cudnn (nn/fused_attention.py), for every attention stack.
+COMMON = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
 def load(name: str) -> ModuleType:
@@ -47,7 +48,7 @@ def common(model_config) -> dict:
   """The COMMON options of config.model, for every stack of the family (dtypes as
   jnp.dtype)."""
   return {"scan_layers": model_config.scan_layers, "remat_policy": model_config.remat_policy,
-          "dtype": jnp.dtype(model_config.dtype),
+          "attention_impl": model_config.attention_impl, "dtype": jnp.dtype(model_config.dtype),
           "param_dtype": jnp.dtype(model_config.param_dtype)}
 
 

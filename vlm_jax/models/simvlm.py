@@ -48,7 +48,7 @@ import numpy as np
 
 from vlm_jax.models import registry
 from vlm_jax.nn import attention, conv_stem, decoder_lm, embeddings, norms, relative_position
-from vlm_jax.nn import transformer
+from vlm_jax.nn import segment_mask, transformer
 from vlm_jax.nn import flops as F
 
 POSITIONS = ("learned", "relative")
@@ -105,6 +105,7 @@ class SimVLM(nn.Module):
   drop_path_rate: float = 0.0  # conv stage and encoder only, as in the paper
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # xla | splash | cudnn (nn/fused_attention.py)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -114,8 +115,8 @@ class SimVLM(nn.Module):
     layer_kwargs = dict(
         num_heads=lm.num_heads, head_dim=lm.head_dim or lm.width // lm.num_heads,
         mlp_dim=lm.mlp_dim, mlp_activation=lm.mlp_activation, norm_type=lm.norm_type,
-        use_bias=lm.use_bias, dropout_rate=self.dropout_rate, dtype=dtype,
-        param_dtype=param_dtype)
+        use_bias=lm.use_bias, dropout_rate=self.dropout_rate,
+        attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
     self.image_embedder = ImageEmbedder(lm.width, self.vision, self.drop_path_rate, dtype,
                                         param_dtype)
     self.token_embedder = embeddings.Embed(lm.vocab_size, lm.width, dtype, param_dtype)
@@ -167,7 +168,8 @@ class SimVLM(nn.Module):
     if self.lm.position == "relative":
       order = jnp.arange(x.shape[1])
       bias = self.encoder_relative_bias(order[None], order)
-    context = transformer.LayerContext(mask=attention.padding_mask(None, valid), bias=bias)
+    context = transformer.LayerContext(mask=segment_mask.key_padding(valid, x.shape[1]),
+                                       bias=bias)
     x = self.encoder(x, context, deterministic)
     return self.encoder_norm(x), valid
 
@@ -199,7 +201,8 @@ class SimVLM(nn.Module):
       keys = key_positions if decode else jnp.arange(tokens.shape[1])  # None: cache slots
       bias = self.decoder_relative_bias(positions, keys)
     context = transformer.LayerContext(mask=self_mask, bias=bias, encoded=encoded,
-                                       cross_mask=attention.padding_mask(None, encoder_mask))
+                                       cross_mask=segment_mask.key_padding(encoder_mask,
+                                                                           tokens.shape[1]))
     x = self.decoder(x, context, deterministic, decode)
     x = self.decoder_norm(x)
     if self.lm.tie_embeddings:
@@ -224,8 +227,8 @@ def build(model_config) -> SimVLM:
                 vision=registry.sub_config(conv_stem.ConvStem, c, "vision",
                                            fixed=("out_features", "drop_path_rate")),
                 dropout_rate=c.dropout_rate, drop_path_rate=c.drop_path_rate,
-                scan_layers=c.scan_layers, remat_policy=c.remat_policy, dtype=c.dtype,
-                param_dtype=c.param_dtype)
+                scan_layers=c.scan_layers, remat_policy=c.remat_policy,
+                attention_impl=c.attention_impl, dtype=c.dtype, param_dtype=c.param_dtype)
 
 
 def batch_spec(data_config, batch_size: int) -> dict:

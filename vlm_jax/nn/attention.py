@@ -4,9 +4,11 @@ cache.
 Shapes use dimension letters: B batch, T query length, S key length, D model width,
 N query heads, K key/value heads (N % K == 0), H head dim.
 
-Masks are boolean, broadcastable to [B, N, T, S]. A query row whose mask is all False outputs
-exactly zero (softmax over nothing is defined as no contribution), never NaN and never a
-uniform average over padding.
+Masks are boolean, broadcastable to [B, N, T, S], or a `segment_mask.SegmentMask` (segment
+ids + causal: the form the fused kernels take, `attention_impl` = splash | cudnn; see
+nn/fused_attention.py). A query row whose mask is all False outputs exactly zero (softmax
+over nothing is defined as no contribution), never NaN and never a uniform average over
+padding.
 
 Decoding (`decode=True`) with a mutable `cache` collection:
   self-attention: the first call, with the collection empty, creates zero buffers shaped like
@@ -32,6 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.nn import embeddings
+from vlm_jax.nn import fused_attention
+from vlm_jax.nn import linear
+from vlm_jax.nn import segment_mask
 
 Dtype = Any
 
@@ -51,12 +56,11 @@ def padding_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> jax.Arr
 
 def decoder_self_mask(length: int, token_mask=None, key_mask=None, decode: bool = False):
   """A causal decoder's self-attention mask. Full forward: causal, padding (token_mask
-  [B, T]) masked as keys. Decoding with the KV cache (causal by construction): only the
-  cache slots' validity key_mask [B, S], or None."""
+  [B, T]) masked as keys, as a SegmentMask (the fused kernels' form). Decoding with the KV
+  cache (causal by construction): only the cache slots' validity key_mask [B, S], or None."""
   if decode:
     return None if key_mask is None else padding_mask(None, key_mask)
-  mask = causal_mask(length)
-  return mask if token_mask is None else mask & padding_mask(None, token_mask > 0)
+  return segment_mask.causal(length, None if token_mask is None else token_mask > 0)
 
 
 def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> jax.Array:
@@ -100,8 +104,7 @@ class Projection(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                         tuple(in_shape) + features, self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    contract = tuple(range(x.ndim - self.num_in_axes, x.ndim))
-    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.num_in_axes))), ((), ())))
+    y = linear.contract(x, kernel, self.num_in_axes)
     if self.use_bias:
       bias_axes = self.kernel_axes[self.num_in_axes:]
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
@@ -117,6 +120,7 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   use_rotary: bool = False
   rotary_max_wavelength: float = 10_000.0
+  attention_impl: str = "xla"  # xla | splash | cudnn: nn/fused_attention.py
   use_alibi: bool = False  # MPT's ALiBi (self-attention; see the module docstring)
   alibi_bias_max: float = 8.0
   dtype: Dtype = jnp.float32
@@ -180,19 +184,9 @@ class MultiHeadAttention(nn.Module):
     if decode and self_attention:
       k, v, mask = self._update_cache(k, v, mask, cache_ready)
 
-    if mask is not None:
-      mask = jnp.asarray(mask, jnp.bool_)
-      mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    if bias is not None:
-      bias = jnp.asarray(bias, q.dtype)
-      bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    out = jax.nn.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), bias=bias, mask=mask,
-        scale=self.head_dim ** -0.5)  # BTNH
-    if mask is not None:
-      # Rows with no valid key: the XLA softmax would spread over the masked keys; zero them.
-      row_valid = jnp.broadcast_to(jnp.any(mask, axis=-1), (batch, mask.shape[1], q_len))
-      out = out * jnp.swapaxes(row_valid, 1, 2)[..., None].astype(out.dtype)
+    out = fused_attention.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask, bias, scale=self.head_dim ** -0.5,
+        implementation=self.attention_impl, decode=decode, name="/".join(self.scope.path))
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return self._out_proj(features)(out)
 
@@ -225,4 +219,6 @@ class MultiHeadAttention(nn.Module):
     cache_index.value = index + q_len
     causal = jnp.arange(max_len)[None, :] <= (index + jnp.arange(q_len))[:, None]  # [T, S]
     causal = causal[None, None]
+    if isinstance(mask, segment_mask.SegmentMask):
+      mask = mask.dense()
     return k, v, causal if mask is None else (jnp.asarray(mask, jnp.bool_) & causal)

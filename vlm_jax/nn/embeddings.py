@@ -9,17 +9,30 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def lm_embedding_init(features: int):
+  """N(0, 1/features): rows of a decoder LM's table (and rows added to it). Used as tied
+  logits, a row's dot product with a final-normed hidden state (unit variance per feature)
+  then has unit variance, so a random-init LM starts near ln(vocab) instead of the hundreds
+  N(0, 1) rows give (their logits have standard deviation sqrt(features)); the flax default
+  for nn.Embed, close to the N(0, 0.02) of GPT-2 / LLaMA / MPT at widths 1024-4096."""
+  return nn.initializers.normal(stddev=features ** -0.5)
+
+
 class Embed(nn.Module):
-  """Token embedding table [vocab, embed]; `attend` gives logits with the same table."""
+  """Token embedding table [vocab, embed]; `attend` gives logits with the same table.
+
+  The default N(0, 1) is T5's table, whose tied logits are scaled by width**-0.5
+  (SimVLM); decoder LMs, whose tied logits are not scaled, use `lm_embedding_init`.
+  """
   num_embeddings: int
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  embedding_init: Any = nn.initializers.normal(stddev=1.0)
 
   def setup(self):
     self.embedding = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        "embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
         (self.num_embeddings, self.features), self.param_dtype)
 
   def __call__(self, ids):

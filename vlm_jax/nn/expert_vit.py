@@ -126,6 +126,7 @@ class PrismerVision(nn.Module):
   dropout_rate: float = 0.0
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "xla"  # nn/fused_attention.py
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -140,7 +141,8 @@ class PrismerVision(nn.Module):
         remat_policy=self.remat_policy, num_heads=self.num_heads,
         head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
         mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
-        adaptor_ratio=self.adaptor_ratio, dtype=self.dtype, param_dtype=self.param_dtype)
+        adaptor_ratio=self.adaptor_ratio, attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     self.encoder_norm = norms.LayerNorm(1e-6, True, self.dtype, self.param_dtype)
 
   def embed_inputs(self, images, expert_maps: dict, instances=None, deterministic=True):

@@ -10,7 +10,9 @@ Media mask (OpenFlamingo's `MaskedCrossAttention`): media item n has its `<image
 position is <= t (so the `<image>` token sees its own image), or, with
 `only_immediate=False`, of every present item at or before t. Tokens before any item see
 nothing and get exactly zero attention output (attention.py zeroes fully masked rows), and
-absent items (`media_present` 0, padded slots) are never attended.
+absent items (`media_present` 0, padded slots) are never attended. `media_segment_mask`
+gives the only_immediate mask as segment ids (the form fused kernels take; present items
+have distinct positions, each its own `<image>` token).
 
 Parameters (OpenFlamingo `GatedCrossAttentionBlock` names in brackets):
     attn_gate [], ff_gate []                                    [attn_gate, ff_gate]
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 from vlm_jax.nn import attention as attention_lib
 from vlm_jax.nn import mlp as mlp_lib
 from vlm_jax.nn import norms
+from vlm_jax.nn import segment_mask
 
 Dtype = Any
 
@@ -47,6 +50,18 @@ def media_visibility(media_positions: jax.Array, media_present: jax.Array, lengt
   return before & (positions[:, None, :] == latest)
 
 
+def media_segment_mask(media_positions, media_present, length: int,
+                       tokens_per_media: int) -> segment_mask.SegmentMask:
+  """The only_immediate mask in factored form (what the fused kernels take): a token's id is
+  the index of the latest present item at or before it (-1: none, so it sees nothing), a
+  visual token's id the index of its item (-2 for absent items: never seen)."""
+  visible = media_visibility(media_positions, media_present, length, only_immediate=True)
+  items = jnp.arange(visible.shape[-1], dtype=jnp.int32)
+  q_ids = jnp.max(jnp.where(visible, items, -1), axis=-1)
+  kv_ids = jnp.where(media_present > 0, items, -2)
+  return segment_mask.SegmentMask(q_ids, jnp.repeat(kv_ids, tokens_per_media, axis=-1))
+
+
 def media_attention_mask(media_positions, media_present, length: int, tokens_per_media: int,
                          only_immediate: bool = True) -> jax.Array:
   """[B, 1, T, N * L] bool mask over the flattened visual tokens [B, N * L, D]."""
@@ -55,7 +70,8 @@ def media_attention_mask(media_positions, media_present, length: int, tokens_per
 
 
 class GatedCrossAttentionDense(nn.Module):
-  """x [B, T, D], media [B, S, Dv] (flattened visual tokens), mask [B, 1, T, S] -> [B, T, D].
+  """x [B, T, D], media [B, S, Dv] (flattened visual tokens), mask [B, 1, T, S] or a
+  SegmentMask (media_segment_mask) -> [B, T, D].
 
   decode=True caches the media keys/values; media None then reuses them (decoding steps).
   """
@@ -64,6 +80,7 @@ class GatedCrossAttentionDense(nn.Module):
   mlp_ratio: int = 4
   mlp_activation: str = "gelu"  # OpenFlamingo; the paper uses squared ReLU
   norm_epsilon: float = 1e-5
+  attention_impl: str = "xla"  # nn/fused_attention.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -78,8 +95,8 @@ class GatedCrossAttentionDense(nn.Module):
   def __call__(self, x, media, mask, decode: bool = False):
     width = x.shape[-1]
     h = attention_lib.MultiHeadAttention(
-        self.num_heads, self.head_dim, use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="attention")(
+        self.num_heads, self.head_dim, use_bias=False, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="attention")(
             self._norm("attention_norm")(x), None if media is None else media.astype(self.dtype),
             mask=mask, decode=decode, kv_from_cache=decode and media is None)
     x = x + jnp.tanh(self._gate("attn_gate")).astype(x.dtype) * h.astype(x.dtype)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.nn import attention
+from vlm_jax.nn import linear
 
 Dtype = Any
 LORA_TARGETS = ("query", "key", "value")
@@ -67,14 +68,14 @@ class LoraDense(nn.Module):
         nn.initializers.zeros, (None,) + tuple(self.kernel_axes[1:])),
         (self.rank,) + features, self.param_dtype)
     x = x.astype(self.dtype)
-    y = jnp.tensordot(x, kernel.astype(self.dtype), axes=1)
+    y = linear.contract(x, kernel.astype(self.dtype), 1)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, tuple(self.kernel_axes[1:])), features, self.param_dtype)
       y = y + bias.astype(self.dtype)
     h = nn.Dropout(self.dropout_rate)(x, deterministic=self.deterministic)
-    h = jnp.tensordot(h, lora_a.astype(self.dtype), axes=1)  # [..., r]
-    update = jnp.tensordot(h, lora_b.astype(self.dtype), axes=1)
+    h = linear.contract(h, lora_a.astype(self.dtype), 1)  # [..., r]
+    update = linear.contract(h, lora_b.astype(self.dtype), 1)
     return y + update * (self.alpha / self.rank)
 
 

@@ -81,6 +81,7 @@ class Layer(nn.Module):
   lora_rank: int = 8
   lora_alpha: float = 8.0
   lora_dropout_rate: float = 0.0
+  attention_impl: str = "xla"  # xla | splash | cudnn: nn/fused_attention.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -99,7 +100,8 @@ class Layer(nn.Module):
                   use_rotary=self.use_rotary and positional,
                   rotary_max_wavelength=self.rotary_max_wavelength,
                   use_alibi=self.use_alibi and positional, alibi_bias_max=self.alibi_bias_max,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                  attention_impl=self.attention_impl, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=name)
     if self.lora_targets:
       return lora.LoraMultiHeadAttention(
           **kwargs, lora_targets=tuple(self.lora_targets), lora_rank=self.lora_rank,

@@ -59,6 +59,7 @@ class ViT(nn.Module):
   remat_policy: str = "none"
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
+  attention_impl: str = "xla"  # nn/fused_attention.py
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -91,8 +92,9 @@ class ViT(nn.Module):
         head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
         mlp_activation=self.mlp_activation, norm_epsilon=self.norm_epsilon,
         dropout_rate=self.dropout_rate,
-        drop_path_rate=self.drop_path_rate, dtype=self.dtype,
-        param_dtype=self.param_dtype)(x, transformer.LayerContext(), deterministic)
+        drop_path_rate=self.drop_path_rate, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype)(
+            x, transformer.LayerContext(), deterministic)
     norm = norms.LayerNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="encoder_norm")
     if self.post_norm == "class":

@@ -1,7 +1,7 @@
 """The loss and the train step shared by every family.
 
 loss = sum_bt(w_b * m_bt * ce_bt) / sum_bt(m_bt): per-example weights (mixture loss weights)
-scale an example's tokens; the denominator counts target tokens, so gradient accumulation over
+scale an example's tokens (packed rows: w_bt, each token its example's weight); the denominator counts target tokens, so gradient accumulation over
 micro-batches gives exactly the full-batch gradient.
 """
 import jax
@@ -17,7 +17,9 @@ def token_cross_entropy(logits, batch) -> tuple[jax.Array, jax.Array]:
   ce = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
-  weight = batch["loss_weight"].astype(jnp.float32)[:, None]
+  weight = batch["loss_weight"].astype(jnp.float32)
+  if weight.ndim == 1:  # per example; packed rows carry one per token (data/packing.py)
+    weight = weight[:, None]
   return jnp.sum(ce * mask * weight), jnp.sum(mask)
 
 
@@ -56,13 +58,16 @@ def make_train_step(model, tx: optax.GradientTransformation, config, schedule=No
     grads = jax.tree.map(lambda g: g / den, grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def update(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    new_params, new_opt_state = jax.lax.cond(finite, update, lambda *old: old, state.params,
+                                             state.opt_state)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep_if_bad(new_params, state.params),
-        opt_state=keep_if_bad(new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step,
                                  state.nonfinite_step))
     metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": den,

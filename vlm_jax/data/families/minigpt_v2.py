@@ -50,7 +50,7 @@ import re
 
 import numpy as np
 
-from vlm_jax.data import catalog, preprocessors
+from vlm_jax.data import catalog, packing, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.boxes import percent
 from vlm_jax.data.synthetic import scene_objects, scenes
@@ -281,6 +281,8 @@ EVAL_TASKS = (
                      metrics=("exact_match", "iou@0.5"), max_new_tokens=40),
 )
 BOX_FORMAT = percent
+# One image and a causal LM per example: rows pack several (config.data.packing).
+PACKING = packing.Layout()
 
 
 # ----------------------------------------------------------------------------------------

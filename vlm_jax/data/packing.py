@@ -1,0 +1,135 @@
+"""Sequence packing (`config.data.packing`): several examples share one row.
+
+A family whose data module declares `PACKING = packing.Layout(...)` can be packed; the
+pipeline (`pipeline.make_dataset`) then trims each processed example to its real tokens and
+packs rows with grain's best-fit packer (`grain.experimental.BestFitPackIterDataset`, whose
+state is part of the checkpointed iterator state, so packed runs resume exactly). A packed
+row (T = `sequence_length` tokens, K = `packed_images` image slots) holds:
+
+    text keys     [T]        the examples' tokens one after another, then padding (zeros)
+    segment_ids   [T] i32    k for the k-th example of the row (1-based), 0 for padding
+    positions     [T] i32    each token's position inside its own example
+    loss_weight   [T] f32    the example's weight on each of its tokens (per-example [B]
+                             unpacked; the loss takes both: train/step.py)
+    image keys    [K, ...]   the examples' images in slot order; unused slots zero (their
+                             image_mask is 0, so the model never splices them)
+    image_positions [K] i32  the row index of each image's first placeholder slot
+
+Attention never crosses segments: the model builds its masks from `segment_ids` (causal and
+equal ids, `segment_mask.SegmentMask`), and each image is spliced into its own example's
+slots. The loss is the sum of the unpacked examples' losses (the same target tokens, each
+with its example's weight). Each row also carries its examples' task numbers
+(`health.TASK_KEY` [T]: task + 1 on each example's first token), so the iterator's
+`examples` and `examples/<task>` counters (health.py) count examples, not rows. Packing
+happens in each process on its own rows, so the packed global batch depends on the number
+of processes (unpacked batches do not).
+
+Rows longer than an unpacked example pack better: MiniGPT-v2's `packed=True` config option
+uses rows of 2T (92-94% real tokens against 86-91% at T; docs/performance.md).
+
+Families whose examples are one image plus text in a single causal LM (MiniGPT-v2) declare a
+Layout; the others do not yet (the issue-24 report says why and what each needs).
+"""
+import dataclasses
+
+import grain
+import numpy as np
+
+from vlm_jax.data import health
+
+SEGMENT_IDS, POSITIONS = "segment_ids", "positions"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Which keys of a family's processed example are packed how. Each example has one image
+  slot (`images` [1, ...]) whose first placeholder is at `image_positions` [1]."""
+  text_keys: tuple[str, ...] = ("tokens", "targets", "loss_mask", "token_mask")
+  image_keys: tuple[str, ...] = ("images", "image_mask")
+  image_positions_key: str = "image_positions"
+  valid_key: str = "token_mask"  # 1 for the example's real tokens (placeholders included)
+
+
+def layout_of(family_module, family: str) -> Layout:
+  layout = getattr(family_module, "PACKING", None)
+  if layout is None:
+    raise ValueError(f"config.data.packing=True: the {family!r} family's data module declares "
+                     "no PACKING layout (vlm_jax/data/packing.py); set config.data.packing=False.")
+  return layout
+
+
+def _on_first_token(value, length: int) -> np.ndarray:
+  out = np.zeros(length, np.int32)
+  out[0] = value
+  return out
+
+
+class _Trim:
+  """An example cut to its real tokens, its weight spread over them (picklable)."""
+
+  def __init__(self, layout: Layout):
+    self.layout = layout
+
+  def __call__(self, example: dict) -> dict:
+    valid = np.flatnonzero(np.asarray(example[self.layout.valid_key]) > 0)
+    length = int(valid[-1]) + 1 if valid.size else 1
+    out = {k: np.asarray(example[k])[:length] for k in self.layout.text_keys}
+    out["loss_weight"] = np.full(length, example["loss_weight"], np.float32)
+    # health.py's count of records skipped before this example and its task number + 1 (0
+    # marks no example: health.TASK_KEY), on its first token, so a row keeps all its examples'
+    out[health.SKIPPED_KEY] = _on_first_token(example[health.SKIPPED_KEY], length)
+    out[health.TASK_KEY] = _on_first_token(example[health.TASK_KEY] + 1, length)
+    for key in self.layout.image_keys + (self.layout.image_positions_key,):
+      out[key] = np.asarray(example[key])
+    return out
+
+
+class _Finish:
+  """grain's packed element -> the family's batch keys plus segment_ids and positions, image
+  positions made absolute in the row (picklable)."""
+
+  def __init__(self, layout: Layout):
+    self.layout = layout
+
+  def __call__(self, packed: dict) -> dict:
+    text = self.layout.text_keys[0]
+    segments = packed[f"{text}_segment_ids"].astype(np.int32)
+    out = {k: packed[k] for k in self.layout.text_keys + ("loss_weight",)}
+    out.update({k: packed[k] for k in self.layout.image_keys})
+    out[SEGMENT_IDS] = segments
+    out[health.SKIPPED_KEY] = np.int32(packed[health.SKIPPED_KEY].sum())
+    out[health.TASK_KEY] = packed[health.TASK_KEY].astype(np.int32)
+    out[POSITIONS] = packed[f"{text}_positions"].astype(np.int32)
+    # Row index where each segment starts; an image slot of segment s is offset by it.
+    first = {s: int(np.argmax(segments == s)) for s in np.unique(segments) if s}
+    key = self.layout.image_positions_key
+    slot_segments = packed[f"{self.layout.image_keys[0]}_segment_ids"]
+    out[key] = np.asarray([first.get(int(s), 0) + int(p) if s else 0
+                           for s, p in zip(slot_segments, packed[key])], np.int32)
+    return out
+
+
+def pack(ds: grain.IterDataset, layout: Layout, data_config, *, seed: int) -> grain.IterDataset:
+  """Processed examples -> packed rows (module docstring); deterministic given `seed`."""
+  if data_config.packed_images < 1:
+    raise ValueError(f"config.data.packed_images={data_config.packed_images}: need >= 1 image "
+                     "slot per packed row.")
+  length = data_config.sequence_length
+  lengths = {k: length for k in layout.text_keys + ("loss_weight", health.SKIPPED_KEY,
+                                                    health.TASK_KEY)}
+  lengths.update({k: data_config.packed_images
+                  for k in layout.image_keys + (layout.image_positions_key,)})
+  ds = ds.map(_Trim(layout))
+  ds = grain.experimental.BestFitPackIterDataset(
+      ds, length_struct=lengths, num_packing_bins=data_config.packing_bins, seed=seed,
+      shuffle_bins=False)
+  return ds.map(_Finish(layout))
+
+
+def efficiency(batches, valid_key: str = "token_mask") -> float:
+  """Real tokens / token slots over `batches` (dicts with `valid_key` [B, T])."""
+  real = slots = 0
+  for batch in batches:
+    valid = np.asarray(batch[valid_key]) > 0
+    real, slots = real + int(valid.sum()), slots + valid.size
+  return real / slots
