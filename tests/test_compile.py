@@ -51,6 +51,43 @@ def test_a_mesh_that_does_not_divide_the_topology_is_a_usage_error():
   assert "config.mesh.shape=(3, 1, 1)" in result.stderr
 
 
+def test_search_rejects_what_does_not_fit_and_returns_the_best_that_fits():
+  # SimVLM bench with 40+40 layers (0.9B parameters, 13.2 GiB with Adam per device when
+  # unsharded) on 4 v5e chips of 16 GiB: data parallelism alone runs out of HBM (XLA says so
+  # in seconds); fsdp over 2 chips fits. The first rung (no remat, 1 micro-batch) tries the
+  # data-parallel split first (least communication) and stops at the first that fits.
+  result = vlm_compile("--config", os.path.join(REPO, "configs/simvlm.py:bench"),
+                       "--topology", "v5e:2x2", "--config.model.lm.encoder_layers=40",
+                       "--config.model.lm.decoder_layers=40", "--search", "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  found = json.loads(result.stdout.splitlines()[-1])
+  tried = [(t["remat"], t["micro_batches"], tuple(t["mesh"]), t["verdict"])
+           for t in found["tried"]]
+  assert tried == [("none", 1, (4, 1, 1), "does not fit"), ("none", 1, (2, 2, 1), "fits")]
+  rejected, best = found["tried"]
+  assert rejected["peak_bytes"] > rejected["hbm_bytes"] == 16 * 2**30  # XLA's own figure
+  assert best == found["best"] and best["peak_bytes"] < best["hbm_bytes"]
+  assert best["xla_flops_per_device"] > 0 and best["estimated_step_s"] > 0
+  # The estimate: analytic FLOPs per chip over a v5e's 197 TFLOP/s bf16 peak.
+  assert best["estimated_step_s"] == best["analytic_flops_per_device"] / 197e12
+  overrides = ("--config.model.remat_policy=none --config.grad_accum_steps=1 "
+               "--config.mesh.shape='(2,2,1)'")
+  assert found["overrides"] == overrides.split()
+  assert f"best fitting setting: {overrides}" in result.stdout
+  assert "could not determine TPU worker hostnames" not in result.stderr
+
+
+def test_search_order_tries_cheaper_settings_first():
+  from vlm_jax import fit_search  # pylint: disable=g-import-not-at-top
+  # Splits of 8 devices whose batch shards (data x fsdp) divide a batch of 4, least
+  # communication first: less tensor, then less fsdp.
+  assert fit_search.mesh_splits(8, 4) == [(4, 1, 2), (2, 2, 2), (1, 4, 2), (2, 1, 4),
+                                          (1, 2, 4), (1, 1, 8)]
+  assert fit_search.rungs(("full", "dots", "none"), (2, 1)) == [
+      ("none", 1), ("dots", 1), ("none", 2), ("dots", 2), ("full", 1), ("full", 2)]
+  assert fit_search.parse_meshes("(1,4,1) 4x1x1") == [(1, 4, 1), (4, 1, 1)]
+
+
 def test_tiny_simvlm_compiles_for_tpu_with_the_splash_attention_kernel():
   # Encoder key padding, causal decoder, padded cross-attention: each a Pallas kernel in the
   # forward pass (scanned: once per stack) plus its two backward kernels (dq, dk/dv).

@@ -1,5 +1,6 @@
 """vlm-launch --dry-run: the exact commands (tpu, local) and sbatch script (slurm) it would run;
-the GPU XLA flags it sets are ones this jaxlib knows (an unknown flag aborts every process)."""
+the GPU XLA flags it sets are ones this jaxlib knows (an unknown flag aborts every process);
+what the local launcher and the sbatch script do after a hang (exit 76)."""
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from vlm_jax.cli import launch as launch_cli
-from vlm_jax.launch import slurm
+from vlm_jax.launch import local, slurm
 
 REPO = launch_cli.REPO_ROOT
 TRAIN = ["--config", "configs/simvlm.py:large", "--workdir", "/mnt/runs/large",
@@ -102,6 +103,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.90
 notice=""
 trap 'notice=1; echo "vlm-launch: preemption notice (SIGUSR1); SIGTERM to every task"; \
 scancel --signal=TERM "$SLURM_JOB_ID" || true' USR1
+hangs_before=$(ls /mnt/runs/large/hangs 2>/dev/null | wc -l) || true
 srun --kill-on-bad-exit=1 python -m vlm_jax.cli.train --config configs/simvlm.py:large \
 --workdir /mnt/runs/large '--config.mesh.shape=(1,-1,1)' &
 step=$!
@@ -109,6 +111,18 @@ while true; do
   wait "$step" && status=0 || status=$?
   kill -0 "$step" 2>/dev/null || break
 done
+hangs_after=$(ls /mnt/runs/large/hangs 2>/dev/null | wc -l) || true
+if [ "$status" = 76 ] || [ "$hangs_after" != "$hangs_before" ]; then
+  requeues=$(( $(cat /mnt/runs/large/hang_requeues 2>/dev/null || echo 0) + 1 ))
+  echo "$requeues" > /mnt/runs/large/hang_requeues
+  if [ "$requeues" -le 3 ]; then
+    echo "vlm-launch: vlm-train hung (its report is in the workdir's hangs/); requeueing job \
+$SLURM_JOB_ID (hang requeue $requeues of at most 3)"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "vlm-launch: vlm-train hung again after 3 requeue(s); not requeueing"
+fi
 if [ "$status" = 75 ] || {{ [ -n "$notice" ] && [ "$status" != 0 ]; }}; then
   echo "vlm-launch: requeueing job $SLURM_JOB_ID (tasks exited $status); it resumes from its \
 newest checkpoint"
@@ -134,6 +148,97 @@ def test_slurm_cpu_script_sets_the_platform_and_devices_per_task(capsys):
 def test_the_requeue_status_is_vlm_trains_preemption_status():
   from vlm_jax.cli import train  # pylint: disable=g-import-not-at-top
   assert slurm.EXIT_PREEMPTED == train.EXIT_PREEMPTED
+
+
+# The sbatch script's decisions after srun, run by bash with `srun` and `scontrol` replaced by
+# scripts that act out how a job ended (the real cluster runs are in tests/test_slurm.py).
+_FAKE_SRUN = """#!/bin/bash
+[ -n "$HANG_REPORT" ] && "$PYTHON" -c "import os; from vlm_jax import storage; \\
+storage.write_atomic(storage.join(os.environ['REPORTS'], os.environ['HANG_REPORT']), 'stacks')"
+exit "$SRUN_STATUS"
+"""
+_FAKE_SCONTROL = """#!/bin/bash
+echo "$@" >> "$WORKDIR/scontrol_calls"
+"""
+
+
+def run_sbatch_script(tmp_path, srun_status, report, requeues_before=0, reports=""):
+  """(bash's result, the job's output directory) after the script ran with srun ending as
+  `srun_status`, one task's watchdog having written `report` ("": none) into `reports`."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  if requeues_before:
+    (workdir / "hang_requeues").write_text(f"{requeues_before}\n")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  reports = reports or str(workdir / "hangs")
+  target = slurm.SlurmTarget(nodes=1, tasks_per_node=2, cpu_devices_per_task=1)
+  script = slurm.script(target, ["--config", "c.py:tiny", "--workdir", str(workdir)],
+                        str(workdir), REPO, reports)
+  # `python` in the script (a gs:// count) is the job's: this interpreter.
+  env = {**os.environ, "PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable),
+                                                os.environ["PATH"]]),
+         "PYTHONPATH": REPO, "PYTHON": sys.executable, "SLURM_JOB_ID": "42",
+         "WORKDIR": str(workdir), "REPORTS": reports, "SRUN_STATUS": str(srun_status),
+         "HANG_REPORT": report}
+  result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120)
+  return result, workdir
+
+
+@pytest.mark.parametrize("srun_status, report, requeues_before, requeued, status", [
+    (76, "", 0, True, 0),  # every task's watchdog fired
+    (137, "process_1_1.txt", 0, True, 0),  # one task hung, srun killed the others
+    (137, "process_1_2.txt", 3, False, 137),  # the 4th hang: a person must look
+    (137, "", 0, False, 137),  # a crash without a hang report is the job's failure
+    (75, "", 3, True, 0),  # preemptions requeue whatever the hang count
+])
+def test_the_sbatch_script_requeues_hangs_at_most_max_hang_requeues_times(
+    tmp_path, srun_status, report, requeues_before, requeued, status):
+  result, workdir = run_sbatch_script(tmp_path, srun_status, report, requeues_before)
+  assert result.returncode == status, result.stdout + result.stderr
+  calls = (workdir / "scontrol_calls").read_text() if requeued else ""
+  assert calls == ("requeue 42\n" if requeued else ""), result.stdout
+  assert not (workdir / "scontrol_calls").exists() or requeued
+  if srun_status != 75 and (report or srun_status == 76):
+    assert (workdir / "hang_requeues").read_text().strip() == str(requeues_before + 1)
+
+
+def test_the_sbatch_script_sees_a_hang_report_in_a_gs_workdir(tmp_path, gcs_dir):
+  reports = f"{gcs_dir}/hangs"
+  result, workdir = run_sbatch_script(tmp_path, 137, "process_1_1.txt", reports=reports)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert (workdir / "scontrol_calls").read_text() == "requeue 42\n"
+  assert "hang requeue 1 of at most 3" in result.stdout
+
+
+@pytest.mark.parametrize("outcomes, max_restarts, runs, status", [
+    ([(76, ""), (0, "")], 3, 2, 0),  # hung, restarted, finished
+    ([(137, "process_1_1.txt"), (0, "")], 3, 2, 0),  # one process hung, the other was killed
+    ([(76, "")] * 3, 1, 2, 76),  # hangs again after the last restart: given up
+    ([(1, "")], 3, 1, 1),  # a crash is not a hang
+])
+def test_vlm_launch_local_restarts_hangs_at_most_max_hang_restarts_times(
+    tmp_path, capsys, outcomes, max_restarts, runs, status):
+  ran = []
+
+  def run_once():  # acts out one run of the job: its status, and a watchdog report it wrote
+    code, report = outcomes[len(ran)]
+    ran.append(code)
+    if report:
+      (tmp_path / "hangs").mkdir(exist_ok=True)
+      (tmp_path / "hangs" / report).write_text("stacks")
+    return code
+
+  assert local.restarting_hangs(run_once, str(tmp_path), max_restarts) == status
+  assert len(ran) == runs
+  out = capsys.readouterr().out
+  assert out.count("restarting it (restart") == min(runs - 1, max_restarts)
+  with pytest.raises(ValueError, match="--max-hang-restarts=-1 must be >= 0"):
+    local.restarting_hangs(run_once, str(tmp_path), -1)
 
 
 def test_local_two_processes(capsys):

@@ -26,7 +26,7 @@ def workdir(tmp_path_factory):
                   "--config", os.path.join(REPO, "configs", "simvlm.py:tiny"), "--workdir", path,
                   "--config.batch_size=8", "--config.num_train_steps=4",
                   "--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
-                  "--config.optimizer.warmup_steps=2"],
+                  "--config.optimizer.warmup_steps=2", "--config.profile.steps=(3,)"],
                  check=True, capture_output=True, timeout=900,
                  env={**os.environ, "PYTHONPATH": REPO})
   return path
@@ -73,3 +73,5 @@ def test_inspect_run(workdir):
   check_plots(notebook)
   text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
   assert "step 2" in text and "step 4" in text  # both checkpoints listed
+  assert "goodput " in text and "% of " in text  # the time accounts' summary
+  assert text.count("profile: ") == 2 and "tensorboard --logdir" in text  # one per process

@@ -36,7 +36,12 @@ _ADVICE = ("shard more (config.mesh.shape), lower the batch per device (config.b
 
 
 class DoesNotFit(RuntimeError):
-  """The step needs more memory per device than the chip's HBM."""
+  """The step needs more memory per device than the chip's HBM; `report` has what is known
+  (the peak when XLA compiled the step, else the arguments alone)."""
+
+  def __init__(self, message: str, report: "Report"):
+    super().__init__(message)
+    self.report = report
 
 
 @dataclasses.dataclass
@@ -122,9 +127,10 @@ def _count_collectives(hlo_text: str) -> dict:
   return {k: counts[k] for k in COLLECTIVES if k in counts}
 
 
-def compile_train_step(config, topology: str) -> Report:
-  """Compiles `config`'s train step for `topology`; raises DoesNotFit or ValueError."""
-  devices = topology_devices(topology)
+def compile_train_step(config, topology: str, devices=None) -> Report:
+  """Compiles `config`'s train step for `topology` (its `devices`, when already described);
+  raises DoesNotFit or ValueError."""
+  devices = topology_devices(topology) if devices is None else devices
   kind = devices[0].device_kind
   if kind not in HBM_BYTES:
     raise ValueError(f"--topology={topology!r}: unknown HBM size for device kind {kind!r}.")
@@ -135,6 +141,8 @@ def compile_train_step(config, topology: str) -> Report:
                      f"{e}") from None
   rules = sharding.rules_from_config(config)
   report = Report(topology, kind, len(devices), dict(mesh.shape), HBM_BYTES[kind])
+  analytic = flops_lib.flops_per_example(config)["train"]
+  report.analytic_flops_per_device = analytic * config.batch_size / len(devices)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % batch_shards:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
@@ -156,7 +164,7 @@ def compile_train_step(config, topology: str) -> Report:
         f"parameters and optimizer state alone need {report.argument_bytes / GIB:.1f} GiB "
         f"per device, more than the {report.hbm_bytes / GIB:.0f} GiB HBM of a {kind} "
         f"(mesh {report.mesh}); shard them over more devices (config.mesh.shape fsdp/tensor) "
-        "or use a larger topology.")
+        "or use a larger topology.", report)
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, len(s.shape))
                      for k, s in batch_spec.items()}
   abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_shardings[k])
@@ -171,10 +179,11 @@ def compile_train_step(config, topology: str) -> Report:
     try:
       compiled = step.lower(abstract_state, abstract_batch, rng).compile()
     except Exception as e:  # pylint: disable=broad-except
+      report.compile_s = time.perf_counter() - start
       if out_of_memory(e):
         raise DoesNotFit(f"XLA could not fit the step into the {report.hbm_bytes / GIB:.0f} "
                          f"GiB HBM of a {kind} (mesh {report.mesh}): "
-                         f"{str(e).splitlines()[0][:500]}\n{_ADVICE}") from None
+                         f"{str(e).splitlines()[0][:500]}\n{_ADVICE}", report) from None
       raise
   report.compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -186,11 +195,9 @@ def compile_train_step(config, topology: str) -> Report:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.xla_flops_per_device = float(cost.get("flops", 0.0))
-  analytic = flops_lib.flops_per_example(config)["train"]
-  report.analytic_flops_per_device = analytic * config.batch_size / len(devices)
   hlo = compiled.as_text()
   report.collectives = _count_collectives(hlo)
   report.pallas_kernels = hlo.count('custom_call_target="tpu_custom_call"')
   if not report.fits:
-    raise DoesNotFit("\n".join(report.lines()) + f"\nthe step does not fit: {_ADVICE}")
+    raise DoesNotFit("\n".join(report.lines()) + f"\nthe step does not fit: {_ADVICE}", report)
   return report

@@ -93,6 +93,31 @@ def base_config(name: str = "", options=None) -> ml_collections.ConfigDict:
   c.evals.num_examples = 0  # 0: each task's default
   c.evals.batch_size = 8
 
+  # Operating a long run (docs/reliability.md, docs/performance.md).
+  # Profiles (train/profiling.py): jax.profiler traces of these steps (each run of consecutive
+  # steps is one trace), or of `num_steps` steps from every multiple of `every_steps`, into
+  # <workdir>/tensorboard/plugins/profile (TensorBoard's Profile tab, xprof).
+  c.profile = ml_collections.ConfigDict()
+  c.profile.steps = ()
+  c.profile.every_steps = 0
+  c.profile.num_steps = 2
+  # Hang detection (train/watchdog.py): a loop phase (waiting for data or for the device, a
+  # checkpoint, an eval) longer than `factor` x its recent median and than `min_s`, or than
+  # `timeout_s` in any case, dumps every thread's stack and exits with status 76 so the
+  # launcher restarts the run. 0 turns a bound off (both 0: no watchdog).
+  c.watchdog = ml_collections.ConfigDict()
+  c.watchdog.factor = 20.0
+  c.watchdog.min_s = 600.0
+  c.watchdog.timeout_s = 7200.0
+  # Weights & Biases (train/wandb_writer.py, pip install 'vlm_jax[wandb]'), beside
+  # metrics.jsonl and TensorBoard: "disabled", "offline" (files under <workdir>/wandb; upload
+  # with `wandb sync`) or "online". A restarted run continues the same W&B run.
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = "disabled"
+  c.wandb.project = "vlm_jax"
+  c.wandb.entity = ""
+  c.wandb.name = ""  # "": the workdir's name
+
   c.model = ml_collections.ConfigDict()
   c.model.name = name
   c.model.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU

@@ -1,8 +1,9 @@
 # %% [markdown]
 # # Inspect a run
 # Point at a training workdir: loss, learning rate, gradient norm, throughput and MFU from
-# its `metrics.jsonl`; its checkpoints; captions generated from one of them for held-out
-# images; and the decoder's cross-attention over the image for each generated token.
+# its `metrics.jsonl`; where its time went (goodput) and its profiles; its checkpoints;
+# captions generated from one of them for held-out images; and the decoder's
+# cross-attention over the image for each generated token.
 #
 # Parameters: `VLM_NB_WORKDIR` (default: a short tiny SimVLM run is trained into
 # `/tmp/vlm_nb_run` first), `VLM_NB_CONFIG` (`path.py:arg`, used when the workdir has no
@@ -75,6 +76,34 @@ fig.tight_layout()
 plt.show()
 skipped = metrics.get("data/skipped_records", ([], [0]))[1][-1]
 print(f"bad records skipped by the end of the run: {skipped:.0f}")
+
+# %% [markdown]
+# ## Where the time went
+# Goodput accounts (`vlm_jax/train/goodput.py`): the run's wall time, restarts included, split
+# into start-up, init/restore, compile, data wait, steps, checkpoints, evals, restarts and the
+# time lost to steps a restart redid; and the profiles taken (`config.profile`).
+
+# %% tags=["plot"]
+from vlm_jax.train import goodput, profiling
+
+accounts = run_insp.time_accounts(metrics)
+if accounts:
+  print(goodput.summary(accounts))
+  shown = [c for c in goodput.CATEGORIES if accounts[c] > 0]
+  fig, ax = plt.subplots(figsize=(8, 0.35 * len(shown) + 0.8))
+  ax.barh(shown, [accounts[c] for c in shown])
+  ax.invert_yaxis()
+  ax.set_xlabel("seconds")
+  ax.set_title(f"wall {accounts['wall']:.0f} s, "
+               f"goodput {100 * accounts['step'] / accounts['wall']:.1f}%")
+  fig.tight_layout()
+  plt.show()
+traces = profiling.traces(WORKDIR)
+for path in traces:
+  print(f"profile: {path}")
+print(f"open them: tensorboard --logdir {WORKDIR}/tensorboard (Profile tab) or xprof --logdir "
+      f"{WORKDIR}/tensorboard" if traces else "no profile: set config.profile.steps, e.g. "
+      "--config.profile.steps='(10, 11)'")
 
 # %% [markdown]
 # ## Checkpoints

@@ -21,6 +21,7 @@ import sys
 
 from vlm_jax import launch, storage
 from vlm_jax.launch import local, slurm, tpu
+from vlm_jax.train.watchdog import HANG_REPORTS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a process whose heartbeats stop this long ends the job")
   loc.add_argument("--grace-s", type=float, default=60.0,
                    help="after a failure, how long the others get to stop by themselves")
+  loc.add_argument("--max-hang-restarts", type=int, default=3,
+                   help="restart vlm-train this many times after its watchdog found a hang "
+                   "(exit 76); it resumes from its newest checkpoint")
 
   tp = target("tpu", "a Cloud TPU VM slice (or several: --num-slices)")
   tp.add_argument("--name", required=True, help="TPU (or queued resource) name")
@@ -81,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
   sl.add_argument("--setup", action="append", default=[],
                   help="shell line before srun, e.g. 'source ~/venv/bin/activate'")
   sl.add_argument("--env", action="append", default=[], help="KEY=VALUE exported")
+  sl.add_argument("--max-hang-requeues", type=int, default=3,
+                  help="requeue the job at most this many times after vlm-train hung (exit 76)")
   sl.add_argument("--script", default=None,
                   help="where to write the sbatch script (default: <workdir>/launch.sbatch; "
                   "launch_eval.sbatch for --program eval)")
@@ -138,8 +144,17 @@ def _local(args, train_args, workdir) -> int:
   if args.dry_run:
     print("\n".join(local.commands(train_args, envs, args.program)))
     return 0
-  return local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s,
-                   args.program)
+
+  def run_once():
+    nonlocal envs
+    status = local.run(train_args, envs, os.path.join(workdir, "launch_logs"), args.grace_s,
+                       args.program)
+    # A restart gets a new coordinator port: the old one may not be free yet.
+    envs = local.process_envs(args.num_processes, cpu_devices, args.port or local.free_port(),
+                              args.heartbeat_timeout_s)
+    return status
+
+  return local.restarting_hangs(run_once, workdir, args.max_hang_restarts)
 
 
 def _tpu(args, train_args, workdir) -> int:
@@ -168,7 +183,7 @@ def _slurm(args, train_args, workdir) -> int:
       cpu_devices_per_task=args.cpu_devices_per_task, time=args.time, signal=args.signal,
       job_name=args.job_name, partition=args.partition, account=args.account,
       cpus_per_task=args.cpus_per_task, setup=tuple(args.setup), env=tuple(args.env),
-      program=args.program)
+      program=args.program, max_hang_requeues=args.max_hang_requeues)
   if storage.is_gcs(workdir) and not args.script:
     raise ValueError(f"--workdir {workdir}: sbatch reads its script and writes its output on "
                      "a filesystem, not gs://; pass --script /shared/dir/launch.sbatch (the "
@@ -176,7 +191,8 @@ def _slurm(args, train_args, workdir) -> int:
   name = "launch.sbatch" if args.program == "train" else f"launch_{args.program}.sbatch"
   path = args.script or os.path.join(workdir, name)
   output_dir = os.path.dirname(os.path.abspath(path)) if storage.is_gcs(workdir) else workdir
-  text = slurm.script(target, train_args, os.path.abspath(output_dir), REPO_ROOT)
+  text = slurm.script(target, train_args, os.path.abspath(output_dir), REPO_ROOT,
+                      storage.join(storage.abspath(workdir), HANG_REPORTS))
   if args.dry_run:
     print(f"# {path}\n{text}# then: {' '.join(slurm.submit_command(path))}")
     return 0

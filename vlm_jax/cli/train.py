@@ -6,7 +6,9 @@ generates for a few held-out examples beside the truth.
 Exit status (docs/reliability.md): 0 done; 1 crash (traceback); 2 bad config, before anything
 is compiled; 3 non-finite loss/gradient (config.nonfinite.policy=stop); 74 workdir not
 writable or full, or a checkpoint save failed (the previous checkpoint is intact); 75
-preempted after saving a checkpoint: rerun the same command to resume.
+preempted after saving a checkpoint: rerun the same command to resume; 76 hung (the
+watchdog found the loop stuck, printed every thread's stack and ended the process): rerun
+the same command to resume from the newest checkpoint.
 """
 import argparse
 import contextlib
@@ -19,6 +21,7 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3  # do not restart: the same data and state would fail again
 EXIT_WORKDIR = 74  # sysexits EX_IOERR: restart only after fixing the disk
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: restart the same command, it resumes
+EXIT_HUNG = 76  # train/watchdog.py exits the process with it: restart, it resumes
 
 
 def _fail(message: str, code: int):

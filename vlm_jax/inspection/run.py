@@ -36,6 +36,16 @@ def read_metrics(workdir: str) -> dict:
   return series
 
 
+def time_accounts(metrics: dict) -> dict:
+  """{category: seconds, 'wall': seconds} of the run's newest record (train/goodput.py), from
+  read_metrics' series; {} for a run from before goodput accounting."""
+  from vlm_jax.train import goodput  # pylint: disable=g-import-not-at-top
+  keys = [f"time/{c}_s" for c in (*goodput.CATEGORIES, "wall")]
+  if not all(k in metrics for k in keys):
+    return {}
+  return {k[len("time/"):-len("_s")]: metrics[k][1][-1] for k in keys}
+
+
 def latest_params(workdir: str) -> tuple[int, dict]:
   """(step, parameters) of the run's newest checkpoint, read with its own config."""
   from vlm_jax.train import loop  # pylint: disable=g-import-not-at-top

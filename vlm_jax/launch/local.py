@@ -8,6 +8,8 @@ with a gs:// workdir: to a local directory, uploaded when the processes end).
 
 When a process fails, the others are left to stop by themselves (the coordination service
 terminates them once its heartbeats stop, as it would on a pod) for `grace_s`, then killed.
+When vlm-train hung (its watchdog exited with EXIT_HUNG, or left a report in
+<workdir>/hangs/ while another process's status came first), cli/launch.py restarts it.
 """
 import os
 import re
@@ -23,6 +25,7 @@ import time
 from vlm_jax import distributed
 from vlm_jax import launch
 from vlm_jax import storage
+from vlm_jax.train.watchdog import EXIT_HUNG, HANG_REPORTS
 
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
 
@@ -49,6 +52,36 @@ def process_envs(num_processes: int, cpu_devices: int | None, port: int,
                  distributed.ENV_NUM_PROCESSES: str(num_processes),
                  distributed.ENV_HEARTBEAT_TIMEOUT: str(heartbeat_timeout_s)})
   return [{**common, distributed.ENV_PROCESS_ID: str(i)} for i in range(num_processes)]
+
+
+def hang_reports(workdir: str) -> set:
+  directory = storage.join(workdir, HANG_REPORTS)
+  return set(storage.listdir(directory)) if storage.isdir(directory) else set()
+
+
+def hung(status: int, reports_before: set, workdir: str) -> bool:
+  """Whether a run that ended with `status` hung: its status, or a new watchdog report."""
+  return status == EXIT_HUNG or bool(hang_reports(workdir) - reports_before)
+
+
+def restarting_hangs(run_once, workdir: str, max_restarts: int) -> int:
+  """Calls `run_once()` (-> exit status) again after each hang, at most `max_restarts` times;
+  returns the last status. A hang that recurs after that needs a person."""
+  if max_restarts < 0:
+    raise ValueError(f"--max-hang-restarts={max_restarts} must be >= 0.")
+  for restart in range(max_restarts + 1):
+    reports = hang_reports(workdir)
+    status = run_once()
+    if not hung(status, reports, workdir):
+      return status
+    if restart == max_restarts:
+      print(f"vlm-launch: vlm-train hung again after {max_restarts} restart(s); not restarting "
+            f"it (the reports are in {storage.join(workdir, HANG_REPORTS)})", flush=True)
+      return status
+    print(f"vlm-launch: vlm-train hung (its report is in "
+          f"{storage.join(workdir, HANG_REPORTS)}); restarting it (restart {restart + 1} of at "
+          f"most {max_restarts}); it resumes from its newest checkpoint", flush=True)
+  return status
 
 
 def _argv(program: str, args) -> list[str]:
@@ -84,7 +117,8 @@ def run(args, envs, log_dir: str, grace_s: float, program: str = "train") -> int
   procs, logs, threads = [], [], []
   prefix = "" if program == "train" else f"{program}_"  # a later vlm-eval keeps train's logs
   for i, env in enumerate(envs):
-    log = open(os.path.join(log_dir, f"{prefix}process_{i}.log"), "wb")
+    # Appended to: a restarted or resumed run keeps the earlier attempts' logs.
+    log = open(os.path.join(log_dir, f"{prefix}process_{i}.log"), "ab")
     logs.append(log)
     stdout = subprocess.PIPE if i == 0 else log
     procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=stdout,

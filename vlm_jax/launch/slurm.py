@@ -10,6 +10,11 @@ long before the limit; the shell passes it on to every task as SIGTERM, each `vl
 saves at the step jax's preemption sync agrees on and exits EXIT_PREEMPTED, and the shell
 requeues the job (`scontrol requeue`), which resumes from that checkpoint. An admin's
 `scancel --signal=TERM JOB` reaches the tasks directly and ends the same way.
+
+Hangs: a task whose watchdog finds the loop stuck exits EXIT_HUNG after writing a report to
+<workdir>/hangs/. srun reports the highest status of the job's tasks (the others are killed,
+137), so the shell requeues when the status is EXIT_HUNG or a new report appeared, at most
+`max_hang_requeues` times over the job's life (counted in <workdir>/hang_requeues).
 """
 import dataclasses
 import re
@@ -18,6 +23,8 @@ import signal
 
 from vlm_jax import distributed
 from vlm_jax import launch
+from vlm_jax import storage
+from vlm_jax.train.watchdog import EXIT_HUNG, HANG_REPORTS
 
 # vlm-train's exit status after a preemption checkpoint (cli/train.py, which library code
 # does not import; tests/test_launch.py checks that they agree).
@@ -40,24 +47,52 @@ GPU_ENV = (
     "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90",
 )
 
-# After srun: wait for it (a trapped notice interrupts `wait`, so wait again until srun is
-# gone), then requeue a job whose tasks stopped for a preemption. A notice followed by any
-# other failure (a task killed before it could save) is requeued too: the rerun resumes from
-# the newest complete checkpoint whatever happened.
-_WAIT_AND_REQUEUE = (
-    "step=$!",
-    "while true; do",
-    '  wait "$step" && status=0 || status=$?',
-    '  kill -0 "$step" 2>/dev/null || break',
-    "done",
-    f'if [ "$status" = {EXIT_PREEMPTED} ] || {{ [ -n "$notice" ] && [ "$status" != 0 ]; }}; then',
-    '  echo "vlm-launch: requeueing job $SLURM_JOB_ID (tasks exited $status); it resumes from '
-    'its newest checkpoint"',
-    '  scontrol requeue "$SLURM_JOB_ID"',
-    "  exit 0",
-    "fi",
-    'exit "$status"',
-)
+
+def _count_reports(reports: str) -> str:
+  """A shell command that prints how many hang reports the directory `reports` holds (a gs://
+  one through vlm_jax.storage, with the job's Python)."""
+  if storage.is_gcs(reports):
+    code = ("import sys; from vlm_jax import storage as s; d = sys.argv[1]; "
+            "print(len(s.listdir(d)) if s.isdir(d) else 0)")
+    return f"python -c {shlex.quote(code)} {shlex.quote(reports)}"
+  return f"ls {shlex.quote(reports)} 2>/dev/null | wc -l"
+
+
+def _wait_and_requeue(workdir: str, reports: str, max_hang_requeues: int) -> tuple:
+  """After srun: wait for it (a trapped notice interrupts `wait`, so wait again until srun is
+  gone), then requeue a job whose tasks stopped for a preemption. A notice followed by any
+  other failure (a task killed before it could save) is requeued too: the rerun resumes from
+  the newest complete checkpoint whatever happened. A hang is requeued a bounded number of
+  times: one that recurs needs a person."""
+  counter = shlex.quote(f"{workdir}/hang_requeues")
+  return (
+      "step=$!",
+      "while true; do",
+      '  wait "$step" && status=0 || status=$?',
+      '  kill -0 "$step" 2>/dev/null || break',
+      "done",
+      f"hangs_after=$({_count_reports(reports)}) || true",
+      f'if [ "$status" = {EXIT_HUNG} ] || [ "$hangs_after" != "$hangs_before" ]; then',
+      f"  requeues=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 ))",
+      f'  echo "$requeues" > {counter}',
+      f'  if [ "$requeues" -le {max_hang_requeues} ]; then',
+      '    echo "vlm-launch: vlm-train hung (its report is in the workdir\'s hangs/); requeueing '
+      f'job $SLURM_JOB_ID (hang requeue $requeues of at most {max_hang_requeues})"',
+      '    scontrol requeue "$SLURM_JOB_ID"',
+      "    exit 0",
+      "  fi",
+      f'  echo "vlm-launch: vlm-train hung again after {max_hang_requeues} requeue(s); not '
+      'requeueing"',
+      "fi",
+      f'if [ "$status" = {EXIT_PREEMPTED} ] || {{ [ -n "$notice" ] && [ "$status" != 0 ]; }}; '
+      "then",
+      '  echo "vlm-launch: requeueing job $SLURM_JOB_ID (tasks exited $status); it resumes from '
+      'its newest checkpoint"',
+      '  scontrol requeue "$SLURM_JOB_ID"',
+      "  exit 0",
+      "fi",
+      'exit "$status"',
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +110,11 @@ class SlurmTarget:
   setup: tuple = ()  # shell lines run before srun (module load, venv activate)
   env: tuple = ()  # extra KEY=VALUE exports
   program: str = "train"  # what every task runs: vlm-train | vlm-eval
+  max_hang_requeues: int = 3
 
   def __post_init__(self):
+    if self.max_hang_requeues < 0:
+      raise ValueError(f"--max-hang-requeues={self.max_hang_requeues} must be >= 0.")
     if self.nodes < 1:
       raise ValueError(f"--nodes={self.nodes} must be >= 1.")
     if self.gpus_per_node < 0 or self.cpu_devices_per_task < 0:
@@ -119,8 +157,12 @@ class SlurmTarget:
             f'--xla_force_host_platform_device_count={self.cpu_devices_per_task}"']
 
 
-def script(t: SlurmTarget, train_args, workdir: str, repo_root: str) -> str:
-  """The sbatch script: the exact text `sbatch` receives."""
+def script(t: SlurmTarget, train_args, workdir: str, repo_root: str,
+           hang_reports: str = "") -> str:
+  """The sbatch script: the exact text `sbatch` receives. `workdir` holds the job's output
+  and hang requeue count; `hang_reports` is where vlm-train's watchdog reports hangs
+  (default <workdir>/hangs; the run's gs:// workdir's when it has one)."""
+  reports = hang_reports or f"{workdir}/{HANG_REPORTS}"
   notice, lead_s = t.notice_signal()
   directives = [f"--job-name={t.job_name}", f"--nodes={t.nodes}", *t._resources(),
                 f"--time={t.time}"]
@@ -138,7 +180,9 @@ def script(t: SlurmTarget, train_args, workdir: str, repo_root: str) -> str:
           f"every task\"; scancel --signal=TERM \"$SLURM_JOB_ID\" || true' {notice}")
   lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "set -euo pipefail",
            f"cd {shlex.quote(repo_root)}", *t.setup, *(f"export {e}" for e in exports),
-           'notice=""', trap, f"{srun} &", *_WAIT_AND_REQUEUE]
+           'notice=""', trap,
+           f"hangs_before=$({_count_reports(reports)}) || true",
+           f"{srun} &", *_wait_and_requeue(workdir, reports, t.max_hang_requeues)]
   return "\n".join(lines) + "\n"
 
 

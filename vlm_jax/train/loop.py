@@ -17,15 +17,20 @@ from vlm_jax.evaluation import runner as eval_runner
 from vlm_jax.models import registry
 from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import compilation_cache
+from vlm_jax.train import goodput as goodput_lib
 from vlm_jax.train import init_from as init_from_lib
 from vlm_jax.train import init_weights
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import nonfinite
 from vlm_jax.train import optimizer as optimizer_lib
+from vlm_jax.train import phases
 from vlm_jax.train import preemption
+from vlm_jax.train import profiling
 from vlm_jax.train import state as state_lib
 from vlm_jax.train import step as step_lib
 from vlm_jax.train import validate
+from vlm_jax.train import wandb_writer
+from vlm_jax.train import watchdog as watchdog_lib
 
 NonFiniteError = nonfinite.NonFiniteError
 
@@ -54,6 +59,8 @@ class Trainer:
     validate.check_workdir_writable(workdir)
     cache = compilation_cache.configure(config, workdir)
     _log(f"Persistent compilation cache: {cache or 'off'}")
+    self.profiler = profiling.StepProfiler(config.profile, workdir, jax.process_index(), _log)
+    wandb_writer.check_mode(config.wandb)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config)
     self.model = registry.build(config.model)
@@ -107,11 +114,29 @@ class Trainer:
   # ------------------------------------------------------------------------------------------
   def run(self):
     """Trains to `num_train_steps`. Raises preemption.Preempted after saving on a preemption
-    notice, NonFiniteError per config.nonfinite, CheckpointSaveError if a save fails."""
-    config = self.config
-    state = self.initial_state()
-    writer = metrics_lib.MetricWriter(self.workdir)
-    peak, peak_source = metrics_lib.peak_flops(self.mesh.size)
+    notice, NonFiniteError per config.nonfinite, CheckpointSaveError if a save fails; exits
+    the process with watchdog.EXIT_HUNG if the loop hangs."""
+    self.clock = phases.PhaseClock(process_index=jax.process_index())
+    self.goodput = goodput_lib.Goodput(self.clock, storage.join(self.workdir, "metrics.jsonl"))
+    hang_watch = watchdog_lib.Watchdog(
+        self.clock, self.config.watchdog, storage.join(self.workdir, watchdog_lib.HANG_REPORTS),
+        jax.process_index(), jax.process_count())
+    try:
+      return self._run()
+    finally:
+      hang_watch.stop()
+
+  def _run(self):
+    config, clock = self.config, self.clock
+    resuming = self.checkpointer.latest_step() is not None
+    if resuming:
+      clock.disarm_stall()
+    with clock.phase("restore" if resuming else "init", 0):
+      state = self.initial_state()
+    self.goodput.begin_attempt(int(state.step))
+    with clock.phase("startup", 0):
+      writer = wandb_writer.make_writer(config, self.workdir, jax.process_index())
+      peak, peak_source = metrics_lib.peak_flops(self.mesh.size)
     flops_per_step = flops_lib.flops_per_example(
         config, flops_lib.config_treatment(config))["train"] * config.batch_size
     progress = metrics_lib.Progress(config.num_train_steps, config.batch_size, flops_per_step,
@@ -130,9 +155,12 @@ class Trainer:
           state = self._rewind(rewind)
     finally:
       watch.close()
+      self.profiler.stop()
       try:
-        self.checkpointer.wait()
+        with clock.phase("checkpoint", 0):
+          self.checkpointer.wait()
       finally:
+        self._print_times()
         writer.close()
 
   def _train(self, state, writer, progress, watch):
@@ -142,27 +170,39 @@ class Trainer:
     pending, fetched = [], []  # per-step metrics on device / already on the host
     with self.mesh_context():
       for step in range(start + 1, config.num_train_steps + 1):
-        batch = sharding.global_batch(self.inject(step, next(self.data)), self.mesh, self.rules)
-        state, step_metrics = self.train_step(state, batch, rng)
+        first = step == start + 1
+        with self.clock.phase("data", step):
+          batch = sharding.global_batch(self.inject(step, next(self.data)), self.mesh,
+                                        self.rules)
+        with self.clock.phase("compile" if first else "dispatch", step), \
+            self.profiler.step(step):
+          state, step_metrics = self.train_step(state, batch, rng)
+          if first:  # keep the first compilation out of the throughput figures
+            jax.block_until_ready(state)
+        self.profiler.after(step, state)
         pending.append((step, step_metrics))
-        if step == start + 1:  # keep the first compilation out of the throughput figures
-          jax.block_until_ready(state)
+        if first:
+          _log(self.goodput.first_step_done())
           progress.update(start + 1)
         last = step == config.num_train_steps
         notice = None if last else watch.notice(step, self.checkpointer.manager)
         log_now = step % config.log_every_steps == 0 or last or notice
         save_now = step % config.checkpoint.every_steps == 0 or last or notice
         if log_now or save_now:
-          new, pending = self._fetch(pending), []
+          with self.clock.phase("device", step, units=len(pending)):
+            new, pending = self._fetch(pending), []
           fetched += new
           if log_now:
-            self._log_metrics(step, [m for _, m in fetched], writer, progress)
+            with self.clock.phase("log", step):  # sums the data counters over processes
+              self._log_metrics(step, [m for _, m in fetched], writer, progress)
             fetched = []
           self._apply_policy(state, new)
         if save_now and self.guard.may_checkpoint():
-          self.checkpointer.save(step, state, self.data, force=last or bool(notice))
+          with self.clock.phase("checkpoint", step):
+            self.checkpointer.save(step, state, self.data, force=last or bool(notice))
         if eval_runner.due(config, step):
-          scalars = eval_runner.run_configured(self, state)
+          with self.clock.phase("eval", step):
+            scalars = eval_runner.run_configured(self, state)
           writer.write(step, scalars)
           _log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
         if notice:
@@ -184,8 +224,10 @@ class Trainer:
     _log(f"Rewinding to checkpoint step {step} after non-finite steps {rewind.first_bad}-"
          f"{rewind.last_bad} (rewind {self.guard.rewinds} of at most "
          f"{self.config.nonfinite.max_rewinds}); the data iterator is not rewound.")
-    with self.mesh_context():
-      return self.checkpointer.restore(step, self.factory.abstract_with_shardings(), None)
+    with self.mesh_context(), self.clock.phase("restore", step):
+      state = self.checkpointer.restore(step, self.factory.abstract_with_shardings(), None)
+    self.goodput.begin_attempt(step)
+    return state
 
   def _log_metrics(self, step, host, writer, progress):
     good = [m for m in host if not m["nonfinite"]] or host  # skipped steps would make NaN means
@@ -195,8 +237,17 @@ class Trainer:
     # The job's totals: each process counts the records it reads and skips.
     counts = pipeline.with_rates(distributed.sum_over_processes(self.data.counters))
     scalars.update({f"data/{k}": v for k, v in counts.items()})
+    scalars.update(self.goodput.scalars(step))
     writer.write(step, scalars)
     _log(progress.line(step, scalars))
+
+  def _print_times(self):
+    """The run's time accounts up to now, the final checkpoint included (the last metric
+    record has them up to its step; after a failure, the next process counts the rest as
+    `restart` time)."""
+    if self.goodput.first_step_s is not None:
+      _log(f"Time: {goodput_lib.summary(self.goodput.totals())}; launch to first step "
+           f"{self.goodput.first_step_s:.1f} s")
 
 
 def _nbytes(abstract_tree) -> int:

@@ -34,12 +34,20 @@ def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
+def accelerator_peak(kind: str) -> tuple[float, str] | None:
+  """(dense bf16 peak FLOP/s of one device of `kind`, its name in the table), or None."""
+  for name, peak in _ACCELERATOR_PEAKS.items():
+    if kind.startswith(name):
+      return peak, name
+  return None
+
+
 def peak_flops(num_devices: int) -> tuple[float, str]:
   """(peak FLOP/s of a mesh of `num_devices` devices, how it was obtained)."""
   kind = jax.devices()[0].device_kind
-  for name, peak in _ACCELERATOR_PEAKS.items():
-    if kind.startswith(name):
-      return peak * num_devices, f"{name} bf16 spec"
+  known = accelerator_peak(kind)
+  if known:
+    return known[0] * num_devices, f"{known[1]} bf16 spec"
   if jax.default_backend() == "cpu":
     # Simulated CPU devices share their host's cores, so a mesh of any number of them has
     # the host's peak (one host per process).
@@ -106,6 +114,8 @@ class Progress:
       eta = (self.total_steps - step) / metrics["steps_per_s"]
       parts += [f"{metrics['steps_per_s']:.2f} steps/s", f"{metrics['examples_per_s']:.1f} ex/s",
                 f"ETA {_duration(eta)}", f"MFU {100 * metrics['mfu']:.1f}%"]
+    if "goodput" in metrics:
+      parts.append(f"goodput {100 * metrics['goodput']:.0f}%")
     if metrics.get("data/skipped_records"):
       parts.append(f"skipped records {int(metrics['data/skipped_records'])}")
     return " | ".join(parts)
