@@ -41,7 +41,28 @@ def host_cpu():
   return jax.local_devices(backend="cpu")[0]
 
 
-class Checkpoint:
+class TensorTable:
+  """`tensors`: {name: (file, shape, dtype)}; the accessors every checkpoint kind shares, and
+  a context manager that calls `close()`."""
+  tensors: dict
+
+  def file(self, name: str) -> str:
+    return self.tensors[name][0]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.tensors[name][1]
+
+  def dtype(self, name: str) -> str:
+    return self.tensors[name][2]
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class Checkpoint(TensorTable):
   """Names, shapes, dtypes and files of a checkpoint's tensors; `read(name)` -> np.ndarray."""
 
   def __init__(self, path: str):
@@ -102,15 +123,6 @@ class Checkpoint:
     with open(path) as f:
       return json.load(f)
 
-  def file(self, name: str) -> str:
-    return self.tensors[name][0]
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return self.tensors[name][1]
-
-  def dtype(self, name: str) -> str:
-    return self.tensors[name][2]
-
   def read(self, name: str) -> np.ndarray:
     file = self.file(name)
     if file not in self._open:
@@ -123,12 +135,6 @@ class Checkpoint:
       handle.__exit__(None, None, None)
     self._open.clear()
     self._download.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 class ShardWriter:

@@ -35,7 +35,7 @@ def _torch():
   return torch
 
 
-class TorchCheckpoint:
+class TorchCheckpoint(ckpt_lib.TensorTable):
   """The tensors of a torch state-dict file: the file's dict itself when it holds tensors,
   else the first of NESTED_KEYS that does (a training script's `{"model": ..., ...}`)."""
 
@@ -71,15 +71,6 @@ class TorchCheckpoint:
   def config(self) -> dict:
     raise ConversionError(f"{self.path} is a bare state dict: it has no config.json.")
 
-  def file(self, name: str) -> str:
-    return self.tensors[name][0]
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return self.tensors[name][1]
-
-  def dtype(self, name: str) -> str:
-    return self.tensors[name][2]
-
   def read(self, name: str) -> np.ndarray:
     torch = _torch()
     tensor = self._state[name].detach().contiguous()
@@ -90,12 +81,6 @@ class TorchCheckpoint:
   def close(self):
     pass
 
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
 
 def open_checkpoint(path: str):
   """A torch state-dict file by its suffix, else an HF safetensors checkpoint."""
@@ -104,7 +89,7 @@ def open_checkpoint(path: str):
   return ckpt_lib.Checkpoint(path)
 
 
-class Combined:
+class Combined(ckpt_lib.TensorTable):
   """Several checkpoints as one: tensor `f"{part}:{name}"` is tensor `name` of `parts[part]`
   (e.g. OpenFlamingo's `checkpoint:perceiver.latents` and `lm:transformer.wte.weight`)."""
 
@@ -121,15 +106,6 @@ class Combined:
   def config(self, part: str) -> dict:
     return self.parts[part].config()
 
-  def file(self, name: str) -> str:
-    return self.tensors[name][0]
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return self.tensors[name][1]
-
-  def dtype(self, name: str) -> str:
-    return self.tensors[name][2]
-
   def read(self, name: str) -> np.ndarray:
     checkpoint, inner = self._split(name)
     return checkpoint.read(inner)
@@ -137,9 +113,3 @@ class Combined:
   def close(self):
     for checkpoint in self.parts.values():
       checkpoint.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
