@@ -111,13 +111,14 @@ def test_no_attention_across_segments(tiny):
     ce = -jax.nn.log_softmax(logits)[0, jnp.arange(logits.shape[1]), batch["targets"][0]]
     return jnp.sum(ce * batch["loss_mask"][0] * (batch["segment_ids"][0] == segment))
 
-  perturbations = jax.tree.map(jnp.zeros_like, model.apply(
-      {"params": variables["params"]}, row, mutable="perturbations")[1]["perturbations"])
-  grad_fn = jax.jit(jax.grad(segment_loss, argnums=(0, 1)), static_argnums=2)
+  shapes = jax.eval_shape(lambda: model.apply({"params": variables["params"]}, row,
+                                               mutable="perturbations")[1]["perturbations"])
+  perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  grad_fn = jax.jit(jax.grad(segment_loss, argnums=(0, 1)))
   owners = {"prefix_embeddings": row["prefix_segment_ids"][0],
             "suffix_embeddings": row["segment_ids"][0]}
   for mine in (1, 2, 3):
-    grads, pixels = grad_fn(perturbations, row["images"], mine)
+    grads, pixels = grad_fn(perturbations, row["images"], jnp.int32(mine))
     for name, owner in owners.items():
       grad = np.asarray(grads[name])[0]
       assert np.all(grad[(owner != mine) & (owner > 0)] == 0), (name, mine)
