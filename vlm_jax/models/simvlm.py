@@ -27,6 +27,17 @@ Batch (fixed shapes; B examples, N images per example, Lp prefix and Ls suffix t
                                        decoder inputs (padding inputs are masked as keys)
     loss_weight   [B] f32              per-example weight (used by the loss, not here)
 
+Packed rows (config.data.packing; data/packing_encoder_decoder.py) hold several examples:
+N = K image slots, Lp and Ls the row's prefix and decoder lengths, and per-token
+`loss_weight` [B, Ls] plus segment ids (k-th example of the row, 0 = padding) and positions
+inside each example: `segment_ids`/`positions` [B, Ls] (decoder), `prefix_segment_ids`/
+`prefix_positions` [B, Lp], `image_segment_ids` [B, K]. The encoder sequence is then the K
+slots' image tokens (each with its slot's example id) followed by the prefix stream;
+encoder self-attention (bidirectional), decoder self-attention (causal) and cross-attention
+are confined to equal ids; learned position tables are indexed by the per-example
+positions, and T5's relative bias sees each token at its place in its own unpacked
+[image ; prefix] or suffix sequence, so logits equal the unpacked examples' logits.
+
 `__call__(batch, deterministic)` returns logits [B, Ls, V] aligned with `targets`. For
 decoding: `encode(batch)` -> (encoded [B, S, D], encoder_mask [B, S]) and
 `decode(encoded, encoder_mask, tokens, ..., decode=True)` with a KV cache (see
