@@ -329,6 +329,19 @@ def flops_parts(config, causal_half=True) -> dict:
     images, prefix, dec_len = (data.packed_images, data.packed_prefix_length,
                                data.packed_suffix_length)
   enc_len = images * grid * grid + prefix
+  enc_layer = (F.attention(enc_len, enc_len, width, heads, head_dim)
+               + F.mlp(enc_len, width, lm.mlp_dim, act))
+  dec_layer = (F.attention(dec_len, dec_len, width, heads, head_dim, causal_half=causal_half)
+               + F.attention(dec_len, enc_len, width, heads, head_dim)
+               + F.mlp(dec_len, width, lm.mlp_dim, act))
+  return {
+      "image_embedder": images * stem,
+      "encoder": lm.encoder_layers * enc_layer,
+      "decoder": lm.decoder_layers * dec_layer,
+      "logits": F.dense(dec_len, width, lm.vocab_size),
+  }
+
+
 def attention_masks(config, batch, example: int = 0) -> dict:
   """SimVLM's encoder self, decoder self and decoder cross masks, and the same model seen as
   one decoder-only PrefixLM over [image ; prefix ; suffix] (`decoder_lm.prefix_lm_mask`),
