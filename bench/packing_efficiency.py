@@ -8,7 +8,10 @@ For each mixture: the unpacked iterator's efficiency, then the packed one's
 (config.data.packing, data/packing.py) for each number of packing bins, over the same
 number of batches of 8 rows, the packed rows' mean and largest number of examples (each
 needs an image slot: `--images` bounds it) and the packed iterator's rows per second (host
-side only).
+side only). Real tokens and slots are counted by the family's layout (`PACKING.efficiency`):
+one token stream for decoder-only families, both streams and the image tokens for
+encoder-decoder ones (data/packing_encoder_decoder.py). `--config configs/simvlm.py:bench,packed=True`
+keeps that config's packed row lengths (`packed_prefix_length`, `packed_suffix_length`).
 """
 import argparse
 import time
@@ -16,7 +19,7 @@ import time
 import numpy as np
 
 from vlm_jax import config as config_lib
-from vlm_jax.data import packing, pipeline
+from vlm_jax.data import families, packing, pipeline
 
 
 def measure(data, family: str, batches: int) -> tuple[float, float, np.ndarray]:
@@ -29,7 +32,8 @@ def measure(data, family: str, batches: int) -> tuple[float, float, np.ndarray]:
   rows_per_s = 8 * batches / (time.perf_counter() - began)
   examples = np.concatenate([b[packing.SEGMENT_IDS].max(1) if packing.SEGMENT_IDS in b else
                              np.ones(len(b["tokens"]), int) for b in got])
-  return packing.efficiency(got), rows_per_s, examples
+  layout = packing.layout_of(families.load(family), family)
+  return layout.efficiency(got, data), rows_per_s, examples
 
 
 def main():
@@ -45,9 +49,12 @@ def main():
   args = parser.parse_args()
   config = config_lib.load_config_file(args.config)
   family, data = config.model.name, config.data
-  data.sequence_length = args.length or data.sequence_length
-  print(f"{args.config}: T = {data.sequence_length}, {args.batches} batches of 8 rows, "
-        f"{args.images} image slots per packed row")
+  if args.length:
+    data.sequence_length = args.length
+  rows = {k: data.get(k) for k in ("sequence_length", "packed_prefix_length",
+                                   "packed_suffix_length") if data.get(k)}
+  print(f"{args.config}: {rows}, {args.batches} batches of 8 rows, {args.images} image slots "
+        "per packed row")
   print("| mixture | unpacked | " + " | ".join(f"packed, {b} bins" for b in
                                                 args.bins.split(",")) + " |")
   print("|---|---|" + "---|" * len(args.bins.split(",")))

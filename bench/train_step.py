@@ -29,7 +29,7 @@ import numpy as np
 from vlm_jax import config as config_lib
 from vlm_jax import flops as flops_lib
 from vlm_jax import sharding
-from vlm_jax.data import pipeline
+from vlm_jax.data import families, pipeline
 from vlm_jax.models import registry
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import optimizer as optimizer_lib
@@ -94,7 +94,8 @@ def compile_step(config, batch: dict, model=None) -> CompiledStep:
 
 def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
   config = config_lib.load_config(spec, overrides)
-  step = compile_step(config, pipeline_batch(config))
+  batch = pipeline_batch(config)
+  step = compile_step(config, batch)
   xla_flops = step.compiled.cost_analysis()["flops"]
   first = step.run(1)["loss"]
   step.run(1)  # warm-up
@@ -113,7 +114,20 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
       "analytic_over_xla": step_flops / xla_flops,
       "model_tflops_per_s": step_flops / median / 1e12,
       "mfu": step_flops / median / peak,
+      **useful_work(config, batch, median),
   }
+
+
+def useful_work(config, batch: dict, step_s: float) -> dict:
+  """Examples per step (packed rows hold several: data/packing.py) and, for families that
+  declare PACKING, the batch's real tokens / token slots as that layout counts them."""
+  examples = (int(batch["segment_ids"].max(1).sum()) if "segment_ids" in batch
+              else len(batch["tokens"]))
+  out = {"examples_per_step": examples, "examples_per_s": examples / step_s}
+  layout = getattr(families.load(config.model.name), "PACKING", None)
+  if layout is not None:
+    out["real_token_fraction"] = layout.efficiency([batch], config.data)
+  return out
 
 
 def main():

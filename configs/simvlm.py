@@ -9,7 +9,9 @@ r"""SimVLM: encoder-decoder PrefixLM over [image ; text prefix] (arXiv 2108.1090
 `arg` = size name, then optional comma-separated `key=value` options:
 `scan` (bool, scan the layer stacks), `remat` (none|full|dots), `dtype` (float32|bfloat16),
 `t5` (bool: the text path in T5 v1.1's layout, `T5_TEXT`, so a T5 checkpoint can
-warm-start it through --config.init.lm).
+warm-start it through --config.init.lm), `packed` (bool: config.data.packing, rows of
+1.5 Lp prefix and 3 Ls decoder tokens with 8 image slots and 32 packing bins,
+data/packing_encoder_decoder.py; 90-92% real tokens on pretrain_simvlm, docs/performance.md).
 
 Sizes (width / heads / MLP / encoder layers / decoder layers / conv stem width, blocks /
 image px / vocab):
@@ -58,7 +60,7 @@ TRAINING = {
     "large": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
     "huge": (4096, 1_000_000, 5e-4, 10_000, 64, 64),
 }
-OPTIONS = {"t5": bool}
+OPTIONS = {"t5": bool, "packed": bool}
 # T5 v1.1's text layout (relative position bias, RMSNorm, gated GELU, no biases, untied head).
 T5_TEXT = dict(position="relative", norm_type="rmsnorm", mlp_activation="geglu",
                use_bias=False, tie_embeddings=False)
@@ -92,4 +94,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Image-text pairs: probability of an empty text prefix (pure captioning); otherwise the
   # prefix length is uniform in [1, min(n - 1, Lp)]. Text documents always have p >= 1.
   c.data.pair_zero_prefix_prob = 0.5
+  # Packed rows (config.data.packing): an example has ~0.8 images and prefixes average ~1/7
+  # and suffixes ~1/4 of their slots (bench), so rows of 1.5 Lp prefix and 3 Ls decoder tokens
+  # with 8 image slots fill all three about evenly (docs/performance.md "Sequence packing").
+  c.data.packed_prefix_length = 3 * prefix_len // 2
+  c.data.packed_suffix_length = 3 * suffix_len
+  if options.get("packed", False):
+    c.data.packing = True
+    c.data.packed_images = 8
+    c.data.packing_bins = 32
   return c

@@ -124,7 +124,8 @@ def test_the_top_level_of_data_is_its_core():
          if name.endswith(".py") or os.path.isfile(os.path.join(PACKAGE, "data", name,
                                                                 "__init__.py"))}
   assert top == {"__init__.py", "vocab.py", "records.py", "preprocessors.py", "processor.py",
-                 "health.py", "catalog.py", "mixture.py", "packing.py", "pipeline.py",
+                 "health.py", "catalog.py", "mixture.py", "packing.py",
+                 "packing_encoder_decoder.py", "pipeline.py",
                  "seqio_tasks.py", "boxes", "sources", "ingest", "families", "synthetic"}
 
 

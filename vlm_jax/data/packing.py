@@ -28,7 +28,9 @@ Rows longer than an unpacked example pack better: MiniGPT-v2's `packed=True` con
 uses rows of 2T (92-94% real tokens against 86-91% at T; docs/performance.md).
 
 Families whose examples are one image plus text in a single causal LM (MiniGPT-v2) declare a
-Layout; the others do not yet (the issue-24 report says why and what each needs).
+Layout. Encoder-decoder examples (SimVLM: an encoder stream, a decoder stream and an image)
+are packed by packing_encoder_decoder.py, whose EncoderDecoderLayout has the same `pack` and
+`efficiency` methods the pipeline and bench/packing_efficiency.py call.
 """
 import dataclasses
 
@@ -48,6 +50,13 @@ class Layout:
   image_keys: tuple[str, ...] = ("images", "image_mask")
   image_positions_key: str = "image_positions"
   valid_key: str = "token_mask"  # 1 for the example's real tokens (placeholders included)
+
+  # A family's PACKING has these two (packing_encoder_decoder.EncoderDecoderLayout too).
+  def pack(self, ds: grain.IterDataset, data_config, *, seed: int) -> grain.IterDataset:
+    return pack(ds, self, data_config, seed=seed)
+
+  def efficiency(self, batches, data_config) -> float:
+    return efficiency(batches, self.valid_key)
 
 
 def layout_of(family_module, family: str) -> Layout:

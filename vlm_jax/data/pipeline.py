@@ -140,7 +140,7 @@ def make_dataset(data_config, family: str, *, global_batch_size, seed, split="tr
                              data_config.warn_every_s)
   if data_config.packing:
     layout = packing.layout_of(families.load(family), family)
-    ds = packing.pack(ds, layout, data_config, seed=_task_seed(seed, 2000))
+    ds = layout.pack(ds, data_config, seed=_task_seed(seed, 2000))
   ds = ds.batch(per_process, drop_remainder=True)
   if data_config.num_workers > 0:
     _allow_grain_flags()

@@ -27,6 +27,17 @@ Batch (fixed shapes; B examples, N images per example, Lp prefix and Ls suffix t
                                        decoder inputs (padding inputs are masked as keys)
     loss_weight   [B] f32              per-example weight (used by the loss, not here)
 
+Packed rows (config.data.packing; data/packing_encoder_decoder.py) hold several examples:
+N = K image slots, Lp and Ls the row's prefix and decoder lengths, and per-token
+`loss_weight` [B, Ls] plus segment ids (k-th example of the row, 0 = padding) and positions
+inside each example: `segment_ids`/`positions` [B, Ls] (decoder), `prefix_segment_ids`/
+`prefix_positions` [B, Lp], `image_segment_ids` [B, K]. The encoder sequence is then the K
+slots' image tokens (each with its slot's example id) followed by the prefix stream;
+encoder self-attention (bidirectional), decoder self-attention (causal) and cross-attention
+are confined to equal ids; learned position tables are indexed by the per-example
+positions, and T5's relative bias sees each token at its place in its own unpacked
+[image ; prefix] or suffix sequence, so logits equal the unpacked examples' logits.
+
 `__call__(batch, deterministic)` returns logits [B, Ls, V] aligned with `targets`. For
 decoding: `encode(batch)` -> (encoded [B, S, D], encoder_mask [B, S]) and
 `decode(encoded, encoder_mask, tokens, ..., decode=True)` with a KV cache (see
@@ -52,6 +63,10 @@ from vlm_jax.nn import segment_mask, transformer
 from vlm_jax.nn import flops as F
 
 POSITIONS = ("learned", "relative")
+# Packed rows' keys (data/packing_encoder_decoder.py; models do not import data).
+SEGMENT_IDS, TOKEN_POSITIONS = "segment_ids", "positions"
+PREFIX_SEGMENT_IDS, PREFIX_POSITIONS = "prefix_segment_ids", "prefix_positions"
+IMAGE_SEGMENT_IDS = "image_segment_ids"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,32 +165,43 @@ class SimVLM(nn.Module):
                                                    ("embed", "vocab")))
 
   def encode(self, batch, deterministic: bool = True):
-    """Returns (encoded [B, S, D], encoder_mask [B, S] bool), S = N*h*w + Lp."""
+    """Returns (encoded [B, S, D], encoder_mask [B, S] bool), S = N*h*w + Lp. Packed rows
+    (`segment_ids` in the batch): attention within each example's segment
+    (`encoder_segment_ids`), per-example prefix positions."""
     images = batch["images"].astype(jnp.dtype(self.dtype))
     image_tokens = self.image_embedder(images, deterministic)
     tokens_per_image = image_tokens.shape[1] // images.shape[1]
     image_valid = jnp.repeat(batch["image_mask"] > 0, tokens_per_image, axis=1)
     prefix_tokens = batch["prefix_tokens"]
+    packed = SEGMENT_IDS in batch
     prefix = self.token_embedder(prefix_tokens)
     if self.lm.position == "learned":
-      self._check_length(prefix_tokens.shape[1], "prefix")
-      prefix = prefix + self.prefix_pos_embedding()[:prefix_tokens.shape[1]].astype(prefix.dtype)
+      if packed:  # each example's prefix restarts the table
+        table = jnp.take(self.prefix_pos_embedding(), batch[PREFIX_POSITIONS], axis=0)
+      else:
+        self._check_length(prefix_tokens.shape[1], "prefix")
+        table = self.prefix_pos_embedding()[:prefix_tokens.shape[1]]
+      prefix = prefix + table.astype(prefix.dtype)
     prefix = self.perturb("prefix_embeddings", prefix)
     x = jnp.concatenate([image_tokens, prefix], axis=1)
     valid = jnp.concatenate([image_valid, batch["prefix_mask"] > 0], axis=1)
     x = self.embed_dropout(x, deterministic=deterministic)
     bias = None
     if self.lm.position == "relative":
-      order = jnp.arange(x.shape[1])
-      bias = self.encoder_relative_bias(order[None], order)
-    context = transformer.LayerContext(mask=segment_mask.key_padding(valid, x.shape[1]),
-                                       bias=bias)
-    x = self.encoder(x, context, deterministic)
+      order = (encoder_positions(batch, tokens_per_image) if packed
+               else jnp.arange(x.shape[1])[None])
+      bias = self.encoder_relative_bias(order, order)
+    if packed:
+      ids = encoder_segment_ids(batch, tokens_per_image)
+      mask = segment_mask.SegmentMask(ids, ids)
+    else:
+      mask = segment_mask.key_padding(valid, x.shape[1])
+    x = self.encoder(x, transformer.LayerContext(mask=mask, bias=bias), deterministic)
     return self.encoder_norm(x), valid
 
   def decode(self, encoded, encoder_mask, tokens, token_mask=None, positions=None,
              key_mask=None, key_positions=None, deterministic: bool = True,
-             decode: bool = False):
+             decode: bool = False, segment_ids=None, encoder_segment_ids=None):
     """Logits [B, T, V] for decoder inputs `tokens` [B, T].
 
     token_mask [B, T]: valid decoder inputs (padding is masked as keys). positions [B, T]:
@@ -185,6 +211,9 @@ class SimVLM(nn.Module):
     key_mask [B, S] marks its valid slots (prompt padding off) and key_positions [B, S] their
     positions (relative bias; default the slot indices). `encoded` None reuses the
     cross-attention keys/values cached by an earlier decode call that passed it.
+    Packed rows (training): segment_ids [B, T] and encoder_segment_ids [B, S] (0 = padding)
+    confine self-attention (causal) and cross-attention to each example's segment; positions
+    are then the per-example positions.
     """
     if positions is None:
       if self.lm.position == "learned":
@@ -195,14 +224,18 @@ class SimVLM(nn.Module):
       x = x + jnp.take(self.suffix_pos_embedding(), positions, axis=0).astype(x.dtype)
     x = self.perturb("suffix_embeddings", x)
     x = self.embed_dropout(x, deterministic=deterministic)
-    self_mask = attention.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
+    if segment_ids is not None:
+      self_mask = segment_mask.packed(segment_ids)
+      cross_mask = segment_mask.SegmentMask(segment_ids, encoder_segment_ids)
+    else:
+      self_mask = attention.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
+      cross_mask = segment_mask.key_padding(encoder_mask, tokens.shape[1])
     bias = None
     if self.lm.position == "relative":
-      keys = key_positions if decode else jnp.arange(tokens.shape[1])  # None: cache slots
+      keys = key_positions if decode else positions  # None: cache slots
       bias = self.decoder_relative_bias(positions, keys)
     context = transformer.LayerContext(mask=self_mask, bias=bias, encoded=encoded,
-                                       cross_mask=segment_mask.key_padding(encoder_mask,
-                                                                           tokens.shape[1]))
+                                       cross_mask=cross_mask)
     x = self.decoder(x, context, deterministic, decode)
     x = self.decoder_norm(x)
     if self.lm.tie_embeddings:
@@ -216,8 +249,34 @@ class SimVLM(nn.Module):
 
   def __call__(self, batch, deterministic: bool = True):
     encoded, encoder_mask = self.encode(batch, deterministic)
+    if SEGMENT_IDS not in batch:
+      return self.decode(encoded, encoder_mask, batch["tokens"], batch["loss_mask"],
+                         deterministic=deterministic)
+    image_tokens = encoded.shape[1] - batch["prefix_tokens"].shape[1]
+    tokens_per_image = image_tokens // batch["images"].shape[1]
     return self.decode(encoded, encoder_mask, batch["tokens"], batch["loss_mask"],
-                       deterministic=deterministic)
+                       positions=batch[TOKEN_POSITIONS], deterministic=deterministic,
+                       segment_ids=batch[SEGMENT_IDS],
+                       encoder_segment_ids=encoder_segment_ids(batch, tokens_per_image))
+
+
+def encoder_segment_ids(batch, tokens_per_image: int) -> jax.Array:
+  """[B, K*h*w + P] segment ids of a packed row's encoder sequence: each image slot's tokens
+  carry its example's id (0: an unused slot), then the prefix's
+  (data/packing_encoder_decoder.py)."""
+  slots = batch[IMAGE_SEGMENT_IDS] * (batch["image_mask"] > 0)
+  return jnp.concatenate([jnp.repeat(slots, tokens_per_image, axis=1),
+                          batch[PREFIX_SEGMENT_IDS]], axis=1).astype(jnp.int32)
+
+
+def encoder_positions(batch, tokens_per_image: int) -> jax.Array:
+  """[B, K*h*w + P] positions of a packed row's encoder tokens in their unpacked example's
+  [image ; prefix] sequence (T5's relative bias): image token j at j, prefix token p at
+  h*w + p (an unpacked example always has its one image slot, masked or not)."""
+  slots = batch["images"].shape[1]
+  image = jnp.tile(jnp.arange(tokens_per_image), slots)
+  image = jnp.broadcast_to(image, (batch[PREFIX_POSITIONS].shape[0], image.shape[0]))
+  return jnp.concatenate([image, tokens_per_image + batch[PREFIX_POSITIONS]], axis=1)
 
 
 def build(model_config) -> SimVLM:
@@ -232,34 +291,51 @@ def build(model_config) -> SimVLM:
 
 
 def batch_spec(data_config, batch_size: int) -> dict:
-  """ShapeDtypeStructs of a batch (for eval_shape, ahead-of-time compilation, dummy data)."""
+  """ShapeDtypeStructs of a batch (for eval_shape, ahead-of-time compilation, dummy data);
+  with `data_config.packing` packed rows (data/packing_encoder_decoder.py)."""
   f32, i32 = jnp.float32, jnp.int32
   size, prefix, suffix = data_config.image_size, data_config.prefix_length, data_config.suffix_length
+  images, packed = 1, data_config.get("packing", False)
+  if packed:
+    images = data_config.packed_images
+    prefix, suffix = data_config.packed_prefix_length, data_config.packed_suffix_length
   shapes = {
-      "images": ((batch_size, 1, size, size, 3), f32), "image_mask": ((batch_size, 1), f32),
+      "images": ((batch_size, images, size, size, 3), f32),
+      "image_mask": ((batch_size, images), f32),
       "prefix_tokens": ((batch_size, prefix), i32), "prefix_mask": ((batch_size, prefix), f32),
       "tokens": ((batch_size, suffix), i32), "targets": ((batch_size, suffix), i32),
-      "loss_mask": ((batch_size, suffix), f32), "loss_weight": ((batch_size,), f32),
+      "loss_mask": ((batch_size, suffix), f32),
+      "loss_weight": ((batch_size, suffix) if packed else (batch_size,), f32),
   }
+  if packed:
+    shapes.update({k: ((batch_size, n), i32) for k, n in (
+        (SEGMENT_IDS, suffix), (TOKEN_POSITIONS, suffix), (PREFIX_SEGMENT_IDS, prefix),
+        (PREFIX_POSITIONS, prefix), (IMAGE_SEGMENT_IDS, images))})
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def flops_parts(config, causal_half=True) -> dict:
+  """Per row: one example, or with data.packing several sharing the row's prefix and decoder
+  slots and its `packed_images` image slots, each of which the stem and the encoder process
+  (used or not)."""
   lm, data = config.model.lm, config.data
   width, heads = lm.width, lm.num_heads
   head_dim = lm.get("head_dim") or width // heads
   act = lm.get("mlp_activation", "gelu")
   stem, grid = F.conv_stem(data.image_size, config.model.vision.width,
                            config.model.vision.stage_blocks, width)
-  enc_len = grid * grid + data.prefix_length
-  dec_len = data.suffix_length
+  images, prefix, dec_len = 1, data.prefix_length, data.suffix_length
+  if data.get("packing", False):
+    images, prefix, dec_len = (data.packed_images, data.packed_prefix_length,
+                               data.packed_suffix_length)
+  enc_len = images * grid * grid + prefix
   enc_layer = (F.attention(enc_len, enc_len, width, heads, head_dim)
                + F.mlp(enc_len, width, lm.mlp_dim, act))
   dec_layer = (F.attention(dec_len, dec_len, width, heads, head_dim, causal_half=causal_half)
                + F.attention(dec_len, enc_len, width, heads, head_dim)
                + F.mlp(dec_len, width, lm.mlp_dim, act))
   return {
-      "image_embedder": stem,
+      "image_embedder": images * stem,
       "encoder": lm.encoder_layers * enc_layer,
       "decoder": lm.decoder_layers * dec_layer,
       "logits": F.dense(dec_len, width, lm.vocab_size),

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from vlm_jax.data import catalog, preprocessors
+from vlm_jax.data import catalog, packing_encoder_decoder, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.synthetic import scenes
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID
@@ -22,6 +22,8 @@ TEMPLATES = {"prefix_lm": ("pairs", "text")}
 # SimVLM trains pairs and text-only PrefixLM in the same batches; pairs dominate because
 # captioning is what the sample run is judged on.
 MIXTURES = {"pretrain_simvlm": (("synthetic_pairs", 0.8), ("synthetic_text", 0.2))}
+# Encoder-decoder rows pack several examples (config.data.packing).
+PACKING = packing_encoder_decoder.EncoderDecoderLayout()
 _CAPTION = ("exact_match", "cider", "bleu4")
 EVAL_TASKS = (
     catalog.EvalTask("simvlm_scenes", "synthetic_pairs", keep=scenes.is_scene, captions=True),
