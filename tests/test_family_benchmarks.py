@@ -10,17 +10,21 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 from vlm_jax import config as config_lib
 from vlm_jax.cli import eval as eval_cli
+from vlm_jax.data import preprocessors
 from vlm_jax.data.families import cogagent as cogagent_data
 from vlm_jax.data.families import flamingo as flamingo_data
 from vlm_jax.data.families import minigpt_v2 as minigpt_data
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, Vocab
 from vlm_jax.data.boxes import percent, permille
-from vlm_jax.evaluation import family_benchmarks, grounding, vqa
+from vlm_jax.evaluation import benchmarks, family_benchmarks, grounding, vqa
+from vlm_jax.models import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "data", "benchmarks")
@@ -201,3 +205,76 @@ def test_cogagent_asks_refcoco_in_its_template_and_reads_permille_boxes(tmp_path
       repr(permille.box_text(t)) for t in truths]
   assert written["eval/refcoco/iou@0.5"] == pytest.approx(
       grounding.iou_accuracy(_printed_answers(printed), truths, permille))
+
+
+# ----------------------------------------------------------------------------------------
+# Few-shot VQA (Flamingo, OpenFlamingo's evaluate_vqa prompt, RICES supports)
+# ----------------------------------------------------------------------------------------
+def _image_9():
+  with open(os.path.join(FIXTURES, "vqa_images", "COCO_val2014_000000000009.jpg"), "rb") as f:
+    return f.read()
+
+
+def test_flamingo_two_shot_vqa_prompt_is_openflamingo_s_demos_then_the_query():
+  """OpenFlamingo: "".join(get_vqa_prompt(q, a) + "\n" for each demo) + get_vqa_prompt(q),
+  get_vqa_prompt = f"<image>Question:{q} Short answer:{a}<|endofchunk|>"; after BOS."""
+  config = config_lib.load_config("configs/flamingo.py:tiny")
+  vocab = Vocab(config.data.vocab_path)
+  shots = [(_image_9(), "How many dogs?", "1"), (_image(), "What animal is it?", "cat")]
+  example, stop = flamingo_data.benchmark_example("vqa", _image(), "What color is it?",
+                                                  config.data, vocab, shots=shots)
+  image_id = vocab.token_id(flamingo_data.IMAGE_TOKEN)
+  chunk_id = vocab.token_id(flamingo_data.END_OF_CHUNK_TOKEN)
+  newline = vocab.encode("\n")  # [] in the sample SentencePiece model (it folds whitespace)
+  want = ([BOS_ID, image_id] + vocab.encode("Question:How many dogs? Short answer:1") +
+          [chunk_id] + newline + [image_id] +
+          vocab.encode("Question:What animal is it? Short answer:cat") + [chunk_id] +
+          newline + [image_id] + vocab.encode("Question:What color is it? Short answer:"))
+  assert _prompt_ids(example) == want and stop == chunk_id
+  assert example["image_positions"][:3].tolist() == [
+      i for i, t in enumerate(want) if t == image_id]
+  assert example["image_mask"].tolist() == [1.0, 1.0, 1.0, 0.0]
+  zero_shot, _ = flamingo_data.benchmark_example("vqa", _image(), "x", config.data, vocab)
+  np.testing.assert_array_equal(example["images"][2], zero_shot["images"][0])  # the query
+  np.testing.assert_array_equal(example["images"][1], zero_shot["images"][0])
+  assert np.abs(example["images"][0] - example["images"][1]).max() > 0.1  # image 9
+  with pytest.raises(preprocessors.BadRecord, match="4 shots and the query need 5 images"):
+    flamingo_data.benchmark_example("vqa", _image(), "x", config.data, vocab, shots=shots * 2)
+
+
+def test_rices_few_shot_vqa_shows_the_nearest_supports_most_similar_last(tmp_path, capsys):
+  """The pool is the benchmark itself (--vqa-shots-from its own files, so each question's
+  own image is the nearest): the second support shown is the query's own question with its
+  first annotator's answer; then `vlm-eval --vqa-shots 1` (pool: the other question) end to
+  end, scored from its printed generations."""
+  config = config_lib.load_config("configs/flamingo.py:tiny")
+  model = registry.build(config.model)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0),
+                                        registry.dummy_batch(config, 1)))["params"]
+  items = benchmarks.vqa_v2(*VQA_ARGS[1:6:2], "COCO_val2014_")
+  triples, kept, _ = family_benchmarks.prompts(config, "vqa", [(i.image_path, i.question)
+                                                               for i in items])
+  asked, kept2, skipped = family_benchmarks.few_shot_prompts(
+      config, model, params, items, triples, kept, 2, pool=items, batch_size=2)
+  assert [i for i, _ in kept2] == [0, 1] and not skipped
+  vocab = Vocab(config.data.vocab_path)
+  for (inputs, _, _), query, other in zip(asked, items, items[::-1]):
+    ids = [int(t) for t, m in zip(inputs["tokens"], inputs["token_mask"]) if m]
+    shown = vocab.decode(ids)
+    own = f"Question:{query.question} Short answer:{query.answers[0]}"
+    assert shown.index(f"Question:{other.question}") < shown.index(own), shown
+  with pytest.raises(ValueError, match="2 shots need 2 usable support questions, the pool"):
+    family_benchmarks.few_shot_prompts(config, model, params, items, triples, kept, 2)
+  workdir = tmp_path / "run"
+  eval_cli.main(["--config=configs/flamingo.py:tiny", "--workdir", str(workdir),
+                 "--random-init", *VQA_ARGS, "--vqa-shots", "1"])
+  printed = capsys.readouterr().out
+  with open(workdir / "metrics.jsonl") as f:
+    written = json.loads(f.readlines()[-1])
+  assert written["eval/vqa/shots"] == 1 and written["eval/vqa/questions"] == 2
+  assert written["eval/vqa/vqa_accuracy"] == pytest.approx(
+      vqa.mean_vqa_accuracy(_printed_answers(printed), HUMANS))
+  with pytest.raises(SystemExit):
+    eval_cli.main(["--config=configs/minigpt_v2.py:tiny", "--workdir", str(workdir),
+                   "--random-init", *VQA_ARGS, "--vqa-shots", "2"])
+  assert "the 'minigpt_v2' family asks 'vqa' without in-context" in capsys.readouterr().err
