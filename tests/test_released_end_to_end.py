@@ -5,7 +5,7 @@ benchmarks on the fixtures of tests/data/benchmarks, one process each (2-process
 tests/test_family_benchmarks.py; MiniGPT-v2's release: tests/test_convert_cli.py):
 
     OpenFlamingo  checkpoint.pt + the MPT LM's HF directory + open_clip_pytorch_model.bin,
-                  written by open-flamingo's own classes   -> VQA 1-shot, COCO captions
+                  written by open-flamingo's own classes   -> 2-shot VQA (RICES), COCO captions
     CogAgent      cogagent-chat-hf: model.safetensors + config.json -> VQA, RefCOCO
     PrismerZ      pytorch_model.bin                          -> COCO captions
 
@@ -87,8 +87,11 @@ def test_openflamingo_release_imported_then_few_shot_vqa_and_captions(tmp_path, 
           "openflamingo", run)
   latents = state["perceiver.latents"]
   np.testing.assert_array_equal(_step0(run, "resampler/latents", latents), latents)
-  written, generated, _ = _eval("flamingo", run, capsys, *VQA_ARGS, "--vqa-shots", "1")
-  _check_vqa(written, generated, shots=1)
+  # 2 shots each, by RICES from a support pool given as OpenFlamingo's train split would be
+  written, generated, _ = _eval("flamingo", run, capsys, *VQA_ARGS, "--vqa-shots", "2",
+                                "--vqa-shots-from", *VQA_ARGS[1:6:2],
+                                "--vqa-shots-image-prefix", "COCO_val2014_")
+  _check_vqa(written, generated, shots=2)
   written, generated, _ = _eval("flamingo", run, capsys, *COCO_ARGS)
   _check_captions(written, generated)
 
