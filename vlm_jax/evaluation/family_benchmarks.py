@@ -52,14 +52,16 @@ def family_module(config, kind: str, shots: int = 0):
 def prompts(config, kind: str, pairs, shots=None) -> tuple[list, list, list]:
   """[(inputs, None, stop id)] for the usable (image path, text) pairs, their (index, image
   (width, height)), and the problems of the skipped ones. shots: per pair, its in-context
-  examples [(image bytes, text, answer)] (a family with `kind` in BENCHMARK_SHOTS)."""
+  examples [(image path, text, answer)] (a family with `kind` in BENCHMARK_SHOTS), read
+  with the pair."""
   module = family_module(config, kind)
   vocab = Vocab(config.data.vocab_path)
   out, kept, skipped = [], [], []
   for index, (image_path, text) in enumerate(pairs):
     try:
       image = storage.read_bytes(image_path)
-      extra = {"shots": shots[index]} if shots else {}
+      extra = {"shots": [(storage.read_bytes(path), text, answer)
+                         for path, text, answer in shots[index]]} if shots else {}
       example, stop_id = module.benchmark_example(kind, image, text, config.data, vocab,
                                                   **extra)
     except OSError as e:
@@ -109,11 +111,9 @@ def few_shot_prompts(config, model, params, items, triples, kept, shots: int, po
     support = fewshot.nearest(pool_features, query_features[q], shots,
                               exclude=q if itself else None)
     chosen.append([pool[pool_kept[i][0]] for i in reversed(support)])
-  images = {i.image_path: storage.read_bytes(i.image_path) for row in chosen for i in row}
   asked, again, skipped = prompts(
       config, VQA, [(items[i].image_path, items[i].question) for i, _ in kept],
-      shots=[[(images[i.image_path], i.question, i.answers[0]) for i in row]
-             for row in chosen])
+      shots=[[(i.image_path, i.question, i.answers[0]) for i in row] for row in chosen])
   return asked, [kept[j] for j, _ in again], skipped
 
 
