@@ -240,6 +240,15 @@ def test_flamingo_two_shot_vqa_prompt_is_openflamingo_s_demos_then_the_query():
   assert np.abs(example["images"][0] - example["images"][1]).max() > 0.1  # image 9
   with pytest.raises(preprocessors.BadRecord, match="4 shots and the query need 5 images"):
     flamingo_data.benchmark_example("vqa", _image(), "x", config.data, vocab, shots=shots * 2)
+  # OpenFlamingo's "0-shot" rows: the demonstrations' text with "<image>" removed.
+  text_only = [(None, q, a) for _, q, a in shots]
+  example, _ = flamingo_data.benchmark_example("vqa", _image(), "What color is it?",
+                                               config.data, vocab, shots=text_only)
+  assert _prompt_ids(example) == (
+      [BOS_ID] + vocab.encode("Question:How many dogs? Short answer:1") + [chunk_id] +
+      newline + vocab.encode("Question:What animal is it? Short answer:cat") + [chunk_id] +
+      newline + [image_id] + vocab.encode("Question:What color is it? Short answer:"))
+  assert example["image_mask"].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_rices_few_shot_vqa_shows_the_nearest_supports_most_similar_last(tmp_path, capsys):
@@ -263,6 +272,13 @@ def test_rices_few_shot_vqa_shows_the_nearest_supports_most_similar_last(tmp_pat
     shown = vocab.decode(ids)
     own = f"Question:{query.question} Short answer:{query.answers[0]}"
     assert shown.index(f"Question:{other.question}") < shown.index(own), shown
+  text_only, _, _ = family_benchmarks.few_shot_prompts(
+      config, model, params, items, triples, kept, 1, batch_size=2, text_only=True)
+  for (inputs, _, _), query, other in zip(text_only, items, items[::-1]):
+    ids = [int(t) for t, m in zip(inputs["tokens"], inputs["token_mask"]) if m]
+    assert inputs["image_mask"].sum() == 1  # the query's image only
+    assert vocab.decode(ids).startswith(f"Question:{other.question} Short answer:"
+                                        f"{other.answers[0]}")
   with pytest.raises(ValueError, match="2 shots need 2 usable support questions, the pool"):
     family_benchmarks.few_shot_prompts(config, model, params, items, triples, kept, 2)
   for args in (["--config=configs/minigpt_v2.py:tiny", *VQA_ARGS, "--vqa-shots", "2"],

@@ -52,15 +52,15 @@ def family_module(config, kind: str, shots: int = 0):
 def prompts(config, kind: str, pairs, shots=None) -> tuple[list, list, list]:
   """[(inputs, None, stop id)] for the usable (image path, text) pairs, their (index, image
   (width, height)), and the problems of the skipped ones. shots: per pair, its in-context
-  examples [(image path, text, answer)] (a family with `kind` in BENCHMARK_SHOTS), read
-  with the pair."""
+  examples [(image path or None: text only, text, answer)] (a family with `kind` in
+  BENCHMARK_SHOTS), read with the pair."""
   module = family_module(config, kind)
   vocab = Vocab(config.data.vocab_path)
   out, kept, skipped = [], [], []
   for index, (image_path, text) in enumerate(pairs):
     try:
       image = storage.read_bytes(image_path)
-      extra = {"shots": [(storage.read_bytes(path), text, answer)
+      extra = {"shots": [(path and storage.read_bytes(path), text, answer)
                          for path, text, answer in shots[index]]} if shots else {}
       example, stop_id = module.benchmark_example(kind, image, text, config.data, vocab,
                                                   **extra)
@@ -85,12 +85,13 @@ def answers(config, kind: str, model, params, prompt_triples, batch_size: int) -
 
 
 def few_shot_prompts(config, model, params, items, triples, kept, shots: int, pool=None,
-                     batch_size: int = 8):
+                     batch_size: int = 8, text_only: bool = False):
   """The kept questions asked after `shots` in-context examples chosen by RICES (cosine of
   the model's vision features, `fewshot`) from `pool` (VqaItems; None: the benchmark itself,
   each question never its own example), each shown with its first annotator's answer and
-  ordered as OpenFlamingo's evaluate_vqa, the most similar last. Returns prompts' triple of
-  lists, `kept` indexing items."""
+  ordered as OpenFlamingo's evaluate_vqa, the most similar last; text_only: shown without
+  their images (OpenFlamingo's "0-shot" protocol: 2 text-only demonstrations). Returns
+  prompts' triple of lists, `kept` indexing items."""
   family_module(config, VQA, shots)
   features = lambda usable: fewshot.vision_features(
       model, params, fewshot.first_images(t[0] for t in usable), batch_size)
@@ -113,17 +114,19 @@ def few_shot_prompts(config, model, params, items, triples, kept, shots: int, po
     chosen.append([pool[pool_kept[i][0]] for i in reversed(support)])
   asked, again, skipped = prompts(
       config, VQA, [(items[i].image_path, items[i].question) for i, _ in kept],
-      shots=[[(i.image_path, i.question, i.answers[0]) for i in row] for row in chosen])
+      shots=[[(None if text_only else i.image_path, i.question, i.answers[0]) for i in row]
+             for row in chosen])
   return asked, [kept[j] for j, _ in again], skipped
 
 
 def evaluate_vqa(model, params, config, questions: str, annotations: str, image_dir: str, *,
                  image_prefix: str = "COCO_val2014_", num_examples: int = 0,
-                 batch_size: int = 8, shots: int = 0, shots_from=None):
+                 batch_size: int = 8, shots: int = 0, shots_from=None,
+                 text_only_shots: bool = False):
   """({vqa_accuracy, questions, skipped, shots}, [(most common human answer, model's
   answer)]); `shots` in-context examples per question (`few_shot_prompts`) from the
   benchmark itself or from shots_from = (questions, annotations, image dir, image prefix),
-  e.g. the train split, as OpenFlamingo."""
+  e.g. the train split, as OpenFlamingo; text_only_shots: shown without their images."""
   items = benchmarks.vqa_v2(questions, annotations, image_dir, image_prefix)
   if num_examples:
     items = items[:num_examples]
@@ -131,7 +134,7 @@ def evaluate_vqa(model, params, config, questions: str, annotations: str, image_
   if triples and shots:
     pool = benchmarks.vqa_v2(*shots_from) if shots_from else None
     triples, kept, more = few_shot_prompts(config, model, params, items, triples, kept, shots,
-                                           pool, batch_size)
+                                           pool, batch_size, text_only_shots)
     skipped += more
   if not triples:
     raise ValueError(f"{questions}: none of {len(items)} questions could be used; first "

@@ -96,8 +96,8 @@ def document_items(raw: dict) -> list:
 def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: int,
                     loss_weight: float = 1.0, text_only: bool = False) -> tuple[dict, list]:
   """(token arrays of the module docstring's layout, the media kept, in order). items:
-  ("text", str), ("image", media) or (END_OF_CHUNK, None), which closes the open chunk
-  early (text after it stays outside the chunk). text_only: a document without media,
+  ("text", str), ("image", media) or (END_OF_CHUNK, None), an `<|endofchunk|>` written
+  there (closing the open chunk early: text after it stays outside the chunk). text_only: a document without media,
   loss on every token."""
   image_id = vocab.token_id(IMAGE_TOKEN)
   chunk_id = vocab.token_id(END_OF_CHUNK_TOKEN)
@@ -111,9 +111,8 @@ def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: in
       media.append((len(ids), value))
       ids.append(image_id)
       open_chunk = True
-    elif kind == END_OF_CHUNK:  # closes the chunk here, before text that follows it
-      if open_chunk:
-        ids.append(chunk_id)
+    elif kind == END_OF_CHUNK:  # here, closing the open chunk before text that follows it
+      ids.append(chunk_id)
       open_chunk = False
     else:
       ids += vocab.encode(value)
@@ -227,20 +226,24 @@ def benchmark_prompt(kind: str, text: str) -> str:
 def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab, shots=()):
   """(generation inputs, stop id `<|endofchunk|>`): OpenFlamingo's evaluate_vqa prompt,
   each shot (image, question, answer) as `<image>Question:{q} Short answer:{a}<|endofchunk|>`
-  and a newline, then the query `<image>Question:{q} Short answer:`, after BOS."""
+  and a newline (without `<image>` for a shot whose image is None: OpenFlamingo's 0-shot
+  text-only demonstrations), then the query `<image>Question:{q} Short answer:`, after
+  BOS."""
   items = []
   for shot_image, question, answer in shots:
-    items += [("image", shot_image), ("text", benchmark_prompt(kind, question) + answer),
-              (END_OF_CHUNK, None), ("text", "\n")]
+    items += [("image", shot_image)] if shot_image is not None else []
+    items += [("text", benchmark_prompt(kind, question) + answer), (END_OF_CHUNK, None),
+              ("text", "\n")]
   items += [("image", image), ("text", benchmark_prompt(kind, text))]
   d = data_config
   example, kept = document_example(
       items, vocab=vocab, image_size=d.image_size, sequence_length=d.sequence_length,
       max_images=d.max_images, frames_per_media=d.get("frames_per_media", 0),
       resize_mode=d.resize_mode, max_pixels=d.max_pixels)
-  if kept < len(shots) + 1:
-    raise preprocessors.BadRecord(f"{len(shots)} shots and the query need {len(shots) + 1} "
-                                  f"images; data.max_images is {d.max_images}")
+  wanted = sum(image is not None for image, _, _ in shots) + 1
+  if kept < wanted:
+    raise preprocessors.BadRecord(f"{wanted - 1} shots and the query need {wanted} images; "
+                                  f"data.max_images is {d.max_images}")
   chunk_id = vocab.token_id(END_OF_CHUNK_TOKEN)
   end = int(np.flatnonzero(example["tokens"] == chunk_id)[-1])  # the answer starts here
   if end + 1 < int(example["token_mask"].sum()):  # the query's chunk did not close
