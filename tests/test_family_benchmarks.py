@@ -115,19 +115,21 @@ def test_bad_benchmark_flags_and_families_without_the_prompt_are_usage_errors(tm
     family_benchmarks.evaluate_vqa(None, None, config, VQA_ARGS[1], VQA_ARGS[3], str(tmp_path))
 
 
-def test_flamingo_vqa_as_a_two_process_vlm_launch_job(tmp_path):
+def test_flamingo_few_shot_vqa_as_a_two_process_vlm_launch_job(tmp_path):
+  """One RICES shot per question (the other one): the support features are computed
+  through distributed.jit in both processes."""
   done = subprocess.run(
       [sys.executable, "-m", "vlm_jax.cli.launch", "local", "--num-processes", "2",
        "--cpu-devices-per-process", "1", "--program", "eval",
        "--config", "configs/flamingo.py:tiny", "--workdir", str(tmp_path / "run"),
-       "--random-init", *VQA_ARGS],
+       "--random-init", *VQA_ARGS, "--vqa-shots", "1"],
       capture_output=True, text=True, timeout=600, cwd=REPO,
       env={**os.environ, "PYTHONPATH": REPO})
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   assert done.stdout.count("vqa (step 0)") == 1, done.stdout[-3000:]
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     written = json.loads(f.readlines()[-1])
-  assert written["eval/vqa/questions"] == 2
+  assert written["eval/vqa/questions"] == 2 and written["eval/vqa/shots"] == 1
   generated = _printed_answers(done.stdout)
   assert written["eval/vqa/vqa_accuracy"] == pytest.approx(
       vqa.mean_vqa_accuracy(generated, HUMANS))
