@@ -20,6 +20,7 @@ heads x head dim / FFW activation; cross-attention placement / heads x head dim 
   3b     2048/24/16/8192/32000 (chin) 1536/15/16/6144/16/320 6/64/16x128/sq   every layer 16x128 sq
   9b     4096/32/32/16384/32000 (chin) as 3b                 as 3b            every 4th   16x128 sq
   80b    8192/80/64/32768/32000 (chin) as 3b                 as 3b            12 blocks (~every 7th)
+  oftiny 128/2/4/512/1024 (mpt)       64/1/2/256/16/64     6/64/8x64/gelu   every layer 8x64 gelu
   of3b   MPT-1B 2048/24/16/8192/50432  CLIP ViT-L/14 1024/24/16/4096/14/224  6/64/8x64/gelu
                                                                            every layer 8x64 gelu
   of4b   RedPajama-3B 2560/32/32/10240/50432 (neox) as of3b  as of3b         every 2nd   8x64 gelu
@@ -96,6 +97,14 @@ SIZES = {
     "80b": dict(lm=lm("chin", 8192, 80, 64, 32768, 32000), vision=NFNET_F6_STANDIN,
                 resampler=PAPER_RESAMPLER, xattn=PAPER_XATTN, placement=(20, (6, 13, 19)),
                 image=320, length=256, max_images=5),
+    # OpenFlamingo's layout at tiny widths (a released-layout import test's target): an MPT
+    # LM, an open_clip ViT, open_flamingo's fixed resampler and gated-block sizes.
+    "oftiny": dict(lm=lm("mpt", 128, 2, 4, 512),
+                   vision=dict(width=64, depth=1, num_heads=2, mlp_dim=256, patch_size=16,
+                               **CLIP_LAYOUT, post_norm="class"),
+                   resampler=OF_RESAMPLER, xattn=OF_XATTN,
+                   placement=model_lib.openflamingo_placement(1),
+                   image=64, length=128, max_images=4),
     "of3b": dict(lm=lm("mpt", 2048, 24, 16, 8192, 50432), vision=CLIP_VIT_L14,
                  resampler=OF_RESAMPLER, xattn=OF_XATTN,
                  placement=model_lib.openflamingo_placement(1),
@@ -110,7 +119,7 @@ SIZES = {
                  image=224, length=256, max_images=6),
 }
 # size: (batch_size, steps, peak lr, warmup)
-TRAINING = {"tiny": (8, 120, 3e-3, 10), "bench": (4, 50, 1e-4, 5)}
+TRAINING = {"tiny": (8, 120, 3e-3, 10), "oftiny": (8, 120, 3e-3, 10), "bench": (4, 50, 1e-4, 5)}
 PAPER_TRAINING = (256, 500_000, 1e-4, 5000)  # OpenFlamingo-like; the paper's: see docs
 OPTIONS = {"frames": int, "immediate": bool}
 

@@ -19,38 +19,40 @@ VISION = dict(hidden_size=16, num_hidden_layers=2, num_heads=2, intermediate_siz
 HIGH_RES = {"high_res.depth": 1, "high_res.num_heads": 2, "high_res.mlp_dim": 32}
 
 
-def _reference_state() -> dict:
+def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cross=CROSS,
+                     cross_in=CROSS_IN, vision=None) -> dict:
+  vision = vision or VISION
   rng = np.random.default_rng(0)
   state = {}
 
   def add(name, *shape):
     state[name] = (0.2 * rng.standard_normal(shape)).astype(np.float32)
 
-  add("model.embed_tokens.weight", VOCAB, D)
-  add("model.norm.weight", D)
-  add("lm_head.weight", VOCAB, D)
-  for i in range(LAYERS):
+  add("model.embed_tokens.weight", vocab, d)
+  add("model.norm.weight", d)
+  add("lm_head.weight", vocab, d)
+  for i in range(layers):
     b = f"model.layers.{i}."
     for norm in ("input_layernorm", "post_attention_layernorm", "post_cross_attention_layernorm"):
-      add(b + norm + ".weight", D)
+      add(b + norm + ".weight", d)
     for expert in ("language", "vision"):
-      add(f"{b}self_attn.{expert}_expert_query_key_value.weight", 3 * D, D)
-      add(f"{b}self_attn.{expert}_expert_dense.weight", D, D)
-      add(f"{b}mlp.{expert}_mlp.gate_proj.weight", MLP, D)
-      add(f"{b}mlp.{expert}_mlp.up_proj.weight", MLP, D)
-      add(f"{b}mlp.{expert}_mlp.down_proj.weight", D, MLP)
-    head_dim = D // HEADS
+      add(f"{b}self_attn.{expert}_expert_query_key_value.weight", 3 * d, d)
+      add(f"{b}self_attn.{expert}_expert_dense.weight", d, d)
+      add(f"{b}mlp.{expert}_mlp.gate_proj.weight", mlp, d)
+      add(f"{b}mlp.{expert}_mlp.up_proj.weight", mlp, d)
+      add(f"{b}mlp.{expert}_mlp.down_proj.weight", d, mlp)
+    head_dim = d // heads
     state[b + "self_attn.rotary_emb.inv_freq"] = (
         1.0 / 10_000 ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    add(b + "cross_attn.query.weight", CROSS, D)
-    add(b + "cross_attn.key_value.weight", 2 * CROSS, CROSS_IN)
-    add(b + "cross_attn.dense.weight", D, CROSS)
-  v, width = "model.vision.", VISION["hidden_size"]
+    add(b + "cross_attn.query.weight", cross, d)
+    add(b + "cross_attn.key_value.weight", 2 * cross, cross_in)
+    add(b + "cross_attn.dense.weight", d, cross)
+  v, width = "model.vision.", vision["hidden_size"]
   add(v + "patch_embedding.proj.weight", width, 3, 4, 4)
   add(v + "patch_embedding.proj.bias", width)
   add(v + "patch_embedding.cls_embedding", 1, width)
-  add(v + "patch_embedding.position_embedding.weight", VISION["num_positions"], width)
-  for i in range(VISION["num_hidden_layers"]):
+  add(v + "patch_embedding.position_embedding.weight", vision["num_positions"], width)
+  for i in range(vision["num_hidden_layers"]):
     b = f"{v}transformer.layers.{i}."
     for name, shape in (("input_layernorm", (width,)), ("post_attention_layernorm", (width,)),
                         ("attention.query_key_value", (3 * width, width)),
@@ -58,33 +60,42 @@ def _reference_state() -> dict:
                         ("mlp.fc2", (width, 32))):
       add(b + name + ".weight", *shape)
       add(b + name + ".bias", shape[0])
-  add(v + "linear_proj.linear_proj.weight", D, width)
-  add(v + "linear_proj.norm1.weight", D)
-  add(v + "linear_proj.norm1.bias", D)
-  add(v + "linear_proj.gate_proj.weight", MLP, D)
-  add(v + "linear_proj.dense_h_to_4h.weight", MLP, D)
-  add(v + "linear_proj.dense_4h_to_h.weight", D, MLP)
-  add(v + "boi", 1, 1, D)
-  add(v + "eoi", 1, 1, D)
+  add(v + "linear_proj.linear_proj.weight", d, width)
+  add(v + "linear_proj.norm1.weight", d)
+  add(v + "linear_proj.norm1.bias", d)
+  add(v + "linear_proj.gate_proj.weight", mlp, d)
+  add(v + "linear_proj.dense_h_to_4h.weight", mlp, d)
+  add(v + "linear_proj.dense_4h_to_h.weight", d, mlp)
+  add(v + "boi", 1, 1, d)
+  add(v + "eoi", 1, 1, d)
   c = "model.cross_vision."  # EVA-02-L (cross_visual.py): ignored whole
-  add(c + "vit.model.visual.patch_embed.proj.weight", CROSS_IN, 3, 14, 14)
-  add(c + "vit.model.visual.blocks.0.attn.q_proj.weight", CROSS_IN, CROSS_IN)
-  add(c + "pos_embed", 4, CROSS_IN)
+  add(c + "vit.model.visual.patch_embed.proj.weight", cross_in, 3, 14, 14)
+  add(c + "vit.model.visual.blocks.0.attn.q_proj.weight", cross_in, cross_in)
+  add(c + "pos_embed", 4, cross_in)
+  return state
+
+
+def write_release(root, **sizes) -> dict:
+  """cogagent-chat-hf's files (model.safetensors, config.json) in `root`, `_reference_state`'s
+  sizes; returns the state."""
+  state = _reference_state(**sizes)
+  save_file(state, root / "model.safetensors", metadata={"format": "pt"})
+  d, mlp = sizes.get("d", D), sizes.get("mlp", MLP)
+  config = {"architectures": ["CogAgentForCausalLM"], "model_type": "cogagent",
+            "vocab_size": sizes.get("vocab", VOCAB), "hidden_size": d, "intermediate_size": mlp,
+            "num_hidden_layers": sizes.get("layers", LAYERS),
+            "num_attention_heads": sizes.get("heads", HEADS), "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "cross_compute_hidden_size": sizes.get("cross", CROSS),
+            "cross_hidden_size": sizes.get("cross_in", CROSS_IN), "cross_image_size": 28,
+            "vision_config": sizes.get("vision", VISION)}
+  (root / "config.json").write_text(json.dumps(config))
   return state
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
   root = tmp_path_factory.mktemp("cogagent")
-  state = _reference_state()
-  save_file(state, root / "model.safetensors", metadata={"format": "pt"})
-  config = {"architectures": ["CogAgentForCausalLM"], "model_type": "cogagent",
-            "vocab_size": VOCAB, "hidden_size": D, "intermediate_size": MLP,
-            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "rms_norm_eps": 1e-5,
-            "hidden_act": "silu", "cross_compute_hidden_size": CROSS,
-            "cross_hidden_size": CROSS_IN, "cross_image_size": 28, "vision_config": VISION}
-  (root / "config.json").write_text(json.dumps(config))
-  return state, str(root)
+  return write_release(root), str(root)
 
 
 def _import(path, log=lambda _: None):

@@ -49,8 +49,7 @@ def _package(name: str, spec_name: str, subdirectory: str = "", stubs: dict | No
     sys.modules[f"{name}.{sub}"] = module
 
 
-@pytest.fixture(scope="module")
-def reference():
+def open_flamingo_reference():
   """open_flamingo's src modules and open_clip's transformer module."""
   # OpenFlamingo was trained on open_clip < 2.23's token output (no ln_post on the tokens).
   assert importlib.metadata.version("open_clip_torch") == "2.20.0", "README's test command"
@@ -67,20 +66,25 @@ def reference():
       open_clip=importlib.import_module("_open_clip_pkg.transformer"))
 
 
-def _lm(style: str):
+@pytest.fixture(scope="module")
+def reference():
+  return open_flamingo_reference()
+
+
+def _lm(style: str, width: int = WIDTH, layers: int = 4, vocab: int = V_LM):
   if style == "mpt":
     return transformers.MptForCausalLM(transformers.MptConfig(
-        d_model=WIDTH, n_heads=4, n_layers=4, expansion_ratio=4, max_seq_len=32,
-        vocab_size=V_LM, attn_config={"alibi_bias_max": 8}))
+        d_model=width, n_heads=4, n_layers=layers, expansion_ratio=4, max_seq_len=32,
+        vocab_size=vocab, attn_config={"alibi_bias_max": 8}))
   if style == "gpt_neox":
     return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        vocab_size=V_LM, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, rotary_pct=1.0, use_parallel_residual=True,
-        tie_word_embeddings=False))
+        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=layers, num_attention_heads=4, rotary_pct=1.0,
+        use_parallel_residual=True, tie_word_embeddings=False))
   return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=V_LM, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=4,
-      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-      tie_word_embeddings=False))
+      vocab_size=vocab, hidden_size=width, intermediate_size=3 * width // 2,
+      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+      rms_norm_eps=1e-5, tie_word_embeddings=False))
 
 
 def _perturb(module, scale=0.1):
@@ -132,28 +136,30 @@ def _documents(seed=0):
 STYLES = [("mpt", 1), ("gpt_neox", 2), ("llama", 4)]
 
 
-@pytest.fixture(scope="module", params=STYLES, ids=[s for s, _ in STYLES])
-def release(request, reference, tmp_path_factory):
-  """(reference Flamingo, {source: path}, the saved trainable state dict, original LM)."""
-  style, interval = request.param
+def write_release(reference, root, style: str, interval: int, *, width: int = WIDTH,
+                  layers: int = 4, lm_vocab: int = V_LM, vision: int = VISION,
+                  vision_layers: int = 2, vision_heads: int = 4, size: int = SIZE,
+                  patch: int = PATCH, image_id: int = IMAGE, eoc_id: int = EOC):
+  """Writes a release's three files in `root` (lm/, open_clip_pytorch_model.bin,
+  checkpoint.pt) as create_model_and_transforms + filter_state_dict_to_trainable make them;
+  returns (reference Flamingo, {source: path}, the saved trainable state, original LM)."""
   torch.manual_seed(0)
-  root = tmp_path_factory.mktemp(style)
-  lm = _lm(style)
+  lm = _lm(style, width, layers, lm_vocab)
   _perturb(lm)
   lm.eval().save_pretrained(root / "lm", safe_serialization=True)
   original_lm = {k: v.clone() for k, v in lm.state_dict().items()}
   reference.utils.extend_instance(lm, reference.flamingo_lm.FlamingoLMMixin)
   lm.set_decoder_layers_attr_name(openflamingo.DECODER_LAYERS[style])
-  lm.resize_token_embeddings(V)
+  lm.resize_token_embeddings(lm_vocab + ADDED)
   oc = reference.open_clip
-  visual = oc.VisionTransformer(image_size=SIZE, patch_size=PATCH, width=VISION, layers=2,
-                                heads=4, mlp_ratio=4.0, output_dim=24, act_layer=oc.QuickGELU,
-                                output_tokens=True)
+  visual = oc.VisionTransformer(image_size=size, patch_size=patch, width=vision,
+                                layers=vision_layers, heads=vision_heads, mlp_ratio=4.0,
+                                output_dim=24, act_layer=oc.QuickGELU, output_tokens=True)
   _perturb(visual)
   torch.save({"visual." + k: v for k, v in visual.state_dict().items()},
              root / "open_clip_pytorch_model.bin")
-  model = reference.flamingo.Flamingo(_CLIP(visual), lm, eoc_token_id=EOC,
-                                      media_token_id=IMAGE, vis_dim=VISION,
+  model = reference.flamingo.Flamingo(_CLIP(visual), lm, eoc_token_id=eoc_id,
+                                      media_token_id=image_id, vis_dim=vision,
                                       cross_attn_every_n_layers=interval)
   _perturb(model.perceiver)
   _perturb(model.lang_encoder.gated_cross_attn_layers, scale=0.5)  # opens the gates
@@ -169,10 +175,18 @@ def release(request, reference, tmp_path_factory):
   torch.save(state, root / "checkpoint.pt")
   if style == "llama":  # rows of the added tokens in the untied head: random in OpenFlamingo,
     with torch.no_grad():  # zero in our import (openflamingo.py docstring)
-      model.lang_encoder.lm_head.weight[V_LM:] = 0
+      model.lang_encoder.lm_head.weight[lm_vocab:] = 0
   paths = {"checkpoint": str(root / "checkpoint.pt"), "lm": str(root / "lm"),
            "vision": str(root / "open_clip_pytorch_model.bin")}
-  return model, paths, {k: v.numpy() for k, v in state.items()}, original_lm, style
+  return model, paths, {k: v.numpy() for k, v in state.items()}, original_lm
+
+
+@pytest.fixture(scope="module", params=STYLES, ids=[s for s, _ in STYLES])
+def release(request, reference, tmp_path_factory):
+  """(reference Flamingo, {source: path}, the saved trainable state dict, original LM,
+  style)."""
+  style, interval = request.param
+  return (*write_release(reference, tmp_path_factory.mktemp(style), style, interval), style)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ TEXT, VISION, LAYERS, VOCAB, POSITIONS, PATCH, SIZE = 32, 32, 2, 50, 20, 8, 32
 HEADS = {"lm.num_heads": 4, "vision.num_heads": 4}  # width / 64 would give 0 here
 
 
-def _reference_state(experts: dict[str, int]) -> dict:
+def _reference_state(experts: dict[str, int], text=TEXT, vision=VISION, layers=LAYERS,
+                     vocab=VOCAB, positions=POSITIONS, patch=PATCH, size=SIZE) -> dict:
   """Names and shapes as PrismerCaption.state_dict(): expert_encoder (model/modules/vit.py,
   resampler.py, utils.Adaptor) and text_decoder (model/modules/roberta.py)."""
   g = torch.Generator().manual_seed(1)
@@ -31,9 +32,9 @@ def _reference_state(experts: dict[str, int]) -> dict:
     state[name + ".weight"] = state[name + ".weight"][:, 0] + 1
 
   v, t = "expert_encoder.", "text_decoder."
-  add(v + "conv1.rgb.weight", VISION, 3, PATCH, PATCH)
+  add(v + "conv1.rgb.weight", vision, 3, patch, patch)
   for expert, channels in experts.items():
-    widths = (channels, VISION // 8, VISION // 4, VISION // 2, VISION)
+    widths = (channels, vision // 8, vision // 4, vision // 2, vision)
     for k, index in enumerate((1, 4, 7, 10)):
       add(f"{v}conv1.{expert}.{index}.weight", widths[k + 1], widths[k], 3, 3)
       bn = f"{v}conv1.{expert}.{index + 1}."
@@ -41,67 +42,67 @@ def _reference_state(experts: dict[str, int]) -> dict:
       state[bn + "running_mean"] = torch.zeros(widths[k + 1])
       state[bn + "running_var"] = torch.ones(widths[k + 1])
       state[bn + "num_batches_tracked"] = torch.tensor(7)
-    add(f"{v}conv1.{expert}.13.weight", VISION, VISION, 1, 1)
-  add(v + "positional_embedding", (SIZE // PATCH) ** 2, VISION)
+    add(f"{v}conv1.{expert}.13.weight", vision, vision, 1, 1)
+  add(v + "positional_embedding", (size // patch) ** 2, vision)
   if experts:
-    add(v + "instance_embedding", 128, VISION)
-    add(v + "resampler.latents", 8, VISION)
+    add(v + "instance_embedding", 128, vision)
+    add(v + "resampler.latents", 8, vision)
     for j in range(2):
       b = f"{v}resampler.perceiver_blocks.{j}."
-      linear(b + "attn.in_proj", 3 * VISION, VISION)
+      linear(b + "attn.in_proj", 3 * vision, vision)
       state[b + "attn.in_proj_weight"] = state.pop(b + "attn.in_proj.weight")
       state[b + "attn.in_proj_bias"] = state.pop(b + "attn.in_proj.bias")
-      linear(b + "attn.out_proj", VISION, VISION)
-      linear(b + "mlp.c_fc", 4 * VISION, VISION)
-      linear(b + "mlp.c_proj", VISION, 4 * VISION)
+      linear(b + "attn.out_proj", vision, vision)
+      linear(b + "mlp.c_fc", 4 * vision, vision)
+      linear(b + "mlp.c_proj", vision, 4 * vision)
       for n in ("ln_1", "ln_2", "ln_ff"):
-        norm(b + n, VISION)
-  for i in range(LAYERS):
+        norm(b + n, vision)
+  for i in range(layers):
     b = f"{v}transformer.resblocks.{i}."
-    add(b + "0.attn.in_proj_weight", 3 * VISION, VISION)
-    add(b + "0.attn.in_proj_bias", 3 * VISION)
-    linear(b + "0.attn.out_proj", VISION, VISION)
-    linear(b + "0.mlp.c_fc", 4 * VISION, VISION)
-    linear(b + "0.mlp.c_proj", VISION, 4 * VISION)
-    norm(b + "0.ln_1", VISION)
-    norm(b + "0.ln_2", VISION)
-    linear(b + "1.adaptor.down_proj", VISION, VISION)
-    linear(b + "1.adaptor.up_proj", VISION, VISION)
-    norm(b + "1.adaptor_ln", VISION)
-  norm(v + "ln_pre", VISION)
-  norm(v + "ln_post", VISION)
+    add(b + "0.attn.in_proj_weight", 3 * vision, vision)
+    add(b + "0.attn.in_proj_bias", 3 * vision)
+    linear(b + "0.attn.out_proj", vision, vision)
+    linear(b + "0.mlp.c_fc", 4 * vision, vision)
+    linear(b + "0.mlp.c_proj", vision, 4 * vision)
+    norm(b + "0.ln_1", vision)
+    norm(b + "0.ln_2", vision)
+    linear(b + "1.adaptor.down_proj", vision, vision)
+    linear(b + "1.adaptor.up_proj", vision, vision)
+    norm(b + "1.adaptor_ln", vision)
+  norm(v + "ln_pre", vision)
+  norm(v + "ln_post", vision)
 
   e = t + "roberta.embeddings."
-  add(e + "word_embeddings.weight", VOCAB, TEXT)
-  add(e + "position_embeddings.weight", POSITIONS, TEXT)
-  add(e + "token_type_embeddings.weight", 1, TEXT)
-  norm(e + "LayerNorm", TEXT)
-  state[e + "position_ids"] = torch.arange(POSITIONS)[None]
+  add(e + "word_embeddings.weight", vocab, text)
+  add(e + "position_embeddings.weight", positions, text)
+  add(e + "token_type_embeddings.weight", 1, text)
+  norm(e + "LayerNorm", text)
+  state[e + "position_ids"] = torch.arange(positions)[None]
 
   def roberta_attention(b, key_width):
-    linear(b + "self.query", TEXT, TEXT)
-    linear(b + "self.key", TEXT, key_width)
-    linear(b + "self.value", TEXT, key_width)
-    linear(b + "output.dense", TEXT, TEXT)
-    norm(b + "output.LayerNorm", TEXT)
+    linear(b + "self.query", text, text)
+    linear(b + "self.key", text, key_width)
+    linear(b + "self.value", text, key_width)
+    linear(b + "output.dense", text, text)
+    norm(b + "output.LayerNorm", text)
 
   def roberta_layer(b):
-    roberta_attention(b + "attention.", TEXT)
-    linear(b + "intermediate.dense", 4 * TEXT, TEXT)
-    linear(b + "output.dense", TEXT, 4 * TEXT)
-    norm(b + "output.LayerNorm", TEXT)
+    roberta_attention(b + "attention.", text)
+    linear(b + "intermediate.dense", 4 * text, text)
+    linear(b + "output.dense", text, 4 * text)
+    norm(b + "output.LayerNorm", text)
 
-  for i in range(LAYERS):
+  for i in range(layers):
     b = f"{t}roberta.encoder.layer.{i}."
     roberta_layer(b + "0.")
-    roberta_attention(b + "1.", VISION)  # cross-attention: keys from the vision width
-    linear(b + "2.adaptor.down_proj", TEXT, TEXT)
-    linear(b + "2.adaptor.up_proj", TEXT, TEXT)
-    norm(b + "2.adaptor_ln", TEXT)
+    roberta_attention(b + "1.", vision)  # cross-attention: keys from the vision width
+    linear(b + "2.adaptor.down_proj", text, text)
+    linear(b + "2.adaptor.up_proj", text, text)
+    norm(b + "2.adaptor_ln", text)
   roberta_layer(t + "roberta.encoder.output_layer.")
-  linear(t + "lm_head.dense", TEXT, TEXT)
-  norm(t + "lm_head.layer_norm", TEXT)
-  add(t + "lm_head.bias", VOCAB)
+  linear(t + "lm_head.dense", text, text)
+  norm(t + "lm_head.layer_norm", text)
+  add(t + "lm_head.bias", vocab)
   state[t + "lm_head.decoder.weight"] = state[e + "word_embeddings.weight"]
   state[t + "lm_head.decoder.bias"] = state[t + "lm_head.bias"]
   return state

@@ -10,17 +10,21 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 from vlm_jax import config as config_lib
 from vlm_jax.cli import eval as eval_cli
+from vlm_jax.data import preprocessors
 from vlm_jax.data.families import cogagent as cogagent_data
 from vlm_jax.data.families import flamingo as flamingo_data
 from vlm_jax.data.families import minigpt_v2 as minigpt_data
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, Vocab
 from vlm_jax.data.boxes import percent, permille
-from vlm_jax.evaluation import family_benchmarks, grounding, vqa
+from vlm_jax.evaluation import benchmarks, family_benchmarks, grounding, vqa
+from vlm_jax.models import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "data", "benchmarks")
@@ -111,19 +115,21 @@ def test_bad_benchmark_flags_and_families_without_the_prompt_are_usage_errors(tm
     family_benchmarks.evaluate_vqa(None, None, config, VQA_ARGS[1], VQA_ARGS[3], str(tmp_path))
 
 
-def test_flamingo_vqa_as_a_two_process_vlm_launch_job(tmp_path):
+def test_flamingo_few_shot_vqa_as_a_two_process_vlm_launch_job(tmp_path):
+  """One RICES shot per question (the other one): the support features are computed
+  through distributed.jit in both processes."""
   done = subprocess.run(
       [sys.executable, "-m", "vlm_jax.cli.launch", "local", "--num-processes", "2",
        "--cpu-devices-per-process", "1", "--program", "eval",
        "--config", "configs/flamingo.py:tiny", "--workdir", str(tmp_path / "run"),
-       "--random-init", *VQA_ARGS],
+       "--random-init", *VQA_ARGS, "--vqa-shots", "1"],
       capture_output=True, text=True, timeout=600, cwd=REPO,
       env={**os.environ, "PYTHONPATH": REPO})
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   assert done.stdout.count("vqa (step 0)") == 1, done.stdout[-3000:]
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     written = json.loads(f.readlines()[-1])
-  assert written["eval/vqa/questions"] == 2
+  assert written["eval/vqa/questions"] == 2 and written["eval/vqa/shots"] == 1
   generated = _printed_answers(done.stdout)
   assert written["eval/vqa/vqa_accuracy"] == pytest.approx(
       vqa.mean_vqa_accuracy(generated, HUMANS))
@@ -201,3 +207,86 @@ def test_cogagent_asks_refcoco_in_its_template_and_reads_permille_boxes(tmp_path
       repr(permille.box_text(t)) for t in truths]
   assert written["eval/refcoco/iou@0.5"] == pytest.approx(
       grounding.iou_accuracy(_printed_answers(printed), truths, permille))
+
+
+# ----------------------------------------------------------------------------------------
+# Few-shot VQA (Flamingo, OpenFlamingo's evaluate_vqa prompt, RICES supports)
+# ----------------------------------------------------------------------------------------
+def _image_9():
+  with open(os.path.join(FIXTURES, "vqa_images", "COCO_val2014_000000000009.jpg"), "rb") as f:
+    return f.read()
+
+
+def test_flamingo_two_shot_vqa_prompt_is_openflamingo_s_demos_then_the_query():
+  """OpenFlamingo: "".join(get_vqa_prompt(q, a) + "\n" for each demo) + get_vqa_prompt(q),
+  get_vqa_prompt = f"<image>Question:{q} Short answer:{a}<|endofchunk|>"; after BOS."""
+  config = config_lib.load_config("configs/flamingo.py:tiny")
+  vocab = Vocab(config.data.vocab_path)
+  shots = [(_image_9(), "How many dogs?", "1"), (_image(), "What animal is it?", "cat")]
+  example, stop = flamingo_data.benchmark_example("vqa", _image(), "What color is it?",
+                                                  config.data, vocab, shots=shots)
+  image_id = vocab.token_id(flamingo_data.IMAGE_TOKEN)
+  chunk_id = vocab.token_id(flamingo_data.END_OF_CHUNK_TOKEN)
+  newline = vocab.encode("\n")  # [] in the sample SentencePiece model (it folds whitespace)
+  want = ([BOS_ID, image_id] + vocab.encode("Question:How many dogs? Short answer:1") +
+          [chunk_id] + newline + [image_id] +
+          vocab.encode("Question:What animal is it? Short answer:cat") + [chunk_id] +
+          newline + [image_id] + vocab.encode("Question:What color is it? Short answer:"))
+  assert _prompt_ids(example) == want and stop == chunk_id
+  assert example["image_positions"][:3].tolist() == [
+      i for i, t in enumerate(want) if t == image_id]
+  assert example["image_mask"].tolist() == [1.0, 1.0, 1.0, 0.0]
+  zero_shot, _ = flamingo_data.benchmark_example("vqa", _image(), "x", config.data, vocab)
+  np.testing.assert_array_equal(example["images"][2], zero_shot["images"][0])  # the query
+  np.testing.assert_array_equal(example["images"][1], zero_shot["images"][0])
+  assert np.abs(example["images"][0] - example["images"][1]).max() > 0.1  # image 9
+  with pytest.raises(preprocessors.BadRecord, match="4 shots and the query need 5 images"):
+    flamingo_data.benchmark_example("vqa", _image(), "x", config.data, vocab, shots=shots * 2)
+  # OpenFlamingo's "0-shot" rows: the demonstrations' text with "<image>" removed.
+  text_only = [(None, q, a) for _, q, a in shots]
+  example, _ = flamingo_data.benchmark_example("vqa", _image(), "What color is it?",
+                                               config.data, vocab, shots=text_only)
+  assert _prompt_ids(example) == (
+      [BOS_ID] + vocab.encode("Question:How many dogs? Short answer:1") + [chunk_id] +
+      newline + vocab.encode("Question:What animal is it? Short answer:cat") + [chunk_id] +
+      newline + [image_id] + vocab.encode("Question:What color is it? Short answer:"))
+  assert example["image_mask"].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_rices_few_shot_vqa_shows_the_nearest_supports_most_similar_last(tmp_path, capsys):
+  """The pool is the benchmark itself (as --vqa-shots-from its own files, so each question's
+  own image is the nearest): the second support shown is the query's own question with its
+  first annotator's answer. `vlm-eval --vqa-shots 1` runs end to end after an OpenFlamingo
+  import in tests/test_released_end_to_end.py."""
+  config = config_lib.load_config("configs/flamingo.py:tiny")
+  model = registry.build(config.model)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0),
+                                        registry.dummy_batch(config, 1)))["params"]
+  items = benchmarks.vqa_v2(*VQA_ARGS[1:6:2], "COCO_val2014_")
+  triples, kept, _ = family_benchmarks.prompts(config, "vqa", [(i.image_path, i.question)
+                                                               for i in items])
+  asked, kept2, skipped = family_benchmarks.few_shot_prompts(
+      config, model, params, items, triples, kept, 2, pool=items, batch_size=2)
+  assert [i for i, _ in kept2] == [0, 1] and not skipped
+  vocab = Vocab(config.data.vocab_path)
+  for (inputs, _, _), query, other in zip(asked, items, items[::-1]):
+    ids = [int(t) for t, m in zip(inputs["tokens"], inputs["token_mask"]) if m]
+    shown = vocab.decode(ids)
+    own = f"Question:{query.question} Short answer:{query.answers[0]}"
+    assert shown.index(f"Question:{other.question}") < shown.index(own), shown
+  text_only, _, _ = family_benchmarks.few_shot_prompts(
+      config, model, params, items, triples, kept, 1, batch_size=2, text_only=True)
+  for (inputs, _, _), query, other in zip(text_only, items, items[::-1]):
+    ids = [int(t) for t, m in zip(inputs["tokens"], inputs["token_mask"]) if m]
+    assert inputs["image_mask"].sum() == 1  # the query's image only
+    assert vocab.decode(ids).startswith(f"Question:{other.question} Short answer:"
+                                        f"{other.answers[0]}")
+  with pytest.raises(ValueError, match="2 shots need 2 usable support questions, the pool"):
+    family_benchmarks.few_shot_prompts(config, model, params, items, triples, kept, 2)
+  for args in (["--config=configs/minigpt_v2.py:tiny", *VQA_ARGS, "--vqa-shots", "2"],
+               ["--config=configs/flamingo.py:tiny", "--vqa-shots", "2"]):
+    with pytest.raises(SystemExit):
+      eval_cli.main([*args, "--workdir", str(tmp_path), "--random-init"])
+  err = capsys.readouterr().err
+  assert "the 'minigpt_v2' family asks 'vqa' without in-context" in err
+  assert "--vqa-shots and --vqa-shots-from need --vqa-questions" in err

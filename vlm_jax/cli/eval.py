@@ -13,7 +13,12 @@ its images) instead, scored against every reference (eval/coco_captions/...).
 benchmark (v2_OpenEnded_*_questions.json, v2_mscoco_*_annotations.json, images named
 <--vqa-image-prefix><12-digit image id>.jpg) in the family's own prompt format
 (MiniGPT-v2 `[vqa] ...`, Flamingo `Question:... Short answer:`, CogAgent `Question: ...
-Answer:`), scored with the official VQA accuracy (eval/vqa/...).
+Answer:`), scored with the official VQA accuracy (eval/vqa/...). --vqa-shots N asks each
+question after N in-context examples chosen by RICES (the model's vision features) as
+OpenFlamingo does (Flamingo only), from the benchmark itself (never the question itself) or
+from --vqa-shots-from QUESTIONS ANNOTATIONS IMAGE_DIR (e.g. the train split, images named
+<--vqa-shots-image-prefix><id>.jpg); --vqa-text-only-shots shows them without their images
+(OpenFlamingo's "0-shot" rows are --vqa-shots 2 --vqa-text-only-shots).
 
 --refcoco FILE --refcoco-images DIR asks for the box of each referring expression of a
 RefCOCO/+/g-style file in the family's prompt and box format (MiniGPT-v2 `[refer] give me
@@ -50,6 +55,16 @@ def main(argv=None):
   parser.add_argument("--vqa-images", default="", help="the images of --vqa-questions")
   parser.add_argument("--vqa-image-prefix", default="COCO_val2014_",
                       help="image file name before the 12-digit image id")
+  parser.add_argument("--vqa-shots", type=int, default=0,
+                      help="in-context examples per VQA question, chosen by RICES")
+  parser.add_argument("--vqa-shots-from", nargs=3, default=None,
+                      metavar=("QUESTIONS", "ANNOTATIONS", "IMAGE_DIR"),
+                      help="the pool of --vqa-shots (default: the benchmark itself)")
+  parser.add_argument("--vqa-text-only-shots", action="store_true",
+                      help="show the --vqa-shots without their images (OpenFlamingo's "
+                           "0-shot rows: --vqa-shots 2 --vqa-text-only-shots)")
+  parser.add_argument("--vqa-shots-image-prefix", default="COCO_train2014_",
+                      help="image file name before the id in --vqa-shots-from's directory")
   parser.add_argument("--refcoco", default="",
                       help="RefCOCO/+/g-style referring expressions (json or json lines)")
   parser.add_argument("--refcoco-images", default="", help="the images of --refcoco")
@@ -68,6 +83,12 @@ def main(argv=None):
     return
   if bool(args.vqa_questions) != bool(args.vqa_annotations):
     parser.error("--vqa-questions and --vqa-annotations go together")
+  if (args.vqa_shots or args.vqa_shots_from) and not args.vqa_questions:
+    parser.error("--vqa-shots and --vqa-shots-from need --vqa-questions")
+  if args.vqa_shots < 0 or ((args.vqa_shots_from or args.vqa_text_only_shots) and
+                            not args.vqa_shots):
+    parser.error("--vqa-shots must be a positive number of examples with --vqa-shots-from "
+                 "or --vqa-text-only-shots")
   chosen = [flag for flag, value in (("--task", args.task), ("--coco-captions",
                                                               args.coco_captions),
                                       ("--vqa-questions", args.vqa_questions),
@@ -80,7 +101,7 @@ def main(argv=None):
       coco.caption_task(config)
       names = [coco.TASK_NAME]
     elif args.vqa_questions:
-      family_benchmarks.family_module(config, family_benchmarks.VQA)
+      family_benchmarks.family_module(config, family_benchmarks.VQA, args.vqa_shots)
       names = [family_benchmarks.VQA]
     elif args.refcoco:
       family_benchmarks.family_module(config, family_benchmarks.REFER)
@@ -117,7 +138,10 @@ def main(argv=None):
         scalars, samples = runner.evaluate_benchmark(
             trainer, state, family_benchmarks.VQA, family_benchmarks.evaluate_vqa,
             args.vqa_questions, args.vqa_annotations, args.vqa_images,
-            image_prefix=args.vqa_image_prefix, **sizes)
+            image_prefix=args.vqa_image_prefix, shots=args.vqa_shots,
+            shots_from=args.vqa_shots_from and (*args.vqa_shots_from,
+                                                args.vqa_shots_image_prefix),
+            text_only_shots=args.vqa_text_only_shots, **sizes)
       else:
         scalars, samples = runner.evaluate_benchmark(
             trainer, state, family_benchmarks.REFCOCO, family_benchmarks.evaluate_refcoco,

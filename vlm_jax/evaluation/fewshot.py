@@ -25,12 +25,26 @@ def choose_support(num_pool: int, query: int, shots: int, seed: int) -> list[int
   return [int(i) for i in rng.choice(candidates, size=shots, replace=False)]
 
 
+def nearest(pool_features: np.ndarray, query_feature: np.ndarray, shots: int,
+            exclude: int | None = None) -> list[int]:
+  """The `shots` rows of pool_features [P, F] nearest query_feature [F] (cosine), most
+  similar first; `exclude`: a row never chosen (the query itself, in its own pool)."""
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  similarity = unit(pool_features) @ unit(query_feature)
+  if exclude is not None:
+    similarity[exclude] = -np.inf
+  return [int(i) for i in np.argsort(-similarity, kind="stable")[:shots]]
+
+
 def nearest_support(features: np.ndarray, query: int, shots: int) -> list[int]:
   """The `shots` rows of features [P, F] nearest row `query` (cosine), query excluded."""
-  unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-  similarity = unit @ unit[query]
-  similarity[query] = -np.inf
-  return [int(i) for i in np.argsort(-similarity, kind="stable")[:shots]]
+  return nearest(features, features[query], shots, exclude=query)
+
+
+def first_images(examples) -> np.ndarray:
+  """[P, H, W, 3]: each example's first image (first frame of a clip), as preprocessed: the
+  images RICES compares."""
+  return np.stack([e["images"].reshape((-1,) + e["images"].shape[-3:])[0] for e in examples])
 
 
 def _pooled_vision_tokens(module, images):

@@ -85,8 +85,8 @@ def _examples(task, config, count, model, params, batch_size):
   convert = heldout.processor(config)
   features = None
   if task.support == "similar":  # RICES: each pool pair's (first) image, as preprocessed
-    images = np.stack([e["images"].reshape((-1,) + e["images"].shape[-3:])[0] for e, _ in pool])
-    features = fewshot.vision_features(model, params, images, batch_size)
+    features = fewshot.vision_features(model, params, fewshot.first_images(e for e, _ in pool),
+                                       batch_size)
   supports = fewshot.support_sets(len(raws), min(count, len(raws)), task.shots, task.support,
                                   features=features)
   out = []

@@ -3,9 +3,8 @@ step-0 checkpoint (a whole train state: the imported parameters, split by config
 fresh optimizer state and the data iterator at its start). Then `vlm-eval --config C
 --workdir RUN` evaluates the imported model, `vlm-train --config C --workdir RUN` continues
 training it, and `--config.init_from=RUN` starts another run from it."""
-import jax
-
-from vlm_jax.train import init_from, loop
+from vlm_jax import params as params_lib
+from vlm_jax.train import loop
 
 
 class ImportedRunError(ValueError):
@@ -21,9 +20,14 @@ def save(config, workdir: str, loaded: dict, log=print) -> None:
     if steps:
       raise ImportedRunError(f"--workdir {workdir} already holds checkpoints (steps "
                              f"{list(steps)}); import into a new directory.")
+    wanted = params_lib.flatten(trainer.factory.abstract_params)
+    missing = sorted(set(wanted) - set(loaded))
+    if missing:
+      raise ImportedRunError(f"the import lacks {len(missing)} parameter(s) of the config's "
+                             f"model, e.g. {missing[:3]}")
     with trainer.mesh_context():
-      state = trainer.factory.create(jax.random.key(config.seed))
-      state = init_from.with_params(trainer.factory, state, loaded)
+      state = trainer.factory.create_with_params(params_lib.unflatten(
+          {path: loaded[path] for path in wanted}))
       trainer.checkpointer.save(0, state, trainer.data, force=True)
       trainer.checkpointer.wait()
   finally:

@@ -61,6 +61,16 @@ class StateFactory:
   def create(self, rng) -> TrainState:
     return jax.jit(self._init_state, out_shardings=self.shardings)(rng)
 
+  def create_with_params(self, params) -> TrainState:
+    """A step-0 state around complete `params` (placed in their shardings) with a fresh
+    optimizer state, without initialising (and then discarding) a random model."""
+    trainable, frozen = params_lib.split_frozen(params, self.config.frozen)
+    counters = jax.jit(lambda: (jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)),
+                       out_shardings=(self.shardings.step, self.shardings.nonfinite_step))()
+    opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(trainable)
+    return TrainState(step=counters[0], params=trainable, frozen=frozen, opt_state=opt_state,
+                      nonfinite_step=counters[1])
+
   def abstract_with_shardings(self) -> TrainState:
     """ShapeDtypeStructs carrying the target shardings (for orbax restore)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -51,6 +51,7 @@ from vlm_jax.data.synthetic import scenes
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
 
 IMAGE_TOKEN, END_OF_CHUNK_TOKEN = "<image>", "<|endofchunk|>"
+END_OF_CHUNK = "end_of_chunk"  # a document item kind (encode_document)
 
 # A pair is the one-image document; text records are documents without media.
 TEMPLATES = {"document": ("interleaved", "pairs"), "text": ("text",)}
@@ -94,22 +95,28 @@ def document_items(raw: dict) -> list:
 
 def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: int,
                     loss_weight: float = 1.0, text_only: bool = False) -> tuple[dict, list]:
-  """(token arrays of the module docstring's layout, the media kept, in order). text_only:
-  a document without media, loss on every token."""
+  """(token arrays of the module docstring's layout, the media kept, in order). items:
+  ("text", str), ("image", media) or (END_OF_CHUNK, None), an `<|endofchunk|>` written
+  there (closing the open chunk early: text after it stays outside the chunk). text_only: a document without media,
+  loss on every token."""
   image_id = vocab.token_id(IMAGE_TOKEN)
   chunk_id = vocab.token_id(END_OF_CHUNK_TOKEN)
-  ids, media = [BOS_ID], []
+  ids, media, open_chunk = [BOS_ID], [], False
   for kind, value in items:
     if kind == "image":
       if len(media) == max_images:
         break
-      if media:
+      if open_chunk:
         ids.append(chunk_id)
       media.append((len(ids), value))
       ids.append(image_id)
+      open_chunk = True
+    elif kind == END_OF_CHUNK:  # here, closing the open chunk before text that follows it
+      ids.append(chunk_id)
+      open_chunk = False
     else:
       ids += vocab.encode(value)
-  if media:
+  if open_chunk:
     ids.append(chunk_id)
   ids.append(EOS_ID)
   ids = ids[:sequence_length + 1]
@@ -163,11 +170,12 @@ def media_pixels(media, *, image_size: int, frames_per_media: int, resize_mode: 
   return np.stack([load(frame) for frame in sample_frames(clip, frames_per_media)])
 
 
-def convert(raw: dict, *, vocab: Vocab, image_size: int, sequence_length: int,
-            max_images: int, frames_per_media: int = 0, loss_weight: float = 1.0,
-            resize_mode: str = "pad", max_pixels: int = preprocessors.DEFAULT_MAX_PIXELS,
-            text_only: bool = False):
-  items = [("text", preprocessors.text_of(raw))] if text_only else document_items(raw)
+def document_example(items, *, vocab: Vocab, image_size: int, sequence_length: int,
+                     max_images: int, frames_per_media: int = 0, loss_weight: float = 1.0,
+                     resize_mode: str = "pad",
+                     max_pixels: int = preprocessors.DEFAULT_MAX_PIXELS,
+                     text_only: bool = False) -> tuple[dict, int]:
+  """(the example of document items (`encode_document`) with its pixels, media kept)."""
   example, media = encode_document(vocab, items, sequence_length=sequence_length,
                                    max_images=max_images, loss_weight=loss_weight,
                                    text_only=text_only)
@@ -177,7 +185,13 @@ def convert(raw: dict, *, vocab: Vocab, image_size: int, sequence_length: int,
     images[n] = media_pixels(item, image_size=image_size, frames_per_media=frames_per_media,
                              resize_mode=resize_mode, max_pixels=max_pixels)
   example["images"] = images
-  return example
+  return example, len(media)
+
+
+def convert(raw: dict, *, text_only: bool = False, **kwargs):
+  """A raw record -> example; kwargs: `document_example`'s."""
+  items = [("text", preprocessors.text_of(raw))] if text_only else document_items(raw)
+  return document_example(items, text_only=text_only, **kwargs)[0]
 
 
 class Processor(processor_lib.RecordProcessor):
@@ -195,9 +209,10 @@ class Processor(processor_lib.RecordProcessor):
 
 
 # ----------------------------------------------------------------------------------------
-# Benchmarks (`vlm_jax.evaluation.benchmark_eval`): OpenFlamingo's zero-shot prompts
+# Benchmarks (`vlm_jax.evaluation.family_benchmarks`): OpenFlamingo's prompts
 # ----------------------------------------------------------------------------------------
 BENCHMARK_PROMPTS = {"vqa": "Question:{} Short answer:"}  # OpenFlamingo's get_vqa_prompt
+BENCHMARK_SHOTS = ("vqa",)  # the kinds asked with in-context examples (`shots`)
 
 
 def benchmark_prompt(kind: str, text: str) -> str:
@@ -208,17 +223,31 @@ def benchmark_prompt(kind: str, text: str) -> str:
   return BENCHMARK_PROMPTS[kind].format(text)
 
 
-def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab):
-  """(generation inputs `BOS <image>Question:... Short answer:`, stop id `<|endofchunk|>`)."""
-  raw = {"kind": "interleaved", "texts": [None, benchmark_prompt(kind, text)],
-         "images": [image, None]}
-  example = convert(raw, vocab=vocab, image_size=data_config.image_size,
-                    sequence_length=data_config.sequence_length,
-                    max_images=data_config.max_images,
-                    frames_per_media=data_config.get("frames_per_media", 0),
-                    resize_mode=data_config.resize_mode, max_pixels=data_config.max_pixels)
+def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab, shots=()):
+  """(generation inputs, stop id `<|endofchunk|>`): OpenFlamingo's evaluate_vqa prompt,
+  each shot (image, question, answer) as `<image>Question:{q} Short answer:{a}<|endofchunk|>`
+  and a newline (without `<image>` for a shot whose image is None: OpenFlamingo's 0-shot
+  text-only demonstrations), then the query `<image>Question:{q} Short answer:`, after
+  BOS."""
+  items = []
+  for shot_image, question, answer in shots:
+    items += [("image", shot_image)] if shot_image is not None else []
+    items += [("text", benchmark_prompt(kind, question) + answer), (END_OF_CHUNK, None),
+              ("text", "\n")]
+  items += [("image", image), ("text", benchmark_prompt(kind, text))]
+  d = data_config
+  example, kept = document_example(
+      items, vocab=vocab, image_size=d.image_size, sequence_length=d.sequence_length,
+      max_images=d.max_images, frames_per_media=d.get("frames_per_media", 0),
+      resize_mode=d.resize_mode, max_pixels=d.max_pixels)
+  wanted = sum(image is not None for image, _, _ in shots) + 1
+  if kept < wanted:
+    raise preprocessors.BadRecord(f"{wanted - 1} shots and the query need {wanted} images; "
+                                  f"data.max_images is {d.max_images}")
   chunk_id = vocab.token_id(END_OF_CHUNK_TOKEN)
   end = int(np.flatnonzero(example["tokens"] == chunk_id)[-1])  # the answer starts here
+  if end + 1 < int(example["token_mask"].sum()):  # the query's chunk did not close
+    raise preprocessors.BadRecord("the prompt does not fit in data.sequence_length")
   example["tokens"][end:] = PAD_ID
   example["token_mask"][end:] = 0.0
   return example, chunk_id

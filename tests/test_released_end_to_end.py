@@ -1,0 +1,127 @@
+"""Each released layout from the command line, as docs/weights.md tells a user: `vlm-convert
+import <release files> --layout NAME --config C --workdir RUN` (files written at a tiny
+size in the release's own layout), then `vlm-eval --config C --workdir RUN` of the family's
+benchmarks on the fixtures of tests/data/benchmarks, one process each (2-process vlm-eval:
+tests/test_family_benchmarks.py; MiniGPT-v2's release: tests/test_convert_cli.py):
+
+    OpenFlamingo  checkpoint.pt + the MPT LM's HF directory + open_clip_pytorch_model.bin,
+                  written by open-flamingo's own classes   -> 2-shot VQA (RICES), COCO captions
+    CogAgent      cogagent-chat-hf: model.safetensors + config.json -> VQA, RefCOCO
+    PrismerZ      pytorch_model.bin                          -> COCO captions
+
+Each run's step 0 holds the release's tensors, and each benchmark's written score is the one
+recomputed from the generations vlm-eval prints.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import test_convert_cogagent as cogagent_files
+import test_convert_openflamingo as openflamingo_files
+import test_convert_prismer as prismer_files
+from test_family_benchmarks import HUMANS, REFCOCO_ARGS, VQA_ARGS, _printed_answers
+from vlm_jax import params as state_lib
+from vlm_jax.cli import convert as convert_cli
+from vlm_jax.cli import eval as eval_cli
+from vlm_jax.data.boxes import permille
+from vlm_jax.evaluation import captions, grounding, vqa
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "data", "benchmarks")
+COCO_ARGS = ["--coco-captions", os.path.join(FIXTURES, "coco_captions.json"),
+             "--image-dir", os.path.join(FIXTURES, "vqa_images")]  # images 7 and 9
+CONFIGS = {name: os.path.join(REPO, "configs", f"{name}.py") + ":" + arg for name, arg in (
+    ("flamingo", "oftiny"), ("cogagent", "tiny"), ("prismer", "tiny,experts=none"))}
+
+
+def _import(files: list, layout: str, run) -> None:
+  convert_cli.main(["import", *files, "--layout", layout, "--config", CONFIGS[layout_family(
+      layout)], "--workdir", str(run)])
+
+
+def layout_family(layout: str) -> str:
+  return {"openflamingo": "flamingo"}.get(layout, layout)
+
+
+def _step0(run, path: str, like: np.ndarray) -> np.ndarray:
+  saved, step = state_lib.read_checkpoint(str(run), {
+      path: jax.ShapeDtypeStruct(like.shape, like.dtype)})
+  assert step == 0
+  return np.asarray(saved[path])
+
+
+def _eval(family: str, run, capsys, *args) -> tuple[dict, list[str], str]:
+  """(the scalars vlm-eval wrote, the generations it printed, its output)."""
+  eval_cli.main(["--config", CONFIGS[family], "--workdir", str(run), "--num-samples", "8",
+                 "--batch-size", "2", *args])
+  printed = capsys.readouterr().out
+  with open(run / "metrics.jsonl") as f:
+    written = json.loads(f.readlines()[-1])
+  return written, _printed_answers(printed), printed
+
+
+def _check_vqa(written, generated, shots=0):
+  assert written["eval/vqa/questions"] == 2 and written["eval/vqa/shots"] == shots
+  assert written["eval/vqa/vqa_accuracy"] == pytest.approx(
+      vqa.mean_vqa_accuracy(generated, HUMANS))
+
+
+def _check_captions(written, generated):
+  references = [["A cat on a mat.", "a cat"], ["a dog"]]  # images 7 and 9 of the fixture
+  assert written["eval/coco_captions/images"] == 2
+  assert written["eval/coco_captions/cider"] == pytest.approx(
+      captions.cider(generated, references))
+
+
+def test_openflamingo_release_imported_then_few_shot_vqa_and_captions(tmp_path, capsys):
+  reference = openflamingo_files.open_flamingo_reference()
+  _, paths, state, _ = openflamingo_files.write_release(
+      reference, tmp_path, "mpt", 1, width=128, layers=2, lm_vocab=1021, vision=64,
+      vision_layers=1, vision_heads=2, size=64, patch=16, image_id=4, eoc_id=5)
+  run = tmp_path / "run"
+  _import([paths["checkpoint"], "--lm", paths["lm"], "--vision", paths["vision"]],
+          "openflamingo", run)
+  latents = state["perceiver.latents"]
+  np.testing.assert_array_equal(_step0(run, "resampler/latents", latents), latents)
+  # 2 shots each, by RICES from a support pool given as OpenFlamingo's train split would be
+  written, generated, _ = _eval("flamingo", run, capsys, *VQA_ARGS, "--vqa-shots", "2",
+                                "--vqa-shots-from", *VQA_ARGS[1:6:2],
+                                "--vqa-shots-image-prefix", "COCO_val2014_")
+  _check_vqa(written, generated, shots=2)
+  written, generated, _ = _eval("flamingo", run, capsys, *COCO_ARGS)
+  _check_captions(written, generated)
+
+
+def test_cogagent_release_imported_then_vqa_and_refcoco(tmp_path, capsys):
+  release = tmp_path / "cogagent-chat-hf"
+  release.mkdir()
+  vision = dict(cogagent_files.VISION, hidden_size=64, num_positions=17)  # 56 px / 14
+  state = cogagent_files.write_release(release, d=128, heads=4, mlp=344, vocab=1024,
+                                       layers=2, cross=32, cross_in=64, vision=vision)
+  run = tmp_path / "run"
+  _import([str(release)], "cogagent", run)
+  table = state["model.embed_tokens.weight"]
+  np.testing.assert_array_equal(_step0(run, "lm/embed/embedding", table), table)
+  written, generated, _ = _eval("cogagent", run, capsys, *VQA_ARGS)
+  _check_vqa(written, generated)
+  written, generated, _ = _eval("cogagent", run, capsys, *REFCOCO_ARGS)
+  truths = [(100, 250, 400, 750)] * 2 + [(0, 0, 500, 500)]  # the fixture's boxes in 0..999
+  assert written["eval/refcoco/expressions"] == 3
+  assert written["eval/refcoco/iou@0.5"] == pytest.approx(
+      grounding.iou_accuracy(generated, truths, permille))
+
+
+def test_prismerz_release_imported_then_captions(tmp_path, capsys):
+  state = prismer_files._reference_state({}, text=64, vision=64, layers=2, vocab=1024,
+                                         positions=514, patch=8, size=64)
+  torch.save(state, tmp_path / "pytorch_model.bin")
+  run = tmp_path / "run"
+  _import([str(tmp_path / "pytorch_model.bin")], "prismer", run)
+  table = state["text_decoder.roberta.embeddings.word_embeddings.weight"].numpy()
+  np.testing.assert_array_equal(_step0(run, "word_embedding", table), table)
+  written, generated, _ = _eval("prismer", run, capsys, *COCO_ARGS)
+  _check_captions(written, generated)
