@@ -16,12 +16,14 @@ from vlm_jax.cli import eval as eval_cli
 import builders
 from vlm_jax.data.families import flamingo as flamingo_data
 from vlm_jax.data.synthetic import scenes
+from vlm_jax.data.vocab import Vocab
 from vlm_jax.evaluation import benchmarks, captions, fewshot, heldout, runner, scoring, tasks
 from vlm_jax.evaluation import vqa
 from vlm_jax.models import registry
 from vlm_jax.train import loop
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "benchmarks")
+SHIPPED = Vocab()  # pad/eos/unk/bos 0/1/2/3
 
 
 def test_coco_captions_reader():
@@ -60,17 +62,17 @@ def test_prompt_is_the_example_without_its_last_answer():
              "loss_mask": np.array([0, 0, 0, 1, 1, 1, 0, 0], np.float32),
              "token_mask": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32),
              "loss_weight": np.float32(1)}
-  inputs, answer, stop = heldout.as_prompt(example)  # token 12 predicts the answer's 13
+  inputs, answer, stop = heldout.as_prompt(example, SHIPPED.pad_id)  # 12 predicts 13
   np.testing.assert_array_equal(inputs["tokens"], [3, 10, 11, 12, 0, 0, 0, 0])
   np.testing.assert_array_equal(inputs["token_mask"], [1, 1, 1, 1, 0, 0, 0, 0])
   assert list(answer) == [13, 14, 1] and stop == 1 and "targets" not in inputs
-  rebuilt = scoring.with_answer(inputs, [13, 14], 1)
+  rebuilt = scoring.with_answer(inputs, [13, 14], 1, vocab=SHIPPED)
   for key in ("tokens", "loss_mask", "token_mask"):
     np.testing.assert_array_equal(rebuilt[key], example[key])
   on = example["loss_mask"] > 0  # prompt targets carry no loss and are not rebuilt
   np.testing.assert_array_equal(rebuilt["targets"][on], example["targets"][on])
   with pytest.raises(ValueError, match="does not fit"):
-    scoring.with_answer(inputs, list(range(20, 26)), 1)
+    scoring.with_answer(inputs, list(range(20, 26)), 1, vocab=SHIPPED)
 
 
 def test_likelihood_of_the_greedy_caption_equals_its_cached_decoding_score():
@@ -89,7 +91,7 @@ def test_likelihood_of_the_greedy_caption_equals_its_cached_decoding_score():
   out = decode.generate(model, params, batch, 6, eos_id=-1)
   stop = int(out.tokens[0, -1])  # score the first 5 tokens + the 6th as the 'stop'
   ll = scoring.rank_candidates(model, params, prompts[:1], [list(np.asarray(out.tokens[0, :5]))],
-                               stop, suffix_length=6, batch_size=2)
+                               stop, vocab=SHIPPED, suffix_length=6, batch_size=2)
   np.testing.assert_allclose(ll[0, 0], out.scores[0], rtol=1e-5, atol=1e-5)
 
 
@@ -139,8 +141,8 @@ def test_few_shot_document_interleaves_support_then_query():
   spec = heldout.task_spec(config, "flamingo_pairs")
   example = heldout.processor(config)(0, (spec, record))
   assert example["image_mask"].tolist() == [1, 1, 1]
-  inputs, answer, stop = heldout.as_prompt(example)
   vocab = heldout.processor(config).vocab
+  inputs, answer, stop = heldout.as_prompt(example, vocab.pad_id)
   assert stop == vocab.token_id(flamingo_data.END_OF_CHUNK_TOKEN)
   assert vocab.decode(answer[:-1]) == scenes.caption(pool[1])
   # The prompt holds both support captions, and ends with the query's <image>.

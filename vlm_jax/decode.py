@@ -33,7 +33,8 @@ import numpy as np
 
 from vlm_jax import distributed
 
-PAD_ID, EOS_ID, BOS_ID = 0, 1, 3  # docs/architecture.md
+# Defaults: the shipped vocabulary's ids (docs/architecture.md); evaluation passes its Vocab's.
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 3
 NEG_INF = -1e9
 
 

@@ -147,17 +147,18 @@ if "prefix_tokens" not in example:
   print(f"{config.model.name}: its batch has no encoder prefix; these maps are of a PrefixLM "
         "encoder-decoder's cross-attention")
 else:
-  inputs, answer, _ = heldout.as_prompt(example)
+  inputs, answer, _ = heldout.as_prompt(example, vocab.pad_id)
   batch, truths = heldout.stack([inputs]), [vocab.decode(answer)]
   params = params_lib.merge_params(state.params, state.frozen)
   with trainer.mesh_context():
     tokens = decode.generate(trainer.model, params, batch,
-                             max_len=config.data.suffix_length).tokens
-    maps = run_insp.cross_attention_maps(trainer.model, params, batch, tokens)
+                             max_len=config.data.suffix_length, bos_id=vocab.bos_id,
+                             eos_id=vocab.eos_id, pad_id=vocab.pad_id).tokens
+    maps = run_insp.cross_attention_maps(trainer.model, params, batch, tokens, vocab.bos_id)
   image = data_insp.pixels(batch["images"][0, 0])
   grid = int(round((maps.shape[-1] - batch["prefix_tokens"].shape[1]) ** 0.5))
   ids = [int(t) for t in np.asarray(tokens[0])]
-  shown = (ids.index(decode.EOS_ID) + 1 if decode.EOS_ID in ids else len(ids))
+  shown = (ids.index(vocab.eos_id) + 1 if vocab.eos_id in ids else len(ids))
   shown = min(max(shown, 1), 8)
   fig, axes = plt.subplots(1, shown + 1, figsize=(2.2 * (shown + 1), 2.6))
   axes[0].imshow(image)

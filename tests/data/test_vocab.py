@@ -8,8 +8,8 @@ from vlm_jax.data.synthetic import tokenizer as tokenizer_train
 def test_special_ids_and_tokens():
   v = vocab.Vocab()
   assert v.vocab_size == tokenizer_train.VOCAB_SIZE
-  pieces = [v._sp.id_to_piece(i) for i in range(4)]  # pylint: disable=protected-access
-  assert pieces == ["<pad>", "</s>", "<unk>", "<s>"]
+  assert (v.pad_id, v.eos_id, v.unk_id, v.bos_id) == (0, 1, 2, 3) and v.start_ids == [3]
+  assert [v.token_id(p) for p in ("<pad>", "</s>", "<unk>", "<s>")] == [0, 1, 2, 3]
   ids = [v.token_id(t) for t in vocab.SPECIAL_TOKENS]
   assert ids == list(range(4, 4 + len(vocab.SPECIAL_TOKENS)))
   assert v.token_id("<reserved_0>") == 4 + len(vocab.SPECIAL_TOKENS)

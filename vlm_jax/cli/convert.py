@@ -8,7 +8,9 @@
       from CKPT's config.json), imports it into the config's mesh shardings and reports what
       was converted and what keeps its initialisation; --out saves the imported params
       (orbax); --workdir RUN (with --config) writes them as step 0 of a run that vlm-eval and
-      vlm-train read. Training uses the same import through --config.init.lm / .vision.
+      vlm-train read; --tokenizer PATH (a SentencePiece .model, or a Hugging Face tokenizer
+      directory / tokenizer.json) records the release's tokenizer in RUN, which they then
+      tokenize with (docs/weights.md). Training uses the same import through --config.init.lm / .vision.
   vlm-convert import CKPT --layout openflamingo|minigpt_v2|prismer|cogagent [--lm DIR]
       [--vision PATH] [--set FIELD=VALUE ...] [--config ...] [--out DIR] [--workdir RUN]
       a seed system's released checkpoint (CKPT: its published file or directory; --lm /
@@ -113,6 +115,8 @@ def _import(args, config):
   from vlm_jax import convert
   if args.workdir and config is None:
     raise convert.ConversionError("--workdir writes a run of a config: pass --config too.")
+  if args.tokenizer and not args.workdir:
+    raise convert.ConversionError("--tokenizer is recorded in the run: pass --workdir too.")
   root = ""
   if args.layout:
     params = _import_released(args, config)
@@ -134,6 +138,13 @@ def _import(args, config):
                         {root + p: a for p, a in convert.flatten(params).items()})
     except imported_run.ImportedRunError as e:
       raise convert.ConversionError(str(e)) from None
+    if args.tokenizer:
+      from vlm_jax.train import run_vocab
+      try:
+        vocab = run_vocab.record(args.workdir, args.tokenizer)
+      except (OSError, ValueError) as e:
+        raise convert.ConversionError(f"--tokenizer: {e}") from None
+      print(f"Recorded the tokenizer in {args.workdir}: {run_vocab.describe(vocab)}.")
 
 
 def _read_run(workdir: str, step, wanted: dict) -> tuple[dict, int]:
@@ -209,6 +220,8 @@ def main(argv=None):
                    help="CKPT is this seed system's released checkpoint (docs/weights.md)")
   imp.add_argument("--lm", default=None, help="--layout: the release's language model (HF dir)")
   imp.add_argument("--vision", default=None, help="--layout: the release's vision tower file")
+  imp.add_argument("--tokenizer", default="", help="with --workdir: the release's tokenizer "
+                   "(.model, or an HF dir / tokenizer.json), recorded for vlm-eval/vlm-train")
   imp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="--layout without --config: a model field the files do not determine")
   exp = commands.add_parser("export", help="a run's part as an HF checkpoint")

@@ -20,6 +20,9 @@ from --vqa-shots-from QUESTIONS ANNOTATIONS IMAGE_DIR (e.g. the train split, ima
 <--vqa-shots-image-prefix><id>.jpg); --vqa-text-only-shots shows them without their images
 (OpenFlamingo's "0-shot" rows are --vqa-shots 2 --vqa-text-only-shots).
 
+Tokenizer: config.data.vocab_path, else the one `vlm-convert import --tokenizer` recorded
+in DIR (a released model's own), else the shipped sample model; its ids are printed.
+
 --refcoco FILE --refcoco-images DIR asks for the box of each referring expression of a
 RefCOCO/+/g-style file in the family's prompt and box format (MiniGPT-v2 `[refer] give me
 the location of ...`, CogAgent `Where is ...? answer in [[x0,y0,x1,y1]] format.`), scored
@@ -76,11 +79,17 @@ def main(argv=None):
   from vlm_jax import distributed
   distributed.initialize()  # a multi-process launch: before anything touches a device
   from vlm_jax.evaluation import coco, family_benchmarks, runner, tasks as tasks_lib
-  from vlm_jax.train import loop, metrics
+  from vlm_jax.train import loop, metrics, run_vocab
 
+  try:  # the run's recorded tokenizer (vlm-convert import --tokenizer) unless the config's
+    config, vocab = run_vocab.resolve(config, args.workdir)
+  except (OSError, ValueError) as e:
+    parser.error(str(e))
   if args.task == ["list"]:
     print("\n".join(tasks_lib.tasks_for(config)))
     return
+  if jax.process_index() == 0:
+    print(run_vocab.describe(vocab))
   if bool(args.vqa_questions) != bool(args.vqa_annotations):
     parser.error("--vqa-questions and --vqa-annotations go together")
   if (args.vqa_shots or args.vqa_shots_from) and not args.vqa_questions:

@@ -43,10 +43,11 @@ def main(argv=None):
   from vlm_jax import distributed, storage
   distributed.initialize()  # a multi-process launch: before anything touches a device
   from vlm_jax.config import ConfigError
-  from vlm_jax.train import checkpoint, init_from, loop, preemption, validate
+  from vlm_jax.train import checkpoint, init_from, loop, preemption, run_vocab, validate
 
   try:
     validate.check_workdir_writable(args.workdir)
+    config, _ = run_vocab.resolve(config, args.workdir)  # an imported run's tokenizer
     if jax.process_index() == 0:
       storage.write_atomic(storage.join(args.workdir, "config.json"),
                            config.to_json_best_effort(indent=2))

@@ -38,7 +38,7 @@ def _examples(items, config, task):
     if isinstance(example, health.Skipped):
       skipped.append(f"{item.image_path}: {example.reason}")
       continue
-    out.append((heldout.as_prompt(example), item.references))
+    out.append((heldout.as_prompt(example, convert.vocab.pad_id), item.references))
   return out, skipped
 
 

@@ -11,7 +11,6 @@ or Flamingo's `<|endofchunk|>`).
 import numpy as np
 
 from vlm_jax.data import catalog, families, health, pipeline, processor as processor_lib
-from vlm_jax.data.vocab import PAD_ID
 
 DROP = ("targets", "loss_mask", "loss_weight", "_source")
 
@@ -47,8 +46,9 @@ def last_span(loss_mask: np.ndarray) -> tuple[int, int]:
   return int(start), int(end)
 
 
-def as_prompt(example: dict) -> tuple[dict, np.ndarray, int]:
-  """(inputs without the answer, answer target ids, stop id) for one example."""
+def as_prompt(example: dict, pad_id: int) -> tuple[dict, np.ndarray, int]:
+  """(inputs without the answer, answer target ids, stop id) for one example (its vocab's
+  `pad_id` fills the answer's slots)."""
   start, end = last_span(example["loss_mask"])
   answer = np.asarray(example["targets"][start:end])
   inputs = {k: v for k, v in example.items() if k not in DROP}
@@ -56,7 +56,7 @@ def as_prompt(example: dict) -> tuple[dict, np.ndarray, int]:
     inputs.pop("tokens", None)
     return inputs, answer, int(answer[-1])
   length = len(example["tokens"])
-  tokens = np.full((length,), PAD_ID, np.int32)
+  tokens = np.full((length,), pad_id, np.int32)
   tokens[:start + 1] = example["tokens"][:start + 1]  # inputs[t] predicts targets[t]
   mask = np.zeros((length,), np.float32)
   mask[:start + 1] = 1.0

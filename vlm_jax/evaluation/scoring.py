@@ -12,16 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import distributed
-from vlm_jax.data.vocab import BOS_ID, PAD_ID
 
 
-def with_answer(inputs: dict, answer_ids, stop_id: int, suffix_length: int | None = None):
-  """A training-layout example whose last loss span is `answer_ids` + stop."""
+def with_answer(inputs: dict, answer_ids, stop_id: int, suffix_length: int | None = None, *,
+                vocab):
+  """A training-layout example whose last loss span is `answer_ids` + stop (`vocab`'s bos
+  starts an encoder-decoder's answer, its pad fills the rest)."""
   answer = list(answer_ids) + [stop_id]
   example = dict(inputs)
   if "prefix_tokens" in inputs:  # encoder-decoder: decoder inputs BOS, answer[:-1]
     length = suffix_length
-    start, inputs_ids = 0, [BOS_ID] + answer[:-1]
+    start, inputs_ids = 0, [vocab.require_bos("scoring with a decoder")] + answer[:-1]
   else:
     length = len(inputs["tokens"])
     start = int(np.sum(inputs["token_mask"] > 0)) - 1  # the last prompt token
@@ -30,9 +31,9 @@ def with_answer(inputs: dict, answer_ids, stop_id: int, suffix_length: int | Non
     raise ValueError(f"answer of {len(answer)} tokens does not fit after a prompt of "
                      f"{start + 1} in {length} slots (config data.sequence_length / "
                      "suffix_length).")
-  tokens = np.full((length,), PAD_ID, np.int32)
+  tokens = np.full((length,), vocab.pad_id, np.int32)
   tokens[:len(inputs_ids)] = inputs_ids
-  targets = np.full((length,), PAD_ID, np.int32)
+  targets = np.full((length,), vocab.pad_id, np.int32)
   targets[start:start + len(answer)] = answer
   loss_mask = np.zeros((length,), np.float32)
   loss_mask[start:start + len(answer)] = 1.0
@@ -61,11 +62,12 @@ def sequence_log_likelihood(model, params, batch) -> np.ndarray:
 
 
 def rank_candidates(model, params, prompts: list[dict], candidates: list[list[int]],
-                    stop_id: int, *, suffix_length: int | None = None,
+                    stop_id: int, *, vocab, suffix_length: int | None = None,
                     batch_size: int = 16) -> np.ndarray:
   """Log-likelihoods [len(prompts), len(candidates)] of every candidate (token ids) after
   every prompt. Rows are scored in fixed-size batches (the last one padded)."""
-  rows = [with_answer(p, c, stop_id, suffix_length) for p in prompts for c in candidates]
+  rows = [with_answer(p, c, stop_id, suffix_length, vocab=vocab) for p in prompts
+          for c in candidates]
   scores = []
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]

@@ -113,11 +113,14 @@ def generate_texts(task: EvalTask, model, params, data_config, prompts, batch_si
   """Greedy generations (text up to the stop token) for `heldout.as_prompt` triples."""
   vocab = Vocab(data_config.vocab_path)
   encoder_decoder = "prefix_tokens" in prompts[0][0]
+  # The decoder of an encoder-decoder starts from bos; decoder-only prompts carry theirs.
+  bos_id = vocab.require_bos("an encoder-decoder") if encoder_decoder else vocab.pad_id
   max_len = data_config.suffix_length if encoder_decoder else task.max_new_tokens
   stop_id = prompts[0][2]
   generated = []
   for chunk, real in _batches([p for p, _, _ in prompts], batch_size):
-    out = decode.generate(model, params, heldout.stack(chunk), max_len, eos_id=stop_id)
+    out = decode.generate(model, params, heldout.stack(chunk), max_len, bos_id=bos_id,
+                          eos_id=stop_id, pad_id=vocab.pad_id)
     generated += [_text(vocab, row, stop_id) for row in np.asarray(out.tokens)[:real]]
   return generated
 
@@ -175,7 +178,7 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
   vocab = Vocab(data_config.vocab_path)
   examples = _examples(task, config, num_examples or task.num_examples, model, params,
                        batch_size)
-  prompts = [heldout.as_prompt(e) for e, _ in examples]
+  prompts = [heldout.as_prompt(e, vocab.pad_id) for e, _ in examples]
   truths = [_text(vocab, answer, stop) for _, answer, stop in prompts]
   stop_id = prompts[0][2]
   if task.kind == "generate":
@@ -201,6 +204,7 @@ def run(task: EvalTask, model, params, config, *, num_examples: int | None = Non
   else:
     raise ValueError(f"task {task.name!r}: unknown kind {task.kind!r}")
   log_likelihoods = scoring.rank_candidates(model, params, inputs, candidates, stop_id,
+                                            vocab=vocab,
                                             suffix_length=suffix, batch_size=batch_size)
   predicted = np.argmax(log_likelihoods, axis=1)
   samples = [(labels[t], labels[p]) for t, p in zip(truth_index, predicted)]

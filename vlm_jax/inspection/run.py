@@ -13,8 +13,6 @@ from vlm_jax import params as params_lib
 from vlm_jax import storage
 from vlm_jax.nn import attention
 
-BOS_ID = 3  # docs/architecture.md
-
 
 def read_metrics(workdir: str) -> dict:
   """{metric: ([steps], [values])} from metrics.jsonl; a metric logged twice at a step
@@ -100,25 +98,25 @@ def unstack_layers(params: dict) -> dict:
           for i in range(num_layers)}
 
 
-def cross_attention_maps(model, params, batch, tokens) -> np.ndarray:
+def cross_attention_maps(model, params, batch, tokens, bos_id: int) -> np.ndarray:
   """[B, layers, T, S] decoder cross-attention weights (mean over heads) when the decoder
-  reads BOS + tokens[:, :-1], i.e. while it predicts tokens[:, t]; S = encoder positions
+  reads bos_id (the run's Vocab's) + tokens[:, :-1], i.e. while it predicts tokens[:, t]; S = encoder positions
   ([image tokens ; prefix]). Recomputed from the captured query/key projections of an
   unscanned copy of the model, with the model's own encoder mask."""
   keys = ("images", "image_mask", "prefix_tokens", "prefix_mask")
   batch = {k: np.asarray(batch[k]) for k in keys}
-  return distributed.fetch(_cross_attention_maps(params, batch, np.asarray(tokens),
+  return distributed.fetch(_cross_attention_maps(params, batch, np.asarray(tokens), bos_id,
                                                  model=model))
 
 
 @distributed.jit(static_argnames=("model",))
-def _cross_attention_maps(params, batch, tokens, *, model):
+def _cross_attention_maps(params, batch, tokens, bos_id, *, model):
   if model.scan_layers:
     params = {**params, **{name: unstack_layers(params[name]) for name in ("encoder", "decoder")
                            if "layers" in params.get(name, {})}}
   unscanned = model.clone(scan_layers=False)
   encoded, encoder_mask = unscanned.apply({"params": params}, batch, method="encode")
-  inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], BOS_ID), tokens[:, :-1]], axis=1)
+  inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], bos_id), tokens[:, :-1]], axis=1)
 
   def is_cross_projection(module, method):
     return method == "__call__" and module.path[-2:-1] == ("cross_attention",) and \

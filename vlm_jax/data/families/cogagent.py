@@ -47,9 +47,7 @@ from vlm_jax.data import catalog, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.boxes import permille
 from vlm_jax.data.synthetic import screens
-from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
-
-PLACEHOLDER_ID = UNK_ID  # any id: the model overwrites the slots' embeddings
+from vlm_jax.data.vocab import Vocab
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,16 +125,17 @@ def encode_example(vocab: Vocab, question: str, answer: str, *, image_tokens: in
                    open_answer: bool = False) -> dict:
   """Token arrays of the batch layout for one question/answer; raises BadRecord if it does
   not fit. open_answer: leave the answer out (a generation prompt ending in 'Answer:')."""
-  prompt = [BOS_ID] + [PLACEHOLDER_ID] * image_tokens + vocab.encode(
+  # The image slots' ids do not matter: the model overwrites their embeddings.
+  prompt = vocab.start_ids + [vocab.pad_id] * image_tokens + vocab.encode(
       f"Question: {question} Answer:")
-  answer_ids = [] if open_answer else vocab.encode(answer) + [EOS_ID]
+  answer_ids = [] if open_answer else vocab.encode(answer) + [vocab.eos_id]
   ids = prompt + answer_ids
   n = len(ids) - 1 if answer_ids else len(ids)  # inputs ids[:-1] predict ids[1:]
   if n > sequence_length:
     raise preprocessors.BadRecord(f"example needs {n} tokens, more than "
                                   f"sequence_length={sequence_length}")
-  tokens = np.full((sequence_length,), PAD_ID, np.int32)
-  targets = np.full((sequence_length,), PAD_ID, np.int32)
+  tokens = np.full((sequence_length,), vocab.pad_id, np.int32)
+  targets = np.full((sequence_length,), vocab.pad_id, np.int32)
   tokens[:n] = ids[:n]
   targets[:len(ids) - 1] = ids[1:]
   loss_mask = np.zeros((sequence_length,), np.float32)
@@ -144,7 +143,7 @@ def encode_example(vocab: Vocab, question: str, answer: str, *, image_tokens: in
   token_mask = np.zeros((sequence_length,), np.float32)
   token_mask[:n] = 1.0
   return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
-          "token_mask": token_mask, "image_positions": np.asarray([1], np.int32),
+          "token_mask": token_mask, "image_positions": np.asarray([len(vocab.start_ids)], np.int32),
           "loss_weight": np.float32(loss_weight)}
 
 
@@ -204,4 +203,4 @@ def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab):
                            sequence_length=data_config.sequence_length, open_answer=True)
   example.update(images_of(preprocessors.decode_image(image), data_config.image_size,
                            data_config.high_res_image_size))
-  return example, EOS_ID
+  return example, vocab.eos_id

@@ -48,7 +48,7 @@ import numpy as np
 from vlm_jax.data import catalog, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.synthetic import scenes
-from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
+from vlm_jax.data.vocab import Vocab
 
 IMAGE_TOKEN, END_OF_CHUNK_TOKEN = "<image>", "<|endofchunk|>"
 END_OF_CHUNK = "end_of_chunk"  # a document item kind (encode_document)
@@ -101,7 +101,7 @@ def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: in
   loss on every token."""
   image_id = vocab.token_id(IMAGE_TOKEN)
   chunk_id = vocab.token_id(END_OF_CHUNK_TOKEN)
-  ids, media, open_chunk = [BOS_ID], [], False
+  ids, media, open_chunk = list(vocab.start_ids), [], False
   for kind, value in items:
     if kind == "image":
       if len(media) == max_images:
@@ -118,7 +118,7 @@ def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: in
       ids += vocab.encode(value)
   if open_chunk:
     ids.append(chunk_id)
-  ids.append(EOS_ID)
+  ids.append(vocab.eos_id)
   ids = ids[:sequence_length + 1]
   n = len(ids) - 1  # inputs ids[:-1] predict ids[1:]
   media = [(p, m) for p, m in media if p < n]
@@ -133,8 +133,8 @@ def encode_document(vocab: Vocab, items, *, sequence_length: int, max_images: in
     labelled.append(in_chunk)
     if token == chunk_id:
       in_chunk = False
-  tokens = np.full((sequence_length,), PAD_ID, np.int32)
-  targets = np.full((sequence_length,), PAD_ID, np.int32)
+  tokens = np.full((sequence_length,), vocab.pad_id, np.int32)
+  targets = np.full((sequence_length,), vocab.pad_id, np.int32)
   tokens[:n], targets[:n] = ids[:-1], ids[1:]
   loss_mask = np.zeros((sequence_length,), np.float32)
   loss_mask[:n] = labelled[1:]
@@ -248,7 +248,7 @@ def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab, sh
   end = int(np.flatnonzero(example["tokens"] == chunk_id)[-1])  # the answer starts here
   if end + 1 < int(example["token_mask"].sum()):  # the query's chunk did not close
     raise preprocessors.BadRecord("the prompt does not fit in data.sequence_length")
-  example["tokens"][end:] = PAD_ID
+  example["tokens"][end:] = vocab.pad_id
   example["token_mask"][end:] = 0.0
   return example, chunk_id
 

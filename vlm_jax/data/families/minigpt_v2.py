@@ -54,7 +54,7 @@ from vlm_jax.data import catalog, packing, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.boxes import percent
 from vlm_jax.data.synthetic import scene_objects, scenes
-from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
+from vlm_jax.data.vocab import Vocab
 
 TASK_IDENTIFIERS = ("[vqa]", "[caption]", "[grounding]", "[refer]", "[detection]",
                     "[identify]")
@@ -96,7 +96,7 @@ def placeholder_id(vocab: Vocab) -> int:
   try:
     return vocab.token_id("<image>")
   except KeyError:
-    return UNK_ID  # any id works: the model overwrites these embeddings
+    return vocab.pad_id  # any id works: the model overwrites these embeddings
 
 
 def encode_conversation(vocab: Vocab, turns, *, image_tokens: int, sequence_length: int,
@@ -110,7 +110,7 @@ def encode_conversation(vocab: Vocab, turns, *, image_tokens: int, sequence_leng
   """
   if not turns:
     raise ValueError("a conversation needs at least one turn")
-  ids = [BOS_ID] + vocab.encode("[INST] <Img>")
+  ids = vocab.start_ids + vocab.encode("[INST] <Img>")
   image_position = len(ids)
   ids += [placeholder_id(vocab)] * image_tokens
   is_answer = [False] * len(ids)
@@ -118,7 +118,7 @@ def encode_conversation(vocab: Vocab, turns, *, image_tokens: int, sequence_leng
     prompt = (("</Img> " if i == 0 else "[INST] ") + _instruction_text(turn) + " [/INST]")
     prompt_ids = vocab.encode(prompt)
     last_open = open_last and i == len(turns) - 1
-    answer_ids = [PAD_ID] if last_open else vocab.encode(turn.answer) + [EOS_ID]
+    answer_ids = [vocab.pad_id] if last_open else vocab.encode(turn.answer) + [vocab.eos_id]
     if len(ids) + len(prompt_ids) + len(answer_ids) > sequence_length + 1:
       if i == 0 or open_last:  # a generation prompt must keep its last question
         raise preprocessors.BadRecord(
@@ -128,8 +128,8 @@ def encode_conversation(vocab: Vocab, turns, *, image_tokens: int, sequence_leng
     ids += prompt_ids + answer_ids
     is_answer += [False] * len(prompt_ids) + [not last_open] * len(answer_ids)
   n = len(ids) - 1  # inputs ids[:-1] predict ids[1:]
-  tokens = np.full((sequence_length,), PAD_ID, np.int32)
-  targets = np.full((sequence_length,), PAD_ID, np.int32)
+  tokens = np.full((sequence_length,), vocab.pad_id, np.int32)
+  targets = np.full((sequence_length,), vocab.pad_id, np.int32)
   tokens[:n], targets[:n] = ids[:-1], ids[1:]
   loss_mask = np.zeros((sequence_length,), np.float32)
   loss_mask[:n] = is_answer[1:]
@@ -360,4 +360,4 @@ def benchmark_example(kind: str, image, text: str, data_config, vocab: Vocab):
   pixels = preprocessors.load_image(image, data_config.image_size, data_config.resize_mode)
   example["images"] = pixels[None].astype(np.float32)
   example["image_mask"] = np.ones((1,), np.float32)
-  return example, EOS_ID
+  return example, vocab.eos_id

@@ -32,7 +32,7 @@ from vlm_jax.data import catalog, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.ingest import experts
 from vlm_jax.data.synthetic import labelled_scenes, scenes
-from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from vlm_jax.data.vocab import Vocab
 
 TEMPLATES = {"caption": ("pairs",)}
 TASKS = (catalog.TaskSpec("prismer_scenes", "pairs", "arrayrecord",
@@ -81,12 +81,14 @@ def expert_inputs(labels: dict, expert_names, size: int, table: experts.LabelTab
   return out
 
 
-def caption_arrays(ids, length: int) -> dict:
+def caption_arrays(ids, length: int, vocab: Vocab) -> dict:
+  """The decoder's arrays: BOS caption -> caption EOS (RoBERTa's <s> ... </s>)."""
   ids = list(ids[:length - 1])
-  arrays = {"tokens": [BOS_ID] + ids, "targets": ids + [EOS_ID]}
+  bos = vocab.require_bos("Prismer's caption decoder")
+  arrays = {"tokens": [bos] + ids, "targets": ids + [vocab.eos_id]}
   out = {}
   for key, values in arrays.items():
-    out[key] = np.full((length,), PAD_ID, np.int32)
+    out[key] = np.full((length,), vocab.pad_id, np.int32)
     out[key][:len(values)] = values
   out["loss_mask"] = (np.arange(length) < len(ids) + 1).astype(np.float32)
   return out
@@ -112,7 +114,7 @@ class Processor(processor_lib.RecordProcessor):
     except (ValueError, OSError) as e:
       raise preprocessors.BadRecord(f"unreadable expert labels: {e}") from None
     example = expert_inputs(labels, self.experts, d.expert_size, self.table)
-    example.update(caption_arrays(ids, d.text_length))
+    example.update(caption_arrays(ids, d.text_length, self.vocab))
     example["images"] = image[None].astype(np.float32)
     example["loss_weight"] = np.float32(spec.loss_weight)
     return example

@@ -15,7 +15,7 @@ import numpy as np
 from vlm_jax.data import catalog, packing_encoder_decoder, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.synthetic import scenes
-from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID
+from vlm_jax.data import vocab as vocab_lib
 
 # template -> kinds of record it takes (the first template of a kind is its default)
 TEMPLATES = {"prefix_lm": ("pairs", "text")}
@@ -42,10 +42,14 @@ class PrefixLMConfig:
   suffix_length: int = 32  # Ls: decoder slots; suffix is cut to Ls - 1 tokens + EOS
   image_size: int = 64
   pair_zero_prefix_prob: float = 0.5
+  # The vocabulary's ids (the Processor passes its Vocab's; defaults: the shipped model's).
+  bos_id: int = vocab_lib.BOS_ID
+  eos_id: int = vocab_lib.EOS_ID
+  pad_id: int = vocab_lib.PAD_ID
 
 
-def _pad(ids, length):
-  out = np.full((length,), PAD_ID, np.int32)
+def _pad(ids, length, pad_id):
+  out = np.full((length,), pad_id, np.int32)
   out[:len(ids)] = ids
   return out
 
@@ -63,14 +67,14 @@ def _uniform_prefix(n, cfg, rng):
 
 def _layout(image, image_mask, prefix, suffix, loss_weight, cfg):
   suffix = list(suffix[:cfg.suffix_length - 1])
-  targets = suffix + [EOS_ID]
+  targets = suffix + [cfg.eos_id]
   return {
       "images": image[None].astype(np.float32),
       "image_mask": np.asarray([image_mask], np.float32),
-      "prefix_tokens": _pad(prefix, cfg.prefix_length),
+      "prefix_tokens": _pad(prefix, cfg.prefix_length, cfg.pad_id),
       "prefix_mask": _mask(len(prefix), cfg.prefix_length),
-      "tokens": _pad([BOS_ID] + suffix, cfg.suffix_length),
-      "targets": _pad(targets, cfg.suffix_length),
+      "tokens": _pad([cfg.bos_id] + suffix, cfg.suffix_length, cfg.pad_id),
+      "targets": _pad(targets, cfg.suffix_length, cfg.pad_id),
       "loss_mask": _mask(len(targets), cfg.suffix_length),
       "loss_weight": np.float32(loss_weight),
   }
@@ -109,7 +113,9 @@ class Processor(processor_lib.RecordProcessor):
     self.cfg = PrefixLMConfig(
         prefix_length=data_config.prefix_length, suffix_length=data_config.suffix_length,
         image_size=data_config.image_size,
-        pair_zero_prefix_prob=data_config.pair_zero_prefix_prob)
+        pair_zero_prefix_prob=data_config.pair_zero_prefix_prob,
+        bos_id=self.vocab.require_bos("SimVLM's decoder"), eos_id=self.vocab.eos_id,
+        pad_id=self.vocab.pad_id)
     self.pair_prefix_length = 0 if evaluation else None
 
   def text_ids(self, text):
