@@ -5,7 +5,8 @@ benchmarks on the fixtures of tests/data/benchmarks, one process each (2-process
 tests/test_family_benchmarks.py; MiniGPT-v2's release: tests/test_convert_cli.py):
 
     OpenFlamingo  checkpoint.pt + the MPT LM's HF directory + open_clip_pytorch_model.bin,
-                  written by open-flamingo's own classes   -> 2-shot VQA (RICES), COCO captions
+                  written by open-flamingo's own classes, and its GPT-NeoX BPE tokenizer
+                  (--tokenizer)                             -> 2-shot VQA (RICES), COCO captions
     CogAgent      cogagent-chat-hf: model.safetensors + config.json -> VQA, RefCOCO
     PrismerZ      pytorch_model.bin                          -> COCO captions
 
@@ -23,6 +24,7 @@ import torch
 import test_convert_cogagent as cogagent_files
 import test_convert_openflamingo as openflamingo_files
 import test_convert_prismer as prismer_files
+import test_vocab_releases
 from test_family_benchmarks import HUMANS, REFCOCO_ARGS, VQA_ARGS, _printed_answers
 from vlm_jax import params as state_lib
 from vlm_jax.cli import convert as convert_cli
@@ -38,9 +40,9 @@ CONFIGS = {name: os.path.join(REPO, "configs", f"{name}.py") + ":" + arg for nam
     ("flamingo", "oftiny"), ("cogagent", "tiny"), ("prismer", "tiny,experts=none"))}
 
 
-def _import(files: list, layout: str, run) -> None:
+def _import(files: list, layout: str, run, *overrides) -> None:
   convert_cli.main(["import", *files, "--layout", layout, "--config", CONFIGS[layout_family(
-      layout)], "--workdir", str(run)])
+      layout)], *overrides, "--workdir", str(run)])
 
 
 def layout_family(layout: str) -> str:
@@ -54,9 +56,10 @@ def _step0(run, path: str, like: np.ndarray) -> np.ndarray:
   return np.asarray(saved[path])
 
 
-def _eval(family: str, run, capsys, *args) -> tuple[dict, list[str], str]:
+def _eval(family: str, run, capsys, *args, overrides=()) -> tuple[dict, list[str], str]:
   """(the scalars vlm-eval wrote, the generations it printed, its output)."""
-  eval_cli.main(["--config", CONFIGS[family], "--workdir", str(run), "--num-samples", "8",
+  eval_cli.main(["--config", CONFIGS[family], *overrides, "--workdir", str(run),
+                 "--num-samples", "8",
                  "--batch-size", "2", *args])
   printed = capsys.readouterr().out
   with open(run / "metrics.jsonl") as f:
@@ -78,21 +81,30 @@ def _check_captions(written, generated):
 
 
 def test_openflamingo_release_imported_then_few_shot_vqa_and_captions(tmp_path, capsys):
+  tokenizer = tmp_path / "tokenizer"  # the release's own: GPT-NeoX BPE + open_flamingo's
+  ids = test_vocab_releases.write_gpt_neox_tokenizer(tokenizer).convert_tokens_to_ids
+  image_id, eoc_id = ids("<image>"), ids("<|endofchunk|>")
   reference = openflamingo_files.open_flamingo_reference()
   _, paths, state, _ = openflamingo_files.write_release(
       reference, tmp_path, "mpt", 1, width=128, layers=2, lm_vocab=1021, vision=64,
-      vision_layers=1, vision_heads=2, size=64, patch=16, image_id=4, eoc_id=5)
+      vision_layers=1, vision_heads=2, size=64, patch=16, image_id=image_id, eoc_id=eoc_id)
   run = tmp_path / "run"
-  _import([paths["checkpoint"], "--lm", paths["lm"], "--vision", paths["vision"]],
-          "openflamingo", run)
+  new_tokens = [f"--config.model.new_token_ids=({image_id},{eoc_id})"]
+  _import([paths["checkpoint"], "--lm", paths["lm"], "--vision", paths["vision"],
+           "--tokenizer", str(tokenizer)], "openflamingo", run, *new_tokens)
   latents = state["perceiver.latents"]
   np.testing.assert_array_equal(_step0(run, "resampler/latents", latents), latents)
-  # 2 shots each, by RICES from a support pool given as OpenFlamingo's train split would be
-  written, generated, _ = _eval("flamingo", run, capsys, *VQA_ARGS, "--vqa-shots", "2",
-                                "--vqa-shots-from", *VQA_ARGS[1:6:2],
-                                "--vqa-shots-image-prefix", "COCO_val2014_")
+  # 2 shots each, by RICES from a support pool given as OpenFlamingo's train split would be;
+  # tokenized with the tokenizer the import recorded in the run (no vocab flag)
+  written, generated, printed = _eval("flamingo", run, capsys, *VQA_ARGS, "--vqa-shots", "2",
+                                      "--vqa-shots-from", *VQA_ARGS[1:6:2],
+                                      "--vqa-shots-image-prefix", "COCO_val2014_",
+                                      overrides=new_tokens)
+  eos = ids("<|endoftext|>")
+  assert (f"vocabulary {run}/tokenizer: {len(ids.__self__)} tokens, pad {ids('<PAD>')}, "
+          f"eos {eos}, bos {eos}, unk {eos}, prompts start with []") in printed
   _check_vqa(written, generated, shots=2)
-  written, generated, _ = _eval("flamingo", run, capsys, *COCO_ARGS)
+  written, generated, _ = _eval("flamingo", run, capsys, *COCO_ARGS, overrides=new_tokens)
   _check_captions(written, generated)
 
 

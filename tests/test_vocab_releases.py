@@ -10,6 +10,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import sentencepiece as spm
 import tokenizers
 import transformers
@@ -19,6 +20,7 @@ from vlm_jax import config as config_lib
 from vlm_jax.data.families import flamingo as flamingo_data
 from vlm_jax.data.families import minigpt_v2 as minigpt_data
 from vlm_jax.data.vocab import Vocab
+from vlm_jax.train import run_vocab
 
 CORPUS = ["Question: What color is the cat? Short answer: black",
           "How many dogs are on the mat? Two dogs, one cat.",
@@ -110,3 +112,24 @@ def test_minigpt_v2_vqa_prompt_has_the_ids_of_llama_s_tokenizer(tmp_path):
   answer = reference("black", add_special_tokens=False)["input_ids"]
   assert vocab.decode(answer + [2] + answer) == "black"  # decoding stops at eos 2
   assert vocab.decode(np.array([1] + answer)) == reference.decode(answer)
+
+
+def test_a_run_s_recorded_tokenizer_is_used_and_checked_against_the_model(tmp_path):
+  write_gpt_neox_tokenizer(tmp_path / "release")
+  run_vocab.record(str(tmp_path / "run"), str(tmp_path / "release"))
+  ids = Vocab(str(tmp_path / "release"))
+  config = config_lib.load_config("configs/flamingo.py:tiny")
+  config.model.new_token_ids = (ids.token_id("<image>"), ids.token_id("<|endofchunk|>"))
+  config, vocab = run_vocab.resolve(config, str(tmp_path / "run"))
+  assert config.data.vocab_path == str(tmp_path / "run" / "tokenizer")
+  assert vocab.encode("Short answer:") == ids.encode("Short answer:")
+  config.model.new_token_ids = (4, 5)  # the shipped vocabulary's rows
+  with pytest.raises(ValueError, match=r"new_token_ids=\(4, 5\), but <image> and "):
+    run_vocab.resolve(config, str(tmp_path / "run"))
+  config.model.lm.vocab_size = 100
+  with pytest.raises(ValueError, match="more than config.model.lm.vocab_size=100"):
+    run_vocab.resolve(config, str(tmp_path / "run"))
+  minigpt = config_lib.load_config("configs/minigpt_v2.py:tiny")
+  minigpt.data.vocab_path = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="config.data.vocab_path"):
+    run_vocab.resolve(minigpt, str(tmp_path / "run"))

@@ -26,7 +26,29 @@ def resolve(config, workdir: str):
   explicit = config.data.vocab_path or os.environ.get("VLM_JAX_VOCAB")
   if not explicit and storage.exists(recorded):
     config.data.vocab_path = recorded
-  return config, vocab_lib.Vocab(config.data.vocab_path)
+  vocab = vocab_lib.Vocab(config.data.vocab_path)
+  check(config, vocab)
+  return config, vocab
+
+
+def check(config, vocab: vocab_lib.Vocab) -> None:
+  """The model can read the vocabulary's ids: every id has an embedding row (a gather past
+  the table would clamp silently), and Flamingo's trained rows are its `<image>` and
+  `<|endofchunk|>` (config.model.new_token_ids)."""
+  where = f"config.data.vocab_path {vocab.path!r}"
+  rows = config.model.lm.vocab_size
+  if vocab.vocab_size > rows:
+    raise ValueError(f"{where} has {vocab.vocab_size} tokens, more than "
+                     f"config.model.lm.vocab_size={rows}.")
+  new_ids = config.model.get("new_token_ids")
+  if new_ids is not None:
+    try:
+      wanted = tuple(vocab.token_id(t) for t in ("<image>", "<|endofchunk|>"))
+    except KeyError as e:
+      raise ValueError(f"Flamingo needs {e.args[0]}") from None
+    if tuple(new_ids) != wanted:
+      raise ValueError(f"config.model.new_token_ids={tuple(new_ids)}, but <image> and "
+                       f"<|endofchunk|> are {wanted} in {where}.")
 
 
 def describe(vocab: vocab_lib.Vocab) -> str:
