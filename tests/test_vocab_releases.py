@@ -69,6 +69,7 @@ def test_flamingo_few_shot_vqa_prompt_has_the_ids_of_open_flamingo_s_tokenizer(t
   assert (vocab.eos_id, vocab.bos_id, vocab.unk_id) == (eos, eos, eos)
   assert vocab.pad_id == reference.pad_token_id and vocab.start_ids == []  # no BOS (NeoX)
   assert vocab.vocab_size == len(reference)
+  assert Vocab(str(tmp_path / "tokenizer.json")).pad_id == vocab.pad_id  # the file: same
   config = config_lib.load_config("configs/flamingo.py:tiny")
   shots = [("How many dogs?", "two"), ("What animal is it?", "cat")]
   example, stop = flamingo_data.benchmark_example(
