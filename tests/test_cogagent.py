@@ -225,7 +225,7 @@ def test_processor_writes_the_model_batch_for_every_task(processor):
         assert ex[key].shape == s.shape[1:] and ex[key].dtype == s.dtype, key
       answer = vocab.decode(ex["targets"][ex["loss_mask"] > 0])
       slots = config.data.image_tokens
-      assert (ex["tokens"][1:1 + slots] == data_lib.PLACEHOLDER_ID).all()
+      assert (ex["tokens"][1:1 + slots] == vocab.placeholder_id).all()
       prompt = vocab.decode(ex["tokens"][1 + slots:int(ex["token_mask"].sum())])
       assert prompt.startswith("Question: ") and prompt.endswith(f"Answer: {answer}")
       if task == "grounding":  # the answer box holds the named element

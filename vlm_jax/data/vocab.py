@@ -220,6 +220,11 @@ class Vocab:
       raise KeyError(f"{piece!r} is not a token of {self.path} (config.data.vocab_path)")
     return i
 
+  @property
+  def placeholder_id(self) -> int:
+    """An id for slots whose embeddings the model overwrites (image slots): unk, else pad."""
+    return self.pad_id if self.unk_id is None else self.unk_id
+
   def require_bos(self, why: str) -> int:
     if self.bos_id is None:
       raise ValueError(f"{why} needs a bos token; config.data.vocab_path {self.path!r} has "

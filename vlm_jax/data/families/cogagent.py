@@ -125,8 +125,7 @@ def encode_example(vocab: Vocab, question: str, answer: str, *, image_tokens: in
                    open_answer: bool = False) -> dict:
   """Token arrays of the batch layout for one question/answer; raises BadRecord if it does
   not fit. open_answer: leave the answer out (a generation prompt ending in 'Answer:')."""
-  # The image slots' ids do not matter: the model overwrites their embeddings.
-  prompt = vocab.start_ids + [vocab.pad_id] * image_tokens + vocab.encode(
+  prompt = vocab.start_ids + [vocab.placeholder_id] * image_tokens + vocab.encode(
       f"Question: {question} Answer:")
   answer_ids = [] if open_answer else vocab.encode(answer) + [vocab.eos_id]
   ids = prompt + answer_ids

@@ -96,7 +96,7 @@ def placeholder_id(vocab: Vocab) -> int:
   try:
     return vocab.token_id("<image>")
   except KeyError:
-    return vocab.pad_id  # any id works: the model overwrites these embeddings
+    return vocab.placeholder_id
 
 
 def encode_conversation(vocab: Vocab, turns, *, image_tokens: int, sequence_length: int,
