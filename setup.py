@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "tensorboardX",
     "scikit-image",
     "safetensors",
+    # Released models' Hugging Face tokenizer.json (vlm_jax/data/vocab.py); transformers'.
+    "tokenizers",
     # gs:// paths (vlm_jax/storage.py): etils.epath's GCS backend; brings google-cloud-storage,
     # which tensorboardX and orbax use for gs:// too.
     "gcsfs",

@@ -187,7 +187,7 @@ def test_cogagent_asks_refcoco_in_its_template_and_reads_permille_boxes(tmp_path
   vocab = Vocab(config.data.vocab_path)
   example, stop = cogagent_data.benchmark_example("refer", _image(), "the cat", config.data,
                                                   vocab)
-  assert _prompt_ids(example) == [BOS_ID] + [cogagent_data.PLACEHOLDER_ID] * (
+  assert _prompt_ids(example) == [BOS_ID] + [vocab.placeholder_id] * (
       config.data.image_tokens) + vocab.encode(
           "Question: Where is the cat? answer in [[x0,y0,x1,y1]] format. Answer:")
   assert stop == EOS_ID and example["high_res_images"].shape[1] == config.data.high_res_image_size

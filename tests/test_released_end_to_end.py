@@ -101,8 +101,8 @@ def test_openflamingo_release_imported_then_few_shot_vqa_and_captions(tmp_path, 
                                       "--vqa-shots-image-prefix", "COCO_val2014_",
                                       overrides=new_tokens)
   eos = ids("<|endoftext|>")
-  assert (f"vocabulary {run}/tokenizer: {len(ids.__self__)} tokens, pad {ids('<PAD>')}, "
-          f"eos {eos}, bos {eos}, unk {eos}, prompts start with []") in printed
+  assert (f"vocabulary {run}/tokenizer ({len(ids.__self__)} tokens, pad {ids('<PAD>')}, "
+          f"eos {eos}, bos {eos}, unk {eos}, prompts start with [])") in printed
   _check_vqa(written, generated, shots=2)
   written, generated, _ = _eval("flamingo", run, capsys, *COCO_ARGS, overrides=new_tokens)
   _check_captions(written, generated)

@@ -142,8 +142,9 @@ class HuggingFace:
            for k in SPECIALS}
     self.bos_id, self.eos_id, self.unk_id = ids["bos_token"], ids["eos_token"], ids["unk_token"]
     if self.eos_id is None:
-      raise ValueError(f"{path}: no eos_token in tokenizer_config.json or "
-                       "special_tokens_map.json (config.data.vocab_path).")
+      raise ValueError(f"{path}: no eos_token in tokenizer_config.json or special_tokens_map"
+                       ".json (config.data.vocab_path); write them with transformers' "
+                       "save_pretrained (docs/weights.md).")
     self.pad_id = self.eos_id if ids["pad_token"] is None else ids["pad_token"]
     self.start_ids = self._start_ids()
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

@@ -52,6 +52,6 @@ def check(config, vocab: vocab_lib.Vocab) -> None:
 
 
 def describe(vocab: vocab_lib.Vocab) -> str:
-  return (f"vocabulary {vocab.path}: {vocab.vocab_size} tokens, pad {vocab.pad_id}, eos "
+  return (f"vocabulary {vocab.path} ({vocab.vocab_size} tokens, pad {vocab.pad_id}, eos "
           f"{vocab.eos_id}, bos {vocab.bos_id}, unk {vocab.unk_id}, prompts start with "
-          f"{vocab.start_ids}")
+          f"{vocab.start_ids})")
