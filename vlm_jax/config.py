@@ -140,7 +140,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   # Root of generated/ingested data; "" = $VLM_JAX_DATA_DIR or ~/.cache/vlm_jax/sample_data.
   d.data_dir = ""
-  d.vocab_path = ""  # "" = $VLM_JAX_VOCAB or the sample model shipped in the package
+  # A SentencePiece .model or an HF tokenizer dir / tokenizer.json (data/vocab.py); "" =
+  # $VLM_JAX_VOCAB, else the tokenizer the run recorded (vlm-convert import --tokenizer), else
+  # the sample model shipped in the package.
+  d.vocab_path = ""
   # What training reads (vlm_jax/data/mixture.py, data/README.md): a mixture or task of the
   # family's data module, a directory `vlm-data ingest` wrote, a seqio task or mixture, a
   # TFDS dataset `tfds:name/config:version`; or a list of sources with rates, loss weights

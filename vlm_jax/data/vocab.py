@@ -75,7 +75,6 @@ def read_files(path: str) -> dict:
 # decode, token_id (None when absent), vocab_size, special ids (None when absent; pad falls
 # back to eos) and start_ids.
 # ----------------------------------------------------------------------------------------
-
 def _or_none(i: int):
   return None if i < 0 else i
 
