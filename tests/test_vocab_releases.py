@@ -17,6 +17,7 @@ import transformers
 
 from test_family_benchmarks import _image, _prompt_ids
 from vlm_jax import config as config_lib
+from vlm_jax.cli import convert as convert_cli
 from vlm_jax.data.families import flamingo as flamingo_data
 from vlm_jax.data.families import minigpt_v2 as minigpt_data
 from vlm_jax.data.vocab import Vocab
@@ -134,3 +135,13 @@ def test_a_run_s_recorded_tokenizer_is_used_and_checked_against_the_model(tmp_pa
   minigpt.data.vocab_path = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="config.data.vocab_path"):
     run_vocab.resolve(minigpt, str(tmp_path / "run"))
+
+
+def test_vlm_convert_checks_the_tokenizer_before_importing(tmp_path, capsys):
+  write_gpt_neox_tokenizer(tmp_path / "release")  # <image> is not the config's row 4
+  with pytest.raises(SystemExit) as exit_info:
+    convert_cli.main(["import", str(tmp_path / "checkpoint.pt"), "--layout", "openflamingo",
+                      "--config", "configs/flamingo.py:oftiny", "--workdir",
+                      str(tmp_path / "run"), "--tokenizer", str(tmp_path / "release")])
+  assert exit_info.value.code == 2
+  assert "--tokenizer: config.model.new_token_ids=(4, 5), but" in capsys.readouterr().err

@@ -10,7 +10,8 @@
       (orbax); --workdir RUN (with --config) writes them as step 0 of a run that vlm-eval and
       vlm-train read; --tokenizer PATH (a SentencePiece .model, or a Hugging Face tokenizer
       directory / tokenizer.json) records the release's tokenizer in RUN, which they then
-      tokenize with (docs/weights.md). Training uses the same import through --config.init.lm / .vision.
+      tokenize with (docs/weights.md). Training uses the same import through
+      --config.init.lm / .vision.
   vlm-convert import CKPT --layout openflamingo|minigpt_v2|prismer|cogagent [--lm DIR]
       [--vision PATH] [--set FIELD=VALUE ...] [--config ...] [--out DIR] [--workdir RUN]
       a seed system's released checkpoint (CKPT: its published file or directory; --lm /
@@ -115,8 +116,15 @@ def _import(args, config):
   from vlm_jax import convert
   if args.workdir and config is None:
     raise convert.ConversionError("--workdir writes a run of a config: pass --config too.")
-  if args.tokenizer and not args.workdir:
-    raise convert.ConversionError("--tokenizer is recorded in the run: pass --workdir too.")
+  if args.tokenizer:
+    if not args.workdir:
+      raise convert.ConversionError("--tokenizer is recorded in the run: pass --workdir too.")
+    from vlm_jax.data import vocab as vocab_lib
+    from vlm_jax.train import run_vocab
+    try:  # before the (long) import: the tokenizer loads and fits the config's model
+      run_vocab.check(config, vocab_lib.Vocab(args.tokenizer))
+    except (OSError, ValueError) as e:
+      raise convert.ConversionError(f"--tokenizer: {e}") from None
   root = ""
   if args.layout:
     params = _import_released(args, config)
@@ -139,12 +147,8 @@ def _import(args, config):
     except imported_run.ImportedRunError as e:
       raise convert.ConversionError(str(e)) from None
     if args.tokenizer:
-      from vlm_jax.train import run_vocab
-      try:
-        vocab = run_vocab.record(args.workdir, args.tokenizer)
-      except (OSError, ValueError) as e:
-        raise convert.ConversionError(f"--tokenizer: {e}") from None
-      print(f"Recorded the tokenizer in {args.workdir}: {run_vocab.describe(vocab)}.")
+      print(f"Recorded the tokenizer in {args.workdir}: "
+            f"{run_vocab.describe(run_vocab.record(args.workdir, args.tokenizer))}.")
 
 
 def _read_run(workdir: str, step, wanted: dict) -> tuple[dict, int]:

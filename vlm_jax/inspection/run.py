@@ -100,8 +100,8 @@ def unstack_layers(params: dict) -> dict:
 
 def cross_attention_maps(model, params, batch, tokens, bos_id: int) -> np.ndarray:
   """[B, layers, T, S] decoder cross-attention weights (mean over heads) when the decoder
-  reads bos_id (the run's Vocab's) + tokens[:, :-1], i.e. while it predicts tokens[:, t]; S = encoder positions
-  ([image tokens ; prefix]). Recomputed from the captured query/key projections of an
+  reads bos_id (the run's Vocab's) + tokens[:, :-1], i.e. while it predicts tokens[:, t];
+  S = encoder positions ([image tokens ; prefix]). Recomputed from the captured query/key projections of an
   unscanned copy of the model, with the model's own encoder mask."""
   keys = ("images", "image_mask", "prefix_tokens", "prefix_mask")
   batch = {k: np.asarray(batch[k]) for k in keys}

@@ -142,7 +142,8 @@ def encode_example(vocab: Vocab, question: str, answer: str, *, image_tokens: in
   token_mask = np.zeros((sequence_length,), np.float32)
   token_mask[:n] = 1.0
   return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
-          "token_mask": token_mask, "image_positions": np.asarray([len(vocab.start_ids)], np.int32),
+          "token_mask": token_mask,
+          "image_positions": np.asarray([len(vocab.start_ids)], np.int32),  # after BOS
           "loss_weight": np.float32(loss_weight)}
 
 

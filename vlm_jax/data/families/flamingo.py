@@ -6,6 +6,9 @@ Text layout (OpenFlamingo's): each media item is an `<image>` token that opens a
 
     BOS text0 <image> text1 text2 <|endofchunk|> <image> text3 <|endofchunk|> EOS PAD...
 
+(BOS: what the vocabulary's tokenizer puts before a text, `Vocab.start_ids`; none for
+OpenFlamingo's MPT / RedPajama tokenizers.)
+
 Loss (OpenFlamingo's MMC4 labels): on the text inside a chunk, its closing
 `<|endofchunk|>` included; not on `<image>` tokens, text before the first image, text
 between a chunk's end and the next image, BOS/EOS or padding. An image-text pair is the
