@@ -42,12 +42,16 @@ SEGMENT_IDS, POSITIONS = "segment_ids", "positions"
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Which keys of a family's processed example are packed how. Each example has one image
-  slot (`images` [1, ...]) whose first placeholder is at `image_positions` [1]."""
+  """Which keys of a family's processed example are packed how. An example has N image slots
+  (`images` [N, ...], MiniGPT-v2 N = 1), slot n's position in the example's tokens at
+  `image_positions` [N]. With `image_valid_key`, only the slots where it is > 0 travel into
+  the row (an interleaved document with fewer images than N takes only as many row slots as
+  it has images); without, every slot does."""
   text_keys: tuple[str, ...] = ("tokens", "targets", "loss_mask", "token_mask")
   image_keys: tuple[str, ...] = ("images", "image_mask")
   image_positions_key: str = "image_positions"
   valid_key: str = "token_mask"  # 1 for the example's real tokens (placeholders included)
+  image_valid_key: str = ""  # e.g. "image_mask": 1 for a present image; "": keep all slots
 
 
 def layout_of(family_module, family: str) -> Layout:
@@ -79,8 +83,11 @@ class _Trim:
     # marks no example: health.TASK_KEY), on its first token, so a row keeps all its examples'
     out[health.SKIPPED_KEY] = _on_first_token(example[health.SKIPPED_KEY], length)
     out[health.TASK_KEY] = _on_first_token(example[health.TASK_KEY] + 1, length)
+    images = slice(None)
+    if self.layout.image_valid_key:
+      images = np.flatnonzero(np.asarray(example[self.layout.image_valid_key]) > 0)
     for key in self.layout.image_keys + (self.layout.image_positions_key,):
-      out[key] = np.asarray(example[key])
+      out[key] = np.asarray(example[key])[images]
     return out
 
 

@@ -45,7 +45,7 @@ import re
 
 import numpy as np
 
-from vlm_jax.data import catalog, preprocessors
+from vlm_jax.data import catalog, packing, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.synthetic import scenes
 from vlm_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab
@@ -64,6 +64,9 @@ TASKS = (
 )
 MIXTURES = {"pretrain_flamingo": (("flamingo_mmc4", 0.35), ("flamingo_obelics", 0.35),
                                   ("flamingo_pairs", 0.3))}
+# Documents and pairs pack several to a row (config.data.packing), each bringing only its
+# present images into the row's packed_images slots.
+PACKING = packing.Layout(image_valid_key="image_mask")
 _CAPTION = ("exact_match", "cider", "bleu4")
 EVAL_TASKS = (
     catalog.EvalTask("flamingo_captions", "flamingo_pairs", metrics=_CAPTION, captions=True),
