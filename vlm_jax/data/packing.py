@@ -11,13 +11,17 @@ row (T = `sequence_length` tokens, K = `packed_images` image slots) holds:
     positions     [T] i32    each token's position inside its own example
     loss_weight   [T] f32    the example's weight on each of its tokens (per-example [B]
                              unpacked; the loss takes both: train/step.py)
-    image keys    [K, ...]   the examples' images in slot order; unused slots zero (their
-                             image_mask is 0, so the model never splices them)
-    image_positions [K] i32  the row index of each image's first placeholder slot
+    image keys    [K, ...]   the examples' images in slot order, each example's together;
+                             unused slots zero (their image_mask is 0, so the model never
+                             splices or attends them)
+    image_positions [K] i32  the row index of each image's first placeholder slot (Flamingo:
+                             of its `<image>` token)
 
-Attention never crosses segments: the model builds its masks from `segment_ids` (causal and
-equal ids, `segment_mask.SegmentMask`), and each image is spliced into its own example's
-slots. The loss is the sum of the unpacked examples' losses (the same target tokens, each
+A row takes an example only if both its tokens and its images fit (K bounds the images as
+T bounds the tokens). Attention never crosses segments: the model builds its masks from
+`segment_ids` (causal and equal ids, `segment_mask.SegmentMask`), and each image is spliced
+into its own example's slots (MiniGPT-v2) or cross-attended only by its own document's
+tokens (Flamingo: `gated_xattn.media_visibility` with segment ids). The loss is the sum of the unpacked examples' losses (the same target tokens, each
 with its example's weight). Each row also carries its examples' task numbers
 (`health.TASK_KEY` [T]: task + 1 on each example's first token), so the iterator's
 `examples` and `examples/<task>` counters (health.py) count examples, not rows. Packing
@@ -25,10 +29,14 @@ happens in each process on its own rows, so the packed global batch depends on t
 of processes (unpacked batches do not).
 
 Rows longer than an unpacked example pack better: MiniGPT-v2's `packed=True` config option
-uses rows of 2T (92-94% real tokens against 86-91% at T; docs/performance.md).
+uses rows of 2T (92-94% real tokens against 86-91% at T; docs/performance.md). Flamingo's
+documents and pairs are short next to T but bring 1-2 images each, so its `packed=True`
+keeps rows of T and gives them more image slots (bench: 12 for 14% -> 97% real tokens).
 
-Families whose examples are one image plus text in a single causal LM (MiniGPT-v2) declare a
-Layout; the others do not yet (the issue-24 report says why and what each needs).
+Families that declare a Layout: MiniGPT-v2 (one image spliced into a causal LM) and Flamingo
+(interleaved documents and pairs with up to `max_images` images each; only present images
+travel: `Layout.image_valid_key`). The others do not yet (the issue-24 reports say why and
+what each needs).
 """
 import dataclasses
 

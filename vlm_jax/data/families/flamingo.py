@@ -26,6 +26,10 @@ Example (the pipeline stacks B of them; see `vlm_jax.models.flamingo` for the ba
     tokens, targets, loss_mask, token_mask   [T]
     loss_weight     [] f32           the task's loss weight
 
+Packing (config.data.packing, `PACKING`: data/packing.py): several documents and pairs
+share a row of T tokens and its `packed_images` media slots, each bringing only its present
+images; a document's images are visible only to its own tokens (models/flamingo.py).
+
 Templates: `document` (interleaved documents and pairs) and `text` (a text-only document,
 e.g. C4: BOS text EOS with the loss on every token and no media, so the gated
 cross-attention passes the frozen LM's language modelling through).
