@@ -21,12 +21,12 @@ A row takes an example only if both its tokens and its images fit (K bounds the 
 T bounds the tokens). Attention never crosses segments: the model builds its masks from
 `segment_ids` (causal and equal ids, `segment_mask.SegmentMask`), and each image is spliced
 into its own example's slots (MiniGPT-v2) or cross-attended only by its own document's
-tokens (Flamingo: `gated_xattn.media_visibility` with segment ids). The loss is the sum of the unpacked examples' losses (the same target tokens, each
-with its example's weight). Each row also carries its examples' task numbers
-(`health.TASK_KEY` [T]: task + 1 on each example's first token), so the iterator's
-`examples` and `examples/<task>` counters (health.py) count examples, not rows. Packing
-happens in each process on its own rows, so the packed global batch depends on the number
-of processes (unpacked batches do not).
+tokens (Flamingo: `gated_xattn.media_visibility` with segment ids). The loss is the sum of
+the unpacked examples' losses (the same target tokens, each with its example's weight).
+Each row also carries its examples' task numbers (`health.TASK_KEY` [T]: task + 1 on each
+example's first token), so the iterator's `examples` and `examples/<task>` counters
+(health.py) count examples, not rows. Packing happens in each process on its own rows, so
+the packed global batch depends on the number of processes (unpacked batches do not).
 
 Rows longer than an unpacked example pack better: MiniGPT-v2's `packed=True` config option
 uses rows of 2T (92-94% real tokens against 86-91% at T; docs/performance.md). Flamingo's
