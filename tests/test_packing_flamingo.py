@@ -83,6 +83,18 @@ def test_documents_share_rows_with_their_images_in_the_row_slots(tiny):
   np.testing.assert_array_equal(packed["positions"][0, 4:8], [4, 5, 0, 1])
 
 
+def test_a_text_only_document_takes_no_image_slot():
+  vocab = Vocab()
+  text, _ = data_lib.encode_document(vocab, [("text", "just some words here")],
+                                     sequence_length=LENGTH, max_images=MEDIA, text_only=True)
+  text["images"] = np.zeros((MEDIA, IMAGE, IMAGE, 3), np.float32)
+  text.update({health.SKIPPED_KEY: np.int32(0), health.TASK_KEY: np.int32(0)})
+  packed = _packed_rows([text, _example(vocab, *DOCUMENTS[0])])  # 9 tokens, then the pair
+  np.testing.assert_array_equal(packed["segment_ids"][0, :16], [1] * 9 + [2] * 6 + [0])
+  np.testing.assert_array_equal(packed["image_mask"], [[1, 0, 0, 0]])
+  np.testing.assert_array_equal(packed["image_positions"], [[10, 0, 0, 0]])
+
+
 @pytest.mark.parametrize("immediate", [True, False])
 def test_an_image_is_visible_only_inside_its_own_document(immediate):
   # one row: document 1 (tokens 0-3, image at 1), document 2 (tokens 4-9, images at 6, 8)
