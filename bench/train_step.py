@@ -103,6 +103,8 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
   analytic = flops_lib.flops_per_example(config, flops_lib.config_treatment(config))
   step_flops = analytic["train"] * config.batch_size
   median = statistics.median(timed["wall"])
+  # useful tokens: the batch's real input tokens (packed rows: every segment's), not slots
+  real_tokens = int(np.sum(step.batch["token_mask"] > 0)) if "token_mask" in step.batch else None
   return {
       "config": spec, "batch_size": config.batch_size,
       "compile_s": round(step.compile_s, 1), "step_s_median": median,
@@ -115,6 +117,8 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
       "model_tflops_per_s": step_flops / median / 1e12,
       "mfu": step_flops / median / peak,
       **useful_work(config, batch, median),
+      "real_tokens_per_step": real_tokens,
+      "real_tokens_per_s": real_tokens / median if real_tokens is not None else None,
   }
 
 

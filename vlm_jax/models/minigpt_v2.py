@@ -106,14 +106,7 @@ class MiniGPTv2(nn.Module):
     return self.lm.logits(hidden)
 
 
-def packed_context(batch) -> dict:
-  """trunk's mask and positions for packed rows (`segment_ids`, `positions`: data/packing.py):
-  causal attention inside each example, rotary positions restarting per example; {} when the
-  batch is not packed."""
-  if "segment_ids" not in batch:
-    return {}
-  return {"attention_mask": segment_mask.packed(batch["segment_ids"]),
-          "positions": batch["positions"]}
+packed_context = segment_mask.packed_context  # trunk's mask and positions for packed rows
 
 
 def build(model_config) -> MiniGPTv2:

@@ -84,6 +84,15 @@ def packed(segment_ids: jax.Array) -> SegmentMask:
   return SegmentMask(segment_ids, segment_ids, causal=True)
 
 
+def packed_context(batch) -> dict:
+  """A decoder trunk's `attention_mask` and `positions` for packed rows (the batch's
+  `segment_ids` and `positions`, data/packing.py): causal attention inside each example,
+  positions restarting per example; {} when the batch is not packed."""
+  if "segment_ids" not in batch:
+    return {}
+  return {"attention_mask": packed(batch["segment_ids"]), "positions": batch["positions"]}
+
+
 def take_query_rows(mask, index: jax.Array):
   """Rows `index` [B] of a dense [B, 1, T, S] mask or a SegmentMask, as a one-query mask."""
   if isinstance(mask, SegmentMask):
