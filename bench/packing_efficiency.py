@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from vlm_jax import config as config_lib
-from vlm_jax.data import packing, pipeline
+from vlm_jax.data import families, packing, pipeline
 
 
 def measure(data, family: str, batches: int) -> tuple[float, float, np.ndarray]:
@@ -29,7 +29,8 @@ def measure(data, family: str, batches: int) -> tuple[float, float, np.ndarray]:
   rows_per_s = 8 * batches / (time.perf_counter() - began)
   examples = np.concatenate([b[packing.SEGMENT_IDS].max(1) if packing.SEGMENT_IDS in b else
                              np.ones(len(b["tokens"]), int) for b in got])
-  return packing.efficiency(got), rows_per_s, examples
+  valid_key = packing.layout_of(families.load(family), family, data).valid_key
+  return packing.efficiency(got, valid_key), rows_per_s, examples
 
 
 def main():

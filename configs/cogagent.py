@@ -74,10 +74,10 @@ TRAINING = {
     "18b": (4608, 60_000, 2e-5, 500, 1),  # paper: batch 4608, lr 2e-5 (from memory)
 }
 # size: (row length in unpacked lengths T, image slots per row) with packed=True. An example
-# is its image slots plus a short text, so rows hold about that many examples (tiny: 18 + 30
-# of T = 98; bench: 258 + 48 of 322; 18b: 258 + 48 of 514 with the sample data's texts):
-# 91-95% real tokens (docs/performance.md).
-PACKED = {"tiny": (4, 8), "bench": (2, 2), "18b": (2, 3)}
+# is its image slots plus a short text (sample data: tiny 18 + ~48 of T = 98, 67% real
+# tokens unpacked; bench 258 + ~48 of 322, 95%; 18b 258 + ~48 of 514, 60%), so rows of 4T /
+# 2T / 3T hold at most 6 / 2 / 5 examples: 95% / 95% / 99% real tokens (docs/performance.md).
+PACKED = {"tiny": (4, 6), "bench": (2, 2), "18b": (3, 5)}
 OPTIONS = {"stage": int, "visual_expert": bool, "cross_module": bool, "image": int,
            "high_res": int, "text": int, "packed": bool}
 

@@ -24,11 +24,15 @@ with its example's weight). Each row also carries its examples' task numbers
 happens in each process on its own rows, so the packed global batch depends on the number
 of processes (unpacked batches do not).
 
-Rows longer than an unpacked example pack better: MiniGPT-v2's `packed=True` config option
-uses rows of 2T (92-94% real tokens against 86-91% at T; docs/performance.md).
-
-Families whose examples are one image plus text in a single causal LM (MiniGPT-v2) declare a
-Layout; the others do not yet (the issue-24 report says why and what each needs).
+Families whose examples are one image plus text in a single causal LM declare a Layout:
+MiniGPT-v2, and CogAgent, whose `image_keys` add the high-res view (`high_res_images`), so
+both views of an example's image travel into the same slot; its model reads each slot's
+segment at the slot's first placeholder (`segment_mask.slot_segment_ids`) and lets a token
+cross-attend only its own example's high-res tokens (`segment_mask.packed_cross`). The
+others do not yet (the issue-24 reports say why and what each needs). Rows longer than an
+unpacked example pack better: MiniGPT-v2's `packed=True` config option uses rows of 2T
+(92-94% real tokens against 86-91% at T); CogAgent's uses rows of 2-4T
+(`configs/cogagent.py` PACKED: 95-99%; docs/performance.md).
 """
 import dataclasses
 
@@ -50,12 +54,14 @@ class Layout:
   valid_key: str = "token_mask"  # 1 for the example's real tokens (placeholders included)
 
 
-def layout_of(family_module, family: str) -> Layout:
+def layout_of(family_module, family: str, data_config=None) -> Layout:
+  """The family's `PACKING`: a Layout, or a function data_config -> Layout (for keys that
+  depend on the config, e.g. Prismer's expert maps)."""
   layout = getattr(family_module, "PACKING", None)
   if layout is None:
     raise ValueError(f"config.data.packing=True: the {family!r} family's data module declares "
                      "no PACKING layout (vlm_jax/data/packing.py); set config.data.packing=False.")
-  return layout
+  return layout(data_config) if callable(layout) else layout
 
 
 def _on_first_token(value, length: int) -> np.ndarray:
