@@ -3,12 +3,14 @@
   python bench/packing_efficiency.py [--config configs/minigpt_v2.py:bench]
                                      [--mixtures minigpt_v2_stage1,...] [--batches 16]
                                      [--bins 16,64] [--images 4] [--length T]
+                                     [--set data.image_size=64 ...]
 
 For each mixture: the unpacked iterator's efficiency, then the packed one's
 (config.data.packing, data/packing.py) for each number of packing bins, over the same
 number of batches of 8 rows, the packed rows' mean and largest number of examples (each
 needs an image slot: `--images` bounds it) and the packed iterator's rows per second (host
-side only).
+side only). `--set` overrides config fields (`--config.a.b=v` of vlm-train), e.g. smaller
+images where only the token counts matter and full-size ones do not fit in host memory.
 """
 import argparse
 import time
@@ -43,8 +45,10 @@ def main():
   parser.add_argument("--images", type=int, default=4)
   parser.add_argument("--length", type=int, default=0,
                       help="config.data.sequence_length (T of every row); 0: the config's")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. data.image_size=64 (repeatable)")
   args = parser.parse_args()
-  config = config_lib.load_config_file(args.config)
+  config = config_lib.load_config(args.config, [o.split("=", 1) for o in args.set])
   family, data = config.model.name, config.data
   data.sequence_length = args.length or data.sequence_length
   print(f"{args.config}: T = {data.sequence_length}, {args.batches} batches of 8 rows, "

@@ -78,7 +78,7 @@ TRAINING = {
     "large": (1024, 200_000, 1e-4, 2000),
 }
 # size: (row length in text lengths T, image slots per row) with packed=True.
-PACKED = {"tiny": (2, 4), "bench": (2, 4), "base": (2, 4), "large": (2, 4)}
+PACKED = {"tiny": (2, 8), "bench": (2, 8), "base": (2, 8), "large": (2, 8)}
 OPTIONS = {"experts": str, "freeze": str, "packed": bool}
 
 

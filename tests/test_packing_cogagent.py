@@ -17,7 +17,6 @@ import builders
 from vlm_jax import config as config_lib
 from vlm_jax.data import health, packing, pipeline
 from vlm_jax.data.families import cogagent as data_lib
-from vlm_jax.data.synthetic import sample_data
 from vlm_jax.models import cogagent as model_lib
 from vlm_jax.nn import segment_mask
 from vlm_jax.train import step as step_lib
@@ -25,7 +24,7 @@ from vlm_jax.train import step as step_lib
 VOCAB, LOW, HIGH, LENGTH = 64, 28, 56, 24  # 2x2 + 2 = 6 image slots; 4x4 high-res tokens
 SLOTS = model_lib.image_tokens(LOW, 14)
 VIT = dict(depth=1, num_heads=2, mlp_dim=32, patch_size=14, class_token=True)
-TINY = dict(lm=dict(vocab_size=VOCAB, width=32, num_layers=2, num_heads=4, mlp_dim=48),
+TINY = dict(lm=dict(vocab_size=VOCAB, width=32, num_layers=1, num_heads=4, mlp_dim=48),
             vision=dict(VIT, width=16), high_res=dict(VIT, width=24), adapter=dict(mlp_dim=40),
             cross=dict(width=16, heads=4), visual_expert=True, cross_module=True)
 COUNTERS = (health.SKIPPED_KEY, health.TASK_KEY)
@@ -98,7 +97,8 @@ def test_no_attention_across_segments_nor_to_their_high_res_images(tiny):
   model, params, _, packed = tiny
   row = jax.tree.map(lambda a: a[:1], packed)
   segments = row["segment_ids"][0]
-  x, token_mask, _ = model.apply({"params": params}, row, method=model.embed_inputs)
+  x, token_mask, _ = jax.jit(lambda b: model.apply({"params": params}, b,
+                                                   method=model.embed_inputs))(row)
 
   def segment_loss(x, high_res_images, segment):
     def forward(module):
@@ -123,15 +123,11 @@ def test_no_attention_across_segments_nor_to_their_high_res_images(tiny):
   assert not np.array_equal(logits[0, segments == 2], logits_changed[0, segments == 2])
 
 
-def test_packed_pipeline_resumes_exactly_and_fills_rows(tmp_path):
-  root = str(tmp_path / "data")
-  sample_data.ensure_sample_data(root, sample_data.SyntheticSizes(
-      train_pairs=100, validation_pairs=8, train_docs=8, validation_docs=4,
-      train_interleaved=4, validation_interleaved=2, shard_size=50, image_size=32))
-  config = config_lib.load_config_file("configs/cogagent.py:tiny,packed=True")
-  data = config.data
-  data.data_dir, data.packing_bins = root, 16
-  make = lambda: pipeline.make_train_iterator(data, "cogagent", global_batch_size=2, seed=0,
+def test_packed_pipeline_resumes_exactly_and_fills_rows():
+  """On the sample data (the default data dir, generated once for every test)."""
+  data = config_lib.load_config_file("configs/cogagent.py:tiny,packed=True").data
+  data.packing_bins = 16
+  make = lambda: pipeline.make_train_iterator(data, "cogagent", global_batch_size=1, seed=0,
                                               process_index=0, process_count=1)
   it = make()
   first = [next(it) for _ in range(2)]
@@ -144,6 +140,6 @@ def test_packed_pipeline_resumes_exactly_and_fills_rows(tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   assert resumed.counters == it.counters
   assert packing.efficiency(first + want) > 0.85
-  spec = model_lib.batch_spec(data, 2)
+  spec = model_lib.batch_spec(data, 1)
   assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {
       k: (v.shape, v.dtype) for k, v in first[0].items()}

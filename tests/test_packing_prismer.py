@@ -14,7 +14,6 @@ import pytest
 from vlm_jax import config as config_lib
 from vlm_jax.data import health, packing, pipeline
 from vlm_jax.data.families import prismer as data_lib
-from vlm_jax.data.synthetic import sample_data
 from vlm_jax.models import prismer as model_lib
 from vlm_jax.models import registry
 from vlm_jax.train import step as step_lib
@@ -110,14 +109,10 @@ def test_no_attention_across_segments_nor_to_their_images(tiny):
       assert np.all(grad[other - 1] == 0) and np.any(grad[mine - 1] != 0), key
 
 
-def test_packed_pipeline_resumes_exactly_and_fills_rows(tmp_path):
-  root = str(tmp_path / "data")
-  sample_data.ensure_sample_data(root, sample_data.SyntheticSizes(
-      train_pairs=40, validation_pairs=8, train_docs=8, validation_docs=4,
-      train_interleaved=4, validation_interleaved=2, shard_size=20, image_size=32))
-  config = config_lib.load_config_file("configs/prismer.py:tiny,packed=True")
-  data = config.data
-  data.data_dir, data.packing_bins = root, 16
+def test_packed_pipeline_resumes_exactly_and_fills_rows():
+  """On the sample data (the default data dir, generated once for every test)."""
+  data = config_lib.load_config_file("configs/prismer.py:tiny,packed=True").data
+  data.packing_bins = 16
   make = lambda: pipeline.make_train_iterator(data, "prismer", global_batch_size=2, seed=0,
                                               process_index=0, process_count=1)
   it = make()
