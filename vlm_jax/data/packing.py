@@ -28,11 +28,15 @@ Families whose examples are one image plus text in a single causal LM declare a 
 MiniGPT-v2, and CogAgent, whose `image_keys` add the high-res view (`high_res_images`), so
 both views of an example's image travel into the same slot; its model reads each slot's
 segment at the slot's first placeholder (`segment_mask.slot_segment_ids`) and lets a token
-cross-attend only its own example's high-res tokens (`segment_mask.packed_cross`). The
-others do not yet (the issue-24 reports say why and what each needs). Rows longer than an
-unpacked example pack better: MiniGPT-v2's `packed=True` config option uses rows of 2T
-(92-94% real tokens against 86-91% at T); CogAgent's uses rows of 2-4T
-(`configs/cogagent.py` PACKED: 95-99%; docs/performance.md).
+cross-attend only its own example's high-res tokens (`segment_mask.packed_cross`). Prismer
+packs its decoder texts (valid_key `loss_mask`); its PACKING is a function of the data
+config (the image keys are the configured experts' maps: `layout_of`), its processor gives
+the maps a slot axis and anchors each image at its text's first token, and its decoder
+cross-attends only its own slot's encoded tokens. The others do not yet (the issue-24
+reports say why and what each needs). Rows longer than an unpacked example pack better:
+MiniGPT-v2's `packed=True` config option uses rows of 2T (92-94% real tokens against
+86-91% at T); CogAgent's rows of 2-4T (`configs/cogagent.py` PACKED: 95-99%), Prismer's
+rows of 2T with 8 slots (92-94%; docs/performance.md).
 """
 import dataclasses
 
