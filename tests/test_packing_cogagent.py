@@ -143,3 +143,12 @@ def test_packed_pipeline_resumes_exactly_and_fills_rows():
   spec = model_lib.batch_spec(data, 1)
   assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {
       k: (v.shape, v.dtype) for k, v in first[0].items()}
+
+
+def test_flops_count_every_image_slot_of_a_packed_row():
+  unpacked = config_lib.load_config("configs/cogagent.py:tiny")
+  packed = config_lib.load_config("configs/cogagent.py:tiny,packed=True")
+  one, row = model_lib.flops_parts(unpacked), model_lib.flops_parts(packed)
+  for part in ("vision", "adapter", "high_res"):
+    assert row[part] == packed.data.packed_images * one[part], part
+  assert row["lm"] > 4 * one["lm"]  # rows of 4T; attention grows faster than T
