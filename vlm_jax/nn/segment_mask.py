@@ -15,7 +15,8 @@ Every mask the families build for a training forward has this form:
                                    a visual token belongs to (gated_xattn.media_segment_mask)
     packed rows' cross-attention   q ids = the row's segment ids, kv id = the example a key's
       to per-example items         item (image slot) belongs to: `packed_cross`, ids of the
-                                   slots from `slot_segment_ids` (CogAgent's high-res keys)
+                                   slots from `slot_segment_ids` (CogAgent's high-res keys,
+                                   Prismer's encoded images)
 
 What is not of this form stays a dense boolean [B, 1|N, T, S] array, which MultiHeadAttention
 always computes with XLA: PrefixLM visibility inside one decoder stack (causal OR both in
