@@ -3,6 +3,7 @@
   python bench/packing_efficiency.py [--config configs/minigpt_v2.py:bench]
                                      [--mixtures minigpt_v2_stage1,...] [--batches 16]
                                      [--bins 16,64] [--images K] [--length T]
+                                     [--set data.image_size=64 ...]
 
 For each mixture: the unpacked iterator's efficiency, then the packed one's
 (config.data.packing, data/packing.py) for each number of packing bins, over the same
@@ -14,6 +15,8 @@ needs an image slot: `--images` bounds it; default the config's `packed_images`,
 image tokens for encoder-decoder ones (data/packing_encoder_decoder.py).
 `--config configs/simvlm.py:bench,packed=True` keeps that config's packed row lengths
 (`packed_prefix_length`, `packed_suffix_length`).
+`--set` overrides config fields (`--config.a.b=v` of vlm-train), e.g. smaller images where
+only the token counts matter and full-size ones do not fit in host memory.
 """
 import argparse
 import time
@@ -34,7 +37,7 @@ def measure(data, family: str, batches: int) -> tuple[float, float, np.ndarray]:
   rows_per_s = 8 * batches / (time.perf_counter() - began)
   examples = np.concatenate([b[packing.SEGMENT_IDS].max(1) if packing.SEGMENT_IDS in b else
                              np.ones(len(b["tokens"]), int) for b in got])
-  layout = packing.layout_of(families.load(family), family)
+  layout = packing.layout_of(families.load(family), family, data)
   return layout.efficiency(got, data), rows_per_s, examples
 
 
@@ -49,8 +52,10 @@ def main():
                       help="config.data.packed_images (slots per row); 0: the config's")
   parser.add_argument("--length", type=int, default=0,
                       help="config.data.sequence_length (T of every row); 0: the config's")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. data.image_size=64 (repeatable)")
   args = parser.parse_args()
-  config = config_lib.load_config_file(args.config)
+  config = config_lib.load_config(args.config, [o.split("=", 1) for o in args.set])
   family, data = config.model.name, config.data
   data.sequence_length = args.length or data.sequence_length
   data.packed_images = args.images or data.packed_images

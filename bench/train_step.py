@@ -95,6 +95,9 @@ def compile_step(config, batch: dict, model=None) -> CompiledStep:
 def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
   config = config_lib.load_config(spec, overrides)
   batch = pipeline_batch(config)
+  # real input tokens of the batch (packed rows or not): what the step is useful for
+  valid = batch.get("token_mask", batch.get("loss_mask"))
+  real_tokens = int((valid > 0).sum()) if valid is not None else 0
   step = compile_step(config, batch)
   xla_flops = step.compiled.cost_analysis()["flops"]
   first = step.run(1)["loss"]
@@ -103,8 +106,6 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
   analytic = flops_lib.flops_per_example(config, flops_lib.config_treatment(config))
   step_flops = analytic["train"] * config.batch_size
   median = statistics.median(timed["wall"])
-  # useful tokens: the batch's real input tokens (packed rows: every segment's), not slots
-  real_tokens = int(np.sum(step.batch["token_mask"] > 0)) if "token_mask" in step.batch else None
   return {
       "config": spec, "batch_size": config.batch_size,
       "compile_s": round(step.compile_s, 1), "step_s_median": median,
@@ -115,10 +116,9 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
       "xla_train_flops_per_step": xla_flops,
       "analytic_over_xla": step_flops / xla_flops,
       "model_tflops_per_s": step_flops / median / 1e12,
+      "real_tokens_per_step": real_tokens, "real_tokens_per_s": real_tokens / median,
       "mfu": step_flops / median / peak,
       **useful_work(config, batch, median),
-      "real_tokens_per_step": real_tokens,
-      "real_tokens_per_s": real_tokens / median if real_tokens is not None else None,
   }
 
 

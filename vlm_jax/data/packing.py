@@ -29,16 +29,27 @@ example's first token), so the iterator's `examples` and `examples/<task>` count
 the packed global batch depends on the number of processes (unpacked batches do not).
 
 Rows longer than an unpacked example pack better: MiniGPT-v2's `packed=True` config option
-uses rows of 2T (92-94% real tokens against 86-91% at T; docs/performance.md). Flamingo's
-documents and pairs are short next to T but bring 1-2 images each, so its `packed=True`
-keeps rows of T and gives them more image slots (bench: 12 for 14% -> 97% real tokens).
+uses rows of 2T (92-94% real tokens against 86-91% at T; docs/performance.md), CogAgent's
+rows of 2-4T (`configs/cogagent.py` PACKED: 95-99%), Prismer's rows of 2T with 8 slots
+(92-94%). Flamingo's documents and pairs are short next to T but bring 1-2 images each, so
+its `packed=True` keeps rows of T and gives them more image slots (bench: 12 for 14% -> 97%
+real tokens).
 
-Families that declare a Layout: MiniGPT-v2 (one image spliced into a causal LM) and Flamingo
-(interleaved documents and pairs with up to `max_images` images each; only present images
-travel: `Layout.image_valid_key`). Encoder-decoder examples (SimVLM: an encoder stream, a
-decoder stream and an image) are packed by packing_encoder_decoder.py, whose
-EncoderDecoderLayout has the same `pack` and `efficiency` methods the pipeline and
-bench/packing_efficiency.py call.
+Families that declare a Layout:
+- MiniGPT-v2: one image spliced into a causal LM.
+- CogAgent: the same, and its `image_keys` add the high-res view (`high_res_images`), so
+  both views of an example's image travel into the same slot; its model reads each slot's
+  segment at the slot's first placeholder (`segment_mask.slot_segment_ids`) and lets a
+  token cross-attend only its own example's high-res tokens (`segment_mask.packed_cross`).
+- Prismer: packs its decoder texts (valid_key `loss_mask`); its PACKING is a function of the
+  data config (the image keys are the configured experts' maps: `layout_of`), its processor
+  gives the maps a slot axis and anchors each image at its text's first token, and its
+  decoder cross-attends only its own slot's encoded tokens.
+- Flamingo: interleaved documents and pairs with up to `max_images` images each; only
+  present images travel (`Layout.image_valid_key`).
+Encoder-decoder examples (SimVLM: an encoder stream, a decoder stream and an image) are
+packed by packing_encoder_decoder.py, whose EncoderDecoderLayout has the same `pack` and
+`efficiency` methods the pipeline and bench/packing_efficiency.py call.
 """
 import dataclasses
 
@@ -71,12 +82,14 @@ class Layout:
     return efficiency(batches, self.valid_key)
 
 
-def layout_of(family_module, family: str) -> Layout:
+def layout_of(family_module, family: str, data_config=None) -> Layout:
+  """The family's `PACKING`: a Layout, or a function data_config -> Layout (for keys that
+  depend on the config, e.g. Prismer's expert maps)."""
   layout = getattr(family_module, "PACKING", None)
   if layout is None:
     raise ValueError(f"config.data.packing=True: the {family!r} family's data module declares "
                      "no PACKING layout (vlm_jax/data/packing.py); set config.data.packing=False.")
-  return layout
+  return layout(data_config) if callable(layout) else layout
 
 
 def _on_first_token(value, length: int) -> np.ndarray:

@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models import registry
-from vlm_jax.nn import decoder_lm, embeddings, segment_mask, vit
+from vlm_jax.nn import decoder_lm, embeddings, vit
 from vlm_jax.nn import flops as F
+from vlm_jax.nn.segment_mask import packed_context
 
 
 def group_consecutive_tokens(x: jax.Array, group_size: int) -> jax.Array:
@@ -104,9 +105,6 @@ class MiniGPTv2(nn.Module):
     hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic,
                            **packed_context(batch))
     return self.lm.logits(hidden)
-
-
-packed_context = segment_mask.packed_context  # trunk's mask and positions for packed rows
 
 
 def build(model_config) -> MiniGPTv2:
