@@ -95,6 +95,9 @@ def compile_step(config, batch: dict, model=None) -> CompiledStep:
 def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
   config = config_lib.load_config(spec, overrides)
   batch = pipeline_batch(config)
+  # real input tokens of the batch (packed rows or not): what the step is useful for
+  valid = batch.get("token_mask", batch.get("loss_mask"))
+  real_tokens = int((valid > 0).sum()) if valid is not None else 0
   step = compile_step(config, batch)
   xla_flops = step.compiled.cost_analysis()["flops"]
   first = step.run(1)["loss"]
@@ -113,6 +116,7 @@ def bench_config(spec: str, peak: float, steps: int, overrides=()) -> dict:
       "xla_train_flops_per_step": xla_flops,
       "analytic_over_xla": step_flops / xla_flops,
       "model_tflops_per_s": step_flops / median / 1e12,
+      "real_tokens_per_step": real_tokens, "real_tokens_per_s": real_tokens / median,
       "mfu": step_flops / median / peak,
       **useful_work(config, batch, median),
   }

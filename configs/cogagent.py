@@ -11,7 +11,9 @@ everything but the low-res ViT; 1: the paper's first pre-training phase, only th
 high-res cross-module (high-res ViT + cross-attention) trains; 2: + the visual expert),
 `visual_expert` (bool), `cross_module` (bool; False = the low-res-only model),
 `image` / `high_res` (pixels of the low- / high-res input), `text` (text tokens after the
-image slots), `scan` (bool), `remat` (none|full|dots), `dtype` (float32|bfloat16).
+image slots), `scan` (bool), `remat` (none|full|dots), `dtype` (float32|bfloat16),
+`packed` (bool: config.data.packing with rows of PACKED[size] unpacked lengths and as
+many image slots, data/packing.py).
 
 Sizes — LM width / layers / heads / MLP / vocab; low-res ViT width / layers / heads / MLP,
 adapter hidden, image px; high-res ViT width / layers / heads / MLP, image px; cross-attn
@@ -71,8 +73,13 @@ TRAINING = {
     "bench": (2, 50, 1e-4, 5, 0),  # batch 2: a CPU step stays ~10 s
     "18b": (4608, 60_000, 2e-5, 500, 1),  # paper: batch 4608, lr 2e-5 (from memory)
 }
+# size: (row length in unpacked lengths T, image slots per row) with packed=True. An example
+# is its image slots plus a short text (sample data: tiny 18 + ~48 of T = 98, 67% real
+# tokens unpacked; bench 258 + ~48 of 322, 95%; 18b 258 + ~48 of 514, 60%), so rows of 4T /
+# 2T / 3T hold at most 6 / 2 / 5 examples: 95% / 95% / 99% real tokens (docs/performance.md).
+PACKED = {"tiny": (4, 6), "bench": (2, 2), "18b": (3, 5)}
 OPTIONS = {"stage": int, "visual_expert": bool, "cross_module": bool, "image": int,
-           "high_res": int, "text": int}
+           "high_res": int, "text": int, "packed": bool}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -116,4 +123,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.high_res_image_size = high_res
   c.data.image_tokens = model_lib.image_tokens(image, PATCH_SIZE)  # + boi, eoi
   c.data.sequence_length = c.data.image_tokens + options.get("text", sizes["text"])
+  if options.get("packed", False):
+    rows, c.data.packed_images = PACKED[size]
+    c.data.packing = True
+    c.data.sequence_length *= rows
   return c

@@ -3,13 +3,14 @@ r"""Flamingo / OpenFlamingo: frozen ViT + Perceiver Resampler + GATED XATTN-DENS
     vlm-train --config configs/flamingo.py:tiny --workdir /tmp/flamingo_tiny
     vlm-info  --config configs/flamingo.py:80b
     vlm-info  --config configs/flamingo.py:of9b
-    python bench/train_step.py configs/flamingo.py:bench
+    python bench/train_step.py configs/flamingo.py:bench configs/flamingo.py:bench,packed=True
 
 `arg` = size name, then optional comma-separated `key=value` options: `frames` (int > 0:
 every media item is a clip of that many frames, with learned time embeddings; still images
 are repeated), `immediate` (bool, default True: a token attends to the most recent image
-only; False: to all previous images), `scan` (bool), `remat` (none|full|dots), `dtype`
-(float32|bfloat16).
+only; False: to all previous images), `packed` (bool: config.data.packing, several
+documents per row with their images in `packed_images` slots; data/packing.py), `scan`
+(bool), `remat` (none|full|dots), `dtype` (float32|bfloat16).
 
 Sizes (SIZES below, one sub-config per part): LM width / layers / heads / MLP / vocab
 (style); vision width / layers / heads / MLP / patch / image px; resampler layers / latents /
@@ -121,7 +122,7 @@ SIZES = {
 # size: (batch_size, steps, peak lr, warmup)
 TRAINING = {"tiny": (8, 120, 3e-3, 10), "oftiny": (8, 120, 3e-3, 10), "bench": (4, 50, 1e-4, 5)}
 PAPER_TRAINING = (256, 500_000, 1e-4, 5000)  # OpenFlamingo-like; the paper's: see docs
-OPTIONS = {"frames": int, "immediate": bool}
+OPTIONS = {"frames": int, "immediate": bool, "packed": bool}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -154,4 +155,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.sequence_length = sizes["length"]
   c.data.max_images = sizes["max_images"]
   c.data.frames_per_media = frames
+  if options.get("packed", False):
+    # Several documents and pairs per row of T (data/packing.py). A pair or short document
+    # is ~20 tokens per image (bench mixture: 37 tokens, 1.8 images), so the row's images,
+    # not its tokens, bound how many fit: one slot per 20 tokens, and at least two full
+    # documents' worth (bench: 12 slots, 97% real tokens; docs/performance.md).
+    c.data.packing = True
+    c.data.packed_images = max(sizes["length"] // 20, 2 * sizes["max_images"])
   return c

@@ -12,7 +12,9 @@ frozen ViT and a frozen RoBERTa decoder (arXiv 2303.02506).
 `arg` = size name, then optional comma-separated `key=value` options: `experts` (names joined
 by '+', e.g. depth+seg, or 'none' for PrismerZ; default per size), `freeze`
 (freeze_lang_vision = pretraining, the default | freeze_vision = fine-tuning | freeze_lang |
-none), `scan` (bool), `remat` (none|full|dots), `dtype` (float32|bfloat16).
+none), `scan` (bool), `remat` (none|full|dots), `dtype` (float32|bfloat16), `packed` (bool:
+config.data.packing with rows of PACKED[size] text lengths and as many image slots as
+examples fit, data/families/prismer.py).
 
 Sizes — ViT width / layers / heads / MLP / patch; decoder width / layers / heads / MLP /
 vocab; image px; expert map px; text length; latents / resampler layers / heads:
@@ -75,7 +77,9 @@ TRAINING = {
     "base": (1024, 200_000, 3e-4, 2000),
     "large": (1024, 200_000, 1e-4, 2000),
 }
-OPTIONS = {"experts": str, "freeze": str}
+# size: (row length in text lengths T, image slots per row) with packed=True.
+PACKED = {"tiny": (2, 8), "bench": (2, 8), "base": (2, 8), "large": (2, 8)}
+OPTIONS = {"experts": str, "freeze": str, "packed": bool}
 
 
 def _experts(text: str) -> tuple[str, ...]:
@@ -123,4 +127,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.expert_size = sizes["expert_px"]  # expert maps are resized to this (reference: 224)
   c.data.label_dim = 64  # per-pixel label embedding size (reference: PCA-reduced CLIP, 64)
   c.data.label_table = ""  # "" = deterministic default vectors; else a .npz/.json table
+  if options.get("packed", False):
+    rows, c.data.packed_images = PACKED[size]
+    c.data.packing = True
+    c.data.sequence_length = rows * sizes["text"]  # a packed row's tokens (data/packing.py)
   return c

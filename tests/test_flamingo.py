@@ -403,8 +403,9 @@ def test_config_options_and_errors():
     tiny_model(xattn_sublayers=(2,))
 
 
-def test_analytic_flops_match_xla_and_treat_frozen_parts():
-  config = config_lib.load_config("configs/flamingo.py:tiny")
+@pytest.mark.parametrize("arg", ["tiny", "tiny,packed=True"])  # packed: all 8 image slots
+def test_analytic_flops_match_xla_and_treat_frozen_parts(arg):
+  config = config_lib.load_config(f"configs/flamingo.py:{arg}")
   config.model.scan_layers = False  # XLA counts a scanned loop body once
   model = registry.build(config.model)
   spec = registry.batch_spec(config, 2)

@@ -16,7 +16,7 @@ from vlm_jax import config as config_lib
 from vlm_jax.data import health, packing, pipeline
 from vlm_jax.data.families import minigpt_v2 as data_lib
 from vlm_jax.data.synthetic import sample_data
-from vlm_jax.models import minigpt_v2 as model_lib
+from vlm_jax.nn import segment_mask
 from vlm_jax.train import step as step_lib
 
 VOCAB, IMAGE, LENGTH, SLOT = 64, 56, 24, 4  # 56 px / 14 px patches / group 4 -> 4 LM tokens
@@ -105,7 +105,7 @@ def test_no_attention_across_segments(tiny):
 
   def segment_loss(x, segment):
     def forward(module, x):
-      hidden = module.lm.trunk(x, token_mask=token_mask, **model_lib.packed_context(row))
+      hidden = module.lm.trunk(x, token_mask=token_mask, **segment_mask.packed_context(row))
       return module.lm.logits(hidden)
     logits = model.apply({"params": params}, x, method=forward)
     ce = -jax.nn.log_softmax(logits)[0, jnp.arange(LENGTH), row["targets"][0]]

@@ -139,7 +139,7 @@ def make_dataset(data_config, family: str, *, global_batch_size, seed, split="tr
   ds = health.SkipBadRecords(ds, data_config.bad_window, data_config.max_bad_fraction,
                              data_config.warn_every_s)
   if data_config.packing:
-    layout = packing.layout_of(families.load(family), family)
+    layout = packing.layout_of(families.load(family), family, data_config)
     ds = layout.pack(ds, data_config, seed=_task_seed(seed, 2000))
   ds = ds.batch(per_process, drop_remainder=True)
   if data_config.num_workers > 0:

@@ -31,6 +31,14 @@ Batch (fixed shapes; written by `vlm_jax.data.families.cogagent`):
     image_positions [B, N] i32           index of image n's first slot (its boi)
     loss_weight     [B] f32              per-example weight (used by the loss)
 
+Packed rows (config.data.packing, data/packing.py): N = `packed_images` slots per row, one
+per example (image_mask 0 marks the unused ones, whose high-res tokens no token attends),
+loss_weight [B, T], plus segment_ids and positions [B, T]. Self-attention is causal inside
+each example (`segment_mask.packed`), rotary positions restart per example, and a token
+cross-attends only the high-res tokens of its own example's slot
+(`segment_mask.packed_cross`); the visual expert routes each example's image slots as
+unpacked.
+
 config.model (`build`): `lm` (DecoderLM fields), `vision` and `high_res` (ViT fields),
 `adapter` (`mlp_dim`), `cross` (`width`, `heads` of the cross-attention), `visual_expert`,
 `cross_module` (False removes the high-res branch and the cross-attention: the low-res-only
@@ -46,7 +54,7 @@ import numpy as np
 
 from vlm_jax.models import registry
 from vlm_jax.nn import attention as attention_lib
-from vlm_jax.nn import decoder_lm, embeddings, mlp as mlp_lib, norms, transformer
+from vlm_jax.nn import decoder_lm, embeddings, mlp as mlp_lib, norms, segment_mask, transformer
 from vlm_jax.nn import flops as F
 from vlm_jax.nn import visual_expert, vit
 
@@ -85,7 +93,8 @@ class CogAgentLayer(transformer.Layer):
         use_bias=False, attention_impl=self.attention_impl, dtype=self.dtype,
         param_dtype=self.param_dtype, name="cross_attention")
     high_res = context.extra["high_res"]  # None while decoding: the cached keys/values
-    h = attention(self.norm("pre_cross_attention_norm")(x), high_res, decode=decode,
+    h = attention(self.norm("pre_cross_attention_norm")(x), high_res,
+                  mask=context.extra.get("high_res_mask"), decode=decode,
                   kv_from_cache=decode and high_res is None)
     return self.residual(x, h, deterministic)
 
@@ -158,6 +167,11 @@ class CogAgent(nn.Module):
     extra = {"is_vision": jnp.any(in_image, axis=1)}
     if self.high_res is not None:
       extra["high_res"] = self.encode_high_res(batch["high_res_images"])
+      if "segment_ids" in batch:  # packed rows: each token sees its own example's image
+        slots = segment_mask.slot_segment_ids(batch["segment_ids"], batch["image_positions"],
+                                              batch["image_mask"])
+        extra["high_res_mask"] = segment_mask.packed_cross(
+            batch["segment_ids"], slots, extra["high_res"].shape[1] // slots.shape[1])
     return x, batch["token_mask"], extra
 
   def embed_generated(self, tokens: jax.Array) -> jax.Array:
@@ -174,7 +188,8 @@ class CogAgent(nn.Module):
 
   def __call__(self, batch, deterministic: bool = True):
     x, token_mask, extra = self.embed_inputs(batch)
-    hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic)
+    hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic,
+                           **segment_mask.packed_context(batch))
     return self.lm.logits(hidden)
 
 
@@ -219,35 +234,46 @@ def image_tokens(image_size: int, patch_size: int) -> int:
 def batch_spec(data_config, batch_size: int) -> dict:
   """ShapeDtypeStructs of a batch (eval_shape, ahead-of-time compilation, dummy data).
 
-  `data_config.sequence_length` is T (image slots included); one image per example.
+  `data_config.sequence_length` is T (image slots included); one image per example, or
+  with `data_config.packing` `packed_images` per row, per-token weights, segment ids and
+  positions (data/packing.py).
   """
   f32, i32 = jnp.float32, jnp.int32
   low, high, length = data_config.image_size, data_config.high_res_image_size, \
       data_config.sequence_length
+  packed = data_config.get("packing", False)
+  images = data_config.packed_images if packed else 1
   shapes = {
-      "images": ((batch_size, 1, low, low, 3), f32),
-      "high_res_images": ((batch_size, 1, high, high, 3), f32),
-      "image_mask": ((batch_size, 1), f32),
+      "images": ((batch_size, images, low, low, 3), f32),
+      "high_res_images": ((batch_size, images, high, high, 3), f32),
+      "image_mask": ((batch_size, images), f32),
       "tokens": ((batch_size, length), i32), "targets": ((batch_size, length), i32),
       "loss_mask": ((batch_size, length), f32), "token_mask": ((batch_size, length), f32),
-      "image_positions": ((batch_size, 1), i32), "loss_weight": ((batch_size,), f32),
+      "image_positions": ((batch_size, images), i32),
+      "loss_weight": ((batch_size, length) if packed else (batch_size,), f32),
   }
+  if packed:
+    shapes.update(segment_ids=((batch_size, length), i32), positions=((batch_size, length), i32))
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def flops_parts(config, causal_half=True) -> dict:
   """'lm' counts each token through one weight set (the model FLOPs of a routed visual
-  expert); 'visual_expert' is the second set that fixed shapes also apply to every token."""
+  expert); 'visual_expert' is the second set that fixed shapes also apply to every token.
+  Per row: one example, or with data.packing several sharing its T tokens and its
+  `packed_images` slots, each of which both ViTs and the adapter process (empty or not) and
+  every token's cross-attention scores (masked to its own example's)."""
   m, data = config.model, config.data
   lm, vision = m.lm, m.vision
+  images = data.packed_images if data.get("packing", False) else 1
   patches = (data.image_size // vision.patch_size) ** 2
   t, width, heads = data.sequence_length, lm.width, lm.num_heads
   head_dim, kv_heads = width // heads, lm.get("num_kv_heads") or heads
   parts = {
-      "vision": F.vit(data.image_size, vision.patch_size, vision.width, vision.depth,
-                      vision.num_heads, vision.mlp_dim),
-      "adapter": F.dense(patches, vision.width, width)
-                 + F.mlp(patches, width, m.adapter.mlp_dim, "swiglu"),
+      "vision": images * F.vit(data.image_size, vision.patch_size, vision.width, vision.depth,
+                               vision.num_heads, vision.mlp_dim),
+      "adapter": images * (F.dense(patches, vision.width, width)
+                           + F.mlp(patches, width, m.adapter.mlp_dim, "swiglu")),
       "lm": lm.num_layers * F.decoder_lm_layer(t, lm, causal_half),
       "logits": F.dense(t, width, lm.vocab_size),
   }
@@ -259,10 +285,10 @@ def flops_parts(config, causal_half=True) -> dict:
                                               + F.mlp(t, width, lm.mlp_dim, "swiglu"))
   if m.cross_module:
     high = m.high_res
-    keys = (data.high_res_image_size // high.patch_size) ** 2
+    keys = images * (data.high_res_image_size // high.patch_size) ** 2
     cw = m.cross.width
-    parts["high_res"] = F.vit(data.high_res_image_size, high.patch_size, high.width,
-                              high.depth, high.num_heads, high.mlp_dim)
+    parts["high_res"] = images * F.vit(data.high_res_image_size, high.patch_size, high.width,
+                                       high.depth, high.num_heads, high.mlp_dim)
     parts["cross_attention"] = lm.num_layers * (
         F.dense(t, width, cw) + F.dense(keys, high.width, 2 * cw) + F.dense(t, cw, width)
         + 2 * 2.0 * t * keys * cw)

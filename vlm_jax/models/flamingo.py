@@ -22,6 +22,12 @@ Masking: token t cross-attends to the visual tokens of the most recent present m
 whose `<image>` token is at or before t (`only_attend_immediate=False`: all of them); tokens
 before any item get zero cross-attention output; absent items are never attended.
 
+Packed rows (config.data.packing, data/packing.py): several documents share a row and its
+`packed_images` media slots, with `segment_ids` and per-document `positions` [B, T]; the
+LM's self-attention is causal inside each document, and an item is visible only to the
+tokens of the document its `<image>` token belongs to (the rule above applied within the
+document); the resampler works on each item alone.
+
 Batch (fixed shapes; written by `vlm_jax.data.families.flamingo`):
 
     images          [B, N, H, W, 3] f32   pixels in [-1, 1]; video: [B, N, F, H, W, 3]
@@ -116,15 +122,16 @@ class Flamingo(nn.Module):
     """(token embeddings [B, T, D], token_mask [B, T], the layers' `extra`: flattened visual
     tokens [B, N*L, Dv] and their mask: a SegmentMask, or [B, 1, T, N*L] when every previous
     image is visible)."""
-    tokens = batch["tokens"]
+    tokens, segment_ids = batch["tokens"], batch.get("segment_ids")  # packed rows: ids
     media = self.encode_media(batch["images"])
     num_media, tokens_per_media = media.shape[1:3]
     if self.only_attend_immediate:
       mask = gated_xattn.media_segment_mask(batch["image_positions"], batch["image_mask"],
-                                            tokens.shape[1], tokens_per_media)
+                                            tokens.shape[1], tokens_per_media, segment_ids)
     else:
       mask = gated_xattn.media_attention_mask(batch["image_positions"], batch["image_mask"],
-                                              tokens.shape[1], tokens_per_media, False)
+                                              tokens.shape[1], tokens_per_media, False,
+                                              segment_ids)
     extra = {"media": media.reshape(media.shape[0], num_media * tokens_per_media, -1),
              "media_mask": mask}
     return self.embed_tokens(tokens), batch["token_mask"], extra
@@ -142,7 +149,8 @@ class Flamingo(nn.Module):
 
   def __call__(self, batch, deterministic: bool = True):
     x, token_mask, extra = self.embed_inputs(batch)
-    hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic)
+    hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic,
+                           **segment_mask.packed_context(batch))
     return self.lm.logits(hidden)
 
 
@@ -173,11 +181,19 @@ def frozen_patterns() -> tuple[str, ...]:
   return (r"vision/.*", r"lm/(?!layers/layers(_\d+)?/xattn_).*")
 
 
+def media_slots(data_config) -> int:
+  """N: media items per row (an example's max_images; packed rows' packed_images)."""
+  return data_config.packed_images if data_config.get("packing", False) else data_config.max_images
+
+
 def batch_spec(data_config, batch_size: int) -> dict:
-  """ShapeDtypeStructs of a batch: N = data.max_images media items of data.frames_per_media
-  frames (0: still images), T = data.sequence_length."""
+  """ShapeDtypeStructs of a batch: N = `media_slots` media items of data.frames_per_media
+  frames (0: still images), T = data.sequence_length; packed rows add per-token weights,
+  segment ids and positions (data/packing.py)."""
   f32, i32 = jnp.float32, jnp.int32
-  size, length, media = data_config.image_size, data_config.sequence_length, data_config.max_images
+  size, length = data_config.image_size, data_config.sequence_length
+  media = media_slots(data_config)
+  packed = data_config.get("packing", False)
   frames = data_config.get("frames_per_media", 0)
   image_shape = (batch_size, media) + ((frames,) if frames else ()) + (size, size, 3)
   shapes = {
@@ -185,17 +201,20 @@ def batch_spec(data_config, batch_size: int) -> dict:
       "image_positions": ((batch_size, media), i32),
       "tokens": ((batch_size, length), i32), "targets": ((batch_size, length), i32),
       "loss_mask": ((batch_size, length), f32), "token_mask": ((batch_size, length), f32),
-      "loss_weight": ((batch_size,), f32),
+      "loss_weight": ((batch_size, length) if packed else (batch_size,), f32),
   }
+  if packed:
+    shapes.update(segment_ids=((batch_size, length), i32), positions=((batch_size, length), i32))
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def flops_parts(config, causal_half=True) -> dict:
-  """Per example: N media items of F frames (F = 1 for images), T text tokens."""
+  """Per row: N = `media_slots` media items of F frames (F = 1 for images; every slot is
+  encoded and cross-attended, empty or not), T text tokens."""
   lm, vision, res, xattn, data = (config.model.lm, config.model.vision, config.model.resampler,
                                   config.model.xattn, config.data)
   frames = max(data.get("frames_per_media", 0), 1)
-  media, t = data.max_images, data.sequence_length
+  media, t = media_slots(data), data.sequence_length
   patches = (data.image_size // vision.patch_size) ** 2
   vw = vision.width
   encoder = F.vit(data.image_size, vision.patch_size, vw, vision.depth, vision.num_heads,
@@ -231,8 +250,10 @@ def flops_treatment(config) -> dict:
 def attention_masks(config, batch, example: int = 0) -> dict:
   """{title: [T, N] bool}: token t cross-attends to media item n
   (`gated_xattn.media_visibility`), for the model notebook."""
+  segment_ids = batch.get("segment_ids")
   visible = gated_xattn.media_visibility(
       jnp.asarray(batch["image_positions"][example:example + 1]),
       jnp.asarray(batch["image_mask"][example:example + 1]), batch["tokens"].shape[1],
-      config.model.only_attend_immediate)
+      config.model.only_attend_immediate,
+      None if segment_ids is None else jnp.asarray(segment_ids[example:example + 1]))
   return {"media visible to each token": np.asarray(visible[0])}

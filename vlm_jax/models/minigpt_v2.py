@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models import registry
-from vlm_jax.nn import decoder_lm, embeddings, segment_mask, vit
+from vlm_jax.nn import decoder_lm, embeddings, vit
 from vlm_jax.nn import flops as F
+from vlm_jax.nn.segment_mask import packed_context
 
 
 def group_consecutive_tokens(x: jax.Array, group_size: int) -> jax.Array:
@@ -104,16 +105,6 @@ class MiniGPTv2(nn.Module):
     hidden = self.lm.trunk(x, token_mask=token_mask, deterministic=deterministic,
                            **packed_context(batch))
     return self.lm.logits(hidden)
-
-
-def packed_context(batch) -> dict:
-  """trunk's mask and positions for packed rows (`segment_ids`, `positions`: data/packing.py):
-  causal attention inside each example, rotary positions restarting per example; {} when the
-  batch is not packed."""
-  if "segment_ids" not in batch:
-    return {}
-  return {"attention_mask": segment_mask.packed(batch["segment_ids"]),
-          "positions": batch["positions"]}
 
 
 def build(model_config) -> MiniGPTv2:

@@ -15,6 +15,14 @@
 
 PrismerZ = `experts=()`: RGB only, no stems and no resampler.
 
+Packed rows (config.data.packing, data/families/prismer.py): T = `sequence_length`, each
+image key gets a slot axis of `packed_images` ([B, K, ...]; image_mask [B, K] marks the used
+slots, image_positions [B, K] the row index where each slot's example starts), loss_weight
+[B, T], segment_ids and positions [B, T]. Each slot is encoded on its own (encoded: the
+slots' S tokens one after another); the decoder's self-attention is causal inside each
+example (`segment_mask.packed`), its learned positions restart per example, and a token
+cross-attends only its own example's slot (`segment_mask.packed_cross`).
+
 Batch (fixed shapes; written by `vlm_jax.data.families.prismer`):
 
     images                          [B, 1, H, W, 3] f32  pixels in [-1, 1]
@@ -188,9 +196,16 @@ class Prismer(nn.Module):
     return maps, instances
 
   def encode_images(self, batch, deterministic: bool = True) -> jax.Array:
-    """The adapted ViT's output [B, S, Dv] (S = h*w, + num_latents with experts)."""
+    """The adapted ViT's output [B, S, Dv] (S = h*w, + num_latents with experts); packed
+    rows: [B, K * S, Dv], slot after slot."""
     maps, instances = self.expert_inputs(batch)
-    return self.vision(batch["images"][:, 0], maps, instances, deterministic)
+    images = batch["images"]
+    if "segment_ids" not in batch:
+      return self.vision(images[:, 0], maps, instances, deterministic)
+    slots = lambda a: None if a is None else a.reshape((-1,) + a.shape[2:])
+    encoded = self.vision(slots(images), {k: slots(v) for k, v in maps.items()},
+                          slots(instances), deterministic)
+    return encoded.reshape((images.shape[0], -1) + encoded.shape[2:])
 
   def vision_inputs(self, batch, deterministic: bool = True) -> jax.Array:
     """Tokens entering the ViT layers (RGB tokens, then the resampled expert tokens)."""
@@ -215,6 +230,15 @@ class Prismer(nn.Module):
     (learned absolute positions), accepted for the decoding interface (vlm_jax/decode.py).
     """
     del key_positions
+    x = self.embed_text(tokens, positions, deterministic)
+    self_mask = attention_lib.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
+    cross_mask = (None if encoder_mask is None
+                  else segment_mask.key_padding(encoder_mask, tokens.shape[1]))
+    context = transformer.LayerContext(mask=self_mask, encoded=encoded, cross_mask=cross_mask)
+    return self.decoder_logits(x, context, deterministic, decode)
+
+  def embed_text(self, tokens, positions=None, deterministic: bool = True) -> jax.Array:
+    """Decoder input embeddings [B, T, D]: words + learned positions + token type, normed."""
     lm = self.lm
     if positions is None:
       length = tokens.shape[1]
@@ -225,11 +249,20 @@ class Prismer(nn.Module):
     pos = jnp.take(self.pos_embedding(), positions + lm.position_offset, axis=0)
     words = jnp.take(self.word_embedding, tokens, axis=0).astype(self.dtype)
     x = words + pos.astype(self.dtype) + self.token_type_embedding.astype(self.dtype)
-    x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
-    self_mask = attention_lib.decoder_self_mask(tokens.shape[1], token_mask, key_mask, decode)
-    cross_mask = (None if encoder_mask is None
-                  else segment_mask.key_padding(encoder_mask, tokens.shape[1]))
-    context = transformer.LayerContext(mask=self_mask, encoded=encoded, cross_mask=cross_mask)
+    return self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
+
+  def packed_context(self, batch, encoded) -> transformer.LayerContext:
+    """The decoder's masks for packed rows (module docstring) attending to `encoded`."""
+    segments = batch["segment_ids"]
+    slots = segment_mask.slot_segment_ids(segments, batch["image_positions"],
+                                          batch["image_mask"])
+    return transformer.LayerContext(
+        mask=segment_mask.packed(segments), encoded=encoded,
+        cross_mask=segment_mask.packed_cross(segments, slots,
+                                             encoded.shape[1] // slots.shape[1]))
+
+  def decoder_logits(self, x, context, deterministic: bool = True, decode: bool = False):
+    """Decoder input embeddings [B, T, D] -> logits [B, T, V] (the layers, the LM head)."""
     x = self.decoder(x, context, deterministic, decode)
     x = self.output_layer(x, context, deterministic, decode)
     x = self.lm_head_norm(nn.gelu(self.lm_head_dense(x), approximate=False))
@@ -239,8 +272,11 @@ class Prismer(nn.Module):
 
   def __call__(self, batch, deterministic: bool = True):
     encoded = self.encode_images(batch, deterministic)
-    return self.decode(encoded, None, batch["tokens"], batch["loss_mask"],
-                       deterministic=deterministic)
+    if "segment_ids" not in batch:
+      return self.decode(encoded, None, batch["tokens"], batch["loss_mask"],
+                         deterministic=deterministic)
+    x = self.embed_text(batch["tokens"], batch["positions"], deterministic)
+    return self.decoder_logits(x, self.packed_context(batch, encoded), deterministic)
 
 
 def build(model_config) -> Prismer:
@@ -257,26 +293,39 @@ def build(model_config) -> Prismer:
 
 
 def batch_spec(data_config, batch_size: int) -> dict:
-  """ShapeDtypeStructs of a batch (eval_shape, ahead-of-time compilation, dummy data)."""
+  """ShapeDtypeStructs of a batch (eval_shape, ahead-of-time compilation, dummy data); with
+  `data_config.packing` rows of `sequence_length` tokens and `packed_images` slots."""
   f32, i32 = jnp.float32, jnp.int32
-  size, length, label = data_config.image_size, data_config.text_length, data_config.expert_size
+  size, label = data_config.image_size, data_config.expert_size
+  packed = data_config.get("packing", False)
+  length = data_config.sequence_length if packed else data_config.text_length
+  image_slots = data_config.packed_images if packed else 1
+  maps = (batch_size, image_slots) if packed else (batch_size,)  # expert maps' leading axes
   shapes = {
-      "images": ((batch_size, 1, size, size, 3), f32),
+      "images": ((batch_size, image_slots, size, size, 3), f32),
       "tokens": ((batch_size, length), i32), "targets": ((batch_size, length), i32),
-      "loss_mask": ((batch_size, length), f32), "loss_weight": ((batch_size,), f32),
+      "loss_mask": ((batch_size, length), f32),
+      "loss_weight": ((batch_size, length) if packed else (batch_size,), f32),
   }
+  if packed:
+    shapes.update(image_mask=(maps, f32), image_positions=(maps, i32),
+                  segment_ids=((batch_size, length), i32), positions=((batch_size, length), i32))
   for name in check_experts(data_config.experts):
     channels = DENSE_EXPERTS.get(name, data_config.label_dim)
-    shapes[expert_key(name)] = ((batch_size, label, label, channels), f32)
+    shapes[expert_key(name)] = (maps + (label, label, channels), f32)
     if name == "obj_detection":
-      shapes[INSTANCES_KEY] = ((batch_size, label, label), i32)
+      shapes[INSTANCES_KEY] = (maps + (label, label), i32)
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def flops_parts(config, causal_half=True) -> dict:
   """Parts by how training treats them (`flops_treatment`): the frozen ViT and RoBERTa
-  layers are separate from the adaptors, cross-attention and everything else trainable."""
+  layers are separate from the adaptors, cross-attention and everything else trainable.
+  Packed rows: T = sequence_length, and the vision parts and the cross-attention keys count
+  every one of the `packed_images` slots (used or not)."""
   lm, vision, data = config.model.lm, config.model.vision, config.data
+  packed = data.get("packing", False)
+  images = data.packed_images if packed else 1
   vw, p, experts = vision.width, vision.patch_size, tuple(vision.experts)
   grid, expert_grid = data.image_size // p, data.expert_size // p
   vheads = vision.num_heads
@@ -296,15 +345,17 @@ def flops_parts(config, causal_half=True) -> dict:
   n = grid * grid + latents
   vit_layer = F.attention(n, n, vw, vheads, vw // vheads) + F.mlp(n, vw, vision.mlp_dim)
   ratio = config.model.adaptor_ratio
-  t, width, heads = data.text_length, lm.width, lm.num_heads
+  t = data.sequence_length if packed else data.text_length
+  width, heads = lm.width, lm.num_heads
   self_layer = (F.attention(t, t, width, heads, width // heads, causal_half=causal_half)
                 + F.mlp(t, width, lm.mlp_dim))
-  cross = (F.dense(t, width, width) + F.dense(n, vw, 2 * width) + F.dense(t, width, width)
-           + 2 * 2.0 * t * n * width)
+  keys = images * n
+  cross = (F.dense(t, width, width) + F.dense(keys, vw, 2 * width) + F.dense(t, width, width)
+           + 2 * 2.0 * t * keys * width)
   return {
-      "vision_stems": stems,
-      "vision_layers": vision.depth * vit_layer,
-      "vision_adaptors": vision.depth * 2 * F.dense(n, vw, vw // ratio),
+      "vision_stems": images * stems,
+      "vision_layers": images * vision.depth * vit_layer,
+      "vision_adaptors": images * vision.depth * 2 * F.dense(n, vw, vw // ratio),
       "decoder_layers": lm.num_layers * self_layer,
       "decoder_cross": lm.num_layers * (cross + 2 * F.dense(t, width, width // ratio)),
       "output_layer": self_layer,

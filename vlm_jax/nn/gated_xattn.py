@@ -12,7 +12,8 @@ position is <= t (so the `<image>` token sees its own image), or, with
 nothing and get exactly zero attention output (attention.py zeroes fully masked rows), and
 absent items (`media_present` 0, padded slots) are never attended. `media_segment_mask`
 gives the only_immediate mask as segment ids (the form fused kernels take; present items
-have distinct positions, each its own `<image>` token).
+have distinct positions, each its own `<image>` token). Packed rows (several documents per
+row) pass `segment_ids`: an item is then visible only inside its own document.
 
 Parameters (OpenFlamingo `GatedCrossAttentionBlock` names in brackets):
     attn_gate [], ff_gate []                                    [attn_gate, ff_gate]
@@ -35,27 +36,35 @@ Dtype = Any
 
 
 def media_visibility(media_positions: jax.Array, media_present: jax.Array, length: int,
-                     only_immediate: bool = True) -> jax.Array:
+                     only_immediate: bool = True,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
   """[B, T, N] bool: token t may attend to media item n.
 
   media_positions [B, N] int: index of item n's `<image>` token; media_present [B, N]: 1 for
-  real items (absent items' positions are ignored).
+  real items (absent items' positions are ignored). segment_ids [B, T] (packed rows, several
+  documents per row: data/packing.py): an item belongs to the document of its `<image>`
+  token and is visible only to that document's tokens, so "most recent" is within the
+  document and a document's tokens before its own first image see nothing.
   """
   present = media_present > 0
   positions = media_positions.astype(jnp.int32)
   before = present[:, None, :] & (positions[:, None, :] <= jnp.arange(length)[None, :, None])
+  if segment_ids is not None:
+    media_segments = jnp.take_along_axis(segment_ids, jnp.clip(positions, 0, length - 1), axis=1)
+    before &= media_segments[:, None, :] == segment_ids[:, :, None]
   if not only_immediate:
     return before
   latest = jnp.max(jnp.where(before, positions[:, None, :], -1), axis=-1, keepdims=True)
   return before & (positions[:, None, :] == latest)
 
 
-def media_segment_mask(media_positions, media_present, length: int,
-                       tokens_per_media: int) -> segment_mask.SegmentMask:
+def media_segment_mask(media_positions, media_present, length: int, tokens_per_media: int,
+                       segment_ids=None) -> segment_mask.SegmentMask:
   """The only_immediate mask in factored form (what the fused kernels take): a token's id is
   the index of the latest present item at or before it (-1: none, so it sees nothing), a
   visual token's id the index of its item (-2 for absent items: never seen)."""
-  visible = media_visibility(media_positions, media_present, length, only_immediate=True)
+  visible = media_visibility(media_positions, media_present, length, only_immediate=True,
+                             segment_ids=segment_ids)
   items = jnp.arange(visible.shape[-1], dtype=jnp.int32)
   q_ids = jnp.max(jnp.where(visible, items, -1), axis=-1)
   kv_ids = jnp.where(media_present > 0, items, -2)
@@ -63,9 +72,10 @@ def media_segment_mask(media_positions, media_present, length: int,
 
 
 def media_attention_mask(media_positions, media_present, length: int, tokens_per_media: int,
-                         only_immediate: bool = True) -> jax.Array:
+                         only_immediate: bool = True, segment_ids=None) -> jax.Array:
   """[B, 1, T, N * L] bool mask over the flattened visual tokens [B, N * L, D]."""
-  visible = media_visibility(media_positions, media_present, length, only_immediate)
+  visible = media_visibility(media_positions, media_present, length, only_immediate,
+                             segment_ids)
   return jnp.repeat(visible, tokens_per_media, axis=-1)[:, None]
 
 

@@ -13,6 +13,10 @@ Every mask the families build for a training forward has this form:
                                    causal for decoders; build `SegmentMask` directly
     Flamingo media visibility      q id = the latest preceding media item, kv id = the item
                                    a visual token belongs to (gated_xattn.media_segment_mask)
+    packed rows' cross-attention   q ids = the row's segment ids, kv id = the example a key's
+      to per-example items         item (image slot) belongs to: `packed_cross`, ids of the
+                                   slots from `slot_segment_ids` (CogAgent's high-res keys,
+                                   Prismer's encoded images)
 
 What is not of this form stays a dense boolean [B, 1|N, T, S] array, which MultiHeadAttention
 always computes with XLA: PrefixLM visibility inside one decoder stack (causal OR both in
@@ -82,6 +86,32 @@ def packed(segment_ids: jax.Array) -> SegmentMask:
   """Causal self-attention inside each example of packed rows (segment_ids [B, T], 0 for
   padding: padding attends only padding, and no example sees another; data/packing.py)."""
   return SegmentMask(segment_ids, segment_ids, causal=True)
+
+
+def packed_context(batch) -> dict:
+  """A decoder trunk's `attention_mask` and `positions` for packed rows (the batch's
+  `segment_ids` and `positions`, data/packing.py): causal attention inside each example,
+  positions restarting per example; {} when the batch is not packed."""
+  if "segment_ids" not in batch:
+    return {}
+  return {"attention_mask": packed(batch["segment_ids"]), "positions": batch["positions"]}
+
+
+def slot_segment_ids(segment_ids: jax.Array, slot_positions: jax.Array,
+                     slot_used: jax.Array) -> jax.Array:
+  """[B, K] int32: the segment of each item slot of packed rows (data/packing.py), read at
+  the slot's first placeholder (slot_positions [B, K]); 0 (padding's) for unused slots
+  (slot_used [B, K] > 0 marks the used ones)."""
+  at_slot = jnp.take_along_axis(segment_ids, slot_positions, axis=1)
+  return jnp.where(slot_used > 0, at_slot, 0).astype(jnp.int32)
+
+
+def packed_cross(segment_ids: jax.Array, slot_segments: jax.Array,
+                 keys_per_slot: int) -> SegmentMask:
+  """Cross-attention of packed rows (segment_ids [B, T]) to keys laid out slot after slot,
+  keys_per_slot each (slot_segments [B, K]: `slot_segment_ids`): a token attends only the
+  keys of its own example's slots. Padding queries see only unused slots (none: output 0)."""
+  return SegmentMask(segment_ids, jnp.repeat(slot_segments, keys_per_slot, axis=1))
 
 
 def take_query_rows(mask, index: jax.Array):

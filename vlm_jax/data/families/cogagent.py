@@ -43,7 +43,7 @@ Batch (one example; the pipeline stacks B of them), `sequence_length` T, `image_
 import numpy as np
 from PIL import Image
 
-from vlm_jax.data import catalog, preprocessors
+from vlm_jax.data import catalog, packing, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.boxes import permille
 from vlm_jax.data.synthetic import screens
@@ -115,6 +115,9 @@ EVAL_TASKS = (
     catalog.EvalTask("cogagent_ocr", "cogagent_ocr"),
 )
 BOX_FORMAT = permille
+# One image (low- and high-res views) per example in a causal LM: rows pack several
+# (config.data.packing); both views travel with their example into the row's image slots.
+PACKING = packing.Layout(image_keys=("images", "high_res_images", "image_mask"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ Example (the pipeline stacks B of them; see `vlm_jax.models.flamingo` for the ba
     tokens, targets, loss_mask, token_mask   [T]
     loss_weight     [] f32           the task's loss weight
 
+Packing (config.data.packing, `PACKING`: data/packing.py): several documents and pairs
+share a row of T tokens and its `packed_images` media slots, each bringing only its present
+images; a document's images are visible only to its own tokens (models/flamingo.py).
+
 Templates: `document` (interleaved documents and pairs) and `text` (a text-only document,
 e.g. C4: BOS text EOS with the loss on every token and no media, so the gated
 cross-attention passes the frozen LM's language modelling through).
@@ -48,7 +52,7 @@ import re
 
 import numpy as np
 
-from vlm_jax.data import catalog, preprocessors
+from vlm_jax.data import catalog, packing, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.synthetic import scenes
 from vlm_jax.data.vocab import Vocab
@@ -68,6 +72,9 @@ TASKS = (
 )
 MIXTURES = {"pretrain_flamingo": (("flamingo_mmc4", 0.35), ("flamingo_obelics", 0.35),
                                   ("flamingo_pairs", 0.3))}
+# Documents and pairs pack several to a row (config.data.packing), each bringing only its
+# present images into the row's packed_images slots.
+PACKING = packing.Layout(image_valid_key="image_mask")
 _CAPTION = ("exact_match", "cider", "bleu4")
 EVAL_TASKS = (
     catalog.EvalTask("flamingo_captions", "flamingo_pairs", metrics=_CAPTION, captions=True),

@@ -24,11 +24,17 @@ One example (the pipeline stacks B):
     loss_weight                     [] f32
 
 Maps are resized with nearest neighbours (ids must stay ids), as the reference does.
+
+Packing (config.data.packing, data/packing.py): the decoder text of several examples shares
+a row of `sequence_length` tokens; each example's image and expert maps go to one of the
+row's `packed_images` slots. For that the processor gives every image key a leading slot
+axis ([1, ...]) and adds `image_mask` [1] = 1 and `image_positions` [1] = 0 (the image
+belongs to the example whose text starts there; the packer makes it a row index).
 """
 import numpy as np
 from PIL import Image
 
-from vlm_jax.data import catalog, preprocessors
+from vlm_jax.data import catalog, packing, preprocessors
 from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.ingest import experts
 from vlm_jax.data.synthetic import labelled_scenes, scenes
@@ -46,6 +52,33 @@ EVAL_TASKS = (
     catalog.EvalTask("prismer_zero_shot_shapes", "prismer_scenes", kind="zero_shot",
                      **scenes.ZERO_SHOT_SHAPES, num_examples=16),
 )
+
+
+TEXT_KEYS = ("tokens", "targets", "loss_mask")
+
+
+def image_keys(expert_names) -> tuple[str, ...]:
+  """The keys the processor writes per image: RGB, the experts' maps (and instance ids)."""
+  keys = ["images"] + [f"expert_{name}" for name in expert_names]
+  if "obj_detection" in expert_names:
+    keys.append("expert_obj_detection_instances")
+  return tuple(keys)
+
+
+def PACKING(data_config) -> packing.Layout:  # pylint: disable=invalid-name
+  """Packed rows' layout (the module docstring); its image keys depend on the experts."""
+  return packing.Layout(text_keys=TEXT_KEYS, valid_key="loss_mask",
+                        image_keys=image_keys(data_config.experts) + ("image_mask",))
+
+
+def packable(example: dict, expert_names) -> dict:
+  """An unpacked example with the slot axis and anchors the packer needs (docstring)."""
+  out = dict(example)
+  for key in image_keys(expert_names)[1:]:
+    out[key] = example[key][None]
+  out["image_mask"] = np.ones((1,), np.float32)
+  out["image_positions"] = np.zeros((1,), np.int32)
+  return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -117,4 +150,5 @@ class Processor(processor_lib.RecordProcessor):
     example.update(caption_arrays(ids, d.text_length, self.vocab))
     example["images"] = image[None].astype(np.float32)
     example["loss_weight"] = np.float32(spec.loss_weight)
-    return example
+    # evaluation batches are never packed (evaluation/ runs the unpacked model)
+    return packable(example, self.experts) if d.packing and not self.evaluation else example
