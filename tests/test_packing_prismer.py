@@ -14,6 +14,7 @@ import pytest
 from vlm_jax import config as config_lib
 from vlm_jax.data import health, packing, pipeline
 from vlm_jax.data.families import prismer as data_lib
+from vlm_jax.data.vocab import Vocab
 from vlm_jax.models import prismer as model_lib
 from vlm_jax.models import registry
 from vlm_jax.train import step as step_lib
@@ -35,7 +36,8 @@ def _config():
 def _example(seed, caption_length, weight):
   """One processed example as the Prismer processor lays it out (unpacked)."""
   rng = np.random.default_rng(seed)
-  example = data_lib.caption_arrays(rng.integers(6, 64, caption_length).tolist(), TEXT)
+  example = data_lib.caption_arrays(rng.integers(6, 64, caption_length).tolist(), TEXT,
+                                    Vocab())
   example.update(images=rng.uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32),
                  expert_depth=rng.uniform(-1, 1, (SIZE, SIZE, 1)).astype(np.float32),
                  loss_weight=np.float32(weight))
