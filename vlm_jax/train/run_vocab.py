@@ -36,8 +36,8 @@ def check(config, vocab: vocab_lib.Vocab) -> None:
   the table would clamp silently), and Flamingo's trained rows are its `<image>` and
   `<|endofchunk|>` (config.model.new_token_ids)."""
   where = f"config.data.vocab_path {vocab.path!r}"
-  rows = config.model.lm.vocab_size
-  if vocab.vocab_size > rows:
+  rows = config.model.get("lm", {}).get("vocab_size")  # a plug-in family may have no lm
+  if rows is not None and vocab.vocab_size > rows:
     raise ValueError(f"{where} has {vocab.vocab_size} tokens, more than "
                      f"config.model.lm.vocab_size={rows}.")
   new_ids = config.model.get("new_token_ids")
@@ -45,7 +45,7 @@ def check(config, vocab: vocab_lib.Vocab) -> None:
     try:
       wanted = tuple(vocab.token_id(t) for t in ("<image>", "<|endofchunk|>"))
     except KeyError as e:
-      raise ValueError(f"Flamingo needs {e.args[0]}") from None
+      raise ValueError(f"Flamingo's <image> / <|endofchunk|>: {e.args[0]}") from None
     if tuple(new_ids) != wanted:
       raise ValueError(f"config.model.new_token_ids={tuple(new_ids)}, but <image> and "
                        f"<|endofchunk|> are {wanted} in {where}.")
