@@ -6,6 +6,7 @@ round trip through export; the new parts keep their initialisation.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -42,9 +43,8 @@ def saved(tmp_path_factory):
 
 
 def prismer_target(model):
-  batch = prismer.batch_spec(
-      type("D", (), {"image_size": 16, "text_length": 8, "expert_size": 16, "experts": (),
-                     "label_dim": 4})(), 1)
+  batch = prismer.batch_spec(ml_collections.ConfigDict(
+      {"image_size": 16, "text_length": 8, "expert_size": 16, "experts": (), "label_dim": 4}), 1)
   batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in batch.items()}
   shapes = jax.eval_shape(model.init, jax.random.key(0), batch)
   return batch, convert.flatten(nn.meta.unbox(shapes["params"]))
