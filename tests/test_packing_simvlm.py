@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import builders
+import packing_checks
 from vlm_jax import config as config_lib
-from vlm_jax.data import health, packing_encoder_decoder as packing_ed, pipeline
+from vlm_jax.data import health, packing_encoder_decoder as packing_ed
 from vlm_jax.data.families import simvlm as data_lib
 from vlm_jax.data.synthetic import sample_data
 from vlm_jax.train import step as step_lib
@@ -135,22 +136,11 @@ def test_packed_pipeline_resumes_exactly_and_fills_rows(tmp_path):
       train_interleaved=2, validation_interleaved=2, shard_size=100, image_size=32))
   data = config_lib.load_config_file("configs/simvlm.py:tiny,packed=True").data
   data.data_dir, data.image_size = root, 32
-  make = lambda: pipeline.make_train_iterator(data, "simvlm", global_batch_size=4, seed=0,
-                                              process_index=0, process_count=1)
-  it = make()
-  first = [next(it) for _ in range(2)]
-  state = it.get_state()
-  want = [next(it) for _ in range(3)]
-  resumed = make()
-  resumed.set_state(state)
-  got = [next(resumed) for _ in range(3)]
-  for a, b in zip(got, want):
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-  assert resumed.counters == it.counters
+  it, batches = packing_checks.resumed_packed_batches(data, "simvlm", 4)
   assert it.counters["examples"] == sum(int(b["segment_ids"].max(1).sum())
-                                        for b in first + want) > 5 * 4
+                                        for b in batches) > 5 * 4
   # the sample's captions are short: packed rows hold several examples in both streams
-  assert data_lib.PACKING.efficiency(first + want, data) > 0.8
-  assert set(first[0]) == {"images", "image_mask", "image_segment_ids", "prefix_tokens",
+  assert data_lib.PACKING.efficiency(batches, data) > 0.8
+  assert set(batches[0]) == {"images", "image_mask", "image_segment_ids", "prefix_tokens",
                            "prefix_mask", "prefix_segment_ids", "prefix_positions", "tokens",
                            "targets", "loss_mask", "loss_weight", "segment_ids", "positions"}
