@@ -27,11 +27,12 @@ def _valid(rows, length):
   return jnp.asarray([[int(start <= i < stop) for i in range(length)] for start, stop in rows])
 
 
-def _media_mask(length):
+def _media_mask(length, segment_ids=None):
   # row 0: images at tokens 10 and 70 (tokens 0-9 see nothing); row 1: one image at 0, the
   # second slot absent. 3 items x 16 visual tokens.
   return gated_xattn.media_segment_mask(jnp.array([[10, 70, 0], [0, 5, 0]]),
-                                        jnp.array([[1, 1, 0], [1, 0, 0]]), length, 16)
+                                        jnp.array([[1, 1, 0], [1, 0, 0]]), length, 16,
+                                        segment_ids)
 
 
 # name: (query length, key length, key/value heads, mask builder (None: no mask))
@@ -57,6 +58,15 @@ CASES = {
           for _ in range(2)), causal=True)),
     # Flamingo media visibility: tokens before the first image see nothing
     "flamingo_media": (136, 48, N, lambda: _media_mask(136)),
+    # packed Flamingo rows: documents 1 (tokens 0-59) and 2 (60-135); document 2's text
+    # before its own first image (token 70) sees nothing, not document 1's images
+    "flamingo_media_packed": (136, 48, N, lambda: _media_mask(
+        136, jnp.asarray([[1] * 60 + [2] * 76, [1] * 136]))),
+    # packed cross-attention (CogAgent high-res, Prismer decoder): a token sees only its own
+    # example's slot of 50 keys; padding tokens (0) see only the unused slot (0)
+    "packed_cross": (40, 150, N, lambda: segment_mask.packed_cross(
+        jnp.asarray([[1] * 15 + [2] * 20 + [0] * 5, [1] * 40]),
+        jnp.asarray([[1, 2, 0], [1, 0, 0]]), 50)),
 }
 
 
@@ -130,7 +140,8 @@ def test_splash_under_a_mesh_splits_batch_and_heads_and_matches_xla():
 
 
 def test_cases_cover_fully_masked_rows():
-  for name in ("causal_padding", "bidirectional_padding", "flamingo_media"):
+  for name in ("causal_padding", "bidirectional_padding", "flamingo_media",
+               "flamingo_media_packed"):
     assert not bool(CASES[name][3]().with_batch(B).row_valid().all()), name
 
 
