@@ -1,5 +1,7 @@
 """Transformer feed-forward block: GELU (exact), quick-GELU (CLIP), SwiGLU, GeGLU (T5 v1.1's
-gated-GELU, tanh approximation) or squared-ReLU. Gated ones: act(wi(x)) * wi_gate(x)."""
+gated-GELU, tanh approximation) or squared-ReLU. Gated ones: act(wi(x)) * wi_gate(x).
+`hidden_norm_epsilon` adds a LayerNorm on the hidden activations before `wo` (EVA-02's
+sub-LN, `ffn_ln`)."""
 import math
 from typing import Any
 
@@ -7,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.nn import linear
+from vlm_jax.nn import linear, norms
 
 Dtype = Any
 ACTIVATIONS = ("gelu", "quick_gelu", "swiglu", "geglu", "squared_relu")
@@ -46,6 +48,7 @@ class Mlp(nn.Module):
   activation: str = "gelu"
   use_bias: bool = True
   dropout_rate: float = 0.0
+  hidden_norm_epsilon: float | None = None  # None: no sub-LN before wo
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -71,6 +74,9 @@ class Mlp(nn.Module):
     else:
       h = nn.silu(h) if self.activation == "swiglu" else nn.gelu(h, approximate=True)
       h = h * self._dense(self.hidden_dim, ("embed", "mlp"), "wi_gate")(x)
+    if self.hidden_norm_epsilon is not None:
+      h = norms.LayerNorm(self.hidden_norm_epsilon, self.use_bias, self.dtype, self.param_dtype,
+                          name="hidden_norm")(h)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     return self._dense(features, ("mlp", "embed"), "wo")(h)
