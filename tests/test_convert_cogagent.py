@@ -1,8 +1,9 @@
 """CogAgent's HF release layout (THUDM/cogagent-chat-hf: config.json + safetensors of
 CogAgentForCausalLM, names from its modeling_cogagent.py / visual.py / cross_visual.py) at a
-tiny size: every LM / cross-attention / adapter key is consumed once, the vision towers
-(which our pre-LN ViTs cannot represent) are ignored and keep their initialisation, and the
-export reproduces the imported tensors exactly."""
+tiny size: every published key (the LM, cross-attention, adapter and both vision towers) is
+consumed once, except what the release stores but never uses (rotary buffers, the high-res
+tower's last block, final norm and head), and the export reproduces the imported tensors
+exactly. tests/test_cogagent_towers.py checks the towers' outputs against torch."""
 import json
 
 import numpy as np
@@ -12,15 +13,18 @@ from safetensors.numpy import load_file, save_file
 from vlm_jax.convert import cogagent, released
 
 D, HEADS, MLP, VOCAB, LAYERS = 32, 4, 48, 40, 2
-CROSS, CROSS_IN = 32, 24  # cross_compute_hidden_size, cross_hidden_size
+CROSS, CROSS_IN = 32, 128  # cross_compute_hidden_size, cross_hidden_size (2 EVA-02 heads)
 VISION = dict(hidden_size=16, num_hidden_layers=2, num_heads=2, intermediate_size=32,
               patch_size=4, image_size=8, in_channels=3, num_positions=5, hidden_act="gelu",
               layer_norm_eps=1e-6, dropout_prob=0.0)
-HIGH_RES = {"high_res.depth": 1, "high_res.num_heads": 2, "high_res.mlp_dim": 32}
+CROSS_IMAGE, CROSS_PATCH, CROSS_BLOCKS, CROSS_MLP = 28, 14, 2, 40  # blocks stored (1 used)
+LOW, HIGH = "model.vision.", "model.cross_vision.vit.model."
+UNUSED = (HIGH + f"blocks.{CROSS_BLOCKS - 1}.", HIGH + "norm.", HIGH + "head.")
 
 
 def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cross=CROSS,
-                     cross_in=CROSS_IN, vision=None) -> dict:
+                     cross_in=CROSS_IN, vision=None, towers=None) -> dict:
+  """Every published tensor, random; `towers` (name -> array) replaces the towers' ones."""
   vision = vision or VISION
   rng = np.random.default_rng(0)
   state = {}
@@ -47,31 +51,52 @@ def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cros
     add(b + "cross_attn.query.weight", cross, d)
     add(b + "cross_attn.key_value.weight", 2 * cross, cross_in)
     add(b + "cross_attn.dense.weight", d, cross)
-  v, width = "model.vision.", vision["hidden_size"]
-  add(v + "patch_embedding.proj.weight", width, 3, 4, 4)
-  add(v + "patch_embedding.proj.bias", width)
-  add(v + "patch_embedding.cls_embedding", 1, width)
-  add(v + "patch_embedding.position_embedding.weight", vision["num_positions"], width)
+  add(LOW + "linear_proj.linear_proj.weight", d, vision["hidden_size"])
+  add(LOW + "linear_proj.norm1.weight", d)
+  add(LOW + "linear_proj.norm1.bias", d)
+  add(LOW + "linear_proj.gate_proj.weight", mlp, d)
+  add(LOW + "linear_proj.dense_h_to_4h.weight", mlp, d)
+  add(LOW + "linear_proj.dense_4h_to_h.weight", d, mlp)
+  add(LOW + "boi", 1, 1, d)
+  add(LOW + "eoi", 1, 1, d)
+  if towers is not None:
+    return {**state, **towers}
+  width, hidden, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
+  add(LOW + "patch_embedding.proj.weight", width, 3, p, p)
+  add(LOW + "patch_embedding.proj.bias", width)
+  add(LOW + "patch_embedding.cls_embedding", 1, width)
+  add(LOW + "patch_embedding.position_embedding.weight", vision["num_positions"], width)
+  add(LOW + "pos_embed", vision["num_positions"] - 1, width)
   for i in range(vision["num_hidden_layers"]):
-    b = f"{v}transformer.layers.{i}."
+    b = f"{LOW}transformer.layers.{i}."
     for name, shape in (("input_layernorm", (width,)), ("post_attention_layernorm", (width,)),
                         ("attention.query_key_value", (3 * width, width)),
-                        ("attention.dense", (width, width)), ("mlp.fc1", (32, width)),
-                        ("mlp.fc2", (width, 32))):
+                        ("attention.dense", (width, width)), ("mlp.fc1", (hidden, width)),
+                        ("mlp.fc2", (width, hidden))):
       add(b + name + ".weight", *shape)
       add(b + name + ".bias", shape[0])
-  add(v + "linear_proj.linear_proj.weight", d, width)
-  add(v + "linear_proj.norm1.weight", d)
-  add(v + "linear_proj.norm1.bias", d)
-  add(v + "linear_proj.gate_proj.weight", mlp, d)
-  add(v + "linear_proj.dense_h_to_4h.weight", mlp, d)
-  add(v + "linear_proj.dense_4h_to_h.weight", d, mlp)
-  add(v + "boi", 1, 1, d)
-  add(v + "eoi", 1, 1, d)
-  c = "model.cross_vision."  # EVA-02-L (cross_visual.py): ignored whole
-  add(c + "vit.model.visual.patch_embed.proj.weight", cross_in, 3, 14, 14)
-  add(c + "vit.model.visual.blocks.0.attn.q_proj.weight", cross_in, cross_in)
-  add(c + "pos_embed", 4, cross_in)
+  c, patches = cross_in, (CROSS_IMAGE // CROSS_PATCH) ** 2
+  add(HIGH + "patch_embed.proj.weight", c, 3, CROSS_PATCH, CROSS_PATCH)
+  add(HIGH + "patch_embed.proj.bias", c)
+  add(HIGH + "cls_token", 1, 1, c)
+  add(HIGH + "pos_embed", 1, 1 + patches, c)
+  for i in range(CROSS_BLOCKS):
+    b = f"{HIGH}blocks.{i}."
+    for name, shape in (("norm1", (c,)), ("norm2", (c,)), ("attn.inner_attn_ln", (c,)),
+                        ("attn.proj", (c, c)), ("mlp.ffn_ln", (CROSS_MLP,)),
+                        ("mlp.w1", (CROSS_MLP, c)), ("mlp.w2", (CROSS_MLP, c)),
+                        ("mlp.w3", (c, CROSS_MLP))):
+      add(b + name + ".weight", *shape)
+      add(b + name + ".bias", shape[0])
+    for name in ("q_proj", "k_proj", "v_proj"):
+      add(f"{b}attn.{name}.weight", c, c)
+    add(b + "attn.q_bias", c)
+    add(b + "attn.v_bias", c)
+  add(HIGH + "norm.weight", c)
+  add(HIGH + "norm.bias", c)
+  add(HIGH + "head.weight", 12, c)
+  add(HIGH + "head.bias", 12)
+  add("model.cross_vision.pos_embed", patches, c)
   return state
 
 
@@ -86,7 +111,8 @@ def write_release(root, **sizes) -> dict:
             "num_hidden_layers": sizes.get("layers", LAYERS),
             "num_attention_heads": sizes.get("heads", HEADS), "rms_norm_eps": 1e-5,
             "hidden_act": "silu", "cross_compute_hidden_size": sizes.get("cross", CROSS),
-            "cross_hidden_size": sizes.get("cross_in", CROSS_IN), "cross_image_size": 28,
+            "cross_hidden_size": sizes.get("cross_in", CROSS_IN),
+            "cross_image_size": sizes.get("cross_image", CROSS_IMAGE),
             "vision_config": sizes.get("vision", VISION)}
   (root / "config.json").write_text(json.dumps(config))
   return state
@@ -99,34 +125,38 @@ def release(tmp_path_factory):
 
 
 def _import(path, log=lambda _: None):
-  return released.import_released(cogagent, {"checkpoint": path}, HIGH_RES, log=log)
+  return released.import_released(cogagent, {"checkpoint": path}, log=log)
 
 
-def test_every_lm_and_adapter_key_is_consumed_once_and_the_towers_are_named(release):
+def test_every_published_key_is_consumed_once_except_the_unused_ones(release):
   state, path = release
   checkpoint = released.open_sources(cogagent, {"checkpoint": path})
-  model, batch = released.build(cogagent, checkpoint, HIGH_RES)
+  model, batch = released.build(cogagent, checkpoint)
   layer = model.lm.layer_kwargs
   assert (layer["visual_expert"], model.high_res is not None, layer["cross_heads"]) == (
       True, True, HEADS)
+  assert (model.high_res.depth, model.high_res.num_heads, model.high_res.mlp_dim,
+          model.vision.branch_norm, model.high_res.rotary_2d) == (
+              CROSS_BLOCKS - 1, CROSS_IN // 64, CROSS_MLP, "post", True)
   used = released.consumers(cogagent, checkpoint, model, released.target_of(model, batch))
   assert all(len(targets) == 1 for targets in used.values())
-  towers = {k for k in state if k.startswith(("model.vision.patch_embedding.",
-                                              "model.vision.transformer.", "model.cross_vision."))}
-  buffers = {k for k in state if k.endswith("rotary_emb.inv_freq")}
-  assert {n.removeprefix("checkpoint:") for n in used} == set(state) - towers - buffers
+  unused = {k for k in state if k.startswith(UNUSED) or k.endswith("rotary_emb.inv_freq")}
+  assert {n.removeprefix("checkpoint:") for n in used} == set(state) - unused
+  assert len(unused) == LAYERS + 21 + 4  # inv_freq; an EVA-02 block; norm and head
   assert used["checkpoint:model.layers.1.cross_attn.key_value.weight"] == [
       ("lm/layers/layers/cross_attention/key/kernel",
        "lm/layers/layers/cross_attention/value/kernel")]
+  assert used[f"checkpoint:{HIGH}blocks.0.attn.q_bias"] == [
+      ("high_res/encoder/layers/self_attention/query/bias",)]
+  assert used[f"checkpoint:{LOW}transformer.layers.1.input_layernorm.weight"] == [
+      ("vision/encoder/layers/post_attention_norm/scale",)]
 
 
-def test_values_and_the_log_of_what_keeps_its_initialisation(release):
+def test_values_and_no_parameter_keeps_its_initialisation(release):
   state, path = release
   logged = []
   _, params = _import(path, logged.append)
-  assert [line.split(": ")[0] + ": " + line.split(": ")[1] for line in logged[1:]] == [
-      "WARNING: 22 parameter arrays vision/.* keep their initialisation",
-      "WARNING: 22 parameter arrays high_res/.* keep their initialisation"]
+  assert len(logged) == 1 and "WARNING" not in logged[0]
   layers = params["lm"]["layers"]["layers"]
   qkv = state["model.layers.1.self_attn.vision_expert_query_key_value.weight"]
   np.testing.assert_array_equal(np.asarray(layers["self_attention"]["vision_key"]["kernel"][1]),
@@ -136,7 +166,15 @@ def test_values_and_the_log_of_what_keeps_its_initialisation(release):
                                 kv[CROSS:].T.reshape(CROSS_IN, HEADS, CROSS // HEADS))
   np.testing.assert_array_equal(np.asarray(params["adapter"]["boi"]),
                                 state["model.vision.boi"].reshape(-1))
-  assert params["vision"]["encoder"]["layers"]["mlp"]["wi"]["kernel"].shape == (2, 16, 32)
+  low = params["vision"]["encoder"]["layers"]["self_attention"]
+  bias = state[f"{LOW}transformer.layers.1.attention.query_key_value.bias"]
+  np.testing.assert_array_equal(np.asarray(low["value"]["bias"][1]), bias[32:].reshape(2, 8))
+  high = params["high_res"]["encoder"]["layers"]
+  np.testing.assert_array_equal(np.asarray(high["mlp"]["hidden_norm"]["scale"][0]),
+                                state[f"{HIGH}blocks.0.mlp.ffn_ln.weight"])
+  assert "bias" not in high["self_attention"]["key"]
+  np.testing.assert_array_equal(np.asarray(params["high_res"]["pos_embedding"]["pos_embedding"]),
+                                state[f"{HIGH}pos_embed"][0])
 
 
 def test_export_reproduces_the_imported_tensors(release, tmp_path):
@@ -144,22 +182,23 @@ def test_export_reproduces_the_imported_tensors(release, tmp_path):
   model, params = _import(path)
   released.export_released(cogagent, params, model, str(tmp_path))
   exported = load_file(tmp_path / "checkpoint" / "model.safetensors")
-  towers = ("model.vision.patch_embedding.", "model.vision.transformer.", "model.cross_vision.")
-  assert sorted(exported) == sorted(k for k in state if not k.startswith(towers))
+  assert sorted(exported) == sorted(k for k in state if not k.startswith(UNUSED))
   for name, value in exported.items():
     np.testing.assert_array_equal(value, state[name], err_msg=name)
   config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
   assert (config["cross_compute_hidden_size"], config["num_hidden_layers"]) == (CROSS, LAYERS)
+  assert config["cross_image_size"] == CROSS_IMAGE
+  assert {k: config["vision_config"][k] for k in VISION} == VISION
 
 
 def test_command_line_import(release, tmp_path, capsys):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
   state, path = release
-  cli.main(["import", path, "--layout", "cogagent", "--set", "high_res.depth=1", "--set",
-            "high_res.num_heads=2", "--set", "high_res.mlp_dim=32", "--out", str(tmp_path / "p")])
-  assert "keep their initialisation" in capsys.readouterr().out
+  cli.main(["import", path, "--layout", "cogagent", "--out", str(tmp_path / "p")])
+  assert "keep their initialisation" not in capsys.readouterr().out
   with ocp.StandardCheckpointer() as reader:
     params = reader.restore(tmp_path / "p")
   np.testing.assert_array_equal(params["lm"]["embed"]["embedding"],
                                 state["model.embed_tokens.weight"])
+  np.testing.assert_array_equal(params["high_res"]["cls"], state[f"{HIGH}cls_token"].reshape(-1))

@@ -1,14 +1,14 @@
 """CogAgent (arXiv 2312.08914): low-res image tokens in the LM + a high-res cross-module.
 
     images [B, N, h, w, 3] (224 px) -> low-res ViT (EVA2-CLIP-E; frozen: stop-gradient;
-        class token dropped) -> [B*N, P, Dv]
+        class token dropped; the release's layout: EVA2_CLIP_LAYOUT) -> [B*N, P, Dv]
       -> GLU adapter: Linear(Dv -> D) -> LayerNorm -> GELU -> SwiGLU MLP (D -> F -> D)
       -> [boi ; P tokens ; eoi] (learned boi/eoi)                      [B, N, P + 2, D]
     tokens -> LM token embeddings; image n's P + 2 tokens overwrite the embeddings at
         tokens[b, image_positions[b, n] : + P + 2] where image_mask[b, n] > 0; those
         positions are the image tokens (`is_vision`) the visual expert routes
-    high_res_images [B, N, H, W, 3] (1120 px) -> high-res ViT (EVA2-CLIP-L-sized, class
-        token dropped, learned position embedding) -> [B, N * (H / 14)^2, Dc]
+    high_res_images [B, N, H, W, 3] (1120 px) -> high-res ViT (EVA-02-L: EVA02_LAYOUT in the
+        release; class token dropped) -> [B, N * (H / 14)^2, Dc]
     LM: `vlm_jax.nn.decoder_lm.DecoderLM` (Vicuna-7B = LLaMA) with `CogAgentLayer`:
         x = x + SelfAttn(RMSNorm(x))         visual expert: routed q/k/v/out (option)
         x = x + CrossAttn(RMSNorm(x), high)  q D -> Cw, k/v Dc -> Cw, out Cw -> D, no bias,
@@ -140,7 +140,7 @@ class CogAgent(nn.Module):
   lm: decoder_lm.DecoderLM  # Vicuna / LLaMA with CogAgentLayers
   vision: vit.ViT  # low-res encoder (EVA2-CLIP-E), frozen
   adapter: GluAdapter
-  high_res: vit.ViT | None = None  # EVA2-CLIP-L-sized; None: the low-res-only model
+  high_res: vit.ViT | None = None  # EVA-02-L; None: the low-res-only model
   dtype: str = "float32"
 
   def encode_images(self, images: jax.Array) -> jax.Array:
@@ -191,6 +191,18 @@ class CogAgent(nn.Module):
     hidden = self.lm.trunk(x, token_mask=token_mask, extra=extra, deterministic=deterministic,
                            **segment_mask.packed_context(batch))
     return self.lm.logits(hidden)
+
+
+# The released towers' ViT layouts (nn/eva.py; vlm_jax/convert/cogagent.py has the names):
+# low-res EVA2-CLIP-E as CogVLM's visual.py (each branch's output normalised, no final norm,
+# `pos_embed` added to the patch tokens before the adapter; CogVLM has no `pos_embed`);
+# high-res EVA-02-L as cross_visual.py (the output is the patch tokens of its last layer but
+# one, no final norm, plus `pos_embed`: the release has one more block, unused).
+EVA2_CLIP_LAYOUT = dict(mlp_activation="gelu", class_token=True, branch_norm="post",
+                        post_norm="none", output_pos_embedding=True)
+EVA02_LAYOUT = dict(mlp_activation="swiglu", class_token=True, rotary_2d=True,
+                    rotary_reference_grid=16, sub_norm=True, qkv_bias="qv", post_norm="none",
+                    output_pos_embedding=True)
 
 
 def build(model_config) -> CogAgent:
