@@ -23,7 +23,8 @@ UNUSED = (HIGH + f"blocks.{CROSS_BLOCKS - 1}.", HIGH + "norm.", HIGH + "head.")
 
 
 def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cross=CROSS,
-                     cross_in=CROSS_IN, vision=None, towers=None) -> dict:
+                     cross_in=CROSS_IN, vision=None, cross_image=CROSS_IMAGE,
+                     towers=None) -> dict:
   """Every published tensor, random; `towers` (name -> array) replaces the towers' ones."""
   vision = vision or VISION
   rng = np.random.default_rng(0)
@@ -75,7 +76,7 @@ def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cros
                         ("mlp.fc2", (width, hidden))):
       add(b + name + ".weight", *shape)
       add(b + name + ".bias", shape[0])
-  c, patches = cross_in, (CROSS_IMAGE // CROSS_PATCH) ** 2
+  c, patches = cross_in, (cross_image // CROSS_PATCH) ** 2
   add(HIGH + "patch_embed.proj.weight", c, 3, CROSS_PATCH, CROSS_PATCH)
   add(HIGH + "patch_embed.proj.bias", c)
   add(HIGH + "cls_token", 1, 1, c)
