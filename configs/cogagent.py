@@ -13,7 +13,12 @@ high-res cross-module (high-res ViT + cross-attention) trains; 2: + the visual e
 `image` / `high_res` (pixels of the low- / high-res input), `text` (text tokens after the
 image slots), `scan` (bool), `remat` (none|full|dots), `dtype` (float32|bfloat16),
 `packed` (bool: config.data.packing with rows of PACKED[size] unpacked lengths and as
-many image slots, data/packing.py).
+many image slots, data/packing.py), `towers` (release: the released towers' layouts, which
+`vlm-convert import --layout cogagent` fills: EVA2-CLIP-E normalising each branch's output,
+EVA-02 with 2-D rotary, SwiGLU + sub-LayerNorms and q/v-only biases, no final norms, output
+position embeddings (models/cogagent.py, nn/eva.py); vit: plain pre-LN ViTs with GELU).
+18b defaults to release; tiny and bench to vit, the layout their recorded figures
+(docs/performance.md) and fixtures were measured with; both layouts train from scratch.
 
 Sizes — LM width / layers / heads / MLP / vocab; low-res ViT width / layers / heads / MLP,
 adapter hidden, image px; high-res ViT width / layers / heads / MLP, image px; cross-attn
@@ -24,8 +29,9 @@ width / heads; text tokens after the (image/14)^2 + 2 image slots:
     bench 1024 /  4 / 16 /  2816 / data (1024);  768 /  4 / 12 /  3072,  2816, 224;
            384 /  4 /  6 / 1536, 336;  256 /  8;  T = 258 + 64
     18b   4096 / 32 / 32 / 11008 / 32000;       1792 / 63 / 16 / 15360, 11008, 224;
-          1024 / 24 / 16 / 4096, 1120; 1024 / 32;  T = 258 + 256
-          (Vicuna-7B; EVA2-CLIP-E; EVA2-CLIP-L-sized; visual expert on)
+          1024 / 23 / 16 / 2730, 1120; 1024 / 32;  T = 258 + 256
+          (Vicuna-7B; EVA2-CLIP-E less its last layer; EVA-02-L, whose 24th block the
+          release stores but never runs; visual expert on)
 
 Param counts (jax.eval_shape; docs/models.md has the table and the command): 18b =
 18.28B: visual 11.54B (low-res ViT 4.28B, adapter 0.14B, high-res ViT 0.31B,
@@ -44,7 +50,8 @@ from vlm_jax.nn import vit
 
 DATA_VOCAB_SIZE = 1024  # the shipped SentencePiece model (vlm_jax/data/tokenizer)
 PATCH_SIZE = 14
-VIT_LAYOUT = dict(mlp_activation="gelu", class_token=True)
+TOWERS = {"vit": (dict(mlp_activation="gelu", class_token=True),) * 2,
+          "release": (model_lib.EVA2_CLIP_LAYOUT, model_lib.EVA02_LAYOUT)}
 # name: sub-configs of the parts, low- and high-res image px, text tokens after the
 # (image/14)^2 + 2 image slots.
 SIZES = {
@@ -60,12 +67,13 @@ SIZES = {
         vision=vit.variant(f"B/{PATCH_SIZE}", depth=4), adapter=dict(mlp_dim=2816),
         high_res=dict(width=384, depth=4, num_heads=6, mlp_dim=1536, patch_size=PATCH_SIZE),
         cross=dict(width=256, heads=8), image=224, high_res_image=336, text=64),
-    # Vicuna-7B; EVA2-CLIP-E without its last layer; an EVA2-CLIP-L-sized high-res encoder.
+    # Vicuna-7B; EVA2-CLIP-E without its last layer; EVA-02-L as cross_visual.py runs it
+    # (23 of its 24 blocks; SwiGLU hidden int(1024 * 2.6667)).
     "18b": dict(
         lm=dict(width=4096, num_layers=32, num_heads=32, mlp_dim=11008, vocab_size=32000),
         vision=vit.variant(f"E/{PATCH_SIZE}", depth=63), adapter=dict(mlp_dim=11008),
-        high_res=vit.variant(f"L/{PATCH_SIZE}"), cross=dict(width=1024, heads=32),
-        image=224, high_res_image=1120, text=256),
+        high_res=vit.variant(f"L/{PATCH_SIZE}", depth=23, mlp_dim=2730),
+        cross=dict(width=1024, heads=32), image=224, high_res_image=1120, text=256),
 }
 # size: (batch_size, steps, peak lr, warmup, default stage)
 TRAINING = {
@@ -78,8 +86,9 @@ TRAINING = {
 # tokens unpacked; bench 258 + ~48 of 322, 95%; 18b 258 + ~48 of 514, 60%), so rows of 4T /
 # 2T / 3T hold at most 6 / 2 / 5 examples: 95% / 95% / 99% real tokens (docs/performance.md).
 PACKED = {"tiny": (4, 6), "bench": (2, 2), "18b": (3, 5)}
+DEFAULT_TOWERS = {"tiny": "vit", "bench": "vit", "18b": "release"}
 OPTIONS = {"stage": int, "visual_expert": bool, "cross_module": bool, "image": int,
-           "high_res": int, "text": int, "packed": bool}
+           "high_res": int, "text": int, "packed": bool, "towers": str}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -94,6 +103,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                      "cross_module=False use stage=0.")
   if stage == 2 and not visual_expert:
     raise ValueError("cogagent stage=2 trains the visual expert; it needs visual_expert=True.")
+  towers = options.get("towers", DEFAULT_TOWERS[size])
+  if towers not in TOWERS:
+    raise ValueError(f"cogagent towers={towers!r}: expected one of {sorted(TOWERS)}.")
+  low_layout, high_layout = TOWERS[towers]
   image = options.get("image", sizes["image"])
   high_res = options.get("high_res", sizes["high_res_image"])
   for name, pixels in (("image", image), ("high_res", high_res)):
@@ -111,9 +124,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   m = c.model
   m.lm = sizes["lm"]
-  m.vision = dict(sizes["vision"], **VIT_LAYOUT)
+  m.vision = dict(sizes["vision"], **low_layout)
   m.adapter = sizes["adapter"]
-  m.high_res = dict(sizes["high_res"], **VIT_LAYOUT)
+  m.high_res = dict(sizes["high_res"], **high_layout)
   m.cross = sizes["cross"]
   m.visual_expert = visual_expert
   m.cross_module = cross_module

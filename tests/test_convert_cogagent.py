@@ -24,7 +24,7 @@ UNUSED = (HIGH + f"blocks.{CROSS_BLOCKS - 1}.", HIGH + "norm.", HIGH + "head.")
 
 def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cross=CROSS,
                      cross_in=CROSS_IN, vision=None, cross_image=CROSS_IMAGE,
-                     towers=None) -> dict:
+                     cross_blocks=CROSS_BLOCKS, cross_mlp=CROSS_MLP, towers=None) -> dict:
   """Every published tensor, random; `towers` (name -> array) replaces the towers' ones."""
   vision = vision or VISION
   rng = np.random.default_rng(0)
@@ -81,12 +81,12 @@ def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cros
   add(HIGH + "patch_embed.proj.bias", c)
   add(HIGH + "cls_token", 1, 1, c)
   add(HIGH + "pos_embed", 1, 1 + patches, c)
-  for i in range(CROSS_BLOCKS):
+  for i in range(cross_blocks):
     b = f"{HIGH}blocks.{i}."
     for name, shape in (("norm1", (c,)), ("norm2", (c,)), ("attn.inner_attn_ln", (c,)),
-                        ("attn.proj", (c, c)), ("mlp.ffn_ln", (CROSS_MLP,)),
-                        ("mlp.w1", (CROSS_MLP, c)), ("mlp.w2", (CROSS_MLP, c)),
-                        ("mlp.w3", (c, CROSS_MLP))):
+                        ("attn.proj", (c, c)), ("mlp.ffn_ln", (cross_mlp,)),
+                        ("mlp.w1", (cross_mlp, c)), ("mlp.w2", (cross_mlp, c)),
+                        ("mlp.w3", (c, cross_mlp))):
       add(b + name + ".weight", *shape)
       add(b + name + ".bias", shape[0])
     for name in ("q_proj", "k_proj", "v_proj"):

@@ -37,7 +37,8 @@ FIXTURES = os.path.join(REPO, "tests", "data", "benchmarks")
 COCO_ARGS = ["--coco-captions", os.path.join(FIXTURES, "coco_captions.json"),
              "--image-dir", os.path.join(FIXTURES, "vqa_images")]  # images 7 and 9
 CONFIGS = {name: os.path.join(REPO, "configs", f"{name}.py") + ":" + arg for name, arg in (
-    ("flamingo", "oftiny"), ("cogagent", "tiny"), ("prismer", "tiny,experts=none"))}
+    ("flamingo", "oftiny"), ("cogagent", "tiny,towers=release"),
+    ("prismer", "tiny,experts=none"))}
 
 
 def _import(files: list, layout: str, run, *overrides) -> None:
@@ -111,16 +112,24 @@ def test_openflamingo_release_imported_then_few_shot_vqa_and_captions(tmp_path, 
 def test_cogagent_release_imported_then_vqa_and_refcoco(tmp_path, capsys):
   release = tmp_path / "cogagent-chat-hf"
   release.mkdir()
-  vision = dict(cogagent_files.VISION, hidden_size=64, num_positions=17)  # 56 px / 14
+  # configs/cogagent.py:tiny's sizes, 56 px (low-res) and 112 px (high-res) at patch 14
+  vision = dict(cogagent_files.VISION, hidden_size=64, num_heads=4, intermediate_size=256,
+                patch_size=14, image_size=56, num_positions=17)
   state = cogagent_files.write_release(release, d=128, heads=4, mlp=344, vocab=1024,
-                                       layers=2, cross=32, cross_in=64, vision=vision)
+                                       layers=2, cross=32, cross_in=64, vision=vision,
+                                       cross_image=112, cross_blocks=3, cross_mlp=256)
   run = tmp_path / "run"
-  _import([str(release)], "cogagent", run)
-  table = state["model.embed_tokens.weight"]
-  np.testing.assert_array_equal(_step0(run, "lm/embed/embedding", table), table)
-  written, generated, _ = _eval("cogagent", run, capsys, *VQA_ARGS)
+  heads = ["--config.model.high_res.num_heads=1"]  # EVA-02's heads are 64 wide
+  _import([str(release)], "cogagent", run, *heads)
+  assert "keep their initialisation" not in capsys.readouterr().out
+  for name, path in (("model.embed_tokens.weight", "lm/embed/embedding"),
+                     ("model.vision.pos_embed", "vision/output_pos_embedding/pos_embedding"),
+                     ("model.cross_vision.pos_embed",
+                      "high_res/output_pos_embedding/pos_embedding")):
+    np.testing.assert_array_equal(_step0(run, path, state[name]), state[name])
+  written, generated, _ = _eval("cogagent", run, capsys, *VQA_ARGS, overrides=heads)
   _check_vqa(written, generated)
-  written, generated, _ = _eval("cogagent", run, capsys, *REFCOCO_ARGS)
+  written, generated, _ = _eval("cogagent", run, capsys, *REFCOCO_ARGS, overrides=heads)
   truths = [(100, 250, 400, 750)] * 2 + [(0, 0, 500, 500)]  # the fixture's boxes in 0..999
   assert written["eval/refcoco/expressions"] == 3
   assert written["eval/refcoco/iou@0.5"] == pytest.approx(

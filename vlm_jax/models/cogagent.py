@@ -300,7 +300,8 @@ def flops_parts(config, causal_half=True) -> dict:
     keys = images * (data.high_res_image_size // high.patch_size) ** 2
     cw = m.cross.width
     parts["high_res"] = images * F.vit(data.high_res_image_size, high.patch_size, high.width,
-                                       high.depth, high.num_heads, high.mlp_dim)
+                                       high.depth, high.num_heads, high.mlp_dim,
+                                       mlp_activation=high.get("mlp_activation", "gelu"))
     parts["cross_attention"] = lm.num_layers * (
         F.dense(t, width, cw) + F.dense(keys, high.width, 2 * cw) + F.dense(t, cw, width)
         + 2 * 2.0 * t * keys * cw)

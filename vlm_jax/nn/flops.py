@@ -55,11 +55,13 @@ def conv_stem(image_size, width, stage_blocks, out_features):
   return total, hw
 
 
-def vit(image_size, patch_size, width, layers, heads, mlp_dim, class_token=True):
-  """vlm_jax.nn.vit.ViT (GELU MLP) on one square image."""
+def vit(image_size, patch_size, width, layers, heads, mlp_dim, class_token=True,
+        mlp_activation="gelu"):
+  """vlm_jax.nn.vit.ViT on one square image."""
   patches = (image_size // patch_size) ** 2
   tokens = patches + int(class_token)
-  layer = attention(tokens, tokens, width, heads, width // heads) + mlp(tokens, width, mlp_dim)
+  layer = (attention(tokens, tokens, width, heads, width // heads)
+           + mlp(tokens, width, mlp_dim, mlp_activation))
   return dense(patches, patch_size ** 2 * 3, width) + layers * layer
 
 
