@@ -317,6 +317,13 @@ def test_18b_layout_param_counts():
   assert cross == 32 * (4096 + 4096 * 1024 + 2 * 1024 * 1024 + 1024 * 4096)
   assert flat["high_res/pos_embedding/pos_embedding"].shape == (1 + 6400, 1024)
   assert flat["vision/pos_embedding/pos_embedding"].shape == (1 + 256, 1792)
+  # the released towers' layouts (towers=release): what vlm-convert's cogagent import fills
+  assert flat["vision/output_pos_embedding/pos_embedding"].shape == (256, 1792)
+  assert flat["vision/encoder/layers/post_mlp_norm/scale"].shape == (63, 1792)
+  assert flat["high_res/output_pos_embedding/pos_embedding"].shape == (6400, 1024)
+  assert flat["high_res/encoder/layers/mlp/hidden_norm/scale"].shape == (23, 2730)
+  assert "high_res/encoder/layers/self_attention/key/bias" not in flat
+  assert not any(k.endswith("encoder_norm/scale") for k in flat)
   visual = _count(params) - language
   assert 10.5e9 < visual < 12e9  # published: 11B visual + 7B language
   assert config.data.image_tokens == 258
@@ -339,6 +346,11 @@ def test_configs_and_options():
     config_lib.load_config("configs/cogagent.py:tiny,high_res=100")
   with pytest.raises(ValueError, match="option"):
     config_lib.load_config("configs/cogagent.py:tiny,crossmodule=False")
+  with pytest.raises(ValueError, match="towers='eva'"):
+    config_lib.load_config("configs/cogagent.py:tiny,towers=eva")
+  released = config_lib.load_config("configs/cogagent.py:tiny,towers=release").model
+  assert (released.vision.branch_norm, released.high_res.rotary_2d) == ("post", True)
+  assert "branch_norm" not in config_lib.load_config("configs/cogagent.py:tiny").model.vision
 
 
 def _xla_forward_flops(config, batch_size=2):
