@@ -19,7 +19,9 @@ VISION = dict(hidden_size=16, num_hidden_layers=2, num_heads=2, intermediate_siz
               layer_norm_eps=1e-6, dropout_prob=0.0)
 CROSS_IMAGE, CROSS_PATCH, CROSS_BLOCKS, CROSS_MLP = 28, 14, 2, 40  # blocks stored (1 used)
 LOW, HIGH = "model.vision.", "model.cross_vision.vit.model."
-UNUSED = (HIGH + f"blocks.{CROSS_BLOCKS - 1}.", HIGH + "norm.", HIGH + "head.")
+# stored but never used: the last EVA-02 block, the final norm and head, the rotary buffers
+# (vLLM's loader skips `cross_vision.vit.model.rope`)
+UNUSED = (HIGH + f"blocks.{CROSS_BLOCKS - 1}.", HIGH + "norm.", HIGH + "head.", HIGH + "rope.")
 
 
 def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cross=CROSS,
@@ -98,6 +100,8 @@ def _reference_state(d=D, heads=HEADS, mlp=MLP, vocab=VOCAB, layers=LAYERS, cros
   add(HIGH + "head.weight", 12, c)
   add(HIGH + "head.bias", 12)
   add("model.cross_vision.pos_embed", patches, c)
+  add(HIGH + "rope.freqs_cos", patches, 64)
+  add(HIGH + "rope.freqs_sin", patches, 64)
   return state
 
 
@@ -143,7 +147,7 @@ def test_every_published_key_is_consumed_once_except_the_unused_ones(release):
   assert all(len(targets) == 1 for targets in used.values())
   unused = {k for k in state if k.startswith(UNUSED) or k.endswith("rotary_emb.inv_freq")}
   assert {n.removeprefix("checkpoint:") for n in used} == set(state) - unused
-  assert len(unused) == LAYERS + 21 + 4  # inv_freq; an EVA-02 block; norm and head
+  assert len(unused) == LAYERS + 21 + 4 + 2  # inv_freq; an EVA-02 block; norm, head; rope
   assert used["checkpoint:model.layers.1.cross_attn.key_value.weight"] == [
       ("lm/layers/layers/cross_attention/key/kernel",
        "lm/layers/layers/cross_attention/value/kernel")]

@@ -48,7 +48,8 @@ model.cross_vision.vit.model.:
     model.cross_vision.pos_embed [P, D]                         high_res/output_pos_embedding
   cross_visual.py's forward runs every block but the last and returns the patch tokens
   without the final norm, so the last block, `norm` and `head` are ignored (not exported);
-  so are rotary buffers (`rope.freqs_cos/sin`) if a file holds them. The tower's sizes are
+  so are its rotary buffers (`rope.freqs_cos/sin`, recomputed; vLLM's loader skips
+  `cross_vision.vit.model.rope` too). The tower's sizes are
   not in config.json: they are read from the tensors (heads = width / 64, EVA-02's head
   width).
 """
