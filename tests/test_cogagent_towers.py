@@ -8,10 +8,11 @@ the outputs of torch models built from the published code (f32, within 1e-4):
             q/v-only biases) run up to its last block but one, patch tokens + pos_embed
             (our CogAgent.encode_high_res)
 
-The torch references are compact re-implementations written from the release's code (as
-ported in vLLM's cogagent towers, "adapted from huggingface.co/zai-org/cogagent-chat-hf", and
-in PaddleMIX's cogvlm modeling). timm's `Eva` would be the independent EVA-02, but timm
-imports torchvision, whose wheels here need another torch than the pinned 2.13.0+cpu.
+The torch references are compact re-implementations written from the release's code as
+ported in vLLM (vllm/model_executor/models/cogagent_vision_encoder.py, "adapted from
+huggingface.co/zai-org/cogagent-chat-hf") and PaddleMIX (paddlemix/models/cogvlm/visual.py).
+timm's `Eva` would be the independent EVA-02, but timm imports torchvision, whose wheels
+here need another torch than the pinned 2.13.0+cpu.
 """
 import einops
 import numpy as np

@@ -1,5 +1,7 @@
 """CogAgent's HF release (huggingface.co/THUDM/cogagent-chat-hf, also cogagent-vqa-hf: the
-safetensors shards + config.json of `CogAgentForCausalLM`, modeling_cogagent.py) <->
+safetensors shards + config.json of `CogAgentForCausalLM`, modeling_cogagent.py, visual.py,
+cross_visual.py; the towers' names and semantics as ported in vLLM's
+cogagent_vision_encoder.py and PaddleMIX's cogvlm/visual.py) <->
 `vlm_jax.models.cogagent.CogAgent`. One source, `checkpoint` (the directory):
 
     model.embed_tokens.weight                                   lm/embed/embedding
