@@ -34,7 +34,7 @@ width / heads; text tokens after the (image/14)^2 + 2 image slots:
           release stores but never runs; visual expert on)
 
 Param counts (jax.eval_shape; docs/models.md has the table and the command): 18b =
-18.28B: visual 11.54B (low-res ViT 4.28B, adapter 0.14B, high-res ViT 0.31B,
+18.28B: visual 11.54B (low-res ViT 4.28B, adapter 0.14B, high-res ViT 0.30B,
 cross-attention 0.34B, visual expert 6.48B) + language 6.74B (Vicuna-7B) — the paper says
 11B visual + 7B language. tiny = 1.50M, bench = 153.7M.
 
