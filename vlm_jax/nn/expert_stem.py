@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.nn import norms
 
@@ -34,18 +35,23 @@ LABEL_STRIDES = (2, 2, 1, 1)
 NORMS = ("layer", "batch")
 
 
+def _interpolation(n: int, out: int) -> np.ndarray:
+  """[out, n] bilinear weights with corners aligned: output i samples input i*(n-1)/(out-1)
+  (torch's align_corners=True), so each row holds 1 - frac and frac at its two neighbours."""
+  position = np.arange(out) * ((n - 1) / max(out - 1, 1))
+  return np.maximum(0.0, 1.0 - np.abs(position[:, None] - np.arange(n)[None]))
+
+
 def resize_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Bilinear resize of x [B, H, W, C] to [B, *size, C] with corner pixels aligned (torch's
-  align_corners=True: output i samples input i * (n - 1) / (size - 1)), axis by axis."""
-  for axis, out in zip((1, 2), size):
-    n = x.shape[axis]
-    if n == out:
-      continue
-    position = jnp.arange(out, dtype=jnp.float32) * ((n - 1) / max(out - 1, 1))
-    low = jnp.floor(position).astype(jnp.int32)
-    frac = (position - low).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
-    x = (jnp.take(x, low, axis=axis) * (1 - frac)
-         + jnp.take(x, jnp.minimum(low + 1, n - 1), axis=axis) * frac)
+  """Bilinear resize of x [B, H, W, C] to [B, *size, C] with corner pixels aligned, one matmul
+  per spatial axis (as jax.image.resize runs its half-pixel resize)."""
+  height, width = x.shape[1:3]
+  if height != size[0]:
+    x = jnp.einsum("BHWC,hH->BhWC", x, _interpolation(height, size[0]).astype(x.dtype),
+                   precision=jax.lax.Precision.HIGHEST)
+  if width != size[1]:
+    x = jnp.einsum("BHWC,wW->BHwC", x, _interpolation(width, size[1]).astype(x.dtype),
+                   precision=jax.lax.Precision.HIGHEST)
   return x
 
 
