@@ -257,3 +257,23 @@ def test_command_line_import(prismerz, tmp_path, capsys):
     params = reader.restore(tmp_path / "params")
   np.testing.assert_array_equal(params["word_embedding"],
                                 state["text_decoder.roberta.embeddings.word_embeddings.weight"])
+
+
+def test_command_line_import_with_experts_into_a_run_of_the_config(tmp_path):
+  """`vlm-convert import --config configs/prismer.py:tiny,stem_norm=batch --workdir RUN`
+  (docs/weights.md) on a prismer_* file of tiny's sizes: step 0 holds its stems' statistics."""
+  import os  # pylint: disable=g-import-not-at-top
+  from vlm_jax import params as params_lib  # pylint: disable=g-import-not-at-top
+  from vlm_jax.cli import convert as cli  # pylint: disable=g-import-not-at-top
+  state = _reference_state(EXPERTS, text=64, vision=64, vocab=1024, positions=514, size=64)
+  torch.save(state, tmp_path / "pytorch_model.bin")
+  config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "prismer.py")
+  cli.main(["import", str(tmp_path / "pytorch_model.bin"), "--layout", "prismer", "--config",
+            f"{config}:tiny,stem_norm=batch", "--config.model.vision.num_latents=8",
+            "--workdir", str(tmp_path / "run")])
+  var = state["expert_encoder.conv1.seg.11.running_var"].numpy()
+  path = "vision/embedder/stem_seg/norm_3/var"
+  saved, step = params_lib.read_checkpoint(str(tmp_path / "run"), {
+      path: jax.ShapeDtypeStruct(var.shape, var.dtype)})
+  assert step == 0
+  np.testing.assert_array_equal(np.asarray(saved[path]), var)
