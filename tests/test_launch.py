@@ -1,14 +1,15 @@
 """vlm-launch --dry-run: the exact commands (tpu, local) and sbatch script (slurm) it would run;
 the GPU XLA flags it sets are ones this jaxlib knows (an unknown flag aborts every process);
-what the local launcher and the sbatch script do after a hang (exit 76)."""
+what the local launcher, a TPU worker and the sbatch script do after a hang (exit 76)."""
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from vlm_jax.cli import launch as launch_cli
-from vlm_jax.launch import local, slurm
+from vlm_jax.launch import local, slurm, tpu
 
 REPO = launch_cli.REPO_ROOT
 TRAIN = ["--config", "configs/simvlm.py:large", "--workdir", "/mnt/runs/large",
@@ -28,6 +29,17 @@ def test_tpu_single_slice(capsys):
                 "--project", "my-proj", "--delete", "--env", "LIBTPU_INIT_ARGS=--xla_x=1")
   where = "--zone=us-east5-a --project=my-proj"
   ssh = "gcloud compute tpus tpu-vm ssh vlm-v5p"
+  # What each worker runs in the background (its hang restarts: test_tpu_workers_restart_...).
+  start = tpu.worker_command(
+      tpu.TpuTarget(name="vlm-v5p", zone="us-east5-a", accelerator_type="v5p-32",
+                    runtime_version="v2-alpha-tpuv5", env=("LIBTPU_INIT_ARGS=--xla_x=1",)),
+      TRAIN, "/mnt/runs/large")
+  assert start.startswith("rm -f ~/vlm_jax_run.status && cd ~/vlm_jax && (trap '' HUP; "), start
+  assert ("VLM_JAX_DISTRIBUTED=auto LIBTPU_INIT_ARGS=--xla_x=1 vlm-train --config "
+          "configs/simvlm.py:large --workdir /mnt/runs/large '--config.mesh.shape=(1,-1,1)'; "
+          "status=$?;") in start
+  assert start.endswith("echo $status > ~/vlm_jax_run.status) > ~/vlm_jax_run.log 2>&1 "
+                        "< /dev/null &"), start
   assert out.splitlines() == [
       f"gcloud compute tpus tpu-vm describe vlm-v5p {where} >/dev/null 2>&1 || "
       f"gcloud compute tpus tpu-vm create vlm-v5p --accelerator-type=v5p-32 "
@@ -39,11 +51,7 @@ def test_tpu_single_slice(capsys):
       f"{ssh} --worker=all --command='rm -rf ~/vlm_jax && mkdir -p ~/vlm_jax && "
       "tar -xzf ~/vlm_jax_code.tar.gz -C ~/vlm_jax && "
       f"pip install -q -e \"$HOME/vlm_jax[tpu]\"' {where}",
-      f"{ssh} --worker=all --command='rm -f ~/vlm_jax_run.status && cd ~/vlm_jax && "
-      "(trap '\"'\"''\"'\"' HUP; VLM_JAX_DISTRIBUTED=auto LIBTPU_INIT_ARGS=--xla_x=1 vlm-train "
-      "--config configs/simvlm.py:large --workdir /mnt/runs/large "
-      "'\"'\"'--config.mesh.shape=(1,-1,1)'\"'\"'; echo $? > ~/vlm_jax_run.status) "
-      f"> ~/vlm_jax_run.log 2>&1 < /dev/null &' {where}",
+      f"{ssh} --worker=all --command={shlex.quote(start)} {where}",
       f"{ssh} --worker=0 --command='tail -n +1 -F ~/vlm_jax_run.log & while [ ! -f "
       "~/vlm_jax_run.status ]; do sleep 5; done; sleep 2; kill %1; "
       f"exit $(cat ~/vlm_jax_run.status)' {where}",
@@ -241,6 +249,57 @@ def test_vlm_launch_local_restarts_hangs_at_most_max_hang_restarts_times(
     local.restarting_hangs(run_once, str(tmp_path), -1)
 
 
+# A TPU worker's command, run by bash with `vlm-train` and `sleep` replaced by scripts: the
+# program acts out one run per call (its status, a watchdog report it wrote); sleep records
+# how long the worker would wait before a restart.
+_FAKE_PROGRAM = """#!/bin/bash
+run=$(( $(cat "$HOME/runs" 2>/dev/null || echo 0) + 1 )); echo $run > "$HOME/runs"
+outcome=$(echo "$OUTCOMES" | cut -d' ' -f$run)
+report=${outcome#*:}
+[ -n "$report" ] && mkdir -p "$WORKDIR/hangs" && echo stacks > "$WORKDIR/hangs/$report"
+exit ${outcome%%:*}
+"""
+_FAKE_SLEEP = """#!/bin/bash
+echo "$@" >> "$HOME/sleeps"
+"""
+
+
+@pytest.mark.parametrize("outcomes, max_restarts, runs, status", [
+    ("76: 0:", 3, 2, 0),  # every worker's watchdog fired; restarted, finished
+    ("1:process_3.txt 0:", 3, 2, 0),  # another worker hung; this one lost its heartbeats
+    ("76: 76: 76:", 1, 2, 76),  # hangs again after the last restart: given up
+    ("1:", 3, 1, 1),  # a crash is not a hang
+])
+def test_tpu_workers_restart_hangs_at_most_max_hang_restarts_times(
+    tmp_path, outcomes, max_restarts, runs, status):
+  workdir = tmp_path / "run"
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in (("vlm-train", _FAKE_PROGRAM), ("sleep", _FAKE_SLEEP)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  target = tpu.TpuTarget(name="vlm", zone="z", accelerator_type="v5p-32", runtime_version="r",
+                         code="none", max_hang_restarts=max_restarts,
+                         env=("VLM_JAX_HEARTBEAT_TIMEOUT_S=45",))
+  command = tpu.worker_command(target, ["--config", "c.py:tiny", "--workdir", str(workdir)],
+                               str(workdir))
+  env = {**os.environ, "HOME": str(tmp_path), "WORKDIR": str(workdir), "OUTCOMES": outcomes,
+         "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
+  subprocess.run(["bash", "-c", command], env=env, check=True, timeout=60)
+  status_file = tmp_path / "vlm_jax_run.status"
+  for _ in range(600):  # the command runs detached; its status is written last
+    if status_file.exists() and status_file.read_text().strip():
+      break
+    subprocess.run(["/bin/sleep", "0.1"], check=True)
+  log = (tmp_path / "vlm_jax_run.log").read_text()
+  assert status_file.read_text().strip() == str(status), log
+  assert (tmp_path / "runs").read_text().strip() == str(runs), log
+  sleeps = (tmp_path / "sleeps").read_text().split() if runs > 1 else []
+  assert sleeps == ["75"] * (runs - 1), log  # the heartbeat timeout and 30 s
+  assert log.count("restarting it (restart") == runs - 1, log
+  assert ("hung again after" in log) == (status == 76), log
+
+
 def test_local_two_processes(capsys):
   out = dry_run(capsys, "local", "--num-processes", "2", "--cpu-devices-per-process", "2",
                 "--port", "4321")
@@ -314,8 +373,9 @@ def test_tpu_with_a_gcs_workdir_copies_each_workers_log_there_before_its_status(
   upload = ("python -c '\"'\"'import sys; from vlm_jax import storage; storage.copy(sys.argv[1], "
             "sys.argv[2])'\"'\"' ~/vlm_jax_run.log gs://b/runs/large/launch_logs/tpu_\"$(hostname)\""
             ".log; ")
-  assert (f"vlm-train --config configs/simvlm.py:large --workdir gs://b/runs/large; "
-          f"status=$?; {upload}echo $status > ~/vlm_jax_run.status)") in lines[1], lines[1]
+  assert ("vlm-train --config configs/simvlm.py:large --workdir gs://b/runs/large; "
+          "status=$?;") in lines[1], lines[1]
+  assert f"done; {upload}echo $status > ~/vlm_jax_run.status)" in lines[1], lines[1]
   assert captured.err == ""  # no note: gs:// needs no shared mount
 
 

@@ -207,21 +207,38 @@ def steps_lasting(seconds, env, finished) -> int:
   return steps + math.ceil(max(0.0, seconds - float(elapsed)) * rate)
 
 
+def requeued_by_the_notice(env, job, workdir) -> bool:
+  """Waits for the job's first run to end: True if SLURM's notice requeued it, False if it
+  completed first."""
+  deadline = time.time() + 600
+  while (states := runs(env, job))[:1] != [("REQUEUED", "0:0")]:
+    if ("COMPLETED", "0:0") in states:
+      return False
+    assert time.time() < deadline, output(workdir, job)[-3000:]
+    time.sleep(0.5)
+  return True
+
+
 def test_a_time_limit_notice_saves_requeues_once_and_resumes(slurm_env, uninterrupted, tmp_path):
   # Long enough that SLURM's notice (at most NOTICE_LATEST_S after the start) finds the job
-  # training, with 30 s to spare at this machine's speed.
-  steps = max(20, steps_lasting(NOTICE_LATEST_S + 30, slurm_env, uninterrupted))
-  job = submit(slurm_env, tmp_path, steps, *TIME_LIMIT)
-  deadline = time.time() + 600
-  while (states := runs(slurm_env, job))[:1] != [("REQUEUED", "0:0")]:
-    assert ("COMPLETED", "0:0") not in states, f"{steps} steps ended before the notice"
-    assert time.time() < deadline, output(tmp_path, job)[-3000:]
-    time.sleep(0.5)
+  # training, with 30 s to spare at this machine's speed. The speed of a shared machine
+  # changes (in CI, 64 steps measured to last 90 s ended before a notice at <= 60 s): a job
+  # that completes before the notice is the new measure for a longer one.
+  finished = uninterrupted
+  for attempt in range(3):
+    steps = max(20, steps_lasting(NOTICE_LATEST_S + 30, slurm_env, finished))
+    workdir = tmp_path / f"attempt_{attempt}"
+    job = submit(slurm_env, workdir, steps, *TIME_LIMIT)
+    if requeued_by_the_notice(slurm_env, job, workdir):
+      break
+    finished = workdir, job, steps
+  else:
+    pytest.fail(f"3 jobs completed before SLURM's time-limit notice (the last: {steps} steps)")
   # The rerun would get the same short limit and another notice; give it time to finish.
   subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], env=slurm_env,
                  check=True)
   assert wait_until_finished(slurm_env, job) == [("REQUEUED", "0:0"), ("COMPLETED", "0:0")]
-  text = output(tmp_path, job)
+  text = output(workdir, job)
   assert "vlm-launch: preemption notice (SIGUSR1)" in text
   assert_saved_requeued_once_and_resumed(text, steps)
   # Runs this long drift apart across layouts (summation order compounds over ~100 steps), so
@@ -229,4 +246,4 @@ def test_a_time_limit_notice_saves_requeues_once_and_resumes(slurm_env, uninterr
   reference = submit(slurm_env, tmp_path / "reference", steps, "--time", "30")
   assert wait_until_finished(slurm_env, reference) == [("COMPLETED", "0:0")]
   want = read_losses(tmp_path / "reference")
-  assert_losses_equal(tmp_path, [want[s] for s in range(1, steps + 1)])
+  assert_losses_equal(workdir, [want[s] for s in range(1, steps + 1)])

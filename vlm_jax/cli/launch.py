@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
   tp.add_argument("--service-account", default="", help="the VMs' service account, which "
                   "reads and writes gs:// (default: the project's default compute one)")
   tp.add_argument("--scopes", default="", help="its OAuth scopes, e.g. cloud-platform")
+  tp.add_argument("--max-hang-restarts", type=int, default=3,
+                  help="restart vlm-train on every worker this many times after it hung "
+                  "(exit 76); it resumes from its newest checkpoint")
 
   sl = target("slurm", "a SLURM cluster: sbatch, one task per GPU (or N CPU tasks per node)")
   sl.add_argument("--nodes", type=int, required=True)
@@ -163,7 +166,7 @@ def _tpu(args, train_args, workdir) -> int:
       runtime_version=args.runtime_version, project=args.project, num_slices=args.num_slices,
       queued=args.queued, spot=args.spot, code=args.code, delete=args.delete,
       env=tuple(args.env), service_account=args.service_account, scopes=args.scopes,
-      program=args.program)
+      program=args.program, max_hang_restarts=args.max_hang_restarts)
   if not storage.is_gcs(storage.validate(workdir)):
     print(f"vlm-launch: note: --workdir {workdir} is not gs://: the TPU VMs share no disk, so "
           "it must be a mount every worker sees at that path (NFS/Filestore); use "

@@ -48,16 +48,6 @@ GPU_ENV = (
 )
 
 
-def _count_reports(reports: str) -> str:
-  """A shell command that prints how many hang reports the directory `reports` holds (a gs://
-  one through vlm_jax.storage, with the job's Python)."""
-  if storage.is_gcs(reports):
-    code = ("import sys; from vlm_jax import storage as s; d = sys.argv[1]; "
-            "print(len(s.listdir(d)) if s.isdir(d) else 0)")
-    return f"python -c {shlex.quote(code)} {shlex.quote(reports)}"
-  return f"ls {shlex.quote(reports)} 2>/dev/null | wc -l"
-
-
 def _wait_and_requeue(workdir: str, reports: str, max_hang_requeues: int) -> tuple:
   """After srun: wait for it (a trapped notice interrupts `wait`, so wait again until srun is
   gone), then requeue a job whose tasks stopped for a preemption. A notice followed by any
@@ -71,7 +61,7 @@ def _wait_and_requeue(workdir: str, reports: str, max_hang_requeues: int) -> tup
       '  wait "$step" && status=0 || status=$?',
       '  kill -0 "$step" 2>/dev/null || break',
       "done",
-      f"hangs_after=$({_count_reports(reports)}) || true",
+      f"hangs_after=$({launch.count_reports_command(reports)}) || true",
       f'if [ "$status" = {EXIT_HUNG} ] || [ "$hangs_after" != "$hangs_before" ]; then',
       f"  requeues=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 ))",
       f'  echo "$requeues" > {counter}',
@@ -181,7 +171,7 @@ def script(t: SlurmTarget, train_args, workdir: str, repo_root: str,
   lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "set -euo pipefail",
            f"cd {shlex.quote(repo_root)}", *t.setup, *(f"export {e}" for e in exports),
            'notice=""', trap,
-           f"hangs_before=$({_count_reports(reports)}) || true",
+           f"hangs_before=$({launch.count_reports_command(reports)}) || true",
            f"{srun} &", *_wait_and_requeue(workdir, reports, t.max_hang_requeues)]
   return "\n".join(lines) + "\n"
 

@@ -10,8 +10,8 @@ The plan is a list of shell lines, run in order by `run_plan` (or printed by --d
    every worker, then `pip install -e .[tpu]` there (`--code copy`); or `pip install SPEC`
    (`--code pip:SPEC`); or nothing (`--code none`: the image already has it);
 3. the run: on every worker of every slice, vlm-train starts detached (SIGHUP ignored) with
-   VLM_JAX_DISTRIBUTED=auto, writing ~/vlm_jax_run.log and its exit status to
-   ~/vlm_jax_run.status (with a gs:// workdir, the log is first copied to
+   VLM_JAX_DISTRIBUTED=auto, is restarted after a hang (`worker_command`), and writes
+   ~/vlm_jax_run.log and its exit status to ~/vlm_jax_run.status (with a gs:// workdir, the log is first copied to
    <workdir>/launch_logs/tpu_<worker hostname>.log); then worker 0 of slice 0's log is
    streamed until that status appears, and the launcher exits with it. A dropped ssh
    connection does not stop training.
@@ -24,6 +24,7 @@ import shlex
 from vlm_jax import distributed
 from vlm_jax import launch
 from vlm_jax import storage
+from vlm_jax.train.watchdog import EXIT_HUNG, HANG_REPORTS
 
 REMOTE_DIR = "~/vlm_jax"
 REMOTE_LOG = "~/vlm_jax_run.log"
@@ -50,6 +51,7 @@ class TpuTarget:
   program: str = "train"  # what every worker runs: vlm-train | vlm-eval
   service_account: str = ""  # the VMs' identity for gs:// ("" = the default compute one)
   scopes: str = ""  # its OAuth scopes, comma-separated ("" = gcloud's default)
+  max_hang_restarts: int = 3  # restarts of every worker's program after a hang (exit 76)
 
   def __post_init__(self):
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name):
@@ -63,6 +65,8 @@ class TpuTarget:
       if "=" not in item:
         raise ValueError(f"--env {item!r}: expected KEY=VALUE.")
     launch.module(self.program)  # validates --program
+    if self.max_hang_restarts < 0:
+      raise ValueError(f"--max-hang-restarts={self.max_hang_restarts} must be >= 0.")
 
   @property
   def uses_queue(self) -> bool:
@@ -144,18 +148,48 @@ def _save_log(workdir: str) -> str:
   return f"python -c {shlex.quote(_UPLOAD_LOG)} {REMOTE_LOG} {target}; "
 
 
-def run_lines(t: TpuTarget, train_args, workdir: str = "") -> list[str]:
+def _heartbeat_timeout_s(t: TpuTarget) -> int:
+  for item in t.env:
+    key, value = item.split("=", 1)
+    if key == distributed.ENV_HEARTBEAT_TIMEOUT:
+      return int(value)
+  return distributed.DEFAULT_HEARTBEAT_TIMEOUT_S
+
+
+def worker_command(t: TpuTarget, train_args, workdir: str = "") -> str:
+  """What every worker runs: the program in a detached subshell that ignores SIGHUP (closing
+  the ssh session does not stop it), restarted after a hang, then its status written last
+  (the launcher, and --delete, wait for it).
+
+  Hangs: every worker decides for itself from its own status (EXIT_HUNG) or a new report in
+  the shared <workdir>/hangs/ (the worker that hung exits 76; the others die when its
+  heartbeats stop), so all restart together, at most `max_hang_restarts` times. Before a
+  restart each waits out the heartbeat timeout and 30 s more, so that no process of the old
+  run still holds the chips or the coordinator when the new ones start."""
   workdir_cd = f"cd {REMOTE_DIR}" if t.code == "copy" else "cd ~"
-  # A detached subshell that ignores SIGHUP, so closing the ssh session does not stop it.
-  # The status is written last: the launcher (and --delete) waits for it.
-  save_log = _save_log(workdir)
-  finish = (f"status=$?; {save_log}echo $status > {REMOTE_STATUS}" if save_log else
-            f"echo $? > {REMOTE_STATUS}")
-  start = (f"rm -f {REMOTE_STATUS} && {workdir_cd} && (trap '' HUP; "
-           f"{train_command(t, train_args)}; {finish}) "
-           f"> {REMOTE_LOG} 2>&1 < /dev/null &")
+  reports = launch.count_reports_command(storage.join(workdir, HANG_REPORTS))
+  limit, program = t.max_hang_restarts, f"vlm-{t.program}"
+  restart = (
+      "restarts=0; while true; do "
+      f"hangs_before=$({reports}) || true; "
+      f"{train_command(t, train_args)}; status=$?; "
+      f"hangs_after=$({reports}) || true; "
+      f'if [ "$status" != {EXIT_HUNG} ] && [ "$hangs_after" = "$hangs_before" ]; then break; fi; '
+      f'if [ "$restarts" -ge {limit} ]; then echo "vlm-launch: {program} hung again after '
+      f'{limit} restart(s); not restarting it"; break; fi; '
+      "restarts=$((restarts + 1)); "
+      f'echo "vlm-launch: {program} hung (its report is in the workdir\'s hangs/); restarting '
+      f'it (restart $restarts of at most {limit}); it resumes from its newest checkpoint"; '
+      f"sleep {_heartbeat_timeout_s(t) + 30}; done")
+  return (f"rm -f {REMOTE_STATUS} && {workdir_cd} && (trap '' HUP; {restart}; "
+          f"{_save_log(workdir)}echo $status > {REMOTE_STATUS}) "
+          f"> {REMOTE_LOG} 2>&1 < /dev/null &")
+
+
+def run_lines(t: TpuTarget, train_args, workdir: str = "") -> list[str]:
   follow = (f"tail -n +1 -F {REMOTE_LOG} & while [ ! -f {REMOTE_STATUS} ]; do sleep 5; done; "
             f"sleep 2; kill %1; exit $(cat {REMOTE_STATUS})")
+  start = worker_command(t, train_args, workdir)
   return [_ssh(t, node, "all", start) for node in t.nodes] + [
       _ssh(t, t.nodes[0], "0", follow)]
 
