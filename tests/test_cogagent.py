@@ -22,6 +22,7 @@ from vlm_jax.data import processor as processor_lib
 from vlm_jax.data.boxes import permille as boxes
 from vlm_jax.data.families import cogagent as data_lib
 from vlm_jax.data.synthetic import screens
+from vlm_jax.inspection import model as model_inspection
 from vlm_jax.models import cogagent as model_lib
 from vlm_jax.models import registry
 from vlm_jax.train import loop
@@ -325,6 +326,10 @@ def test_18b_layout_param_counts():
   stage2 = config_lib.load_config("configs/cogagent.py:18b,stage=2")
   trainable, _ = state_lib.split_frozen(params, stage2.frozen)
   assert _count(trainable) == cross + expert + _count(params["high_res"])
+  # vlm-info's counts, without allocating the 18B config's batch (4608 images of 1120 px).
+  described = model_inspection.describe(config, 8)["params"]
+  assert (described["total"], described["trainable"]) == (_count(params), cross +
+                                                          _count(params["high_res"]))
 
 
 def test_configs_and_options():

@@ -25,7 +25,9 @@ def describe(config, num_devices: int) -> dict:
   the mesh, and each parameter's logical axes and mesh sharding (eval_shape only: no
   allocation). Raises ValueError for config.frozen patterns that match no parameter."""
   model = registry.build(config.model)
-  boxed = params_lib.boxed_abstract(model, registry.dummy_batch(config))
+  # One example: parameters do not depend on the batch, and a paper config's full dummy batch
+  # (CogAgent-18B: 4608 images of 1120 px) would be allocated.
+  boxed = params_lib.boxed_abstract(model, registry.dummy_batch(config, 1))
   rules = sharding.rules_from_config(config)
   params = params_lib.strip_boxes(boxed)
   missing = params_lib.unmatched_patterns(params, config.frozen)
