@@ -80,7 +80,8 @@ class ExpertStem(nn.Module):
       raise ValueError(f"ExpertStem: 4 strides and a width divisible by 8 expected, got "
                        f"strides={self.strides}, width={self.width}.")
     if self.norm not in NORMS:
-      raise ValueError(f"expert_stem_norm={self.norm!r}: expected one of {NORMS}.")
+      raise ValueError(f"config.model.vision.expert_stem_norm={self.norm!r}: expected one of "
+                       f"{NORMS}.")
     scale = math.prod(self.strides)
     x = resize_align_corners(x.astype(self.dtype), (grid[0] * scale, grid[1] * scale))
     for i, (divisor, stride) in enumerate(zip((8, 4, 2, 1), self.strides)):
