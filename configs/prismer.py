@@ -12,9 +12,11 @@ frozen ViT and a frozen RoBERTa decoder (arXiv 2303.02506).
 `arg` = size name, then optional comma-separated `key=value` options: `experts` (names joined
 by '+', e.g. depth+seg, or 'none' for PrismerZ; default per size), `freeze`
 (freeze_lang_vision = pretraining, the default | freeze_vision = fine-tuning | freeze_lang |
-none), `scan` (bool), `remat` (none|full|dots), `dtype` (float32|bfloat16), `packed` (bool:
-config.data.packing with rows of PACKED[size] text lengths and as many image slots as
-examples fit, data/families/prismer.py).
+none), `stem_norm` (the expert stems' norm: layer, the default | batch = BatchNorm with frozen
+running statistics, as in Prismer's released checkpoints, nn/expert_stem.py), `scan` (bool),
+`remat` (none|full|dots), `dtype` (float32|bfloat16), `packed` (bool: config.data.packing
+with rows of PACKED[size] text lengths and as many image slots as examples fit,
+data/families/prismer.py).
 
 Sizes — ViT width / layers / heads / MLP / patch; decoder width / layers / heads / MLP /
 vocab; image px; expert map px; text length; latents / resampler layers / heads:
@@ -79,7 +81,7 @@ TRAINING = {
 }
 # size: (row length in text lengths T, image slots per row) with packed=True.
 PACKED = {"tiny": (2, 8), "bench": (2, 8), "base": (2, 8), "large": (2, 8)}
-OPTIONS = {"experts": str, "freeze": str, "packed": bool}
+OPTIONS = {"experts": str, "freeze": str, "stem_norm": str, "packed": bool}
 
 
 def _experts(text: str) -> tuple[str, ...]:
@@ -114,7 +116,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   m = c.model
   m.lm = dict(sizes["lm"], max_text_length=514)
   m.vision = dict(sizes["vision"], experts=experts, image_size=sizes["image"],
-                  num_instance_embeddings=128)
+                  num_instance_embeddings=128,
+                  expert_stem_norm=options.get("stem_norm", "layer"))
   m.adaptor_ratio = 1
   m.freeze = freeze
   m.dropout_rate = 0.0

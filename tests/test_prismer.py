@@ -209,6 +209,38 @@ def test_freezing_modes_follow_the_reference(spec):
              for p in trainable if p.startswith("decoder/"))
 
 
+def test_batchnorm_stem_statistics_stay_frozen_through_a_train_step():
+  """expert_stem_norm='batch' with freeze=none: the running mean/var sit on the frozen side
+  (no gradient, no optimizer moments, no weight decay) and keep their values bit for bit,
+  while the BatchNorms' scale and bias train."""
+  from vlm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vlm_jax.train import optimizer, state, step  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(f"{CONFIG}:tiny,experts=depth,stem_norm=batch,freeze=none")
+  config.model.update(lm=dict(config.model.lm, num_layers=1), scan_layers=False)
+  config.model.vision.update(depth=1, resampler_layers=1)
+  config.optimizer.update(warmup_steps=0, schedule="constant")  # a step that moves weights
+  model, mesh = registry.build(config.model), sharding.make_mesh(config.mesh)
+  rng = np.random.default_rng(0)
+  batch = {k: (rng.integers(0, 50, s.shape) if s.dtype == jnp.int32
+               else rng.uniform(0.5, 1, s.shape)).astype(s.dtype)
+           for k, s in registry.batch_spec(config, 8).items()}
+  tx = optimizer.make_optimizer(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config)):
+    before = state.StateFactory(model, tx, config, mesh, batch).create(jax.random.key(1))
+    after, _ = jax.jit(step.make_train_step(model, tx, config))(before, batch,
+                                                                jax.random.key(2))
+  stats = {f"vision/embedder/stem_depth/norm_{i}/{s}" for i in range(4) for s in ("mean", "var")}
+  flat = lambda tree: {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
+      tree, sep="/").items()}
+  assert set(flat(before.frozen)) == stats  # freeze=none: only the statistics
+  assert not stats & set(flat(before.params))
+  for path, value in flat(before.frozen).items():
+    np.testing.assert_array_equal(flat(after.frozen)[path], value, err_msg=path)
+  for part in ("scale", "bias"):
+    path = f"vision/embedder/stem_depth/norm_0/{part}"
+    assert not np.array_equal(flat(after.params)[path], flat(before.params)[path]), path
+
+
 @pytest.mark.parametrize("size,published,frozen_backbones", [
     # Frozen = CLIP ViT resblocks + RoBERTa encoder layers. HF roberta-base has 124,645,632
     # params = embeddings 39,000,576 + pooler 590,592 + 12 layers; roberta-large 355,359,744

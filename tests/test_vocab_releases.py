@@ -5,6 +5,8 @@ for the reference code's prompt string on the same files.
   OpenFlamingo (MPT / RedPajama): a GPT-NeoX-style byte-level BPE tokenizer.json with
       `<|endofchunk|>`, `<image>` and `<PAD>` added as open_flamingo adds them; no BOS.
   MiniGPT-v2 (LLaMA-2): a SentencePiece model with unk/bos/eos 0/1/2 and no pad.
+  Prismer (RoBERTa): a byte-level BPE vocab.json + merges.txt with <s> <pad> </s> <unk> = 0-3
+      and <mask> last, as roberta-base's; Prismer reads it with RobertaTokenizer.
 """
 import io
 import json
@@ -61,6 +63,36 @@ def write_llama_sentencepiece(directory) -> None:
       "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
       "unk_token": "<unk>", "pad_token": None, "legacy": True,
       "tokenizer_class": "LlamaTokenizer"}))
+
+
+def write_roberta_files(directory) -> None:
+  """vocab.json + merges.txt of a tiny byte-level BPE with RoBERTa's special ids."""
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(CORPUS * 4, vocab_size=300, show_progress=False,
+                          special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+  bpe.save_model(str(directory))
+  vocab = json.loads((directory / "vocab.json").read_text())
+  (directory / "vocab.json").write_text(json.dumps({**vocab, "<mask>": len(vocab)}))
+
+
+def test_prismer_s_roberta_tokenizer_gives_the_ids_of_transformers(tmp_path):
+  """Prismer's `RobertaTokenizer.from_pretrained` on the files, saved with save_pretrained as
+  docs/weights.md tells, read by Vocab: the same ids, specials and decoded text."""
+  write_roberta_files(tmp_path)
+  reference = transformers.RobertaTokenizer.from_pretrained(str(tmp_path))
+  reference.save_pretrained(str(tmp_path / "saved"))
+  vocab = Vocab(str(tmp_path / "saved"))
+  assert (vocab.bos_id, vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2, 3) == (
+      reference.bos_token_id, reference.pad_token_id, reference.eos_token_id,
+      reference.unk_token_id)
+  assert vocab.start_ids == [0] and vocab.vocab_size == len(reference) == 301
+  for text in ["A photo of a red bus on a street.", " two  dogs,one cat!? (really)",
+               "café naïve 日本語 🙂 — 42%", "Question: what is it? Answer: <mask> ok"]:
+    ids = reference(text)["input_ids"]  # <s> text </s>, as Prismer tokenizes a caption
+    assert vocab.start_ids + vocab.encode(text) + [vocab.eos_id] == ids, text
+    # decoding stops at </s> and drops <s> / <pad>, as skip_special_tokens does
+    assert vocab.decode(ids + [vocab.pad_id] * 2) == reference.decode(
+        ids, skip_special_tokens=True) == text.replace("<mask>", ""), text
 
 
 def test_flamingo_few_shot_vqa_prompt_has_the_ids_of_open_flamingo_s_tokenizer(tmp_path):

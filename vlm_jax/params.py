@@ -33,6 +33,12 @@ def split_frozen(params, frozen_patterns) -> tuple[dict, dict]:
   return unflatten(trainable), unflatten(frozen)
 
 
+def frozen_patterns(config) -> tuple[str, ...]:
+  """What the train state keeps frozen: config.frozen plus the family's STATISTICS (params
+  that hold statistics, e.g. BatchNorm running mean/var, which no optimizer may update)."""
+  return tuple(config.frozen) + registry.statistics(config.model)
+
+
 def merge_params(trainable, frozen) -> dict:
   return unflatten({**flatten(trainable), **flatten(frozen)})
 

@@ -8,7 +8,11 @@ github.com/NVlabs/prismer model/modules/{vit,resampler,roberta,utils}.py:
 
     expert_encoder.conv1.rgb.weight                         vision/embedder/patch_embedding
     expert_encoder.conv1.<expert>.{1,4,7,10,13}.weight      vision/embedder/stem_<expert>/
-        (convs of the expert stem; 2, 5, 8, 11 are BatchNorms)  conv_{0..3}, proj
+        (the expert stem's convs; 0 is the resize, 3, 6, 9,     conv_{0..3}, proj
+        12 the ReLUs)
+    expert_encoder.conv1.<expert>.{2,5,8,11}.{weight, bias, vision/embedder/stem_<expert>/
+        running_mean, running_var} (its BatchNorm2d)            norm_{0..3}/{scale, bias,
+                                                                mean, var}
     expert_encoder.positional_embedding [hw, D]             vision/embedder/pos_embedding
     expert_encoder.instance_embedding [128, D]              vision/embedder/instance_embedding
     expert_encoder.resampler.latents                        vision/embedder/resampler/latents
@@ -37,9 +41,12 @@ github.com/NVlabs/prismer model/modules/{vit,resampler,roberta,utils}.py:
 
 The state dict also lists the tied copies `lm_head.decoder.weight` (the word embeddings) and
 `lm_head.decoder.bias` (= lm_head.bias) and the `position_ids` buffer (0..513): ignored on
-import, written back on export. Expert stems: Prismer normalises with BatchNorm (running
-statistics), our `nn/expert_stem.py` with LayerNorm, so checkpoints with experts (prismer_*)
-are refused with that reason; PrismerZ (prismerz_*: RGB only) imports whole.
+import, written back on export. Expert stems (prismer_*; PrismerZ, prismerz_*, is RGB only):
+Prismer's BatchNorms become our stems with `vision.expert_stem_norm='batch'` (set by
+`model_config`; BatchNorm with its running statistics frozen, nn/norms.py FrozenBatchNorm),
+so a model whose stems normalise with LayerNorm (the default) is refused both ways with that
+reason. Each BatchNorm's `num_batches_tracked` (a count of training batches, unused by
+BatchNorm's fixed momentum) is ignored on import and written back as 0 on export.
 Heads are width / 64 (RoBERTa base/large; Prismer's `load_encoder` uses width // 64 for the
 ViT too); the resampler has 8 heads (hard-coded in the reference).
 """
@@ -59,6 +66,7 @@ SOURCES = ("checkpoint",)
 HEAD_DIM = 64
 RESAMPLER_HEADS = 8
 STEM_CONVS = (1, 4, 7, 10)  # Sequential indices of the stem's 3x3 convs; 13 is the 1x1
+STEM_NORMS = (2, 5, 8, 11)  # ... and of its BatchNorm2d layers
 _V, _T = "expert_encoder.", "text_decoder."
 _QKV = ("query", "key", "value")
 
@@ -139,7 +147,14 @@ def _text_rules(exporting: bool) -> list[R.Rule]:
           _with_copies("lm_head_bias", _T + "lm_head.bias", copy(_T + "lm_head.decoder.bias"))]
 
 
-def _vision_rules(paths: dict) -> list[R.Rule]:
+def _stem_norm(ours: str, hf: str, exporting: bool) -> list[R.Rule]:
+  """BatchNorm2d `hf` <-> FrozenBatchNorm `ours`; export also writes num_batches_tracked."""
+  count = {hf + ".num_batches_tracked": lambda _: np.zeros((), np.int64)} if exporting else None
+  return [*R.layer_norm(ours, hf), R.copy(ours + "/mean", hf + ".running_mean"),
+          _with_copies(ours + "/var", hf + ".running_var", buffers=count)]
+
+
+def _vision_rules(paths: dict, exporting: bool) -> list[R.Rule]:
   e = "vision/embedder/"
   rules = [R.conv(e + "patch_embedding/kernel", _V + "conv1.rgb.weight"),
            R.Rule((e + "pos_embedding/pos_embedding",), (_V + "positional_embedding",),
@@ -153,6 +168,8 @@ def _vision_rules(paths: dict) -> list[R.Rule]:
     stem, hf = f"{e}stem_{expert}/", f"{_V}conv1.{expert}."
     rules += [R.conv(f"{stem}conv_{k}/kernel", f"{hf}{index}.weight")
               for k, index in enumerate(STEM_CONVS)]
+    rules += [r for k, index in enumerate(STEM_NORMS)
+              for r in _stem_norm(f"{stem}norm_{k}", f"{hf}{index}", exporting)]
     rules.append(R.conv(f"{stem}proj/kernel", f"{hf}13.weight"))
   if e + "resampler/latents" in paths:
     rules.append(R.copy(e + "resampler/latents", _V + "resampler.latents"))
@@ -178,22 +195,24 @@ def _experts(paths: dict) -> list[str]:
 
 def layout(model, checkpoint=None) -> released.Layout:
   """Rules between `model`'s parameters and the checkpoint (None: export)."""
-  del model
-  if checkpoint is not None:
-    batch_norms = sorted(n for n in checkpoint.tensors if n.endswith(".running_mean"))
-    if batch_norms:
-      raise ConversionError(
-          f"{checkpoint.source}: its expert stems normalise with BatchNorm ({batch_norms[0]}, "
-          f"... {len(batch_norms)} in all), ours with LayerNorm (vlm_jax/nn/expert_stem.py), "
-          "which these weights do not fit; PrismerZ checkpoints (RGB only) import.")
+  vision = model.vision
+  if vision.experts and vision.expert_stem_norm != "batch":
+    raise ConversionError(
+        f"{checkpoint.source if checkpoint is not None else 'export'}: Prismer's expert stems "
+        f"normalise with BatchNorm, the model's (experts {tuple(vision.experts)}) with "
+        f"expert_stem_norm={vision.expert_stem_norm!r}; build it with "
+        "config.model.vision.expert_stem_norm='batch' (configs/prismer.py option "
+        "stem_norm=batch).")
 
   def slots(paths, names):
-    rules = _text_rules(exporting=names is None) + _vision_rules(paths)
+    exporting = names is None
+    rules = _text_rules(exporting) + _vision_rules(paths, exporting)
     out = R.expand(paths, rules, [("decoder", DECODER_LAYER), ("vision/encoder", VISION_LAYER)])
     return R.under(out, "", "checkpoint:")
   # Tied duplicates and a buffer: read with the tensor they copy, written back on export.
   ignore = tuple(re.escape("checkpoint:" + _T + n) for n in (
       "lm_head.decoder.weight", "lm_head.decoder.bias", "roberta.embeddings.position_ids"))
+  ignore += (re.escape(f"checkpoint:{_V}conv1.") + r"\w+\.\d+\.num_batches_tracked",)
   return released.Layout(NAME, ignore, slots)
 
 
@@ -215,7 +234,7 @@ def model_config(checkpoint) -> dict:
       mlp_dim=shape(_B.format(i=0) + ".0.mlp.c_fc.weight")[0],
       image_size=round(shape(_V + "positional_embedding")[0] ** 0.5) * patch, experts=experts)
   if experts:
-    vision.update(num_latents=shape(_V + "resampler.latents")[0],
+    vision.update(expert_stem_norm="batch", num_latents=shape(_V + "resampler.latents")[0],
                   resampler_heads=RESAMPLER_HEADS,
                   resampler_layers=len(_indices(
                       names, rf"checkpoint:{re.escape(_V)}resampler\.perceiver_blocks\.(\d+)\.")))

@@ -33,7 +33,7 @@ def describe(config, num_devices: int) -> dict:
   missing = params_lib.unmatched_patterns(params, config.frozen)
   if missing:
     raise ValueError(f"config.frozen pattern(s) {missing} match no parameter.")
-  _, frozen = params_lib.split_frozen(params, config.frozen)
+  _, frozen = params_lib.split_frozen(params, params_lib.frozen_patterns(config))
   frozen_keys = set(params_lib.flatten(frozen))
   logical = params_lib.flatten(nn.get_partition_spec(boxed))
   counts = {"total": 0, "trainable": 0, "frozen": 0}

@@ -48,6 +48,8 @@ Freezing (`frozen_patterns(mode)`, the reference's `prepare_to_train`): 'freeze_
 self-attention and MLP (with their norms); 'freeze_vision' (fine-tuning) only the former;
 'none' nothing. Stems, resampler, patch conv, position grid, LN_pre/LN_post, word and
 position embeddings, cross-attention, adaptors, the output layer and the LM head train.
+With `vision.expert_stem_norm='batch'` (Prismer's released stems) the stems' running mean/var
+are STATISTICS: frozen in every mode.
 """
 import dataclasses
 from typing import Any
@@ -68,6 +70,9 @@ FREEZE_MODES = ("freeze_lang_vision", "freeze_vision", "freeze_lang", "none")
 _VISION_FROZEN = r"vision/encoder/layers(_\d+)?/(?!adaptor/).*"
 _LANG_FROZEN = (r"decoder/layers(_\d+)?/"
                 r"(self_attention|self_attention_norm|mlp|mlp_norm)/.*")
+
+# BatchNorm running statistics of the expert stems (expert_stem_norm='batch'), never trained.
+STATISTICS = (r"vision/embedder/stem_\w+/norm_\d+/(mean|var)",)
 
 
 def frozen_patterns(mode: str) -> tuple[str, ...]:

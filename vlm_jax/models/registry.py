@@ -11,6 +11,8 @@ provides (docs/architecture.md has the whole plug-in contract):
   flops_parts(config, causal_half)   forward FLOPs per example per part (`vlm_jax.flops`)
   flops_treatment(config)        optional: part -> training rule (frozen parts)
   attention_masks(config, batch) optional: {title: [T, S] bool} for the model notebook
+  STATISTICS                     optional: fullmatch regexes of params that hold statistics
+                                 (BatchNorm running mean/var): always frozen, never trained
 
 Nothing here names a family.
 """
@@ -86,6 +88,11 @@ def part(cls, model_config, key: str, **fixed):
 def build(model_config) -> nn.Module:
   """The family's model from config.model (its module's `build`)."""
   return load(model_config.name).build(model_config)
+
+
+def statistics(model_config) -> tuple[str, ...]:
+  """The family's STATISTICS: params no optimizer may touch, whatever config.frozen says."""
+  return tuple(getattr(load(model_config.name), "STATISTICS", ()))
 
 
 def batch_spec(config, batch_size: int | None = None) -> dict:

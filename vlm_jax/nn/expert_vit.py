@@ -52,6 +52,7 @@ class VisionEmbedder(nn.Module):
   resampler_layers: int = 4
   resampler_heads: int = 8
   num_instance_embeddings: int = 128
+  expert_stem_norm: str = "layer"  # layer | batch (expert_stem.py)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -92,8 +93,8 @@ class VisionEmbedder(nn.Module):
       expert_grid = (maps.shape[1] // p, maps.shape[2] // p)
       strides = (expert_stem.LABEL_STRIDES if name in LABEL_EXPERTS
                  else expert_stem.DENSE_STRIDES)
-      e = expert_stem.ExpertStem(self.width, strides, self.dtype, self.param_dtype,
-                                 name=f"stem_{name}")(maps, expert_grid)
+      e = expert_stem.ExpertStem(self.width, strides, self.expert_stem_norm, self.dtype,
+                                 self.param_dtype, name=f"stem_{name}")(maps, expert_grid)
       if name == "obj_detection":
         e = e + self.instance_embedding(instances, expert_grid, deterministic)
       # One position grid for every modality, interpolated to each expert's grid.
@@ -121,6 +122,7 @@ class PrismerVision(nn.Module):
   resampler_layers: int = 4
   resampler_heads: int = 8
   num_instance_embeddings: int = 128
+  expert_stem_norm: str = "layer"  # layer | batch: Prismer's released stems (expert_stem.py)
   adaptor_ratio: int = 1
   mlp_activation: str = "quick_gelu"  # CLIP
   dropout_rate: float = 0.0
@@ -133,8 +135,8 @@ class PrismerVision(nn.Module):
   def setup(self):
     self.embedder = VisionEmbedder(
         self.width, self.patch_size, self.image_size, tuple(self.experts), self.num_latents,
-        self.resampler_layers, self.resampler_heads, self.num_instance_embeddings, self.dtype,
-        self.param_dtype)
+        self.resampler_layers, self.resampler_heads, self.num_instance_embeddings,
+        self.expert_stem_norm, self.dtype, self.param_dtype)
     self.pre_norm = norms.LayerNorm(1e-6, True, self.dtype, self.param_dtype)
     self.encoder = transformer.layer_stack(
         adaptor_lib.AdaptedEncoderLayer, num_layers=self.depth, scan_layers=self.scan_layers,

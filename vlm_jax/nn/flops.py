@@ -66,7 +66,8 @@ def vit(image_size, patch_size, width, layers, heads, mlp_dim, class_token=True,
 
 
 def resize(in_size, out_size, channels):
-  """jax.image.resize of a square map: one einsum with a weight matrix per spatial axis."""
+  """A bilinear resize of a square map (expert_stem.resize_align_corners): one einsum with a
+  weight matrix per spatial axis."""
   if in_size == out_size:
     return 0.0
   return 2.0 * channels * in_size * out_size * (in_size + out_size)

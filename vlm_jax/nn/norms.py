@@ -1,4 +1,5 @@
-"""LayerNorm and RMSNorm with logically partitioned scale/bias; statistics in float32.
+"""LayerNorm and RMSNorm with logically partitioned scale/bias; statistics in float32. Also
+FrozenBatchNorm: BatchNorm evaluated with stored running statistics.
 
 Both go through one normalisation with a hand-written gradient (`normalize`): it stores the
 input and the per-token statistics, and the backward is the closed form
@@ -106,6 +107,34 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (features,), self.param_dtype)
     return normalize(x, scale, center=False, epsilon=self.epsilon).astype(self.dtype)
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm over the last (channel) axis with its running statistics as constants:
+
+      y = (x - mean) * rsqrt(var + epsilon) * scale + bias       (torch BatchNorm2d in eval())
+
+  `mean` and `var` are parameters so that they travel with the checkpoint, shard and convert
+  like the others, but they are statistics, not weights: the model applies them behind a
+  stop-gradient and its family lists them in STATISTICS, which keeps them on the frozen side
+  of the train state whatever config.frozen says (no gradient, no optimizer moments, no weight
+  decay). As detectron2's FrozenBatchNorm2d: exact for inference of a network trained with
+  BatchNorm, a standard choice for fine-tuning it, and no mutable `batch_stats` collection
+  in the shared train step (examples stay independent, train and eval compute the same).
+  """
+  epsilon: float = 1e-5  # torch.nn.BatchNorm2d's default
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    param = lambda name, init: self.param(
+        name, nn.with_logical_partitioning(init, ("embed",)), (x.shape[-1],), self.param_dtype)
+    scale, bias = param("scale", nn.initializers.ones), param("bias", nn.initializers.zeros)
+    mean = jax.lax.stop_gradient(param("mean", nn.initializers.zeros)).astype(jnp.float32)
+    var = jax.lax.stop_gradient(param("var", nn.initializers.ones)).astype(jnp.float32)
+    y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 def make_norm(norm_type: str, epsilon: float = 1e-6, use_bias: bool = True,

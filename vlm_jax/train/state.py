@@ -1,6 +1,6 @@
 """Train state with trainable and frozen parameters kept apart, initialised already sharded.
 
-Frozen sub-trees (config.frozen regexes) live outside the differentiated tree, so no gradient
+Frozen sub-trees (config.frozen regexes and the family's STATISTICS) live outside the differentiated tree, so no gradient
 is ever computed for them and the optimizer holds no moments for them.
 """
 from typing import Any
@@ -42,7 +42,8 @@ class StateFactory:
       raise ConfigError(f"config.frozen: pattern(s) {missing} match no parameter; fix or "
                         f"remove them (parameter paths look like {some}).")
     param_shardings = sharding.logical_shardings(boxed, mesh, self.rules)
-    trainable_sh, frozen_sh = params_lib.split_frozen(param_shardings, config.frozen)
+    trainable_sh, frozen_sh = params_lib.split_frozen(param_shardings,
+                                                      params_lib.frozen_patterns(config))
     self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
     repl = sharding.replicated(mesh)
     opt_sh = optax.tree_utils.tree_map_params(
@@ -53,7 +54,7 @@ class StateFactory:
 
   def _init_state(self, rng) -> TrainState:
     params = nn.unbox(params_lib.init_boxed(self.model, self._example_batch, rng))
-    trainable, frozen = params_lib.split_frozen(params, self.config.frozen)
+    trainable, frozen = params_lib.split_frozen(params, params_lib.frozen_patterns(self.config))
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                       opt_state=self.tx.init(trainable),
                       nonfinite_step=jnp.full((), -1, jnp.int32))
@@ -64,7 +65,7 @@ class StateFactory:
   def create_with_params(self, params) -> TrainState:
     """A step-0 state around complete `params` (placed in their shardings) with a fresh
     optimizer state, without initialising (and then discarding) a random model."""
-    trainable, frozen = params_lib.split_frozen(params, self.config.frozen)
+    trainable, frozen = params_lib.split_frozen(params, params_lib.frozen_patterns(self.config))
     counters = jax.jit(lambda: (jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)),
                        out_shardings=(self.shardings.step, self.shardings.nonfinite_step))()
     opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(trainable)
