@@ -1,7 +1,8 @@
 """Train state with trainable and frozen parameters kept apart, initialised already sharded.
 
-Frozen sub-trees (config.frozen regexes and the family's STATISTICS) live outside the differentiated tree, so no gradient
-is ever computed for them and the optimizer holds no moments for them.
+Frozen sub-trees (config.frozen regexes and the family's STATISTICS) live outside the
+differentiated tree, so no gradient is ever computed for them and the optimizer holds no
+moments for them.
 """
 from typing import Any
 
