@@ -9,6 +9,8 @@ tests/test_family_benchmarks.py; MiniGPT-v2's release: tests/test_convert_cli.py
                   (--tokenizer)                             -> 2-shot VQA (RICES), COCO captions
     CogAgent      cogagent-chat-hf: model.safetensors + config.json -> VQA, RefCOCO
     PrismerZ      pytorch_model.bin                          -> COCO captions
+    Prismer       pytorch_model.bin with BatchNorm expert stems, plus the experts' labels of
+                  the images (--expert-labels)             -> COCO captions
 
 Each run's step 0 holds the release's tensors, and each benchmark's written score is the one
 recomputed from the generations vlm-eval prints.
@@ -20,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import test_convert_cogagent as cogagent_files
 import test_convert_openflamingo as openflamingo_files
@@ -41,9 +44,9 @@ CONFIGS = {name: os.path.join(REPO, "configs", f"{name}.py") + ":" + arg for nam
     ("prismer", "tiny,experts=none"))}
 
 
-def _import(files: list, layout: str, run, *overrides) -> None:
-  convert_cli.main(["import", *files, "--layout", layout, "--config", CONFIGS[layout_family(
-      layout)], *overrides, "--workdir", str(run)])
+def _import(files: list, layout: str, run, *overrides, config=None) -> None:
+  convert_cli.main(["import", *files, "--layout", layout, "--config",
+                    config or CONFIGS[layout_family(layout)], *overrides, "--workdir", str(run)])
 
 
 def layout_family(layout: str) -> str:
@@ -57,9 +60,10 @@ def _step0(run, path: str, like: np.ndarray) -> np.ndarray:
   return np.asarray(saved[path])
 
 
-def _eval(family: str, run, capsys, *args, overrides=()) -> tuple[dict, list[str], str]:
+def _eval(family: str, run, capsys, *args, overrides=(), config=None) -> tuple[dict, list[str],
+                                                                            str]:
   """(the scalars vlm-eval wrote, the generations it printed, its output)."""
-  eval_cli.main(["--config", CONFIGS[family], *overrides, "--workdir", str(run),
+  eval_cli.main(["--config", config or CONFIGS[family], *overrides, "--workdir", str(run),
                  "--num-samples", "8",
                  "--batch-size", "2", *args])
   printed = capsys.readouterr().out
@@ -136,13 +140,32 @@ def test_cogagent_release_imported_then_vqa_and_refcoco(tmp_path, capsys):
       grounding.iou_accuracy(generated, truths, permille))
 
 
-def test_prismerz_release_imported_then_captions(tmp_path, capsys):
-  state = prismer_files._reference_state({}, text=64, vision=64, layers=2, vocab=1024,
+@pytest.mark.parametrize("experts", ["", "depth+edge"])
+def test_prismer_release_imported_then_captions(tmp_path, capsys, experts):
+  """PrismerZ, and Prismer with experts: its BatchNorm stems import; depth's labels come from
+  a directory as Prismer's expert scripts write them, edge is computed."""
+  channels = {name: 1 for name in experts.split("+") if name}
+  state = prismer_files._reference_state(channels, text=64, vision=64, layers=2, vocab=1024,
                                          positions=514, patch=8, size=64)
   torch.save(state, tmp_path / "pytorch_model.bin")
   run = tmp_path / "run"
-  _import([str(tmp_path / "pytorch_model.bin")], "prismer", run)
+  config = CONFIGS["prismer"].replace("experts=none", f"experts={experts},stem_norm=batch"
+                                      if experts else "experts=none")
+  latents = ["--config.model.vision.num_latents=8"] if experts else []  # as the state's
+  _import([str(tmp_path / "pytorch_model.bin")], "prismer", run, *latents, config=config)
   table = state["text_decoder.roberta.embeddings.word_embeddings.weight"].numpy()
   np.testing.assert_array_equal(_step0(run, "word_embedding", table), table)
-  written, generated, _ = _eval("prismer", run, capsys, *COCO_ARGS)
+  labels = []
+  if experts:
+    variance = state["expert_encoder.conv1.depth.2.running_var"].numpy()
+    np.testing.assert_array_equal(
+        _step0(run, "vision/embedder/stem_depth/norm_0/var", variance), variance)
+    (tmp_path / "labels" / "depth").mkdir(parents=True)
+    for image_id in (7, 9):  # the captioned images of the fixture
+      depth = np.random.default_rng(image_id).integers(0, 256, (48, 64), dtype=np.uint8)
+      Image.fromarray(depth).save(tmp_path / "labels" / "depth" /
+                                  f"COCO_val2014_{image_id:012d}.png")
+    labels = ["--expert-labels", str(tmp_path / "labels")]
+  written, generated, _ = _eval("prismer", run, capsys, *COCO_ARGS, *labels, config=config,
+                                overrides=latents)
   _check_captions(written, generated)

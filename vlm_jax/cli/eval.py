@@ -51,6 +51,10 @@ def main(argv=None):
   parser.add_argument("--coco-captions", default="",
                       help="a COCO captions json (e.g. captions_val2014.json) to caption")
   parser.add_argument("--image-dir", default="", help="the images of --coco-captions")
+  parser.add_argument("--expert-labels", default="",
+                      help="Prismer with experts: the experts' labels of those images, "
+                      "DIR/<expert>/<image file stem>.png (+ .json naming label-map ids), as "
+                      "Prismer's expert scripts write them (edge is computed here)")
   parser.add_argument("--vqa-questions", default="",
                       help="VQAv2/OK-VQA questions json (v2_OpenEnded_*_questions.json)")
   parser.add_argument("--vqa-annotations", default="",
@@ -142,7 +146,7 @@ def main(argv=None):
       if args.coco_captions:
         scalars, samples = runner.evaluate_benchmark(
             trainer, state, coco.TASK_NAME, coco.evaluate, args.coco_captions, args.image_dir,
-            **sizes)
+            expert_labels=args.expert_labels, **sizes)
       elif args.vqa_questions:
         scalars, samples = runner.evaluate_benchmark(
             trainer, state, family_benchmarks.VQA, family_benchmarks.evaluate_vqa,

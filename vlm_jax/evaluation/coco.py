@@ -7,9 +7,18 @@ the family's own processor exactly as held-out data is, and captioned greedily w
 cache; CIDEr-D and BLEU-4 are computed against all of the image's references (CIDEr's idf
 over the evaluated images). Unreadable images and records the processor rejects are skipped
 and counted, never fatal one by one.
+
+A family whose examples carry expert maps (Prismer with experts) gets them as training does
+(`vlm-data experts`): `expert_labels` is a directory of labels computed by the experts
+themselves, `<dir>/<expert>/<image file stem>.png` (+ `.json` naming a label map's ids), the
+layout Prismer's expert scripts write; experts that run on images alone (edge) are computed.
+An image without its labels is skipped and counted.
 """
+import os
+
 from vlm_jax import storage
-from vlm_jax.data import health
+from vlm_jax.data import health, preprocessors
+from vlm_jax.data.ingest import labellers
 from vlm_jax.evaluation import benchmarks, captions, heldout, tasks
 
 TASK_NAME = "coco_captions"
@@ -23,9 +32,18 @@ def caption_task(config) -> tasks.EvalTask:
                    "in its EVAL_TASKS), so it cannot caption a COCO benchmark.")
 
 
-def _examples(items, config, task):
+def _labeller(config, expert_labels: str):
+  """Adds the config's expert maps to a pair record (None: the family reads no experts)."""
+  names = tuple(config.data.get("experts", ()))
+  if not names:
+    return None
+  return labellers.make(labellers.experts_spec(names, expert_labels))
+
+
+def _examples(items, config, task, expert_labels=""):
   spec = heldout.task_spec(config, task.source)
   convert = heldout.processor(config)
+  label = _labeller(config, expert_labels)
   out, skipped = [], []
   for index, item in enumerate(items):
     try:
@@ -34,6 +52,14 @@ def _examples(items, config, task):
       skipped.append(f"{item.image_path}: {e.strerror or e}")
       continue
     record = {"key": str(item.image_id), "image": image, "text": item.references[0]}
+    if label:
+      stem = os.path.splitext(os.path.basename(item.image_path))[0]
+      try:
+        labelled = label({"kind": "pairs", "key": stem, "image": image})
+      except (preprocessors.BadRecord, OSError) as e:  # e.g. its labels are missing
+        skipped.append(f"{item.image_path}: {e}")
+        continue
+      record.update(images=labelled["images"], experts=labelled["experts"])
     example = convert(index, (spec, record))
     if isinstance(example, health.Skipped):
       skipped.append(f"{item.image_path}: {example.reason}")
@@ -43,14 +69,14 @@ def _examples(items, config, task):
 
 
 def evaluate(model, params, config, annotations: str, image_dir: str, *,
-             num_examples: int = 0, batch_size: int = 8):
+             num_examples: int = 0, batch_size: int = 8, expert_labels: str = ""):
   """({metric: value}, [(first reference, generated)]) over the benchmark's images (the
-  first `num_examples`, 0: all)."""
+  first `num_examples`, 0: all); `expert_labels`: see the module docstring."""
   items = benchmarks.coco_captions(annotations, image_dir)
   if num_examples:
     items = items[:num_examples]
   task = caption_task(config)
-  examples, skipped = _examples(items, config, task)
+  examples, skipped = _examples(items, config, task, expert_labels)
   if not examples:
     raise ValueError(f"{annotations}: none of {len(items)} images could be used; first "
                      f"problems: {skipped[:3]}")
