@@ -35,8 +35,10 @@ def split_frozen(params, frozen_patterns) -> tuple[dict, dict]:
 
 def frozen_patterns(config) -> tuple[str, ...]:
   """What the train state keeps frozen: config.frozen plus the family's STATISTICS (params
-  that hold statistics, e.g. BatchNorm running mean/var, which no optimizer may update)."""
-  return tuple(config.frozen) + registry.statistics(config.model)
+  that hold statistics, e.g. BatchNorm running mean/var, which no optimizer may update). A
+  config that names no family (a module built by hand) has no STATISTICS."""
+  statistics = registry.statistics(config.model) if config.model.get("name") else ()
+  return tuple(config.frozen) + statistics
 
 
 def merge_params(trainable, frozen) -> dict:
