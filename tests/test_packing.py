@@ -3,7 +3,6 @@ rows built by the real packer from examples in the processor's layout; no attent
 segments (one segment's loss does not depend on another's input embeddings or images); the
 packed loss equals the unpacked examples' summed loss; and the pipeline's packed stream
 resumes exactly from a saved iterator state."""
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ def _example(seed, valid, image_at, weight, task):
 
 EXAMPLES = [_example(0, 11, 1, 1.0, task=0), _example(1, 9, 2, 0.5, task=1),
             _example(2, 13, 1, 2.0, task=0)]
-COUNTERS = (health.SKIPPED_KEY, health.TASK_KEY)
+COUNTERS = packing_checks.COUNTERS
 
 
 def _pack(examples, images=2) -> grain.IterDataset:
@@ -52,16 +51,14 @@ def _pack(examples, images=2) -> grain.IterDataset:
 
 
 def _packed_rows(examples, images=2):
-  rows = [{k: v for k, v in row.items() if k not in COUNTERS} for row in _pack(examples, images)]
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return packing_checks.stack(_pack(examples, images))
 
 
 @pytest.fixture(scope="module")
 def tiny():
   model = builders.build("minigpt_v2", **TINY)
-  unpacked = {k: np.stack([e[k] for e in EXAMPLES]) for k in EXAMPLES[0] if k not in COUNTERS}
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), unpacked))["params"]
-  return model, params, unpacked, _packed_rows(EXAMPLES)
+  unpacked = packing_checks.stack(EXAMPLES)
+  return model, packing_checks.init_params(model, unpacked), unpacked, _packed_rows(EXAMPLES)
 
 
 def test_rows_hold_each_example_with_its_image_at_its_own_slots(tiny):

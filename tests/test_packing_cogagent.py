@@ -5,11 +5,8 @@ slot; no attention across segments, neither self-attention nor the high-res cros
 visual tokens included, and its high-res pixels); the visual expert routes the same tokens
 as unpacked; the packed loss equals the unpacked examples' summed loss; and the pipeline's
 packed stream resumes exactly from a saved iterator state."""
-import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -28,7 +25,6 @@ VIT = dict(depth=1, num_heads=2, mlp_dim=32, patch_size=14, class_token=True)
 TINY = dict(lm=dict(vocab_size=VOCAB, width=32, num_layers=1, num_heads=4, mlp_dim=48),
             vision=dict(VIT, width=16), high_res=dict(VIT, width=24), adapter=dict(mlp_dim=40),
             cross=dict(width=16, heads=4), visual_expert=True, cross_module=True)
-COUNTERS = (health.SKIPPED_KEY, health.TASK_KEY)
 
 
 def _example(seed, valid, weight):
@@ -51,20 +47,15 @@ EXAMPLES = [_example(0, 13, 1.0), _example(1, 10, 0.5), _example(2, 15, 2.0)]
 
 
 def _packed_rows(examples):
-  config = ml_collections.ConfigDict(dict(sequence_length=LENGTH, packed_images=2,
-                                          packing_bins=2))
-  ds = packing.pack(grain.MapDataset.source(examples).to_iter_dataset(), data_lib.PACKING,
-                    config, seed=0)
-  rows = [{k: v for k, v in row.items() if k not in COUNTERS} for row in ds]
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return packing_checks.packed_rows(examples, data_lib.PACKING, dict(
+      sequence_length=LENGTH, packed_images=2, packing_bins=2))
 
 
 @pytest.fixture(scope="module")
 def tiny():
   model = builders.build("cogagent", **TINY)
-  unpacked = {k: np.stack([e[k] for e in EXAMPLES]) for k in EXAMPLES[0] if k not in COUNTERS}
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), unpacked))["params"]
-  return model, params, unpacked, _packed_rows(EXAMPLES)
+  unpacked = packing_checks.stack(EXAMPLES)
+  return model, packing_checks.init_params(model, unpacked), unpacked, _packed_rows(EXAMPLES)
 
 
 def test_rows_carry_both_views_of_each_image_and_route_the_same_tokens(tiny):

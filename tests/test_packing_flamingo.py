@@ -4,11 +4,8 @@ the real encoder lays out; no attention across documents (one document's loss do
 depend on another's input embeddings or visual tokens, and an image is visible only inside
 its own document); the packed loss equals the unpacked documents' summed loss; and the
 pipeline's packed stream of the pretraining mixture resumes exactly."""
-import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -33,7 +30,6 @@ DOCUMENTS = (  # (items, loss weight): a pair, text before the first image, thre
     ([("image", 3), ("text", "blue circle"), ("image", 4), ("text", "green"), ("image", 5),
       ("text", "three")], 1.0),
 )
-COUNTERS = (health.SKIPPED_KEY, health.TASK_KEY)
 
 
 def _example(vocab, items, weight):
@@ -47,12 +43,8 @@ def _example(vocab, items, weight):
 
 
 def _packed_rows(examples):
-  config = ml_collections.ConfigDict(dict(sequence_length=LENGTH, packed_images=SLOTS,
-                                          packing_bins=2))
-  ds = packing.pack(grain.MapDataset.source(examples).to_iter_dataset(), data_lib.PACKING,
-                    config, seed=0)
-  rows = [{k: v for k, v in row.items() if k not in COUNTERS} for row in ds]
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return packing_checks.packed_rows(examples, data_lib.PACKING, dict(
+      sequence_length=LENGTH, packed_images=SLOTS, packing_bins=2))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +54,8 @@ def tiny():
   model = builders.build("flamingo", **dict(TINY, lm=dict(TINY["lm"], vocab_size=1024,
                                                            num_layers=2)))
   examples = [_example(vocab, items, weight) for items, weight in DOCUMENTS]
-  unpacked = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in COUNTERS}
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), unpacked))["params"]
+  unpacked = packing_checks.stack(examples)
+  params = packing_checks.init_params(model, unpacked)
   # open gates, so that the media reach the LM (at 0 the blocks are the identity)
   params = _set_gates(params, 0.7)
   apply = jax.jit(lambda batch: model.apply({"params": params}, batch))  # one per shape

@@ -4,8 +4,6 @@ across segments, neither the decoder's self-attention nor its cross-attention to
 encoded slots (one segment's loss has exactly zero gradient w.r.t. another's decoder input
 embeddings, image and expert maps); the packed loss equals the unpacked examples' summed
 loss; and the pipeline's packed stream resumes exactly from a saved iterator state."""
-import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +19,6 @@ from vlm_jax.models import registry
 from vlm_jax.train import step as step_lib
 
 TEXT, SIZE = 12, 32
-COUNTERS = (health.SKIPPED_KEY, health.TASK_KEY)
 
 
 def _config():
@@ -54,14 +51,10 @@ def tiny():
   config = _config()
   counters = {health.SKIPPED_KEY: np.int32(0), health.TASK_KEY: np.int32(0)}
   packable = [dict(data_lib.packable(e, config.data.experts), **counters) for e in EXAMPLES]
-  ds = packing.pack(grain.MapDataset.source(packable).to_iter_dataset(),
-                    data_lib.PACKING(config.data), config.data, seed=0)
-  rows = [{k: v for k, v in row.items() if k not in COUNTERS} for row in ds]
-  packed = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  unpacked = {k: np.stack([e[k] for e in EXAMPLES]) for k in EXAMPLES[0]}
+  packed = packing_checks.packed_rows(packable, data_lib.PACKING(config.data), config.data)
+  unpacked = packing_checks.stack(EXAMPLES)
   model = registry.build(config.model)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), unpacked))["params"]
-  return model, params, unpacked, packed
+  return model, packing_checks.init_params(model, unpacked), unpacked, packed
 
 
 def test_rows_hold_each_example_with_its_image_and_maps_in_its_slot(tiny):

@@ -14,7 +14,7 @@ import pytest
 import builders
 import packing_checks
 from vlm_jax import config as config_lib
-from vlm_jax.data import health, packing_encoder_decoder as packing_ed
+from vlm_jax.data import health
 from vlm_jax.data.families import simvlm as data_lib
 from vlm_jax.data.synthetic import sample_data
 from vlm_jax.train import step as step_lib
@@ -23,7 +23,6 @@ VOCAB, IMAGE = 64, 32  # 32 px through the stride-16 stem: 2 x 2 = 4 image token
 CFG = data_lib.PrefixLMConfig(prefix_length=6, suffix_length=8, image_size=IMAGE)
 ROW = dict(packed_prefix_length=10, packed_suffix_length=20, packed_images=2, packing_bins=1,
            image_size=IMAGE)
-COUNTERS = (health.SKIPPED_KEY, health.TASK_KEY)
 
 
 def _tiny(position):
@@ -51,17 +50,12 @@ def _examples():
 EXAMPLES = _examples()
 
 
-def _stack(rows):
-  rows = [{k: v for k, v in row.items() if k not in COUNTERS} for row in rows]
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def _packed_rows(examples):
   ds = grain.MapDataset.source(examples).to_iter_dataset()
-  return _stack(data_lib.PACKING.pack(ds, ml_collections.ConfigDict(ROW), seed=0))
+  return packing_checks.stack(data_lib.PACKING.pack(ds, ml_collections.ConfigDict(ROW), seed=0))
 
 
-PACKED, UNPACKED = _packed_rows(EXAMPLES), _stack(EXAMPLES)
+PACKED, UNPACKED = _packed_rows(EXAMPLES), packing_checks.stack(EXAMPLES)
 
 
 def test_rows_hold_each_example_in_both_streams_and_its_image_in_its_own_slot():
